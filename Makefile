@@ -1,0 +1,33 @@
+# Set-up works on a machine that has only Python 3.10+: it makes .venv, installs torch==2.13.0
+# (a CPU build where one is available) only when the venv has no torch, then muonkit with its dev extra.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.muonkit-installed
+
+.PHONY: setup demo test lint typecheck clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,plot]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/muonkit demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

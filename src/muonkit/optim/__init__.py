@@ -1,0 +1,16 @@
+"""The Muon optimizer: functional steps, the ``Muon`` class and parameter grouping."""
+
+from .functional import adamw_step, lr_scale, muon_step
+from .grouping import ParamPlan, classify, param_groups
+from .muon import Muon, NonFiniteGradientError
+
+__all__ = [
+    "Muon",
+    "NonFiniteGradientError",
+    "ParamPlan",
+    "adamw_step",
+    "classify",
+    "lr_scale",
+    "muon_step",
+    "param_groups",
+]

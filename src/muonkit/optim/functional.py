@@ -1,0 +1,175 @@
+"""Functional Muon and AdamW steps (no optimizer state objects, just lists of tensors).
+
+Muon (Jordan 2024; torch.optim.Muon conventions):
+
+    buf    <- buf + (1 - mu) (g - buf)                 # buf.lerp_(g, 1 - mu)
+    u      <- g + mu (buf - g)   if nesterov else buf  # g.lerp(buf, mu)
+    O      <- orthogonalize(view(u))                   # conv: (out, in*k*k); fused: split rows
+    p      <- p (1 - lr wd) - lr * s(rows, cols) * O   # decoupled weight decay, shape-aware scale s
+
+AdamW (Loshchilov & Hutter 2019), written to match torch.optim.AdamW step for step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from ..coefficients import CoefficientSpec
+from ..newton_schulz import orthogonalize
+
+__all__ = [
+    "ADJUST_LR_MODES",
+    "MATRIX_VIEWS",
+    "AdjustLR",
+    "adamw_step",
+    "lr_scale",
+    "matrix_parts",
+    "muon_step",
+    "split_sizes",
+]
+
+AdjustLR = Union[str, None, Callable[[float, tuple[int, int]], float]]
+ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
+MATRIX_VIEWS = ("flatten", "batch")
+SplitSpec = Union[None, int, Sequence[int]]
+
+
+def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
+    """The learning rate actually applied to an orthogonalized matrix of ``shape = (rows, cols)``.
+
+    * ``"original"`` (Jordan): ``lr * sqrt(max(1, rows / cols))``;
+    * ``"match_rms_adamw"`` (Moonlight, Liu et al. 2025): ``lr * 0.2 * sqrt(max(rows, cols))``,
+      which gives the update the RMS of a typical AdamW update so AdamW's lr and wd carry over;
+    * ``None``: ``lr``; a callable ``f(lr, (rows, cols)) -> float``: whatever it returns.
+    """
+    rows, cols = shape
+    if adjust_lr is None:
+        return lr
+    if adjust_lr == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    if callable(adjust_lr):
+        return float(adjust_lr(lr, (rows, cols)))
+    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES} or a callable, got {adjust_lr!r}")
+
+
+def split_sizes(split: SplitSpec, rows: int) -> list[int]:
+    """Row sizes of the parts a fused matrix with ``rows`` rows is cut into (``[rows]`` when not split)."""
+    if split is None:
+        return [rows]
+    if isinstance(split, int) and not isinstance(split, bool):
+        if split < 1 or rows % split:
+            raise ValueError(f"split={split}: {rows} rows cannot be cut into {split} equal parts")
+        return [rows // split] * split
+    sizes = [int(s) for s in split]
+    if any(s < 1 for s in sizes) or sum(sizes) != rows:
+        raise ValueError(f"split={list(split)}: part sizes must be positive and add up to the {rows} rows")
+    return sizes
+
+
+def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
+    """The matrices Muon orthogonalizes for one parameter-shaped update ``u``, as views of ``u``.
+
+    2-D: ``u`` itself. More dims: ``"flatten"`` (conv kernels) gives ``(out, in*k*...)``; ``"batch"``
+    keeps leading dims as a batch of matrices (e.g. MoE expert stacks). ``split`` cuts the rows
+    (dim -2 of that view) into parts orthogonalized separately (e.g. fused Q, K, V).
+    """
+    if u.ndim > 2 and matrix_view == "flatten":
+        u = u.reshape(u.shape[0], -1)
+    return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
+
+
+def muon_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    coefficients: CoefficientSpec,
+    ns_steps: int | None,
+    adjust_lr: AdjustLR,
+    eps: float,
+    ns_dtype: torch.dtype | None = None,
+    method: str = "newton_schulz",
+    matrix_view: str = "flatten",
+    split: SplitSpec = None,
+) -> None:
+    """One Muon step, in place, for parameters that share one set of hyper-parameters.
+
+    Matrices of the same shape, dtype and device (after flattening and splitting) are orthogonalized
+    together in one batched ``orthogonalize`` call.
+    """
+    if not params:
+        return
+    grads32 = [g.to(b.dtype) for g, b in zip(grads, momentum_buffers)]
+    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
+    updates = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
+
+    # One contiguous output per parameter (so the reshaped/split views below alias it, whatever the
+    # parameter's memory format), filled part by part from batched NS results.
+    outputs = [torch.empty(u.shape, dtype=u.dtype, device=u.device) for u in updates]
+    batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    for u, out in zip(updates, outputs):
+        for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
+            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
+
+    for (shape, _, _), pairs in batches.items():
+        stacked = torch.stack([src for src, _ in pairs])
+        ortho = orthogonalize(stacked, coefficients, ns_steps, method=method, dtype=ns_dtype, eps=eps)
+        ortho.mul_(lr_scale(adjust_lr, lr, shape[-2:]))
+        for (_, dst), o in zip(pairs, ortho.unbind(0)):
+            dst.copy_(o)
+
+    if weight_decay != 0:
+        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
+    torch._foreach_sub_(list(params), [o.to(p.dtype) for o, p in zip(outputs, params)])
+
+
+def adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, in place; the same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay)."""
+    if not params:
+        return
+    for t in state_steps:
+        t += 1
+    # Bias corrections depend on the step count, which can differ between parameters that did not
+    # always receive gradients: handle each step count as one multi-tensor batch.
+    by_step: dict[float, list[int]] = defaultdict(list)
+    for i, t in enumerate(state_steps):
+        by_step[float(t)].append(i)  # steps live on the CPU: no device sync
+    for step, idx in by_step.items():
+        p = [params[i] for i in idx]
+        g = [grads[i] for i in idx]
+        m = [exp_avgs[i] for i in idx]
+        v = [exp_avg_sqs[i] for i in idx]
+        if weight_decay != 0:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, -step_size)

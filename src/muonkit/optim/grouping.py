@@ -1,0 +1,166 @@
+"""Which parameters take Muon and which take AdamW, decided from the model.
+
+Rules, applied in order to every trainable parameter (``requires_grad=False`` ones are left out):
+
+1. a name matching one of ``adamw`` patterns -> AdamW; one of ``muon`` patterns -> Muon;
+2. 0-D and 1-D parameters (biases, norm gains, scalars) -> AdamW;
+3. parameters of ``nn.Embedding``/``nn.EmbeddingBag`` (also when tied to an output layer) -> AdamW;
+4. the output head -> AdamW (see ``head`` below);
+5. every other parameter with 2+ dims -> Muon. Conv kernels (``nn.Conv*``) are flattened to
+   ``(out, in*kh*kw)``; other parameters with 3+ dims are batches of matrices (``matrix_view="batch"``,
+   e.g. MoE expert stacks ``(experts, d_in, d_out)``).
+
+Patterns are ``fnmatch`` globs on the qualified parameter name (``"blocks.*.attn.qkv.weight"``).
+This follows practice (Jordan 2024; Liu et al. 2025): Muon for hidden matrices, AdamW for the
+embedding, the head and 1-D parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .functional import SplitSpec
+
+__all__ = ["HEAD_NAMES", "ParamPlan", "classify", "param_groups"]
+
+HEAD_NAMES = ("lm_head", "head", "classifier", "score", "fc_out", "output_head", "out_head")
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """Where one parameter goes and why."""
+
+    name: str
+    param: Tensor
+    algorithm: str  # "muon" | "adamw"
+    reason: str
+    matrix_view: str = "flatten"
+    split: SplitSpec = None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def _as_patterns(patterns: str | Iterable[str]) -> tuple[str, ...]:
+    return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+
+
+def _head_params(model: nn.Module, head: str | Sequence[str] | None) -> set[int]:
+    """ids of the parameters of the output head.
+
+    ``"auto"``: Linear modules named like a head (``HEAD_NAMES``, e.g. ``lm_head``); failing that,
+    the last registered Linear whose ``out_features`` equals an embedding's vocabulary size; failing
+    that, in a model without embeddings, the last registered Linear (the classifier of a CNN/MLP).
+    Names/patterns select modules explicitly; ``None`` selects none.
+    """
+    if head is None:
+        return set()
+    modules = list(model.named_modules())
+    if head != "auto":
+        pats = _as_patterns(head)
+        chosen = [m for n, m in modules if _matches(n, pats)]
+        if not chosen:
+            raise ValueError(f"head={head!r} matches no module of the model")
+        return {id(p) for m in chosen for p in m.parameters()}
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
+    vocab = {m.num_embeddings for _, m in modules if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    chosen = [m for n, m in linears if n.rsplit(".", 1)[-1] in HEAD_NAMES]
+    if not chosen:
+        to_vocab = [m for _, m in linears if m.out_features in vocab]
+        chosen = to_vocab[-1:] if vocab else [m for _, m in linears[-1:]]
+    return {id(p) for m in chosen for p in m.parameters(recurse=False)}
+
+
+def classify(
+    model: nn.Module,
+    *,
+    adamw: str | Iterable[str] = (),
+    muon: str | Iterable[str] = (),
+    head: str | Sequence[str] | None = "auto",
+    split: Mapping[str, SplitSpec] | None = None,
+) -> list[ParamPlan]:
+    """One ``ParamPlan`` per trainable parameter of ``model``, in ``named_parameters`` order."""
+    adamw_pats, muon_pats = _as_patterns(adamw), _as_patterns(muon)
+    split = dict(split or {})
+    owners: dict[int, list[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    heads = _head_params(model, head)
+
+    plans = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mods = owners.get(id(p), [])
+        conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in mods)
+        view = "flatten" if conv or p.ndim <= 2 else "batch"
+        part = next((s for pat, s in split.items() if fnmatch.fnmatchcase(name, pat)), None)
+        if _matches(name, adamw_pats):
+            plans.append(ParamPlan(name, p, "adamw", "matches an adamw= pattern"))
+        elif _matches(name, muon_pats):
+            if p.ndim < 2:
+                raise ValueError(
+                    f"muon= pattern selects {name!r} of shape {tuple(p.shape)}, but Muon needs 2+ dims"
+                )
+            plans.append(ParamPlan(name, p, "muon", "matches a muon= pattern", view, part))
+        elif p.ndim < 2:
+            plans.append(ParamPlan(name, p, "adamw", f"{p.ndim}-D parameter (bias, norm gain or scalar)"))
+        elif any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in mods):
+            tied = " (tied to an output layer)" if len(mods) > 1 else ""
+            plans.append(ParamPlan(name, p, "adamw", f"embedding{tied}"))
+        elif id(p) in heads:
+            plans.append(ParamPlan(name, p, "adamw", "output head"))
+        else:
+            kind = "conv kernel, flattened" if conv else ("batch of matrices" if p.ndim > 2 else "matrix")
+            plans.append(ParamPlan(name, p, "muon", f"hidden {kind}", view, part))
+    unused = [pat for pat in split if not any(fnmatch.fnmatchcase(pl.name, pat) for pl in plans)]
+    if unused:
+        raise ValueError(f"split patterns {unused} match no trainable parameter")
+    return plans
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    adamw: str | Iterable[str] = (),
+    muon: str | Iterable[str] = (),
+    head: str | Sequence[str] | None = "auto",
+    split: Mapping[str, SplitSpec] | None = None,
+    muon_options: Mapping[str, Any] | None = None,
+    adamw_options: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for ``muonkit.Muon`` (see the module docstring for the rules).
+
+    Args:
+        model: the model.
+        adamw, muon: name patterns that force a parameter to AdamW or to Muon.
+        head: ``"auto"`` (default), module names/patterns of the output head, or ``None``.
+        split: ``{pattern: k or [rows, ...]}``: fused matrices whose row blocks are orthogonalized
+            separately, e.g. ``{"*.qkv.weight": 3}``.
+        muon_options, adamw_options: extra options for the groups (``lr``, ``weight_decay``, ...).
+
+    Returns:
+        A list of group dicts with ``params``, ``param_names`` and ``algorithm`` (and for Muon groups
+        ``matrix_view`` and ``split``); groups with no parameters are left out.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    for plan in classify(model, adamw=adamw, muon=muon, head=head, split=split):
+        if plan.algorithm == "muon":
+            split_key = tuple(plan.split) if isinstance(plan.split, (list, tuple)) else plan.split
+            key: tuple = ("muon", plan.matrix_view, split_key)
+            extra: dict[str, Any] = {"matrix_view": plan.matrix_view, "split": plan.split, **(muon_options or {})}
+        else:
+            key, extra = ("adamw",), dict(adamw_options or {})
+        group = groups.setdefault(
+            key, {"params": [], "param_names": [], "algorithm": plan.algorithm, **extra}
+        )
+        group["params"].append(plan.param)
+        group["param_names"].append(plan.name)
+    return list(groups.values())

@@ -1,0 +1,341 @@
+"""``muonkit.Muon``: one ``torch.optim.Optimizer`` for a whole model.
+
+Hidden weight matrices take Muon; parameter groups marked ``algorithm="adamw"`` (embeddings, the
+output head, 1-D parameters; see ``muonkit.param_groups``) take AdamW inside the same ``step()``,
+so a model has one optimizer, one ``state_dict`` and one LR scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..coefficients import CoefficientSpec, as_preset
+from ..newton_schulz import _NS_DTYPES, METHODS
+from .functional import ADJUST_LR_MODES, MATRIX_VIEWS, AdjustLR, adamw_step, matrix_parts, muon_step
+
+__all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
+
+NONFINITE_POLICIES = ("raise", "skip", "ignore")
+ALGORITHMS = ("muon", "adamw")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient held NaN or Inf and the optimizer's ``nonfinite`` policy is ``"raise"``."""
+
+
+class Muon(Optimizer):
+    """Muon for hidden matrices, AdamW for the groups that ask for it, in one optimizer.
+
+    Args:
+        params: parameters or parameter groups, typically ``muonkit.param_groups(model)``. A group
+            may set ``algorithm="adamw"`` (and its own ``lr``, ``betas``, ``eps``, ``weight_decay``).
+        lr: Muon learning rate (default 0.02, Jordan 2024).
+        momentum: Muon momentum ``mu`` (default 0.95); buffer ``buf.lerp_(g, 1 - mu)``.
+        nesterov: use the Nesterov blend ``g.lerp(buf, mu)`` (default True).
+        weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
+        ns_steps: Newton-Schulz steps (``None``: the preset's default).
+        coefficients: preset name or rows (see ``muonkit.coefficients``).
+        adjust_lr: ``"original"`` = ``lr * sqrt(max(1, rows/cols))``, ``"match_rms_adamw"`` =
+            ``lr * 0.2 * sqrt(max(rows, cols))``, ``None``, or a callable ``f(lr, (rows, cols))``.
+        eps: added to the Frobenius norm before normalising (Muon groups).
+        ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
+        method: ``"newton_schulz"`` or ``"svd"`` (exact polar factor, for comparisons).
+        matrix_view: how a parameter with more than 2 dims becomes matrices: ``"flatten"`` (conv
+            kernels, ``(out, in*kh*kw)``) or ``"batch"`` (leading dims index independent matrices).
+        split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts; each part
+            is orthogonalized separately (fused QKV). Usually set per group.
+        momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
+        nonfinite: what a NaN/Inf gradient does: ``"raise"`` (default; ``NonFiniteGradientError``
+            naming the parameters, nothing updated), ``"skip"`` (skip the whole step, count it in
+            ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for ``algorithm="adamw"``
+            groups (``adamw_weight_decay=None`` means the same as ``weight_decay``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int | None = 5,
+        coefficients: CoefficientSpec = "jordan",
+        adjust_lr: AdjustLR = "original",
+        eps: float = 1e-7,
+        *,
+        ns_dtype: torch.dtype | None = None,
+        method: str = "newton_schulz",
+        matrix_view: str = "flatten",
+        split: int | list[int] | None = None,
+        momentum_dtype: torch.dtype | None = torch.float32,
+        nonfinite: str = "raise",
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+    ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.nonfinite_skips = 0
+        self._adamw_defaults = {
+            "lr": adamw_lr,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
+            "weight_decay": weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        }
+        defaults = {
+            "algorithm": "muon",
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ns_steps": ns_steps,
+            "coefficients": coefficients,
+            "adjust_lr": adjust_lr,
+            "eps": eps,
+            "ns_dtype": ns_dtype,
+            "method": method,
+            "matrix_view": matrix_view,
+            "split": split,
+            "momentum_dtype": momentum_dtype,
+        }
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        algorithm = param_group.setdefault("algorithm", "muon")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"param group algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if algorithm == "adamw":
+            for key, value in self._adamw_defaults.items():
+                param_group.setdefault(key, value)
+            super().add_param_group(param_group)
+            for key in set(self.defaults) - {"algorithm", *self._adamw_defaults}:
+                param_group.pop(key, None)  # Muon-only options have no meaning for AdamW groups
+        else:
+            super().add_param_group(param_group)
+        self._validate_group(param_group, len(self.param_groups) - 1)
+
+    @staticmethod
+    def _param_name(group: dict[str, Any], gi: int, i: int) -> str:
+        names = group.get("param_names")
+        if names is not None and i < len(names):
+            return repr(names[i])
+        return f"param_groups[{gi}]['params'][{i}]"
+
+    def _validate_group(self, group: dict[str, Any], gi: int) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"param group {gi} ({group['algorithm']}): {message}")
+
+        check(_is_nonneg(group["lr"]), f"lr must be a finite number >= 0, got {group['lr']!r}")
+        check(
+            _is_nonneg(group["weight_decay"]),
+            f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}",
+        )
+        check(_is_nonneg(group["eps"]), f"eps must be a finite number >= 0, got {group['eps']!r}")
+        if group["algorithm"] == "adamw":
+            betas = group["betas"]
+            check(
+                len(betas) == 2 and all(_is_nonneg(b) and b < 1 for b in betas),
+                f"betas must be two numbers in [0, 1), got {betas!r}",
+            )
+            return
+
+        check(
+            _is_nonneg(group["momentum"]) and group["momentum"] < 1,
+            f"momentum must be in [0, 1), got {group['momentum']!r}",
+        )
+        steps = group["ns_steps"]
+        check(
+            steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0),
+            f"ns_steps must be a non-negative int or None, got {steps!r}",
+        )
+        try:
+            as_preset(group["coefficients"])
+        except (TypeError, ValueError) as err:
+            check(False, str(err))
+        adjust = group["adjust_lr"]
+        check(
+            adjust in ADJUST_LR_MODES or callable(adjust),
+            f"adjust_lr must be one of {ADJUST_LR_MODES} or a callable f(lr, (rows, cols)), got {adjust!r}",
+        )
+        check(group["method"] in METHODS, f"method must be one of {METHODS}, got {group['method']!r}")
+        check(
+            group["matrix_view"] in MATRIX_VIEWS,
+            f"matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}",
+        )
+        check(
+            group["ns_dtype"] is None or group["ns_dtype"] in _NS_DTYPES,
+            f"ns_dtype must be None or one of {_NS_DTYPES}, got {group['ns_dtype']!r}",
+        )
+        for i, p in enumerate(group["params"]):
+            name = self._param_name(group, gi, i)
+            if p.ndim < 2:
+                raise ValueError(
+                    f"Muon needs matrices, but parameter {name} has shape {tuple(p.shape)}. Put 0-D/1-D "
+                    "parameters (biases, norm gains) in an algorithm='adamw' group: "
+                    "muonkit.param_groups(model) does this for you."
+                )
+            if p.is_complex():
+                raise ValueError(f"parameter {name} is complex; Muon supports real parameters only")
+            try:
+                matrix_parts(p.detach(), group["matrix_view"], group["split"])
+            except ValueError as err:
+                raise ValueError(f"parameter {name} of shape {tuple(p.shape)}: {err}") from None
+
+    # ------------------------------------------------------------------ step
+
+    def _gather(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        gathered = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise ValueError(
+                        f"parameter {self._param_name(group, gi, i)} has a sparse gradient, which Muon and "
+                        "its AdamW groups do not support; use nn.Embedding(sparse=False)"
+                    )
+                if g.is_complex():
+                    raise ValueError(f"parameter {self._param_name(group, gi, i)} has a complex gradient")
+                params.append(p)
+                grads.append(g)
+            gathered.append((group, params, grads))
+        return gathered
+
+    def _nonfinite_names(self, gathered: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> list[str]:
+        grads = [g for _, _, gs in gathered for g in gs]
+        if not grads:
+            return []
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).cpu()  # one host sync
+        if bool(finite.all()):
+            return []
+        names = []
+        flags = iter(finite.tolist())
+        for gi, (group, params, _) in enumerate(gathered):
+            index = {id(p): i for i, p in enumerate(group["params"])}
+            for p in params:
+                if not next(flags):
+                    names.append(self._param_name(group, gi, index[id(p)]))
+        return names
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. Returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = self._gather()
+        if self.nonfinite != "ignore":
+            bad = self._nonfinite_names(gathered)
+            if bad:
+                if self.nonfinite == "skip":
+                    self.nonfinite_skips += 1
+                    return loss
+                raise NonFiniteGradientError(
+                    f"non-finite (NaN/Inf) gradient in {len(bad)} parameter(s): {', '.join(bad[:5])}"
+                    f"{' ...' if len(bad) > 5 else ''}. No parameter or state was changed. Pass "
+                    "nonfinite='skip' to skip such steps, or clip/scale the loss (e.g. GradScaler)."
+                )
+
+        for group, params, grads in gathered:
+            if group["algorithm"] == "adamw":
+                self._adamw_group(group, params, grads)
+            else:
+                self._muon_group(group, params, grads)
+        return loss
+
+    def _muon_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                dtype = group["momentum_dtype"] or p.dtype
+                state["momentum_buffer"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            bufs.append(state["momentum_buffer"])
+        muon_step(
+            params,
+            grads,
+            bufs,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            coefficients=group["coefficients"],
+            ns_steps=group["ns_steps"],
+            adjust_lr=group["adjust_lr"],
+            eps=group["eps"],
+            ns_dtype=group["ns_dtype"],
+            method=group["method"],
+            matrix_view=group["matrix_view"],
+            split=group["split"],
+        )
+
+    def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["muonkit"] = {"nonfinite_skips": self.nonfinite_skips}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("muonkit", {})
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
+        # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                current = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+
+def _is_nonneg(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x)) and float(x) >= 0
+    except (TypeError, ValueError):
+        return False
