@@ -1,0 +1,35 @@
+"""Shared test helpers: matrices with a prescribed spectrum and the scalar NS map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def matrix_with_spectrum(m: int, n: int, sigmas, *, batch=(), seed: int = 0, dtype=torch.float64):
+    """Random U diag(sigmas) V^T of shape (*batch, m, n); len(sigmas) == min(m, n)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    assert s.numel() == k
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, k, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, k, generator=gen, dtype=torch.float64))
+    return ((U * s) @ V.mT).to(dtype)
+
+
+def scalar_phi(rows, x):
+    """Compose the odd polynomials of ``rows`` on the scalars ``x`` (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    for row in rows:
+        x2 = x * x
+        acc = np.zeros_like(x)
+        for coef in reversed(row):
+            acc = acc * x2 + coef
+        x = x * acc
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

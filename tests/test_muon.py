@@ -1,0 +1,382 @@
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import muonkit
+from muonkit import Muon, NonFiniteGradientError, orthogonalize
+from muonkit.coefficients import get
+from muonkit.reference import muon_reference_step, newton_schulz_loop
+
+F64 = torch.float64
+
+
+def _params(shapes, dtype=F64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(*s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+SHAPES = [(12, 8), (8, 12), (12, 8), (6, 6)]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw", None])
+def test_steps_equal_plain_reference(nesterov, adjust):
+    ours = _params(SHAPES)
+    ref = [p.detach().clone() for p in ours]
+    bufs = [torch.zeros_like(p) for p in ref]
+    kw = dict(lr=0.03, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    opt = Muon(ours, **kw, adjust_lr=adjust, ns_dtype=F64, momentum_dtype=None)
+    for t in range(3):
+        grads = _grads(ours, seed=t)
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        muon_reference_step(ref, grads, bufs, **kw, rows=get("jordan").schedule(5), adjust=adjust)
+    for p, r in zip(ours, ref):
+        assert torch.allclose(p.detach(), r, atol=1e-12, rtol=0)
+
+
+def test_callable_adjust_lr():
+    (p,) = _params([(6, 4)])
+    start = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, adjust_lr=lambda lr, shape: lr * shape[0], ns_dtype=F64)
+    g = _grads([p], 1)[0]
+    p.grad = g
+    opt.step()
+    expected = start - 0.1 * 6 * orthogonalize(g, dtype=F64)
+    assert torch.allclose(p.detach(), expected, atol=1e-12)
+
+
+def test_matches_torch_optim_muon_plumbing(monkeypatch):
+    """Same momentum, Nesterov, weight decay and lr rule as torch.optim.Muon: with torch's NS swapped
+    for the float64 reference, the two optimizers agree to float64 rounding."""
+    torch_muon = pytest.importorskip("torch.optim._muon")
+    monkeypatch.setattr(
+        torch_muon,
+        "_zeropower_via_newtonschulz",
+        lambda grad, coeffs, steps, eps: newton_schulz_loop(grad, [coeffs] * steps, eps),
+    )
+    ours, theirs = _params(SHAPES), _params(SHAPES)
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.05)
+    a = Muon(ours, **kw, ns_dtype=F64, momentum_dtype=None)
+    b = torch.optim.Muon(theirs, **kw, adjust_lr_fn="original")
+    for t in range(4):
+        for ps in (ours, theirs):
+            for p, g in zip(ps, _grads(ps, seed=t)):
+                p.grad = g
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, atol=1e-12, rtol=0)
+
+
+def test_matches_torch_optim_muon_bf16():
+    """Unpatched: torch.optim.Muon (bf16 NS, bf16 normalisation) vs ours with ns_dtype=bf16 (fp32
+    normalisation). The displacement from the start agrees to within bf16 rounding (~1%)."""
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    shapes = [(64, 32), (32, 64), (48, 48)]
+    ours, theirs = _params(shapes, torch.float32), _params(shapes, torch.float32)
+    start = [p.detach().clone() for p in ours]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
+    a = Muon(ours, **kw, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon(theirs, **kw)
+    for t in range(3):
+        for ps in (ours, theirs):
+            for p, g in zip(ps, _grads(ps, seed=t)):
+                p.grad = g
+        a.step()
+        b.step()
+    for p, q, s in zip(ours, theirs, start):
+        rel = (p - q).norm() / (q - s).norm()
+        assert rel < 0.03, rel.item()
+
+
+def test_adamw_groups_match_torch_adamw():
+    shapes = [(10,), (7, 5), (3, 4, 2)]
+    ours, theirs = _params(shapes, torch.float32), _params(shapes, torch.float32)
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    a = Muon([{"params": ours, "algorithm": "adamw", **kw}])
+    b = torch.optim.AdamW(theirs, **kw, foreach=False)
+    for t in range(5):
+        for ps in (ours, theirs):
+            for p, g in zip(ps, _grads(ps, seed=t)):
+                p.grad = g
+        # a parameter that misses a gradient for one step gets its own step count
+        if t == 2:
+            ours[0].grad = theirs[0].grad = None
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-6)
+
+
+def test_adamw_group_defaults_and_options():
+    p, q = _params([(4, 4), (4,)], torch.float32)
+    opt = Muon([{"params": [p]}, {"params": [q], "algorithm": "adamw", "lr": 1e-3}], weight_decay=0.01)
+    adamw = opt.param_groups[1]
+    assert adamw["lr"] == 1e-3 and adamw["betas"] == (0.9, 0.95) and adamw["eps"] == 1e-8
+    assert adamw["weight_decay"] == 0.01
+    assert "momentum" not in adamw and "coefficients" not in adamw
+    assert opt.param_groups[0]["eps"] == 1e-7 and opt.param_groups[0]["lr"] == 0.02
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 12)
+        self.conv = nn.Conv1d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 24)
+        self.norm = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 16)
+
+    def forward(self, idx):
+        h = self.emb(idx).transpose(1, 2)
+        h = torch.relu(self.conv(h)).transpose(1, 2)
+        return self.head(self.norm(torch.relu(self.fc(h))))
+
+
+def _batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 16, (8, 10), generator=gen)
+    return x, (x * 3 + 1) % 16
+
+
+def _train(model, opt, steps, start=0):
+    losses = []
+    for t in range(start, start + steps):
+        x, y = _batch(t)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_small_model_learns():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = Muon(muonkit.param_groups(model), lr=0.02, adamw_lr=3e-3)
+    losses = _train(model, opt, 60)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express", "you"])
+@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+def test_resume_is_bitwise_identical(coefficients, method):
+    torch.manual_seed(0)
+    model = TinyNet()
+    init = copy.deepcopy(model.state_dict())
+
+    def make(m):
+        return Muon(muonkit.param_groups(m), coefficients=coefficients, method=method, weight_decay=0.01)
+
+    opt = make(model)
+    _train(model, opt, 6)
+
+    other = TinyNet()
+    other.load_state_dict(init)
+    opt2 = make(other)
+    _train(other, opt2, 3)
+    buf = io.BytesIO()
+    torch.save({"model": other.state_dict(), "opt": opt2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+
+    resumed = TinyNet()
+    resumed.load_state_dict(ckpt["model"])
+    opt3 = make(resumed)
+    opt3.load_state_dict(ckpt["opt"])
+    _train(resumed, opt3, 3, start=3)
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_low_precision_params_keep_fp32_momentum_across_load():
+    (p,) = _params([(8, 8)], torch.bfloat16)
+    opt = Muon([p])
+    p.grad = torch.randn(8, 8, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+    sd = copy.deepcopy(opt.state_dict())
+    opt2 = Muon([p])
+    opt2.load_state_dict(sd)
+    buf = opt2.state[p]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.equal(buf, opt.state[p]["momentum_buffer"])
+
+
+def _one_step_update(p, grad, **group):
+    start = p.detach().clone()
+    opt = Muon(
+        [{"params": [p], **group}], lr=1.0, momentum=0.0, nesterov=False, adjust_lr=None, ns_dtype=F64,
+        momentum_dtype=None,
+    )
+    p.grad = grad
+    opt.step()
+    return start - p.detach()
+
+
+def test_conv_kernels_are_flattened():
+    (p,) = _params([(6, 3, 2, 2)])
+    g = _grads([p], 3)[0]
+    upd = _one_step_update(p, g)
+    assert torch.allclose(upd, orthogonalize(g.reshape(6, -1), dtype=F64).reshape(g.shape), atol=1e-12)
+
+
+def test_batch_view_orthogonalizes_each_matrix():
+    (p,) = _params([(4, 6, 5)])
+    g = _grads([p], 4)[0]
+    upd = _one_step_update(p, g, matrix_view="batch")
+    for e in range(4):
+        assert torch.allclose(upd[e], orthogonalize(g[e], dtype=F64), atol=1e-12)
+
+
+@pytest.mark.parametrize("split", [3, [5, 5, 5], [3, 8, 4]])
+def test_split_orthogonalizes_parts_separately(split):
+    (p,) = _params([(15, 5)])
+    g = _grads([p], 5)[0]
+    upd = _one_step_update(p, g, split=split)
+    sizes = [5, 5, 5] if split == 3 else split
+    expected = torch.cat([orthogonalize(part, dtype=F64) for part in g.split(sizes)])
+    assert torch.allclose(upd, expected, atol=1e-12)
+
+
+def test_batched_step_equals_one_optimizer_per_parameter():
+    shapes = [(12, 8), (12, 8), (8, 12), (6, 4, 3, 3), (12, 8)]
+    together, alone = _params(shapes), _params(shapes)
+    opt = Muon(together, ns_dtype=F64, weight_decay=0.1)
+    singles = [Muon([p], ns_dtype=F64, weight_decay=0.1) for p in alone]
+    for t in range(3):
+        for ps in (together, alone):
+            for p, g in zip(ps, _grads(ps, seed=t)):
+                p.grad = g
+        opt.step()
+        for o in singles:
+            o.step()
+    for p, q in zip(together, alone):
+        assert torch.allclose(p, q, atol=1e-12, rtol=0)
+
+
+def test_parameters_without_grad_are_untouched():
+    p, q = _params([(5, 4), (5, 4)])
+    q_start = q.detach().clone()
+    opt = Muon([p, q])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(q, q_start) and q not in opt.state
+
+
+def test_lr_scheduler_drives_both_algorithms():
+    p, b = _params([(6, 6), (6,)])
+    opt = Muon([{"params": [p]}, {"params": [b], "algorithm": "adamw"}], lr=0.1, adamw_lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        p.grad, b.grad = torch.randn(6, 6, dtype=F64), torch.randn(6, dtype=F64)
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.0025]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "group, match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"ns_steps": -1}, "ns_steps"),
+        ({"ns_steps": 2.5}, "ns_steps"),
+        ({"coefficients": "nope"}, "unknown coefficient preset"),
+        ({"adjust_lr": "sqrt"}, "adjust_lr"),
+        ({"method": "qr"}, "method"),
+        ({"matrix_view": "stack"}, "matrix_view"),
+        ({"ns_dtype": torch.int8}, "ns_dtype"),
+        ({"split": 4}, "cannot be cut"),
+        ({"split": [3, 2]}, "add up"),
+        ({"algorithm": "sgd"}, "algorithm"),
+        ({"algorithm": "adamw", "betas": (0.9, 1.0)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+    ],
+)
+def test_invalid_hyperparameters(group, match):
+    (p,) = _params([(6, 6)])
+    with pytest.raises(ValueError, match=match):
+        Muon([{"params": [p], **group}])
+
+
+def test_vector_in_muon_group_points_at_param_groups():
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"'bias'.*param_groups"):
+        Muon(model.named_parameters())
+    with pytest.raises(ValueError, match="param_groups"):
+        Muon(model.parameters())
+
+
+def test_complex_and_sparse_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        Muon([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = Muon([{"params": emb.parameters(), "algorithm": "adamw"}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+def test_nonfinite_policy_argument():
+    with pytest.raises(ValueError, match="nonfinite"):
+        Muon(_params([(3, 3)]), nonfinite="warn")
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()["state"])
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        for key in a[k]:
+            assert torch.equal(a[k][key], b[k][key])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_changes_nothing(bad):
+    named = [("w", _params([(5, 5)])[0]), ("b", _params([(5,)])[0])]
+    params = [p for _, p in named]
+    opt = Muon([{"params": [named[0]]}, {"params": [named[1]], "algorithm": "adamw"}])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before_p, before_s = _snapshot(opt, params)
+    params[1].grad = torch.tensor([0, 0, bad, 0, 0], dtype=F64)
+    with pytest.raises(NonFiniteGradientError, match="'b'"):
+        opt.step()
+    after_p, after_s = _snapshot(opt, params)
+    assert all(torch.equal(x, y) for x, y in zip(before_p, after_p))
+    _same_state(before_s, after_s)
+
+
+def test_nonfinite_skip_counts_and_round_trips():
+    params = _params([(4, 4)])
+    opt = Muon(params, nonfinite="skip")
+    params[0].grad = torch.full((4, 4), float("nan"), dtype=F64)
+    start = params[0].detach().clone()
+    opt.step()
+    assert opt.nonfinite_skips == 1 and torch.equal(params[0], start) and not opt.state
+    opt2 = Muon(params, nonfinite="skip")
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.nonfinite_skips == 1
+    opt3 = Muon(params, nonfinite="ignore")
+    opt3.step()  # no check, no error
+    assert torch.isnan(params[0]).all()

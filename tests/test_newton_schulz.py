@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+from conftest import matrix_with_spectrum, scalar_phi
+
+from muonkit import coefficients as C
+from muonkit import orthogonalize, polar_svd
+from muonkit.newton_schulz import default_ns_dtype
+from muonkit.reference import newton_schulz_loop
+
+PRESETS = C.list_presets()
+
+
+def svals(X):
+    return torch.linalg.svdvals(X.to(torch.float64))
+
+
+# ----------------------------------------------------------------------------- exact polar factor
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (60, 25), (25, 60), (3, 30, 20)])
+def test_svd_polar_is_orthogonal_float64(shape):
+    G = torch.randn(*shape, dtype=torch.float64)
+    O = orthogonalize(G, method="svd")
+    m, n = shape[-2:]
+    k = min(m, n)
+    gram = O.mT @ O if m >= n else O @ O.mT
+    assert (gram - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-8
+    # Polar factor: O^T G is symmetric positive semi-definite (tall case).
+    if m >= n:
+        P = O.mT @ G
+        assert torch.allclose(P, P.mT, atol=1e-8)
+        assert torch.linalg.eigvalsh(P).min() > -1e-8
+
+
+def test_svd_polar_rank_deficient_and_zero():
+    sig = [3.0, 2.0, 1.0] + [0.0] * 7
+    G = matrix_with_spectrum(20, 10, sig)
+    O = polar_svd(G)
+    s = svals(O)
+    assert torch.allclose(s[:3], torch.ones(3, dtype=torch.float64), atol=1e-10)
+    assert s[3:].abs().max() < 1e-10
+    assert torch.equal(polar_svd(torch.zeros(5, 4)), torch.zeros(5, 4))
+
+
+# ----------------------------------------------------------------------------- Newton-Schulz
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_ns_singular_values_follow_scalar_map_exactly_in_float64(name):
+    preset = C.get(name)
+    sig = np.linspace(0.2, 1.0, 16)
+    G = matrix_with_spectrum(24, 16, sig)
+    O = orthogonalize(G, name)
+    x = sig / (preset.norm_scale * np.linalg.norm(sig) + 1e-7)
+    expected = np.sort(np.abs(scalar_phi(preset.schedule(), x)))[::-1]
+    assert np.allclose(svals(O).numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.06)])
+def test_ns_singular_values_in_preset_band(name, dtype, tol):
+    """Well-conditioned inputs (condition number 5): every output singular value lies in the band
+    [min phi, max phi] that the scalar map gives on the normalised spectrum's range."""
+    preset = C.get(name)
+    sig = np.geomspace(0.2, 1.0, 32)
+    G = matrix_with_spectrum(64, 32, sig, batch=(3,), dtype=torch.float32)
+    O = orthogonalize(G, name, dtype=dtype)
+    assert O.dtype == torch.float32
+    x = np.linspace(sig.min(), sig.max(), 2001) / (preset.norm_scale * np.linalg.norm(sig))
+    phi = scalar_phi(preset.schedule(), x)
+    lo, hi = phi.min(), phi.max()
+    s = svals(O)
+    assert s.min().item() >= lo - tol, (name, s.min().item(), lo)
+    assert s.max().item() <= hi + tol, (name, s.max().item(), hi)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_batched_equals_per_matrix_loop(name):
+    preset = C.get(name)
+    G = torch.randn(2, 3, 20, 12, dtype=torch.float64)
+    O = orthogonalize(G, name)
+    for i in range(2):
+        for j in range(3):
+            ref = newton_schulz_loop(G[i, j], preset.schedule(), norm_scale=preset.norm_scale)
+            assert torch.allclose(O[i, j], ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (40, 10), (10, 40), (5, 12, 7), (2, 3, 9, 6), (1, 50), (50, 1)])
+def test_shapes_dtype_and_transpose(shape):
+    G = torch.randn(*shape)
+    O = orthogonalize(G)
+    assert O.shape == G.shape and O.dtype == G.dtype
+    # Transposing the input transposes the output (NS works on the smaller Gram matrix either way).
+    assert torch.allclose(orthogonalize(G.mT.contiguous()), O.mT, atol=1e-5)
+
+
+def test_converging_presets_reach_orthogonality():
+    G = matrix_with_spectrum(30, 20, np.geomspace(0.05, 1, 20))
+    O = orthogonalize(G, "polar_express", steps=8)
+    assert (svals(O) - 1).abs().max() < 1e-3
+    # Classical cubic (f'(1) = 0): quadratic convergence once past the linear start.
+    assert (svals(orthogonalize(G, "bernstein", steps=20)) - 1).abs().max() < 1e-6
+    # Fixed-point quintic: f'(1) = -0.98, so the error only shrinks by ~0.98 a step near 1.
+    errs = [(svals(orthogonalize(G, "fixed_point_quintic", steps=k)) - 1).abs().max() for k in (12, 24, 48)]
+    assert errs[0] > errs[1] > errs[2] > 0.01
+
+
+def test_degree_seven_schedule_runs():
+    rows = [(3.0, -4.0, 2.5, -0.5)]
+    G = torch.randn(12, 9, dtype=torch.float64)
+    O = orthogonalize(G, rows, steps=3)
+    ref = newton_schulz_loop(G, rows * 3)
+    assert torch.allclose(O, ref, atol=1e-12)
+
+
+def test_zero_and_empty_inputs():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        Z = torch.zeros(4, 6, 3, dtype=dtype)
+        out = orthogonalize(Z, dtype=dtype if dtype != torch.float16 else torch.float32)
+        assert torch.equal(out, Z)
+    assert torch.equal(orthogonalize(torch.zeros(3, 3), eps=0.0), torch.zeros(3, 3))
+    for shape in [(0, 5), (5, 0), (0, 4, 4)]:
+        assert orthogonalize(torch.empty(shape)).shape == shape
+
+
+def test_scale_invariance_and_extreme_norms():
+    G = torch.randn(24, 16)
+    base = orthogonalize(G)
+    for scale in (1e-3, 1e3, 1e30):
+        out = orthogonalize(G * scale)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, base, atol=1e-4), scale
+    for dtype in (torch.bfloat16, torch.float16):
+        big = (G / G.abs().max() * (1e30 if dtype == torch.bfloat16 else 6e4)).to(dtype)
+        out = orthogonalize(big, dtype=torch.float32)
+        assert torch.isfinite(out).all() and out.abs().max() > 0.1
+
+
+def test_steps_and_schedule_repetition():
+    G = torch.randn(10, 8, dtype=torch.float64)
+    rows = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+    assert torch.allclose(orthogonalize(G, rows, steps=4), newton_schulz_loop(G, [*rows, rows[1], rows[1]]))
+    assert torch.allclose(orthogonalize(G, rows), newton_schulz_loop(G, rows))
+
+
+def test_default_dtype_follows_device():
+    assert default_ns_dtype(torch.device("cuda"), torch.float32) == torch.bfloat16
+    assert default_ns_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+    assert default_ns_dtype(torch.device("cpu"), torch.float64) == torch.float64
+    # float32 on CPU by default: agrees with the float64 reference to float32 accuracy.
+    G = torch.randn(32, 24)
+    ref = newton_schulz_loop(G.double(), C.get("jordan").schedule())
+    assert (orthogonalize(G).double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"G": torch.randn(5)}, ValueError),
+        ({"G": torch.randn(3, 3, dtype=torch.complex64)}, ValueError),
+        ({"G": torch.ones(3, 3, dtype=torch.int64)}, TypeError),
+        ({"G": [[1.0]]}, TypeError),
+        ({"G": torch.randn(3, 3), "method": "qr"}, ValueError),
+        ({"G": torch.randn(3, 3), "dtype": torch.int32}, ValueError),
+        ({"G": torch.randn(3, 3), "coefficients": "unknown"}, ValueError),
+        ({"G": torch.randn(3, 3), "eps": -1.0}, ValueError),
+        ({"G": torch.randn(3, 3), "steps": -1}, ValueError),
+    ],
+)
+def test_bad_input(kwargs, exc):
+    with pytest.raises(exc):
+        orthogonalize(**kwargs)
