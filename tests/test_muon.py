@@ -217,7 +217,12 @@ def test_low_precision_params_keep_fp32_momentum_across_load():
 def _one_step_update(p, grad, **group):
     start = p.detach().clone()
     opt = Muon(
-        [{"params": [p], **group}], lr=1.0, momentum=0.0, nesterov=False, adjust_lr=None, ns_dtype=F64,
+        [{"params": [p], **group}],
+        lr=1.0,
+        momentum=0.0,
+        nesterov=False,
+        adjust_lr=None,
+        ns_dtype=F64,
         momentum_dtype=None,
     )
     p.grad = grad

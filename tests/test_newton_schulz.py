@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import matrix_with_spectrum, scalar_phi
 
+from conftest import matrix_with_spectrum, scalar_phi
 from muonkit import coefficients as C
 from muonkit import orthogonalize, polar_svd
 from muonkit.newton_schulz import default_ns_dtype

@@ -1,8 +1,8 @@
 """muonkit: the Muon optimizer, Newton-Schulz orthogonalization and the tools to understand them.
 
-    groups = muonkit.param_groups(model)   # hidden matrices -> Muon; embeddings, head, 1-D -> AdamW
-    opt = muonkit.Muon(groups, lr=0.02, weight_decay=0.01)
-    O = muonkit.orthogonalize(G)           # approximate polar factor, batched over leading dims
+groups = muonkit.param_groups(model)   # hidden matrices -> Muon; embeddings, head, 1-D -> AdamW
+opt = muonkit.Muon(groups, lr=0.02, weight_decay=0.01)
+O = muonkit.orthogonalize(G)           # approximate polar factor, batched over leading dims
 """
 
 from . import coefficients

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Union
+from typing import Any
 
 __all__ = [
     "CoefficientSpec",
@@ -95,7 +95,7 @@ class Preset:
         return len(self.rows) > 1
 
 
-CoefficientSpec = Union[str, Preset, Sequence[float], Sequence[Sequence[float]]]
+CoefficientSpec = str | Preset | Sequence[float] | Sequence[Sequence[float]]
 
 _PRESETS: dict[str, Preset] = {}
 
@@ -149,7 +149,7 @@ def as_preset(spec: CoefficientSpec) -> Preset:
     if isinstance(spec, str):
         return _resolve_cached(spec)
     try:
-        items = list(spec)  # type: ignore[arg-type]
+        items: list[Any] = list(spec)
     except TypeError:
         raise TypeError(
             f"coefficients must be a preset name, a Preset or a sequence of rows, got {type(spec).__name__}"

@@ -93,9 +93,7 @@ def orthogonalize(
     if not isinstance(G, Tensor):
         raise TypeError(f"orthogonalize expects a torch.Tensor, got {type(G).__name__}")
     if G.ndim < 2:
-        raise ValueError(
-            f"orthogonalize needs a matrix or a batch of matrices (..., m, n); got shape {tuple(G.shape)}"
-        )
+        raise ValueError(f"orthogonalize needs a matrix or a batch of matrices (..., m, n); got shape {tuple(G.shape)}")
     if G.is_complex():
         raise ValueError("orthogonalize supports real tensors only; got a complex tensor")
     if not G.is_floating_point():

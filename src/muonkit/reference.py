@@ -34,7 +34,7 @@ def polar_svd(G: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     U, S, Vh = torch.linalg.svd(G.to(work), full_matrices=False)
     m, n = G.shape[-2:]
     tol = S.amax(dim=-1, keepdim=True) * max(m, n) * torch.finfo(work).eps
-    keep = (S > tol).to(work)
+    keep = (tol < S).to(work)
     return ((U * keep.unsqueeze(-2)) @ Vh).to(G.dtype)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -34,10 +33,10 @@ __all__ = [
     "split_sizes",
 ]
 
-AdjustLR = Union[str, None, Callable[[float, tuple[int, int]], float]]
+AdjustLR = str | None | Callable[[float, tuple[int, int]], float]
 ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
 MATRIX_VIEWS = ("flatten", "batch")
-SplitSpec = Union[None, int, Sequence[int]]
+SplitSpec = int | Sequence[int] | None
 
 
 def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
@@ -64,7 +63,9 @@ def split_sizes(split: SplitSpec, rows: int) -> list[int]:
     """Row sizes of the parts a fused matrix with ``rows`` rows is cut into (``[rows]`` when not split)."""
     if split is None:
         return [rows]
-    if isinstance(split, int) and not isinstance(split, bool):
+    if isinstance(split, bool):
+        raise ValueError(f"split must be None, an int or a list of row counts, got {split!r}")
+    if isinstance(split, int):
         if split < 1 or rows % split:
             raise ValueError(f"split={split}: {rows} rows cannot be cut into {split} equal parts")
         return [rows // split] * split

@@ -106,9 +106,7 @@ def classify(
             plans.append(ParamPlan(name, p, "adamw", "matches an adamw= pattern"))
         elif _matches(name, muon_pats):
             if p.ndim < 2:
-                raise ValueError(
-                    f"muon= pattern selects {name!r} of shape {tuple(p.shape)}, but Muon needs 2+ dims"
-                )
+                raise ValueError(f"muon= pattern selects {name!r} of shape {tuple(p.shape)}, but Muon needs 2+ dims")
             plans.append(ParamPlan(name, p, "muon", "matches a muon= pattern", view, part))
         elif p.ndim < 2:
             plans.append(ParamPlan(name, p, "adamw", f"{p.ndim}-D parameter (bias, norm gain or scalar)"))
@@ -155,12 +153,14 @@ def param_groups(
         if plan.algorithm == "muon":
             split_key = tuple(plan.split) if isinstance(plan.split, (list, tuple)) else plan.split
             key: tuple = ("muon", plan.matrix_view, split_key)
-            extra: dict[str, Any] = {"matrix_view": plan.matrix_view, "split": plan.split, **(muon_options or {})}
+            extra: dict[str, Any] = {
+                "matrix_view": plan.matrix_view,
+                "split": plan.split,
+                **(muon_options or {}),
+            }
         else:
             key, extra = ("adamw",), dict(adamw_options or {})
-        group = groups.setdefault(
-            key, {"params": [], "param_names": [], "algorithm": plan.algorithm, **extra}
-        )
+        group = groups.setdefault(key, {"params": [], "param_names": [], "algorithm": plan.algorithm, **extra})
         group["params"].append(plan.param)
         group["param_names"].append(plan.name)
     return list(groups.values())

@@ -1,0 +1,92 @@
+"""Byte-level text corpora: a built-in one read from the running interpreter, or a user's file.
+
+The built-in corpus is the source of a fixed list of Python standard-library modules, read from
+this interpreter's stdlib directory: nothing is downloaded and nothing is shipped. Its exact bytes
+depend on the Python version (3.11.7 here gives 910,913 bytes); within one interpreter it is fixed.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["STDLIB_FILES", "Corpus", "CorpusError", "builtin_corpus", "sample_batch", "text_corpus"]
+
+STDLIB_FILES = (
+    "textwrap.py", "string.py", "difflib.py", "argparse.py", "fractions.py", "heapq.py", "bisect.py",
+    "functools.py", "statistics.py", "json/decoder.py", "json/encoder.py", "calendar.py", "random.py",
+    "shlex.py", "contextlib.py", "dataclasses.py", "enum.py", "inspect.py", "pathlib.py", "typing.py",
+)  # fmt: skip
+VOCAB_SIZE = 256  # bytes
+
+
+class CorpusError(ValueError):
+    """The text cannot be used for training; the message says why in one line."""
+
+
+@dataclass
+class Corpus:
+    """Token ids (bytes) split into train and validation parts."""
+
+    train: Tensor
+    val: Tensor
+    sources: tuple[str, ...]
+    vocab_size: int = VOCAB_SIZE
+
+    @property
+    def n_tokens(self) -> int:
+        return self.train.numel() + self.val.numel()
+
+
+def _split(texts: list[bytes], val_fraction: float) -> tuple[Tensor, Tensor]:
+    """Each text contributes its first (1 - f) to train and its last f to validation."""
+    train, val = [], []
+    for data in texts:
+        cut = int(len(data) * (1 - val_fraction))
+        train.append(data[:cut])
+        val.append(data[cut:])
+    as_ids = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+    return as_ids(train), as_ids(val)
+
+
+def builtin_corpus(files: tuple[str, ...] = STDLIB_FILES, val_fraction: float = 0.1) -> Corpus:
+    """The standard-library corpus (see ``STDLIB_FILES``)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise CorpusError(f"standard-library files not found under {root}: {', '.join(missing)}")
+    train, val = _split([(root / f).read_bytes() for f in files], val_fraction)
+    return Corpus(train, val, tuple(str(root / f) for f in files))
+
+
+def text_corpus(path: str | Path, val_fraction: float = 0.1, min_tokens: int = 4096) -> Corpus:
+    """A user's UTF-8 text file as a corpus; ``CorpusError`` with a one-line reason if unusable."""
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"{p}: no such file")
+    if not p.is_file():
+        raise CorpusError(f"{p}: not a regular file")
+    data = p.read_bytes()
+    if not data.strip():
+        raise CorpusError(f"{p}: the file is empty")
+    if b"\x00" in data[:65536]:
+        raise CorpusError(f"{p}: looks binary (contains NUL bytes); give a UTF-8 text file")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{p}: not valid UTF-8 text (byte {err.start})") from None
+    if len(data) < min_tokens:
+        raise CorpusError(f"{p}: too short ({len(data)} bytes); need at least {min_tokens} bytes of text")
+    train, val = _split([data], val_fraction)
+    return Corpus(train, val, (str(p),))
+
+
+def sample_batch(data: Tensor, batch_size: int, ctx: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random windows of ``ctx + 1`` tokens: inputs and next-token targets, shape (batch, ctx)."""
+    starts = torch.randint(0, data.numel() - ctx - 1, (batch_size,), generator=generator)
+    windows = torch.stack([data[s : s + ctx + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
