@@ -1,64 +1,163 @@
-"""The ``muonkit`` command."""
+"""The ``muonkit`` command: ``demo`` and ``train`` compare Muon with AdamW on real training."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
+DEFAULT_STEPS = {"lm": 300, "digits": 300}
+QUICK = {"lm": {"size": "tiny", "steps": 40, "eval_every": 5}, "digits": {"steps": 60, "eval_every": 5}}
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
 
-    from .train import OPTIMIZERS, SIZES, builtin_corpus, steps_to_reach, train_lm
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
 
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+
+def _parse_optimizers(text: str) -> list[str]:
+    from .train import OPTIMIZERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown:
-        print(f"muonkit demo: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(OPTIMIZERS)}")
-        return 2
-    steps = 40 if args.quick else args.steps
-    cfg = SIZES["tiny" if args.quick else args.size]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    corpus = builtin_corpus()
-    print(
-        f"muonkit demo: byte-level GPT ({cfg.n_layer} layers, width {cfg.d_model}, context {cfg.ctx}) on "
-        f"{corpus.n_tokens:,} bytes of standard-library source; {steps} steps per optimizer, seed {args.seed}"
-    )
-    results = {}
-    for name in names:
-        print(f"  training with {name} ...", flush=True)
-        results[name] = train_lm(
-            name, cfg, corpus, steps=steps, eval_every=max(1, steps // 10), seed=args.seed, device=args.device
+    if unknown or not names:
+        raise UsageError(f"unknown optimizer(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(OPTIMIZERS)}")
+    return list(dict.fromkeys(names))
+
+
+def _parse_lrs(items: list[str]) -> dict[str, float]:
+    lrs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--lr expects NAME=VALUE, e.g. --lr muon=0.03; got {item!r}") from None
+    return lrs
+
+
+def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    quick = QUICK[task] if args.quick else {}
+    steps = args.steps or quick.get("steps") or DEFAULT_STEPS[task]
+    return {
+        "command": args.command,
+        "task": task,
+        "data": str(Path(args.data).resolve()) if getattr(args, "data", None) else None,
+        "size": quick.get("size", args.size),
+        "steps": steps,
+        "eval_every": args.eval_every or quick.get("eval_every") or max(1, steps // 30),
+        "batch_size": args.batch_size,
+        "optimizers": _parse_optimizers(args.optimizers),
+        "lrs": _parse_lrs(args.lr),
+        "seed": args.seed,
+        "device": args.device,
+    }
+
+
+def _build_task(config: dict[str, Any]) -> Any:
+    from .train import SIZES, CorpusError, DigitsTask, LMTask, builtin_corpus, text_corpus
+
+    device = config["device"]
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available in this torch build")
+    if config["task"] == "digits":
+        return DigitsTask(batch_size=config["batch_size"] or 64, seed=config["seed"], device=device)
+    if config["size"] not in SIZES:
+        raise UsageError(f"unknown size {config['size']!r}; choose from {', '.join(SIZES)}")
+    cfg = SIZES[config["size"]]
+    try:
+        corpus = text_corpus(config["data"]) if config["data"] else builtin_corpus()
+        return LMTask(corpus, cfg, batch_size=config["batch_size"] or 16, seed=config["seed"], device=device)
+    except (CorpusError, ValueError) as err:  # CorpusError is a ValueError; kept explicit for readers
+        raise UsageError(str(err)) from None
+
+
+def _describe(config: dict[str, Any], task: Any) -> str:
+    if config["task"] == "digits":
+        return (
+            f"CNN on scikit-learn's 8x8 digits ({len(task.y_train)} train / {len(task.y_val)} validation images); "
+            f"{config['steps']} steps per optimizer, batch {task.batch_size}, seed {config['seed']}"
         )
-    target = results["adamw"].val_loss[-1] if "adamw" in results else None
-    header = (
-        f"{'optimizer':<10} {'lr':>7} {'final train':>11} {'final val':>9} {'reach AdamW':>11} "
-        f"{'wall s':>7} {'tok/s':>8} {'opt %':>6}"
+    cfg = task.cfg
+    where = config["data"] or f"{len(task.corpus.sources)} standard-library modules"
+    return (
+        f"byte-level GPT ({cfg.n_layer} layers, width {cfg.d_model}, context {cfg.ctx}) on {where} "
+        f"({task.corpus.n_tokens:,} bytes); {config['steps']} steps per optimizer, batch {task.batch_size}, "
+        f"seed {config['seed']}, device {config['device']}"
     )
-    print("\n" + header + "\n" + "-" * len(header))
-    for name, r in results.items():
-        reach = "-"
-        if target is not None:
-            step, _ = steps_to_reach(r, target)
-            reach = f"{step}" if step is not None else "never"
-        train_tail = sum(r.train_loss[-10:]) / len(r.train_loss[-10:])
-        print(
-            f"{name:<10} {r.lr:>7.4g} {train_tail:>11.3f} {r.val_loss[-1]:>9.3f} {reach:>11} "
-            f"{r.train_seconds:>7.1f} {r.tokens_per_s:>8.0f} {100 * r.optimizer_seconds / r.train_seconds:>6.1f}"
-        )
-    if target is not None and "muon" in results:
-        step, _ = steps_to_reach(results["muon"], target)
-        if step is not None:
-            print(
-                f"\nMuon reached AdamW's final validation loss ({target:.3f}) at step {step} of {steps} "
-                f"({step / steps:.2f}x the steps)."
-            )
+
+
+def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool) -> int:
+    from .train import run_comparison
+    from .train.report import comparison, format_table, plot_results, write_results
+
+    task = _build_task(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"muonkit {config['command']}: {_describe(config, task)}")
+    config = {**config, "task_details": task.describe()}
+    write_results(out_dir, previous or {}, config, interrupted=True)  # so that --resume works from the start
+    results, interrupted = run_comparison(
+        task,
+        config["optimizers"],
+        steps=config["steps"],
+        eval_every=config["eval_every"],
+        seed=config["seed"],
+        lrs=config["lrs"],
+        out_dir=out_dir,
+        previous=previous,
+        progress=progress,
+    )
+    if not results:
+        print("interrupted before any evaluation; nothing to report")
+        return 130
+    json_path = write_results(out_dir, results, config, interrupted)
+    plots = plot_results(out_dir, results, "digits CNN" if config["task"] == "digits" else f"GPT {config['size']}")
+    unit = "img" if config["task"] == "digits" else "tok"
+    print("\n" + format_table(results, unit))
+    comp = comparison(results)
+    if comp:
+        if comp["subject_steps_to_target"] is None:
+            print(f"\nMuon did not reach AdamW's final validation loss ({comp['target_val_loss']:.3f}).")
         else:
-            print(f"\nMuon did not reach AdamW's final validation loss ({target:.3f}) in {steps} steps.")
+            print(
+                f"\nMuon reached AdamW's final validation loss ({comp['target_val_loss']:.3f}) in "
+                f"{comp['step_ratio']:.2f}x the steps and {comp['time_ratio']:.2f}x the wall-clock."
+            )
+    print(f"\nresults: {json_path}")
+    for p in plots:
+        print(f"plot:    {p}")
+    if not plots:
+        print("(no plots: install matplotlib, e.g. pip install 'muonkit[plot]')")
+    if interrupted:
+        print(f"interrupted: kept what was gathered; continue with  muonkit {config['command']} --resume {out_dir}")
+        return 130
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .train.report import load_results
+
+    if args.resume:
+        out_dir = Path(args.resume)
+        if not (out_dir / "results.json").is_file():
+            raise UsageError(f"--resume {out_dir}: no results.json there (not a muonkit run directory)")
+        config, previous = load_results(out_dir)
+        if config["command"] != args.command:
+            raise UsageError(f"--resume {out_dir}: that run was made by 'muonkit {config['command']}'")
+        config.pop("task_details", None)
+        return _compare(config, out_dir, previous, not args.no_progress)
+    if args.command == "train" and not args.data:
+        raise UsageError("train needs --data FILE (a UTF-8 text file) or --resume DIR")
+    config = _config_from_args(args, getattr(args, "task", "lm"))
+    out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return _compare(config, out_dir, None, not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,20 +166,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muonkit", description="The Muon optimizer and its tools.")
     parser.add_argument("--version", action="version", version=f"muonkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small GPT with Muon and AdamW on built-in text and compare")
-    demo.add_argument("--size", default="small", choices=["tiny", "small", "medium", "large"])
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--optimizers", default="muon,adamw", help="comma-separated: muon,adamw,sgd,muon_svd")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--quick", action="store_true", help="a few seconds: tiny model, 40 steps")
-    demo.set_defaults(func=_demo)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--optimizers", default="muon,adamw", help="comma-separated: muon,adamw,sgd,muon_svd")
+        p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 300)")
+        p.add_argument("--size", default="small", help="GPT size: tiny, small, medium, large")
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--eval-every", type=int, default=None)
+        p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a learning rate")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>/)")
+        p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
+        p.add_argument("--quick", action="store_true", help="a few seconds: tiny model, few steps")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="Muon vs AdamW on built-in data (standard-library text or 8x8 digits)")
+    demo.add_argument("--task", default="lm", choices=["lm", "digits"])
+    common(demo)
+    train = sub.add_parser("train", help="Muon vs AdamW on your own UTF-8 text file")
+    train.add_argument("--data", default=None, metavar="FILE")
+    common(train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        print(f"muonkit {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"muonkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

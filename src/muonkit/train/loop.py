@@ -1,37 +1,59 @@
-"""Train the same model, on the same batches from the same seed, with several optimizers."""
+"""Train the same model, on the same batches from the same seed, with several optimizers.
+
+Each optimizer's run is checkpointed at every evaluation (model, optimizer, data position and the
+history so far), so an interrupted comparison keeps what it gathered and ``resume`` continues it on
+exactly the trajectory an uninterrupted run would have taken.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..optim import Muon, param_groups
-from .corpus import Corpus, sample_batch
-from .model import GPT, GPTConfig
+from .tasks import Task
 
-__all__ = ["DEFAULT_LR", "OPTIMIZERS", "RunResult", "make_optimizer", "steps_to_reach", "train_lm"]
+__all__ = [
+    "DEFAULT_LR",
+    "OPTIMIZERS",
+    "RunResult",
+    "make_optimizer",
+    "run_comparison",
+    "steps_to_reach",
+    "train_one",
+]
 
 OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd")
 
-# Learning rates for the built-in LM task (see docs in train/__init__: how they were found).
-DEFAULT_LR: dict[str, float] = {"muon": 0.02, "muon_svd": 0.02, "adamw": 3e-3, "sgd": 0.3}
-ADAMW_PART_LR = 3e-3  # AdamW lr for the embeddings, head and 1-D parameters inside Muon runs
+# Learning rates per task, each the best of a small sweep at the demo's default settings
+# (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*.json, 2-core CPU, torch 2.13):
+#   lm (size small, 300 steps, batch 16 x 128 bytes): adamw in {1e-3, 2e-3, 4e-3, 8e-3},
+#     muon in {0.01, 0.02, 0.04, 0.08} (AdamW part at the best AdamW lr), sgd in {0.03, 0.1, 0.3, 1.0};
+#   digits (300 steps, batch 64): the same grids.
+# muon_svd uses Muon's lr (same update norm, exact polar factor).
+DEFAULT_LR: dict[str, dict[str, float]] = {
+    "lm": {"muon": 0.02, "muon_svd": 0.02, "adamw": 3e-3, "sgd": 0.3},
+    "digits": {"muon": 0.02, "muon_svd": 0.02, "adamw": 3e-3, "sgd": 0.1},
+}
+# AdamW lr for the embeddings, head and 1-D parameters inside Muon runs: the task's AdamW lr.
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (one of ``OPTIMIZERS``) for ``model``."""
+def make_optimizer(name: str, model: nn.Module, task: str, lr: float | None = None) -> torch.optim.Optimizer:
+    """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with the task's tuned defaults."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    lr = DEFAULT_LR[name] if lr is None else lr
+    lrs = DEFAULT_LR[task]
+    lr = lrs[name] if lr is None else lr
     if name in ("muon", "muon_svd"):
-        groups = param_groups(model, split={"*.qkv.weight": 3})
+        groups = param_groups(model, split={"*.qkv.weight": 3} if task == "lm" else None)
         method = "svd" if name == "muon_svd" else "newton_schulz"
-        return Muon(groups, lr=lr, weight_decay=0.0, method=method, adamw_lr=ADAMW_PART_LR, adamw_betas=(0.9, 0.95))
+        return Muon(groups, lr=lr, method=method, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
@@ -39,96 +61,177 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None) -> torc
 
 @dataclass
 class RunResult:
+    """History of one optimizer's run. Wall-clock counts training steps, not evaluation."""
+
     optimizer: str
     lr: float
+    steps_planned: int
     eval_steps: list[int] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
     eval_wall: list[float] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
     train_loss: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     optimizer_seconds: float = 0.0
-    tokens: int = 0
+    items: int = 0
+    done: bool = False
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+    def val_loss(self) -> list[float]:
+        return self.metrics.get("val_loss", [])
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.train_seconds if self.train_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "items_per_s": self.items_per_s}
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    model.eval()
-    loss = sum(model(x, y).item() for x, y in batches) / len(batches)
-    model.train()
-    return loss
-
-
-def train_lm(
-    name: str,
-    cfg: GPTConfig,
-    corpus: Corpus,
-    *,
-    steps: int,
-    batch_size: int = 16,
-    eval_every: int = 25,
-    eval_batches: int = 8,
-    seed: int = 0,
-    lr: float | None = None,
-    device: str = "cpu",
-    on_step: Callable[[int, float], None] | None = None,
-) -> RunResult:
-    """Train a fresh GPT (init from ``seed``) for ``steps`` steps with optimizer ``name``.
-
-    Every run with the same seed sees the same initial weights, batches and validation batches.
-    Wall-clock counts training steps only (evaluation excluded).
-    """
-    torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
-    lr = DEFAULT_LR[name] if lr is None else lr
-    opt = make_optimizer(name, model, lr)
-    result = RunResult(name, lr)
-    data_gen = torch.Generator().manual_seed(seed + 1)
-    val_gen = torch.Generator().manual_seed(seed + 2)
-    val = []
-    for _ in range(eval_batches):
-        vx, vy = sample_batch(corpus.val, batch_size, cfg.ctx, val_gen)
-        val.append((vx.to(device), vy.to(device)))
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def record(step: int) -> None:
-        result.eval_steps.append(step)
-        result.val_loss.append(evaluate(model, val))
-        result.eval_wall.append(result.train_seconds)
-
-    record(0)
-    for step in range(1, steps + 1):
-        x, y = (t.to(device) for t in sample_batch(corpus.train, batch_size, cfg.ctx, data_gen))
-        sync()
-        t0 = time.perf_counter()
-        loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync()
-        t1 = time.perf_counter()
-        opt.step()
-        sync()
-        t2 = time.perf_counter()
-        result.train_seconds += t2 - t0
-        result.optimizer_seconds += t2 - t1
-        result.tokens += x.numel()
-        result.train_loss.append(loss.item())
-        if step % eval_every == 0 or step == steps:
-            record(step)
-        if on_step is not None:
-            on_step(step, result.train_loss[-1])
-    return result
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def steps_to_reach(result: RunResult, target: float) -> tuple[int | None, float | None]:
-    """First evaluated step (and its wall-clock) at which validation loss is <= ``target``."""
+    """First evaluated step (and its training wall-clock) with validation loss <= ``target``."""
     for step, loss, wall in zip(result.eval_steps, result.val_loss, result.eval_wall):
         if loss <= target:
             return step, wall
     return None, None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_one(
+    task: Task,
+    name: str,
+    *,
+    steps: int,
+    eval_every: int,
+    seed: int = 0,
+    lr: float | None = None,
+    checkpoint: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    on_step: Callable[[RunResult], None] | None = None,
+) -> RunResult:
+    """Train a fresh model (initialised from ``seed``) with optimizer ``name``.
+
+    ``resume`` is a checkpoint dict written by an earlier call; training continues from it. With
+    ``checkpoint`` set, state is saved there at every evaluation. ``KeyboardInterrupt`` propagates
+    after the last checkpoint (if any) is on disk: nothing gathered before it is lost.
+    """
+    torch.manual_seed(seed)
+    model = task.build_model()
+    lr = DEFAULT_LR[task.name][name] if lr is None else lr
+    opt = make_optimizer(name, model, task.name, lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["data_generator"])
+        result = RunResult.from_dict(resume["result"])
+        result.steps_planned = steps
+    else:
+        result = RunResult(name, lr, steps)
+
+    def evaluate_and_save(step: int) -> None:
+        result.eval_steps.append(step)
+        result.eval_wall.append(result.train_seconds)
+        for key, value in task.evaluate(model).items():
+            result.metrics.setdefault(key, []).append(value)
+        if checkpoint is not None:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "data_generator": gen.get_state(),
+                "result": result.to_dict(),
+            }
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(checkpoint)  # atomic: a Ctrl-C never leaves a half-written checkpoint
+
+    start = result.eval_steps[-1] if result.eval_steps else 0
+    if not result.eval_steps:
+        evaluate_and_save(0)
+    for step in range(start + 1, steps + 1):
+        x, y = task.train_batch(gen)
+        _sync(task.device)
+        t0 = time.perf_counter()
+        loss = task.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(task.device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(task.device)
+        t2 = time.perf_counter()
+        result.train_seconds += t2 - t0
+        result.optimizer_seconds += t2 - t1
+        result.items += task.items_per_batch(x)
+        result.train_loss.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            evaluate_and_save(step)
+        if on_step is not None:
+            on_step(result)
+    result.done = True
+    return result
+
+
+def run_comparison(
+    task: Task,
+    optimizers: list[str],
+    *,
+    steps: int,
+    eval_every: int,
+    seed: int = 0,
+    lrs: dict[str, float] | None = None,
+    out_dir: Path | None = None,
+    previous: dict[str, RunResult] | None = None,
+    progress: bool = True,
+    on_step: Callable[[RunResult], None] | None = None,
+) -> tuple[dict[str, RunResult], bool]:
+    """Run every optimizer in turn; returns (results, interrupted).
+
+    With ``out_dir``, each run checkpoints to ``out_dir/checkpoint-<name>.pt`` and a run found there
+    unfinished is resumed. ``previous`` holds finished runs (from ``results.json``) that are kept as is.
+    On Ctrl-C the runs gathered so far are returned with ``interrupted=True``.
+    """
+    from tqdm.auto import tqdm
+
+    results: dict[str, RunResult] = dict(previous or {})
+    for name in optimizers:
+        if name in results and results[name].done:
+            continue
+        ckpt = out_dir / f"checkpoint-{name}.pt" if out_dir is not None else None
+        resume = torch.load(ckpt, weights_only=False) if ckpt is not None and ckpt.exists() else None
+        done_before = resume["result"]["eval_steps"][-1] if resume else 0
+        bar = tqdm(total=steps, initial=done_before, desc=f"{name:<8}", disable=not progress or None, leave=True)
+
+        def tick(r: RunResult, bar: Any = bar) -> None:
+            bar.update(1)
+            if len(r.train_loss) % 10 == 0:
+                bar.set_postfix(loss=f"{r.train_loss[-1]:.3f}", val=f"{r.val_loss[-1]:.3f}")
+            if on_step is not None:
+                on_step(r)
+
+        try:
+            results[name] = train_one(
+                task,
+                name,
+                steps=steps,
+                eval_every=eval_every,
+                seed=seed,
+                lr=(lrs or {}).get(name),
+                checkpoint=ckpt,
+                resume=resume,
+                on_step=tick,
+            )
+        except KeyboardInterrupt:
+            bar.close()
+            if ckpt is not None and ckpt.exists():
+                results[name] = RunResult.from_dict(torch.load(ckpt, weights_only=False)["result"])
+            return results, True
+        bar.close()
+    return results, False

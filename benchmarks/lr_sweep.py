@@ -1,0 +1,70 @@
+"""Learning-rate sweep behind the demo's defaults (``muonkit.train.loop.DEFAULT_LR``).
+
+For each optimizer, trains the demo model (same seed, batches and steps) at a few learning rates and
+reports the final validation loss. Muon runs use ``--adamw-part-lr`` for their AdamW groups (set it
+to the best AdamW lr). Prints a table and writes JSON.
+
+    python benchmarks/lr_sweep.py --task lm --steps 300 --out benchmarks/results/lr_sweep_lm_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from muonkit.train import SIZES, DigitsTask, LMTask, builtin_corpus, train_one
+from muonkit.train import loop as loop_mod
+from muonkit.train.report import environment
+
+GRID = {
+    "adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+    "muon": [0.01, 0.02, 0.04, 0.08],
+    "sgd": [0.03, 0.1, 0.3, 1.0],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="lm", choices=["lm", "digits"])
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--optimizers", default="adamw,muon,sgd")
+    ap.add_argument("--adamw-part-lr", type=float, default=None, help="AdamW lr inside Muon runs")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="lr_sweep.json")
+    args = ap.parse_args()
+    if args.adamw_part_lr is not None:
+        loop_mod.DEFAULT_LR[args.task]["adamw"] = args.adamw_part_lr
+    if args.task == "lm":
+        task = LMTask(builtin_corpus(), SIZES[args.size], device=args.device)
+    else:
+        task = DigitsTask(device=args.device)
+    rows = []
+    for name in args.optimizers.split(","):
+        for lr in GRID[name]:
+            t0 = time.perf_counter()
+            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lr=lr)
+            row = {"optimizer": name, "lr": lr, "final_val_loss": r.val_loss[-1], "seconds": time.perf_counter() - t0}
+            if "val_acc" in r.metrics:
+                row["final_val_acc"] = r.metrics["val_acc"][-1]
+            rows.append(row)
+            print(f"{name:<8} lr={lr:<8g} val_loss={r.val_loss[-1]:.4f}  ({row['seconds']:.0f}s)", flush=True)
+    best: dict[str, dict] = {}
+    for row in rows:
+        if row["optimizer"] not in best or row["final_val_loss"] < best[row["optimizer"]]["final_val_loss"]:
+            best[row["optimizer"]] = row
+    print("\nbest lr:", {k: v["lr"] for k, v in best.items()})
+    meta = {
+        "task": args.task,
+        "size": args.size if args.task == "lm" else None,
+        "steps": args.steps,
+        "adamw_part_lr": loop_mod.DEFAULT_LR[args.task]["adamw"],
+        **environment(args.device),
+    }
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "runs": rows, "best": {k: v["lr"] for k, v in best.items()}}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Turn a comparison's results into a table, ``results.json`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loop import RunResult, steps_to_reach
+
+__all__ = ["comparison", "format_table", "load_results", "plot_results", "write_results"]
+
+
+def comparison(results: dict[str, RunResult], against: str = "adamw", subject: str = "muon") -> dict[str, Any]:
+    """When ``subject`` first reaches ``against``'s final validation loss, in steps and wall-clock."""
+    if against not in results or subject not in results or not results[against].val_loss:
+        return {}
+    ref = results[against]
+    target = ref.val_loss[-1]
+    step, wall = steps_to_reach(results[subject], target)
+    ref_steps, ref_wall = ref.eval_steps[-1], ref.eval_wall[-1]
+    return {
+        "target_val_loss": target,
+        "reference": against,
+        "subject": subject,
+        "reference_steps": ref_steps,
+        "reference_seconds": ref_wall,
+        "subject_steps_to_target": step,
+        "subject_seconds_to_target": wall,
+        "step_ratio": step / ref_steps if step is not None and ref_steps else None,
+        "time_ratio": wall / ref_wall if wall is not None and ref_wall else None,
+    }
+
+
+def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
+    target = results["adamw"].val_loss[-1] if "adamw" in results and results["adamw"].val_loss else None
+    has_acc = any("val_acc" in r.metrics for r in results.values())
+    cols = ["optimizer", "lr", "steps", "train loss", "val loss"]
+    cols += ["val acc"] if has_acc else []
+    cols += ["to AdamW val (steps, x)", "to AdamW val (s, x)", "wall s", f"{unit}/s", "opt %"]
+    rows = []
+    for name, r in results.items():
+        tail = r.train_loss[-10:]
+        row = [name, f"{r.lr:.3g}", str(r.eval_steps[-1] if r.eval_steps else 0)]
+        row += [f"{sum(tail) / len(tail):.3f}" if tail else "-", f"{r.val_loss[-1]:.3f}" if r.val_loss else "-"]
+        if has_acc:
+            row.append(f"{100 * r.metrics['val_acc'][-1]:.1f}%" if "val_acc" in r.metrics else "-")
+        reach_steps = reach_time = "-"
+        if target is not None and name != "adamw":
+            step, wall = steps_to_reach(r, target)
+            ref = results["adamw"]
+            if step is None:
+                reach_steps = reach_time = "not reached"
+            else:
+                reach_steps = f"{step} ({step / ref.eval_steps[-1]:.2f}x)"
+                reach_time = f"{wall:.1f} ({wall / ref.eval_wall[-1]:.2f}x)" if ref.eval_wall[-1] else f"{wall:.1f}"
+        share = 100 * r.optimizer_seconds / r.train_seconds if r.train_seconds else 0.0
+        row += [reach_steps, reach_time, f"{r.train_seconds:.1f}", f"{r.items_per_s:,.0f}", f"{share:.1f}"]
+        rows.append(row)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(cols), "-" * len(line(cols)), *(line(r) for r in rows)])
+
+
+def environment(device: str) -> dict[str, Any]:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_results(
+    out_dir: Path, results: dict[str, RunResult], config: dict[str, Any], interrupted: bool = False
+) -> Path:
+    path = out_dir / "results.json"
+    payload = {
+        "config": config,
+        "environment": environment(config.get("device", "cpu")),
+        "interrupted": interrupted,
+        "comparison": comparison(results),
+        "runs": {name: r.to_dict() for name, r in results.items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_results(out_dir: Path) -> tuple[dict[str, Any], dict[str, RunResult]]:
+    data = json.loads((out_dir / "results.json").read_text())
+    return data["config"], {name: RunResult.from_dict(r) for name, r in data["runs"].items()}
+
+
+def plot_results(out_dir: Path, results: dict[str, RunResult], title: str) -> list[Path]:
+    """PNG plots of validation metrics vs step and vs wall-clock; [] if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    panels = [("val_loss", "step", "validation loss vs step"), ("val_loss", "wall", "validation loss vs wall-clock")]
+    if any("val_acc" in r.metrics for r in results.values()):
+        panels.append(("val_acc", "step", "validation accuracy vs step"))
+    for metric, xaxis, label in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        for name, r in results.items():
+            if metric not in r.metrics:
+                continue
+            xs = r.eval_steps if xaxis == "step" else r.eval_wall
+            ax.plot(xs, r.metrics[metric], label=name, marker="." if len(xs) < 40 else None)
+        ax.set_xlabel("step" if xaxis == "step" else "training wall-clock (s)")
+        ax.set_ylabel(metric.replace("_", " "))
+        if metric == "val_loss":
+            lows = [min(r.val_loss) for r in results.values() if r.val_loss]
+            firsts = [r.val_loss[min(1, len(r.val_loss) - 1)] for r in results.values() if r.val_loss]
+            if lows:
+                ax.set_ylim(min(lows) - 0.05, max(firsts) + 0.1)
+        ax.set_title(f"{title}: {label}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{metric}_vs_{'step' if xaxis == 'step' else 'time'}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+
+from muonkit.cli import main
+from muonkit.train import SIZES, LMTask, builtin_corpus, text_corpus, train_one
+from muonkit.train.corpus import CorpusError
+from muonkit.train.tasks import DigitsTask
+
+TINY = SIZES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return builtin_corpus()
+
+
+@pytest.fixture
+def text_file(tmp_path, corpus):
+    path = tmp_path / "mytext.txt"
+    path.write_bytes(bytes(corpus.train[:60_000].tolist()))
+    return path
+
+
+def test_builtin_corpus_is_deterministic_and_split(corpus):
+    again = builtin_corpus()
+    assert torch.equal(corpus.train, again.train) and torch.equal(corpus.val, again.val)
+    assert 0.08 < corpus.val.numel() / corpus.n_tokens < 0.12
+    assert corpus.train.max() < 256 and len(corpus.sources) == 20
+
+
+def test_quick_demo_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "to AdamW val" in printed and str(out / "results.json") in printed
+    data = json.loads((out / "results.json").read_text())
+    assert data["interrupted"] is False
+    assert set(data["runs"]) == {"muon", "adamw"}
+    for key in ("target_val_loss", "subject_steps_to_target", "step_ratio", "time_ratio"):
+        assert key in data["comparison"]
+    assert data["environment"]["torch"] == torch.__version__
+    for run in data["runs"].values():
+        val = run["metrics"]["val_loss"]
+        assert run["eval_steps"][-1] == 40 and run["done"]
+        assert val[-1] < val[0] - 1.5  # from ~ln(256) = 5.5 down by well over a nat
+        assert run["train_seconds"] > 0 and run["items_per_s"] > 0 and 0 < run["optimizer_seconds"] < run["train_seconds"]
+    for png in ("val_loss_vs_step.png", "val_loss_vs_time.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_numbers(corpus):
+    task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
+    a = train_one(task, "muon", steps=6, eval_every=3)
+    b = train_one(task, "muon", steps=6, eval_every=3)
+    assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
+    c = train_one(task, "muon", steps=6, eval_every=3, seed=1)
+    assert c.train_loss != a.train_loss
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(corpus, tmp_path):
+    task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
+    full = train_one(task, "muon", steps=12, eval_every=4)
+    ckpt = tmp_path / "ckpt.pt"
+
+    def stop_at_7(result):
+        if len(result.train_loss) == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, on_step=stop_at_7)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["result"]["eval_steps"] == [0, 4]
+    resumed = train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, resume=state)
+    assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss
+
+
+def test_cli_interrupt_keeps_results_and_resume_continues(tmp_path, text_file, monkeypatch, capsys):
+    args = ["train", "--data", str(text_file), "--size", "tiny", "--steps", "12", "--eval-every", "4", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    calls = {"n": 0}
+    original = LMTask.train_batch
+
+    def flaky(self, gen):
+        calls["n"] += 1
+        if calls["n"] == 12 + 7:  # muon finished (12 batches), AdamW interrupted at its 7th step
+            raise KeyboardInterrupt
+        return original(self, gen)
+
+    monkeypatch.setattr(LMTask, "train_batch", flaky)
+    out = tmp_path / "cut"
+    assert main([*args, "--out", str(out)]) == 130
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["interrupted"] is True and partial["runs"]["muon"]["done"]
+    assert partial["runs"]["adamw"]["eval_steps"] == [0, 4]
+    assert "--resume" in capsys.readouterr().out
+    monkeypatch.setattr(LMTask, "train_batch", original)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    done = json.loads((out / "results.json").read_text())
+    for name in ("muon", "adamw"):
+        assert done["runs"][name]["metrics"] == full["runs"][name]["metrics"]
+        assert done["runs"][name]["train_loss"] == full["runs"][name]["train_loss"]
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"\x00\x01\x02binary" * 1000, "binary"),
+        (b"\xff\xfe not utf8 " * 1000, "UTF-8"),
+        (b"too short", "too short"),
+    ],
+)
+def test_train_bad_files_fail_with_one_line(tmp_path, capsys, content, reason):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["train", "--data", str(path), "--quick", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert reason in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    assert main(["train", "--quick"]) == 2
+    assert main(["demo", "--quick", "--optimizers", "muon,lion"]) == 2
+    assert main(["demo", "--quick", "--lr", "muon"]) == 2
+    assert main(["demo", "--resume", str(tmp_path)]) == 2
+    assert main(["demo", "--size", "huge", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "unknown optimizer" in err and "NAME=VALUE" in err and "results.json" in err
+
+
+def test_text_corpus_short_split_rejected_by_task(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("x" * 5000)
+    corpus = text_corpus(path)
+    with pytest.raises(ValueError, match="too short"):
+        LMTask(corpus, SIZES["large"])  # context 512 > 500-byte validation split
+    with pytest.raises(CorpusError):
+        text_corpus(tmp_path)
+
+
+def test_digits_task_learns():
+    pytest.importorskip("sklearn")
+    task = DigitsTask(batch_size=32)
+    r = train_one(task, "muon", steps=40, eval_every=20)
+    assert r.metrics["val_acc"][-1] > 0.8 and r.val_loss[-1] < r.val_loss[0]
