@@ -45,7 +45,9 @@ def test_quick_demo_writes_results_and_plots(tmp_path, capsys):
         val = run["metrics"]["val_loss"]
         assert run["eval_steps"][-1] == 40 and run["done"]
         assert val[-1] < val[0] - 1.5  # from ~ln(256) = 5.5 down by well over a nat
-        assert run["train_seconds"] > 0 and run["items_per_s"] > 0 and 0 < run["optimizer_seconds"] < run["train_seconds"]
+        assert (
+            run["train_seconds"] > 0 and run["items_per_s"] > 0 and 0 < run["optimizer_seconds"] < run["train_seconds"]
+        )
     for png in ("val_loss_vs_step.png", "val_loss_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -148,3 +150,9 @@ def test_digits_task_learns():
     task = DigitsTask(batch_size=32)
     r = train_one(task, "muon", steps=40, eval_every=20)
     assert r.metrics["val_acc"][-1] > 0.8 and r.val_loss[-1] < r.val_loss[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and "muonkit" in capsys.readouterr().out

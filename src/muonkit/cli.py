@@ -12,7 +12,10 @@ from typing import Any
 __all__ = ["main"]
 
 DEFAULT_STEPS = {"lm": 300, "digits": 300}
-QUICK = {"lm": {"size": "tiny", "steps": 40, "eval_every": 5}, "digits": {"steps": 60, "eval_every": 5}}
+QUICK: dict[str, dict[str, Any]] = {
+    "lm": {"size": "tiny", "steps": 40, "eval_every": 5},
+    "digits": {"steps": 60, "eval_every": 5},
+}
 
 
 class UsageError(Exception):

@@ -52,7 +52,7 @@ def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
         if target is not None and name != "adamw":
             step, wall = steps_to_reach(r, target)
             ref = results["adamw"]
-            if step is None:
+            if step is None or wall is None:
                 reach_steps = reach_time = "not reached"
             else:
                 reach_steps = f"{step} ({step / ref.eval_steps[-1]:.2f}x)"

@@ -75,13 +75,19 @@ class LMTask(Task):
         x, y = sample_batch(self.corpus.train, self.batch_size, self.cfg.ctx, gen)
         return x.to(self.device), y.to(self.device)
 
+    def _autocast(self) -> torch.autocast:
+        # bf16 autocast on CUDA (weights, optimizer state and the loss stay fp32); plain fp32 on CPU.
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda"))
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return model(x, y)
+        with self._autocast():
+            return model(x, y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()
-        loss = sum(model(x, y).item() for x, y in self._val) / len(self._val)
+        with self._autocast():
+            loss = sum(model(x, y).item() for x, y in self._val) / len(self._val)
         model.train()
         return {"val_loss": loss}
 
