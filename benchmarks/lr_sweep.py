@@ -28,23 +28,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="lm", choices=["lm", "digits"])
     ap.add_argument("--size", default="small")
+    ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--optimizers", default="adamw,muon,sgd")
-    ap.add_argument("--adamw-part-lr", type=float, default=None, help="AdamW lr inside Muon runs")
+    ap.add_argument(
+        "--adamw-part-lr", type=float, default=None, help="AdamW lr inside Muon runs (default: best swept AdamW lr)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="lr_sweep.json")
+    ap.add_argument("--grid", action="append", default=[], metavar="NAME=LR1,LR2", help="replace a grid")
     args = ap.parse_args()
-    if args.adamw_part_lr is not None:
-        loop_mod.DEFAULT_LR[args.task]["adamw"] = args.adamw_part_lr
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        GRID[name] = [float(v) for v in values.split(",")]
     if args.task == "lm":
-        task = LMTask(builtin_corpus(), SIZES[args.size], device=args.device)
+        task = LMTask(
+            builtin_corpus(), SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size
+        )
     else:
-        task = DigitsTask(device=args.device)
-    rows = []
+        task = DigitsTask(batch_size=args.batch_size or 64, device=args.device)
+    rows: list[dict] = []
+    part_lr = args.adamw_part_lr
     for name in args.optimizers.split(","):
+        if name.startswith("muon") and part_lr is None and any(r["optimizer"] == "adamw" for r in rows):
+            part_lr = min((r for r in rows if r["optimizer"] == "adamw"), key=lambda r: r["final_val_loss"])["lr"]
         for lr in GRID[name]:
             t0 = time.perf_counter()
-            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lr=lr)
+            lrs = {name: lr} if part_lr is None or name == "adamw" else {name: lr, "adamw": part_lr}
+            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lrs=lrs)
             row = {"optimizer": name, "lr": lr, "final_val_loss": r.val_loss[-1], "seconds": time.perf_counter() - t0}
             if "val_acc" in r.metrics:
                 row["final_val_acc"] = r.metrics["val_acc"][-1]
@@ -59,7 +70,8 @@ def main() -> None:
         "task": args.task,
         "size": args.size if args.task == "lm" else None,
         "steps": args.steps,
-        "adamw_part_lr": loop_mod.DEFAULT_LR[args.task]["adamw"],
+        "batch_size": task.batch_size,
+        "adamw_part_lr": part_lr or loop_mod.resolve_lrs(task.lr_key)["adamw"],
         **environment(args.device),
     }
     with open(args.out, "w") as f:

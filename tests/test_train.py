@@ -148,8 +148,8 @@ def test_text_corpus_short_split_rejected_by_task(tmp_path):
 def test_digits_task_learns():
     pytest.importorskip("sklearn")
     task = DigitsTask(batch_size=32)
-    r = train_one(task, "muon", steps=40, eval_every=20)
-    assert r.metrics["val_acc"][-1] > 0.8 and r.val_loss[-1] < r.val_loss[0]
+    r = train_one(task, "muon", steps=100, eval_every=50)
+    assert r.metrics["val_acc"][-1] > 0.85 and r.val_loss[-1] < r.val_loss[0]
 
 
 def test_version(capsys):

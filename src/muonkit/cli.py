@@ -33,6 +33,8 @@ def _parse_optimizers(text: str) -> list[str]:
 
 
 def _parse_lrs(items: list[str]) -> dict[str, float]:
+    from .train.loop import resolve_lrs
+
     lrs = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -40,6 +42,10 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
             lrs[name.strip()] = float(value)
         except ValueError:
             raise UsageError(f"--lr expects NAME=VALUE, e.g. --lr muon=0.03; got {item!r}") from None
+    try:
+        resolve_lrs("lm-small", lrs)
+    except ValueError as err:
+        raise UsageError(f"--lr: {err}") from None
     return lrs
 
 
@@ -77,7 +83,9 @@ def _build_task(config: dict[str, Any]) -> Any:
     cfg = SIZES[config["size"]]
     try:
         corpus = text_corpus(config["data"]) if config["data"] else builtin_corpus()
-        return LMTask(corpus, cfg, batch_size=config["batch_size"] or 16, seed=config["seed"], device=device)
+        return LMTask(
+            corpus, cfg, batch_size=config["batch_size"] or 16, seed=config["seed"], device=device, size=config["size"]
+        )
     except (CorpusError, ValueError) as err:  # CorpusError is a ValueError; kept explicit for readers
         raise UsageError(str(err)) from None
 

@@ -24,6 +24,7 @@ __all__ = [
     "OPTIMIZERS",
     "RunResult",
     "make_optimizer",
+    "resolve_lrs",
     "run_comparison",
     "steps_to_reach",
     "train_one",
@@ -31,27 +32,48 @@ __all__ = [
 
 OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd")
 
-# Learning rates per task, each the best of a small sweep at the demo's default settings
-# (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*.json, 2-core CPU, torch 2.13):
-#   lm (size small, 300 steps, batch 16 x 128 bytes): adamw in {1e-3, 2e-3, 4e-3, 8e-3},
-#     muon in {0.01, 0.02, 0.04, 0.08} (AdamW part at the best AdamW lr), sgd in {0.03, 0.1, 0.3, 1.0};
-#   digits (300 steps, batch 64): the same grids.
-# muon_svd uses Muon's lr (same update norm, exact polar factor).
+# Learning rates, each the best of a small sweep with benchmarks/lr_sweep.py (JSON with the hardware in
+# benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
+#   lm-small  (2-core CPU, torch 2.13; 300 steps, batch 16 x 128 bytes): adamw in {2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3}
+#             -> 1e-3; muon in {0.01, 0.02, 0.04, 0.08} with its AdamW part at 1e-3 -> 0.02;
+#             sgd (Nesterov, momentum 0.9) in {0.003, 0.01, 0.03, 0.1, 0.3, 1.0} -> 0.01 (0.03 within 0.003).
+#   lm-medium (H100, torch 2.11; 500 steps, batch 32 x 256): adamw -> 5e-4, muon -> 0.02 (same grids).
+#   lm-large  (H100, torch 2.11; 300 steps, batch 32 x 512): adamw in {2.5e-4, 5e-4, 1e-3} -> 2.5e-4 (grid
+#             edge), muon in {0.01, 0.02, 0.04} -> 0.02.
+#   lm-tiny   not swept (used by quick runs and tests): lm-small's values.
+#   digits    (2-core CPU; 300 steps, batch 64): adamw in {2.5e-4 .. 1.6e-2} -> 8e-3; muon in
+#             {0.0025 .. 0.08} with its AdamW part at 8e-3 -> 0.005; sgd in {0.03 .. 1.0} -> 0.1.
+# muon_svd uses Muon's lr (the same update norm with the exact polar factor); sgd outside lm-small and
+# digits is not swept and uses lm-small's value.
+_SMALL = {"muon": 0.02, "muon_svd": 0.02, "adamw": 1e-3, "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
-    "lm": {"muon": 0.02, "muon_svd": 0.02, "adamw": 3e-3, "sgd": 0.3},
-    "digits": {"muon": 0.02, "muon_svd": 0.02, "adamw": 3e-3, "sgd": 0.1},
+    "lm-tiny": _SMALL,
+    "lm-small": _SMALL,
+    "lm-medium": {**_SMALL, "adamw": 5e-4},
+    "lm-large": {**_SMALL, "adamw": 2.5e-4},
+    "digits": {"muon": 0.005, "muon_svd": 0.005, "adamw": 8e-3, "sgd": 0.1},
 }
-# AdamW lr for the embeddings, head and 1-D parameters inside Muon runs: the task's AdamW lr.
 
 
-def make_optimizer(name: str, model: nn.Module, task: str, lr: float | None = None) -> torch.optim.Optimizer:
-    """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with the task's tuned defaults."""
+def resolve_lrs(key: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """Default learning rates for ``key`` (e.g. ``"lm-small"``; unknown LM sizes use lm-small's) with
+    ``overrides`` applied. Inside Muon runs the embeddings, head and 1-D parameters take the ``"adamw"`` lr.
+    """
+    unknown = set(overrides or {}) - set(OPTIMIZERS)
+    if unknown:
+        raise ValueError(f"learning rate given for unknown optimizer(s) {sorted(unknown)}")
+    return {**DEFAULT_LR.get(key, _SMALL), **(overrides or {})}
+
+
+def make_optimizer(
+    name: str, model: nn.Module, lrs: dict[str, float], split_qkv: bool = False
+) -> torch.optim.Optimizer:
+    """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with learning rates ``lrs`` (see ``resolve_lrs``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    lrs = DEFAULT_LR[task]
-    lr = lrs[name] if lr is None else lr
+    lr = lrs[name]
     if name in ("muon", "muon_svd"):
-        groups = param_groups(model, split={"*.qkv.weight": 3} if task == "lm" else None)
+        groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "newton_schulz"
         return Muon(groups, lr=lr, method=method, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))
     if name == "adamw":
@@ -111,7 +133,7 @@ def train_one(
     steps: int,
     eval_every: int,
     seed: int = 0,
-    lr: float | None = None,
+    lrs: dict[str, float] | None = None,
     checkpoint: Path | None = None,
     resume: dict[str, Any] | None = None,
     on_step: Callable[[RunResult], None] | None = None,
@@ -124,8 +146,8 @@ def train_one(
     """
     torch.manual_seed(seed)
     model = task.build_model()
-    lr = DEFAULT_LR[task.name][name] if lr is None else lr
-    opt = make_optimizer(name, model, task.name, lr)
+    lrs = resolve_lrs(task.lr_key, lrs)
+    opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm")
     gen = torch.Generator().manual_seed(seed + 1)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -134,7 +156,7 @@ def train_one(
         result = RunResult.from_dict(resume["result"])
         result.steps_planned = steps
     else:
-        result = RunResult(name, lr, steps)
+        result = RunResult(name, lrs[name], steps)
 
     def evaluate_and_save(step: int) -> None:
         result.eval_steps.append(step)
@@ -223,7 +245,7 @@ def run_comparison(
                 steps=steps,
                 eval_every=eval_every,
                 seed=seed,
-                lr=(lrs or {}).get(name),
+                lrs=lrs,
                 checkpoint=ckpt,
                 resume=resume,
                 on_step=tick,

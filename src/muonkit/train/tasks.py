@@ -26,6 +26,11 @@ class Task:
     batch_size: int
     device: str
 
+    @property
+    def lr_key(self) -> str:
+        """Key of this task's tuned learning rates in ``loop.DEFAULT_LR``."""
+        return self.name
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
@@ -56,6 +61,7 @@ class LMTask(Task):
     eval_batches: int = 8
     seed: int = 0
     device: str = "cpu"
+    size: str = "custom"
     name: str = "lm"
     _val: list[tuple[Tensor, Tensor]] = field(default_factory=list, repr=False)
 
@@ -67,6 +73,10 @@ class LMTask(Task):
         for _ in range(self.eval_batches):
             x, y = sample_batch(self.corpus.val, self.batch_size, self.cfg.ctx, gen)
             self._val.append((x.to(self.device), y.to(self.device)))
+
+    @property
+    def lr_key(self) -> str:
+        return f"lm-{self.size}"
 
     def build_model(self) -> nn.Module:
         return GPT(self.cfg).to(self.device)
@@ -94,6 +104,7 @@ class LMTask(Task):
     def describe(self) -> dict[str, Any]:
         return {
             "task": "lm",
+            "size": self.size,
             "model": dict(self.cfg.__dict__),
             "batch_size": self.batch_size,
             "tokens_per_step": self.batch_size * self.cfg.ctx,
