@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="Muon vs AdamW on your own UTF-8 text file")
     train.add_argument("--data", default=None, metavar="FILE")
     common(train)
+
+    from .commands import coeffs, theory
+
+    coeffs.add_parser(sub)
+    theory.add_parser(sub)
     return parser
 
 
@@ -207,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UsageError as err:
+        print(f"muonkit {args.command}: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if args.command not in ("coeffs", "theory"):  # the labs' errors (unknown preset, ...) are input errors
+            raise
         print(f"muonkit {args.command}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,10 +15,12 @@ convergent one. Wherever a preset name is accepted, a plain sequence of rows (or
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -27,8 +29,10 @@ __all__ = [
     "as_preset",
     "get",
     "list_presets",
+    "load_json",
     "register",
     "schedule",
+    "taylor_row",
 ]
 
 Row = tuple[float, ...]
@@ -94,8 +98,33 @@ class Preset:
     def per_step(self) -> bool:
         return len(self.rows) > 1
 
+    def to_json(self) -> str:
+        """JSON text that ``load_json`` (and ``orthogonalize(coefficients="file.json")``) reads back."""
+        fields = ("name", "rows", "source", "design", "default_steps", "norm_scale", "notes")
+        return json.dumps({k: getattr(self, k) for k in fields}, indent=2)
 
-CoefficientSpec = str | Preset | Sequence[float] | Sequence[Sequence[float]]
+
+def load_json(path: str | Path) -> Preset:
+    """A preset saved by ``Preset.to_json`` (e.g. by ``muonkit coeffs design --save``)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        return Preset(
+            name=str(data["name"]),
+            rows=tuple(tuple(r) for r in data["rows"]),
+            source=str(data.get("source", str(p))),
+            design=str(data.get("design", "unknown")),
+            default_steps=int(data.get("default_steps", len(data["rows"]) if len(data["rows"]) > 1 else 5)),
+            norm_scale=float(data.get("norm_scale", 1.0)),
+            notes=str(data.get("notes", "")),
+        )
+    except FileNotFoundError:
+        raise ValueError(f"coefficient file {p} not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{p} is not a muonkit coefficient preset ({err})") from None
+
+
+CoefficientSpec = str | Path | Preset | Sequence[float] | Sequence[Sequence[float]]
 
 _PRESETS: dict[str, Preset] = {}
 
@@ -140,12 +169,14 @@ def _resolve_cached(spec: object) -> Preset:
 
 
 def as_preset(spec: CoefficientSpec) -> Preset:
-    """Turn a preset name, a ``Preset``, one row or a sequence of rows into a ``Preset``.
+    """Turn a preset name, a ``Preset``, a saved ``.json`` preset, one row or a sequence of rows into a ``Preset``.
 
     A custom schedule of several rows runs ``len(rows)`` steps by default; a single row runs 5.
     """
     if isinstance(spec, Preset):
         return spec
+    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json") and spec not in _PRESETS):
+        return load_json(spec)
     if isinstance(spec, str):
         return _resolve_cached(spec)
     try:
@@ -169,6 +200,22 @@ def as_preset(spec: CoefficientSpec) -> Preset:
 def schedule(spec: CoefficientSpec, steps: int | None = None) -> tuple[Row, ...]:
     """Shortcut for ``as_preset(spec).schedule(steps)``."""
     return as_preset(spec).schedule(steps)
+
+
+def taylor_row(kappa: int) -> Row:
+    """Coefficients of ``x p_kappa(x^2)``, where ``p_kappa`` truncates the Taylor series of ``lambda^(-1/2)``
+    at ``lambda = 1`` after ``kappa + 1`` terms (Kim & Oh 2026): ``p_kappa(l) = sum_s c_s (1 - l)^s``,
+    ``c_s = (2s)! / (4^s (s!)^2)``. Odd degree ``2 kappa + 1``: kappa = 1 gives (1.5, -0.5), kappa = 2
+    gives (15/8, -10/8, 3/8). It is also the limit of the minimax polynomial as its interval shrinks to 1.
+    """
+    if kappa < 1:
+        raise ValueError(f"kappa must be >= 1, got {kappa}")
+    coeffs = [0.0] * (kappa + 1)
+    for s in range(kappa + 1):
+        c_s = math.factorial(2 * s) / (4**s * math.factorial(s) ** 2)
+        for j in range(s + 1):  # (1 - x^2)^s = sum_j C(s, j) (-1)^j x^(2j)
+            coeffs[j] += c_s * math.comb(s, j) * (-1) ** j
+    return tuple(coeffs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,3 +314,16 @@ register(
         "GPT-2 runs; input normalised by 1.01 * ||G||_F.",
     )
 )
+
+for _kappa in range(1, 6):
+    register(
+        Preset(
+            name=f"taylor_{2 * _kappa + 1}",
+            rows=(taylor_row(_kappa),),
+            source="Kim & Oh, 'Convergence of Muon with Newton-Schulz' (arXiv 2601.19156, ICLR 2026)",
+            design=f"taylor: x p_kappa(x^2), Taylor truncation of lambda^(-1/2) at 1, kappa = {_kappa}",
+            default_steps=5,
+            notes="Converges to 1 for every singular value in (0, 1]; the residual 1 - sigma^2 shrinks like "
+            f"delta^{_kappa + 1} per step (Theorem 2), slowly for tiny singular values.",
+        )
+    )

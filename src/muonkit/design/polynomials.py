@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..coefficients import taylor_row  # pure Python: re-exported here for the NumPy lab
+
 __all__ = [
     "as_rows",
     "compose",
@@ -98,21 +100,3 @@ def schedule_cost(rows: Sequence[Sequence[float]], m: int | None = None, n: int 
         m, n = min(m, n), max(m, n)
         out["flops"] = float(sum(4 * m * m * n + (len(r) - 2) * 2 * m**3 for r in rows))
     return out
-
-
-def taylor_row(kappa: int) -> Row:
-    """Coefficients of ``x p_kappa(x^2)``, where ``p_kappa`` truncates the Taylor series of ``lambda^(-1/2)``
-    at ``lambda = 1`` after ``kappa + 1`` terms (Kim & Oh 2026): ``p_kappa(l) = sum_s c_s (1 - l)^s``,
-    ``c_s = (2s)! / (4^s (s!)^2)``. Odd degree ``2 kappa + 1``: kappa = 1 gives (1.5, -0.5), kappa = 2
-    gives (15/8, -10/8, 3/8). This is also the limit of the minimax polynomial as its interval shrinks to 1.
-    """
-    if kappa < 1:
-        raise ValueError(f"kappa must be >= 1, got {kappa}")
-    from math import comb, factorial
-
-    coeffs = [0.0] * (kappa + 1)
-    for s in range(kappa + 1):
-        c_s = factorial(2 * s) / (4**s * factorial(s) ** 2)
-        for j in range(s + 1):  # (1 - x^2)^s = sum_j C(s, j) (-1)^j x^(2j)
-            coeffs[j] += c_s * comb(s, j) * (-1) ** j
-    return tuple(coeffs)

@@ -121,8 +121,9 @@ def tune(
 ) -> TuneResult:
     """Largest slope at zero ``a`` whose best polynomial keeps ``phi`` within ``1 +- eps`` on ``[x_lo, 1]``.
 
-    Raises ``ValueError`` if even ``a_bounds[0]`` admits no such polynomial (e.g. ``x_lo`` too small
-    for ``steps`` steps: a^k x_lo must be able to reach 1 - eps).
+    Raises ``ValueError`` if no polynomial is feasible (e.g. ``x_lo`` too small for ``steps`` steps:
+    ``a^k x_lo`` must reach ``1 - eps``). The search is heuristic (simplex with restarts); it never
+    returns less than the same search at degree ``d - 2`` (padded with a zero coefficient).
     """
     if degree < 3 or degree % 2 == 0:
         raise ValueError(f"degree must be odd and >= 3, got {degree}")
@@ -134,6 +135,24 @@ def tune(
     dense = np.concatenate([log_grid(x_lo, 1.0, 20001), [1.0]])
     rng = np.random.default_rng(seed)
     n_rest = degree // 2
+
+    def feasible(a: float, start: np.ndarray) -> tuple[np.ndarray, float]:
+        r, v = _best_rest(a, start, steps, xs, restarts, rng)
+        return r, max(v, worst_deviation((a, *r), steps, dense))
+
+    def result(a: float, r: np.ndarray, v: float) -> TuneResult:
+        return TuneResult((a, *map(float, r)), degree, steps, eps, x_lo, v)
+
+    def bisect_up(lo: float, rest: np.ndarray, best: TuneResult, hi: float) -> TuneResult:
+        while hi - lo > tol:
+            mid = 0.5 * (lo + hi)
+            r, v = feasible(mid, rest)
+            if v <= eps:
+                lo, rest, best = mid, r, result(mid, r, v)
+            else:
+                hi = mid
+        return best
+
     # The feasible a form an interval: below it a^steps * x_lo cannot reach the band, above it the
     # polynomial overshoots. Scan upward (warm-starting the other coefficients) to the last feasible a.
     a_min = max(a_bounds[0], ((1 - eps) / x_lo) ** (1.0 / steps))
@@ -142,28 +161,30 @@ def tune(
     closest = float("inf")
     lo = hi = a_bounds[1]
     for t in np.linspace(0.0, 1.0, 30)[1:]:  # dense near a_min: the feasible interval can be narrow
-        a = a_min + (a_bounds[1] - a_min) * t**3
-        r, v = _best_rest(float(a), rest, steps, xs, restarts, rng)
+        a = float(a_min + (a_bounds[1] - a_min) * t**3)
+        r, v = feasible(a, rest)
         closest = min(closest, v)
-        v = max(v, worst_deviation((float(a), *r), steps, dense))
         if v <= eps:
-            rest, lo, best = r, float(a), TuneResult((float(a), *map(float, r)), degree, steps, eps, x_lo, v)
+            rest, lo, best = r, a, result(a, r, v)
         elif best is not None:
-            hi = float(a)
+            hi = a
             break
+    if best is not None:
+        if hi == lo:
+            raise ValueError(f"a = {lo} is still feasible; raise a_bounds[1]")
+        best = bisect_up(lo, rest, best, hi)
+    # A degree-(d-2) solution is a degree-d polynomial with a zero top coefficient: never do worse than it.
+    if degree > 3:
+        try:
+            lower = tune(degree - 2, steps, eps, x_lo, a_bounds, tol, restarts, seed)
+        except ValueError:
+            lower = None
+        if lower is not None and (best is None or lower.a > best.a):
+            padded = np.array([*lower.row[1:], 0.0])
+            best = bisect_up(lower.a, padded, result(lower.a, padded, lower.worst_deviation), a_bounds[1])
     if best is None:
         raise ValueError(
             f"no degree-{degree} polynomial keeps {steps} steps within 1 +- {eps} on [{x_lo:g}, 1] "
             f"(closest worst-deviation {closest:.3f}); raise x_lo, steps or eps"
         )
-    if hi == lo:
-        raise ValueError(f"a = {lo} is still feasible; raise a_bounds[1]")
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        r, v = _best_rest(mid, rest, steps, xs, restarts, rng)
-        v = max(v, worst_deviation((mid, *r), steps, dense))
-        if v <= eps:
-            lo, rest, best = mid, r, TuneResult((mid, *map(float, r)), degree, steps, eps, x_lo, v)
-        else:
-            hi = mid
     return best

@@ -137,9 +137,11 @@ def train_one(
     checkpoint: Path | None = None,
     resume: dict[str, Any] | None = None,
     on_step: Callable[[RunResult], None] | None = None,
+    optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
 ) -> RunResult:
     """Train a fresh model (initialised from ``seed``) with optimizer ``name``.
 
+    ``optimizer_factory(model)`` replaces the named optimizer (``name`` then only labels the run).
     ``resume`` is a checkpoint dict written by an earlier call; training continues from it. With
     ``checkpoint`` set, state is saved there at every evaluation. ``KeyboardInterrupt`` propagates
     after the last checkpoint (if any) is on disk: nothing gathered before it is lost.
@@ -147,7 +149,10 @@ def train_one(
     torch.manual_seed(seed)
     model = task.build_model()
     lrs = resolve_lrs(task.lr_key, lrs)
-    opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm")
+    if optimizer_factory is not None:
+        opt = optimizer_factory(model)
+    else:
+        opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm")
     gen = torch.Generator().manual_seed(seed + 1)
     if resume is not None:
         model.load_state_dict(resume["model"])

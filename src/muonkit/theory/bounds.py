@@ -1,0 +1,88 @@
+"""Theorem 1 (NS-Muon / SVD-Muon) and Theorem 3 (SGD with momentum) of Kim & Oh (arXiv 2601.19156),
+as functions of the problem constants.
+
+Measure: ``(1/T) sum_t E ||grad f(W_{t-1})||_*`` (nuclear norm). Constants: ``L`` (smoothness,
+``||grad f(X) - grad f(Y)||_* <= L ||X - Y||_op``), ``D = f(W_0) - f*``, ``sigma^2`` (gradient noise,
+``E ||g - grad f||_F^2 <= sigma^2`` per sample), ``B`` (batch), ``r = min(m, n)``, ``T`` (steps).
+
+Theorem 1 with ``eta = sqrt((1 - beta) D / (T L))`` and ``beta = 1 - min(sqrt(L D B) / (sigma sqrt(r T)), 1)``;
+the explicit form below is App. B, eq. (8), as summarised in the project's REFERENCES.md:
+
+    1/(1-eps) [ (1+eps)^2 sqrt(1-beta)/2 sqrt(L D / T)
+                + (1 + 2 beta (1+eps) + 2/sqrt(1+beta)) (r sigma^2 L D / (B T))^(1/4)
+                + 2 sqrt(2) beta sigma r / sqrt(B T) ]
+
+SVD-Muon is ``eps = 0``. Theorem 3 is stated as ``O(sqrt(r L D / T) + (r^2 sigma^2 L D / (B T))^(1/4))``;
+its constants are not given there, so ``sgd_momentum_rate`` uses 1 for both: use it for shapes and ratios
+(the ``sqrt(r)`` and ``r^(1/4)`` factors), not as a numerical bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import inf, sqrt
+
+__all__ = ["MuonBound", "muon_bound", "muon_hyperparameters", "rank_gap", "sgd_momentum_rate"]
+
+
+def muon_hyperparameters(L: float, D: float, sigma: float, B: int, r: int, T: int) -> tuple[float, float]:
+    """Theorem 1's ``(eta, beta)``."""
+    _check(L, D, sigma, B, r, T)
+    beta = 0.0 if sigma == 0 else 1.0 - min(sqrt(L * D * B) / (sigma * sqrt(r * T)), 1.0)
+    return sqrt((1.0 - beta) * D / (T * L)), beta
+
+
+@dataclass(frozen=True)
+class MuonBound:
+    eta: float
+    beta: float
+    eps: float
+    deterministic: float
+    noise_quartic: float
+    noise_linear: float
+    total: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def muon_bound(L: float, D: float, sigma: float, B: int, r: int, T: int, eps: float = 0.0) -> MuonBound:
+    """Theorem 1's explicit bound for an orthogonaliser with polar error ``eps`` (0: SVD-Muon)."""
+    eta, beta = muon_hyperparameters(L, D, sigma, B, r, T)
+    if not eps >= 0:
+        raise ValueError("eps must be >= 0")
+    if eps >= 1:
+        return MuonBound(eta, beta, eps, inf, inf, inf, inf)
+    det = (1 + eps) ** 2 * sqrt(1 - beta) / 2 * sqrt(L * D / T)
+    quartic = (1 + 2 * beta * (1 + eps) + 2 / sqrt(1 + beta)) * (r * sigma**2 * L * D / (B * T)) ** 0.25
+    linear = 2 * sqrt(2) * beta * sigma * r / sqrt(B * T)
+    return MuonBound(
+        eta, beta, eps, det / (1 - eps), quartic / (1 - eps), linear / (1 - eps), (det + quartic + linear) / (1 - eps)
+    )
+
+
+def sgd_momentum_rate(L: float, D: float, sigma: float, B: int, r: int, T: int) -> dict[str, float]:
+    """Theorem 3's rate with unit constants.
+
+    Deterministic term ``sqrt(r L D / T)``, noise term ``(r^2 sigma^2 L D / (B T))^(1/4)``.
+    """
+    _check(L, D, sigma, B, r, T)
+    det = sqrt(r * L * D / T)
+    noise = (r**2 * sigma**2 * L * D / (B * T)) ** 0.25
+    return {"deterministic": det, "noise": noise, "total": det + noise}
+
+
+def rank_gap(L: float, D: float, sigma: float, B: int, r: int, T: int) -> dict[str, float]:
+    """SGD-M's rate terms over Muon's (unit constants on both): ``sqrt(r)`` and ``r^(1/4)``."""
+    sgd = sgd_momentum_rate(L, D, sigma, B, r, T)
+    muon_det = sqrt(L * D / T)
+    muon_noise = (r * sigma**2 * L * D / (B * T)) ** 0.25
+    return {
+        "deterministic_ratio": sgd["deterministic"] / muon_det,
+        "noise_ratio": sgd["noise"] / muon_noise if muon_noise > 0 else float("nan"),
+    }
+
+
+def _check(L: float, D: float, sigma: float, B: int, r: int, T: int) -> None:
+    if L <= 0 or D < 0 or sigma < 0 or B < 1 or r < 1 or T < 1:
+        raise ValueError("need L > 0, D >= 0, sigma >= 0, B >= 1, r >= 1, T >= 1")

@@ -1,0 +1,123 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import matrix_with_spectrum
+from muonkit import coefficients as C
+from muonkit import orthogonalize
+from muonkit import theory as T
+from muonkit.cli import main
+from muonkit.design import compose
+from muonkit.theory import experiments as E
+
+
+def test_taylor_presets_and_p_kappa():
+    assert C.get("taylor_3").rows == ((1.5, -0.5),)
+    assert C.get("taylor_5").rows == ((1.875, -1.25, 0.375),)
+    for kappa in range(1, 6):
+        p = C.get(f"taylor_{2 * kappa + 1}")
+        assert p.degree == 2 * kappa + 1
+        # p_kappa(lambda) ~ lambda^(-1/2) near 1 to order kappa
+        lam = 1 - 1e-2
+        assert abs(T.p_kappa(kappa, lam) - lam**-0.5) < 1e-2 ** (kappa + 1)
+        # sigma -> sigma p(sigma^2) fixes 1
+        assert math.isclose(sum(p.rows[0]), 1.0, abs_tol=1e-12)
+
+
+def test_residual_map_closed_forms():
+    u = np.linspace(0, 1, 101)
+    assert np.allclose(T.residual_map(1, u), u**2 * (3 + u) / 4, atol=1e-15)
+    assert np.allclose(T.residual_map(2, u), u**3 * (40 + 15 * u + 9 * u**2) / 64, atol=1e-15)
+
+
+@pytest.mark.parametrize("kappa", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("l", [1e-3, 0.05, 0.3, 0.8])
+def test_iterates_never_exceed_theorem_2(kappa, l):
+    deltas = T.residual_iterates(kappa, 8, l)
+    for q in range(9):
+        assert deltas[q] <= T.residual_bound(kappa, q, l) + 1e-15
+    assert np.all(np.diff(deltas) <= 1e-15)
+
+
+def test_chi_goes_to_one_doubly_exponentially_and_with_degree():
+    chis = [T.taylor_epsilon(2, q, 0.3)["chi"] - 1 for q in range(1, 6)]
+    # doubly exponential: log(chi - 1) falls by a growing amount each step
+    logs = np.log([c for c in chis if c > 1e-15])
+    assert np.all(np.diff(np.diff(logs)) < 0)
+    for q in (1, 2, 3):
+        by_degree = [T.taylor_epsilon(k, q, 0.3)["epsilon"] for k in (1, 2, 3, 4, 5)]
+        assert np.all(np.diff(by_degree) < 0)
+
+
+@pytest.mark.parametrize("name, steps", [("taylor_5", 3), ("jordan", 5), ("polar_express", 5), ("you", 5)])
+def test_matrix_epsilon_matches_scalar(name, steps):
+    p = C.get(name)
+    l = 0.05
+    sig = np.geomspace(l, 1.0, 24)
+    G = matrix_with_spectrum(40, 24, sig)  # float64
+    X = orthogonalize(G, p, steps, dtype=torch.float64, eps=0.0)
+    measured = float(torch.linalg.matrix_norm(X - orthogonalize(G, method="svd"), ord=2))
+    x = sig / (p.norm_scale * np.linalg.norm(sig))  # the spectrum the polynomials see after normalisation
+    # ||X - U V^T||_op is exactly the worst |1 - phi| over the matrix's own singular values ...
+    assert math.isclose(measured, float(np.max(np.abs(1 - compose(p.schedule(steps), x)))), rel_tol=1e-6)
+    # ... and at most the scalar epsilon over the whole interval they lie in
+    assert measured <= T.schedule_epsilon(p.schedule(steps), x.min(), n=200001)["epsilon"] * (1 + 1e-9)
+    if x.max() < 1:  # and over [l, 1] as a whole when the range is extended to 1
+        assert measured <= T.schedule_epsilon(p.schedule(steps), x.min())["epsilon"] + 1e-9
+
+
+def test_schedule_epsilon_says_which_do_not_converge():
+    assert not T.schedule_epsilon(C.get("jordan").schedule(20), 0.1)["converges_to_1"]
+    assert T.schedule_epsilon(C.get("jordan").schedule(20), 0.1)["chi"] > 1.4
+    assert T.schedule_epsilon(C.get("taylor_5").schedule(6), 0.1)["converges_to_1"]
+    assert T.schedule_epsilon(C.get("polar_express").schedule(8), 1e-3)["chi"] < 1 + 1e-9
+
+
+def test_bounds_shapes():
+    b0 = T.muon_bound(2.0, 3.0, 1.5, 4, 32, 1000, eps=0.0)
+    b1 = T.muon_bound(2.0, 3.0, 1.5, 4, 32, 1000, eps=0.2)
+    assert b1.total > b0.total and T.muon_bound(1, 1, 1, 1, 4, 10, eps=1.0).total == math.inf
+    for r in (4, 16, 64):
+        gap = T.rank_gap(1.0, 1.0, 1.0, 1, r, 1000)
+        assert math.isclose(gap["deterministic_ratio"], math.sqrt(r)) and math.isclose(gap["noise_ratio"], r**0.25)
+    eta, beta = T.muon_hyperparameters(1.0, 1.0, 0.0, 1, 8, 100)
+    assert beta == 0.0 and math.isclose(eta, 0.1)
+    with pytest.raises(ValueError):
+        T.muon_bound(-1, 1, 1, 1, 1, 1)
+
+
+def test_constant_experiment_small(tmp_path):
+    res, table, files = E.run("constant", str(tmp_path), ls=(0.1,), kappas=(1, 2), qs=(1, 2, 3, 4, 5, 6))
+    assert "kappa=2" in table and all(p.endswith((".json", ".png")) for p in files)
+    jordan = [t["chi"] for t in res["presets"] if t["name"] == "jordan"]
+    pe = [t["chi"] for t in res["presets"] if t["name"] == "polar_express"]
+    k2 = [t["chi"] for t in res["taylor"] if t["kappa"] == 2]
+    assert jordan[-1] > 1.4 and pe[-1] < 1.01 and k2[-1] < 1.01  # jordan stalls; the convergent ones reach 1
+    assert all(a >= b for a, b in itertools.pairwise(k2))
+
+
+def test_rank_experiment_small_shows_sgd_growing_faster(tmp_path):
+    res, _, _ = E.run("rank", str(tmp_path), ranks=(2, 8, 32), steps=100, seeds=(0,))
+    assert res["slopes"]["sgd_m"] > res["slopes"]["svd_muon"]
+    assert res["slopes"]["sgd_m"] > res["slopes"]["ns_muon"]
+
+
+def test_bound_experiment_small_holds(tmp_path):
+    res, table, _ = E.run("bound", str(tmp_path), T=150, seeds=(0,))
+    for method in ("svd_muon", "ns_muon"):
+        run = res["runs"][method]
+        assert run["measured"] <= run["bound"]["total"]
+    assert res["runs"]["ns_muon"]["eps_measured_max"] < 1
+    assert "holds: True" in table
+
+
+def test_theory_cli(capsys):
+    assert main(["theory", "constant", "--kappa", "2", "--q", "3", "--l", "0.1"]) == 0
+    assert "chi_q" in capsys.readouterr().out
+    assert main(["theory", "epsilon", "jordan", "--l", "0.01"]) == 0
+    assert "does not drive singular values to 1" in capsys.readouterr().out
+    assert main(["theory", "epsilon", "nope"]) == 2
+    assert "unknown coefficient preset" in capsys.readouterr().err
