@@ -313,6 +313,7 @@ def test_lr_scheduler_drives_both_algorithms():
         ({"algorithm": "sgd"}, "algorithm"),
         ({"algorithm": "adamw", "betas": (0.9, 1.0)}, "betas"),
         ({"eps": -1.0}, "eps"),
+        ({"max_batch": 0}, "max_batch"),
     ],
 )
 def test_invalid_hyperparameters(group, match):
@@ -385,3 +386,19 @@ def test_nonfinite_skip_counts_and_round_trips():
     opt3 = Muon(params, nonfinite="ignore")
     opt3.step()  # no check, no error
     assert torch.isnan(params[0]).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "gram"}, {"max_batch": 2}, {"max_batch": 1, "method": "gram"}])
+def test_gram_method_and_max_batch_match_default_step(kwargs):
+    shapes = [(12, 8), (12, 8), (12, 8), (8, 20), (6, 4, 3, 3)]
+    base, other = _params(shapes), _params(shapes)
+    a = Muon(base, ns_dtype=F64, weight_decay=0.1)
+    b = Muon(other, ns_dtype=F64, weight_decay=0.1, **kwargs)
+    for t in range(3):
+        for ps in (base, other):
+            for p, g in zip(ps, _grads(ps, seed=t)):
+                p.grad = g
+        a.step()
+        b.step()
+    for p, q in zip(base, other):
+        assert torch.allclose(p, q, atol=1e-11, rtol=0)

@@ -171,3 +171,23 @@ def test_default_dtype_follows_device():
 def test_bad_input(kwargs, exc):
     with pytest.raises(exc):
         orthogonalize(**kwargs)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("shape", [(24, 96), (96, 24), (2, 16, 40), (32, 32)])
+@pytest.mark.parametrize("restarts", [(2,), (), (1, 3)])
+def test_gram_equals_plain_newton_schulz_in_float64(name, shape, restarts):
+    G = torch.randn(*shape, dtype=torch.float64)
+    plain = orthogonalize(G, name)
+    gram = orthogonalize(G, name, method="gram", restarts=restarts)
+    assert (gram - plain).abs().max() < 1e-11
+
+
+def test_gram_half_precision_error_close_to_plain():
+    G = torch.randn(4, 64, 256)
+    ref = orthogonalize(G.double(), "polar_express")
+    for dtype, limit in ((torch.bfloat16, 2.5), (torch.float16, 3.0)):
+        rel = lambda O: ((O.double() - ref).norm() / ref.norm()).item()
+        plain = rel(orthogonalize(G, "polar_express", dtype=dtype))
+        gram = rel(orthogonalize(G, "polar_express", dtype=dtype, method="gram"))
+        assert gram < limit * plain + 1e-3, (dtype, gram, plain)

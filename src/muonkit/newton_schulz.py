@@ -23,7 +23,8 @@ from .reference import polar_svd
 
 __all__ = ["METHODS", "default_ns_dtype", "orthogonalize"]
 
-METHODS = ("newton_schulz", "svd")
+METHODS = ("newton_schulz", "gram", "svd")
+GRAM_RESTARTS = (2,)
 _NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -65,6 +66,37 @@ def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
     return X
 
 
+def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Sequence[int]) -> Tensor:
+    """The same polynomials as ``_newton_schulz``, iterated on the small Gram matrix (Dao-AILab's Gram NS).
+
+    Every step multiplies X on the left by ``P = a I + b R + c R^2 + ...`` with ``R = X X^T``; since P is a
+    polynomial in R the two commute, so ``R_next = P R P`` and the product ``Q = P_k ... P_1`` can be
+    accumulated on ``m x m`` matrices. X (``m x n``) is touched only to form R, at each restart
+    (``X = Q X``, ``R = X X^T``, which bounds half-precision drift in R) and at the end. Per step this
+    costs about ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``: a saving once ``n`` is about ``2 m`` or more.
+    """
+    R = X @ X.mT
+    Q: Tensor | None = None
+    last = len(rows) - 1
+    for i, (a, *higher) in enumerate(rows):
+        if i in restarts and i > 0 and Q is not None:
+            X = Q @ X
+            R = X @ X.mT
+            Q = None
+        Z = higher[-1] * R  # Z = b R + c R^2 + ... (Horner); the step's polynomial is P = a I + Z
+        for coef in reversed(higher[:-1]):
+            Z = torch.baddbmm(R, R, Z, beta=coef)
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
+        else:
+            Q = torch.baddbmm(Q, Z, Q, beta=a)  # Q = P Q
+        if i < last and i + 1 not in restarts:
+            PR = torch.baddbmm(R, Z, R, beta=a)  # P R
+            R = torch.baddbmm(PR, Z, PR, beta=a)  # P P R
+    return X if Q is None else Q @ X
+
+
 def orthogonalize(
     G: Tensor,
     coefficients: CoefficientSpec = "jordan",
@@ -73,6 +105,7 @@ def orthogonalize(
     method: str = "newton_schulz",
     dtype: torch.dtype | None = None,
     eps: float = 1e-7,
+    restarts: Sequence[int] = GRAM_RESTARTS,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of every matrix in ``G``.
 
@@ -82,10 +115,14 @@ def orthogonalize(
             one row ``(a, b, c, ...)`` or a sequence of per-step rows. Any odd degree >= 3.
         steps: number of NS steps; ``None`` means the preset's own default (5 for fixed presets).
             A schedule shorter than ``steps`` repeats its last row.
-        method: ``"newton_schulz"`` or ``"svd"`` (the exact polar factor, the reference).
+        method: ``"newton_schulz"``, ``"gram"`` (the same polynomials iterated on the Gram matrix: fewer
+            FLOPs for rectangular inputs, equal to plain NS up to rounding) or ``"svd"`` (exact polar factor).
         dtype: precision of the NS matrix products. ``None``: bfloat16 on CUDA, float32 elsewhere
             (float64 input stays float64). Normalisation is always done in at least float32.
         eps: added to the Frobenius norm before dividing (a zero matrix maps to zero).
+        restarts: ``method="gram"`` only: steps before which X is re-formed and R recomputed (default (2,),
+            as in Dao-AILab's gram-newton-schulz). Measured on a 2-core CPU (8 x 256 x 1024 Gaussian,
+            polar_express, relative error vs float64): bf16 1.2% plain, 2.2% gram; fp16 0.2% / 0.4%.
 
     Returns:
         A tensor of ``G``'s shape and dtype.
@@ -121,7 +158,7 @@ def orthogonalize(
     if transposed:
         batch = batch.mT
     X = _frobenius_normalise(batch, preset.norm_scale, eps, norm_dtype).to(ns_dtype)
-    X = _newton_schulz(X, rows)
+    X = _gram_newton_schulz(X, rows, tuple(restarts)) if method == "gram" else _newton_schulz(X, rows)
     if transposed:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)

@@ -104,11 +104,13 @@ def muon_step(
     method: str = "newton_schulz",
     matrix_view: str = "flatten",
     split: SplitSpec = None,
+    max_batch: int | None = None,
 ) -> None:
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are orthogonalized
-    together in one batched ``orthogonalize`` call.
+    together in batched ``orthogonalize`` calls of at most ``max_batch`` matrices (``None``: all), which
+    caps the extra memory the stacked copies take.
     """
     if not params:
         return
@@ -124,12 +126,16 @@ def muon_step(
         for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
             batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
 
-    for (shape, _, _), pairs in batches.items():
-        stacked = torch.stack([src for src, _ in pairs])
-        ortho = orthogonalize(stacked, coefficients, ns_steps, method=method, dtype=ns_dtype, eps=eps)
-        ortho.mul_(lr_scale(adjust_lr, lr, shape[-2:]))
-        for (_, dst), o in zip(pairs, ortho.unbind(0)):
-            dst.copy_(o)
+    for (shape, _, _), all_pairs in batches.items():
+        scale = lr_scale(adjust_lr, lr, shape[-2:])
+        chunk = max_batch or len(all_pairs)
+        for start in range(0, len(all_pairs), chunk):
+            pairs = all_pairs[start : start + chunk]
+            stacked = torch.stack([src for src, _ in pairs])
+            ortho = orthogonalize(stacked, coefficients, ns_steps, method=method, dtype=ns_dtype, eps=eps)
+            ortho.mul_(scale)
+            for (_, dst), o in zip(pairs, ortho.unbind(0)):
+                dst.copy_(o)
 
     if weight_decay != 0:
         torch._foreach_mul_(list(params), 1 - lr * weight_decay)

@@ -46,12 +46,14 @@ class Muon(Optimizer):
             ``lr * 0.2 * sqrt(max(rows, cols))``, ``None``, or a callable ``f(lr, (rows, cols))``.
         eps: added to the Frobenius norm before normalising (Muon groups).
         ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
-        method: ``"newton_schulz"`` or ``"svd"`` (exact polar factor, for comparisons).
+        method: ``"newton_schulz"``, ``"gram"`` (Gram NS: fewer FLOPs for rectangular matrices) or
+            ``"svd"`` (exact polar factor, for comparisons).
         matrix_view: how a parameter with more than 2 dims becomes matrices: ``"flatten"`` (conv
             kernels, ``(out, in*kh*kw)``) or ``"batch"`` (leading dims index independent matrices).
         split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts; each part
             is orthogonalized separately (fused QKV). Usually set per group.
         momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
+        max_batch: at most this many same-shape matrices per batched NS call (``None``: no cap).
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` (default; ``NonFiniteGradientError``
             naming the parameters, nothing updated), ``"skip"`` (skip the whole step, count it in
             ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
@@ -76,6 +78,7 @@ class Muon(Optimizer):
         matrix_view: str = "flatten",
         split: int | list[int] | None = None,
         momentum_dtype: torch.dtype | None = torch.float32,
+        max_batch: int | None = None,
         nonfinite: str = "raise",
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -107,6 +110,7 @@ class Muon(Optimizer):
             "matrix_view": matrix_view,
             "split": split,
             "momentum_dtype": momentum_dtype,
+            "max_batch": max_batch,
         }
         super().__init__(params, defaults)
 
@@ -174,6 +178,11 @@ class Muon(Optimizer):
         check(
             group["matrix_view"] in MATRIX_VIEWS,
             f"matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}",
+        )
+        mb = group.get("max_batch")
+        check(
+            mb is None or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1),
+            f"max_batch must be None or an int >= 1, got {mb!r}",
         )
         check(
             group["ns_dtype"] is None or group["ns_dtype"] in _NS_DTYPES,
@@ -284,6 +293,7 @@ class Muon(Optimizer):
             method=group["method"],
             matrix_view=group["matrix_view"],
             split=group["split"],
+            max_batch=group.get("max_batch"),
         )
 
     def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
