@@ -1,0 +1,170 @@
+"""Whole optimizer step: muonkit vs torch.optim.Muon, KellerJordan's SingleDeviceMuon and AdamW.
+
+Matrix sets: ``gpt2-small`` (12 x [2304x768 fused QKV, 768x768, 3072x768, 768x3072]), ``1b``
+(16 x [6144x2048 fused QKV, 2048x2048, 8192x2048, 2048x8192], 0.8B parameters) and ``demo-small`` (the
+whole demo GPT: Muon for hidden matrices plus AdamW for the rest, against AdamW on everything).
+fp32 parameters and gradients; ms per step (median), and on CUDA the peak memory the step allocates
+beyond parameters, gradients and optimizer state. muonkit splits the fused QKV into three matrices as
+practised; ``muonkit-nosplit`` does the same work as the others.
+
+    python benchmarks/step.py --sets gpt2-small,1b --out benchmarks/results/step_h100.json
+    python benchmarks/step.py --sets demo-small,gpt2-small --out benchmarks/results/step_cpu.json   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _common import competitors, environment, sync, time_ms, write_json
+
+import muonkit
+
+SETS = {
+    "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
+    "1b": (16, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
+}
+
+
+def make_params(layers: int, shapes: list[tuple[int, int]], device: torch.device) -> list[torch.nn.Parameter]:
+    params = []
+    for _ in range(layers):
+        for shape in shapes:
+            p = torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)
+            p.grad = torch.randn(shape, device=device) * 1e-3
+            params.append(p)
+    return params
+
+
+def optimizers(
+    params: list[torch.nn.Parameter], device: torch.device
+) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    qkv = [p for p in params if p.shape[0] == 3 * p.shape[1]]
+    rest = [p for p in params if p.shape[0] != 3 * p.shape[1]]
+    split_groups = [{"params": qkv, "split": 3}, {"params": rest}]
+    opts: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "muonkit": lambda: muonkit.Muon(split_groups, nonfinite="ignore"),
+        "muonkit-nonfinite-check": lambda: muonkit.Muon(split_groups),
+        "muonkit-gram": lambda: muonkit.Muon(split_groups, method="gram", nonfinite="ignore"),
+        "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
+    }
+    comp = competitors()
+    if "torch.optim.Muon" in comp:
+        opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    if "KellerJordan" in comp:
+        opts["KellerJordan"] = lambda: comp["KellerJordan"].SingleDeviceMuon(params, lr=0.02)
+    fused = device.type == "cuda"
+    opts["AdamW" + (" (fused)" if fused else " (foreach)")] = lambda: torch.optim.AdamW(
+        params, lr=1e-3, fused=fused or None, foreach=None if fused else True
+    )
+    return opts
+
+
+def demo_small_optimizers(device: torch.device) -> tuple[list[torch.nn.Parameter], dict[str, Callable]]:
+    from muonkit.train import GPT, SIZES
+
+    model = GPT(SIZES["small"]).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    params = list(model.parameters())
+    hidden = [p for pl in muonkit.classify(model) if pl.algorithm == "muon" for p in [pl.param]]
+    other = [p for p in params if all(p is not h for h in hidden)]
+    opts: dict[str, Callable] = {
+        "muonkit (Muon+AdamW groups)": lambda: muonkit.Muon(
+            muonkit.param_groups(model, split={"*.qkv.weight": 3}), nonfinite="ignore"
+        ),
+        "muonkit (default nonfinite check)": lambda: muonkit.Muon(
+            muonkit.param_groups(model, split={"*.qkv.weight": 3})
+        ),
+        "AdamW (foreach)": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+    }
+    if hasattr(torch.optim, "Muon"):
+
+        class Pair:
+            def __init__(self) -> None:
+                self.a = torch.optim.Muon(hidden, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+                self.b = torch.optim.AdamW(other, lr=1e-3, foreach=True)
+
+            def step(self) -> None:
+                self.a.step()
+                self.b.step()
+
+        opts["torch.optim.Muon + AdamW"] = Pair  # type: ignore[assignment]
+    return params, opts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default="gpt2-small,1b")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="step.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}")
+    rows: list[dict[str, Any]] = []
+    for set_name in args.sets.split(","):
+        if set_name == "demo-small":
+            params, opts = demo_small_optimizers(device)
+        else:
+            layers, shapes = SETS[set_name]
+            params = make_params(layers, shapes, device)
+            opts = optimizers(params, device)
+        n_params = sum(p.numel() for p in params)
+        for name, make in opts.items():
+            opt = make()
+            opt.step()  # creates state
+            sync(device)
+            extra_mb = None
+            if device.type == "cuda":
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                opt.step()
+                sync(device)
+                extra_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ms = time_ms(opt.step, device, warmup=2, reps=args.reps)
+            state_mb = (
+                sum(
+                    t.numel() * t.element_size()
+                    for s in getattr(opt, "state", {}).values()
+                    for t in s.values()
+                    if torch.is_tensor(t)
+                )
+                / 2**20
+                if hasattr(opt, "state")
+                else None
+            )
+            rows.append(
+                {
+                    "set": set_name,
+                    "params": n_params,
+                    "impl": name,
+                    "ms": ms,
+                    "state_mb": state_mb,
+                    "step_extra_mb": extra_mb,
+                }
+            )
+            del opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del params
+    print(
+        f"\n{'set':<11} {'impl':<34} {'ms/step':>9} {'x muonkit':>9} {'x AdamW':>8} {'state MB':>9} {'step extra MB':>13}"
+    )
+    for r in rows:
+        same = [x for x in rows if x["set"] == r["set"]]
+        mk = next((x["ms"] for x in same if x["impl"].startswith("muonkit")), float("nan"))
+        adam = next((x["ms"] for x in same if x["impl"].startswith("AdamW")), float("nan"))
+        r["ms_over_muonkit"], r["ms_over_adamw"] = r["ms"] / mk, r["ms"] / adam
+        extra = f"{r['step_extra_mb']:.0f}" if r["step_extra_mb"] is not None else "-"
+        state = f"{r['state_mb']:.0f}" if r["state_mb"] is not None else "-"
+        print(
+            f"{r['set']:<11} {r['impl']:<34} {r['ms']:>9.2f} {r['ms_over_muonkit']:>9.2f} {r['ms_over_adamw']:>8.2f} {state:>9} {extra:>13}"
+        )
+    write_json(args.out, {"environment": env, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
