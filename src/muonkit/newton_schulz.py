@@ -21,7 +21,7 @@ from torch import Tensor
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 
-__all__ = ["METHODS", "default_ns_dtype", "orthogonalize"]
+__all__ = ["METHODS", "default_ns_dtype", "orthogonalize", "orthogonalize_batch"]
 
 METHODS = ("newton_schulz", "gram", "svd")
 GRAM_RESTARTS = (2,)
@@ -39,30 +39,40 @@ def default_ns_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dt
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
-def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, work: torch.dtype) -> Tensor:
-    """``G / (norm_scale * ||G||_F + eps)`` per matrix, overflow-safe (entries up to float32's range).
+def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: torch.dtype) -> Tensor:
+    """``G / (norm_scale * ||G||_F + eps)`` per matrix, written straight into a new ``ns_dtype`` tensor.
 
-    The norm is taken of ``G / max|G|`` so that squaring cannot overflow (or underflow) in float32;
-    algebraically this is the same quotient as the textbook formula.
+    Two passes over G: the norm is accumulated in float64 (squares of any float32 value fit, so no
+    overflow or underflow for entries between 1e-30 and 1e38) and the division rounds once into the
+    NS precision.
     """
-    Gw = G.to(work)
-    peak = Gw.abs().amax(dim=(-2, -1), keepdim=True)
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    unit = Gw / peak
-    norm = torch.linalg.vector_norm(unit, dim=(-2, -1), keepdim=True)
-    denom = norm_scale * norm + eps / peak
-    return unit / torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and G = 0: stay 0
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    denom = norm_scale * norm + eps
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and G = 0: stay 0
+    X = torch.empty(G.shape, dtype=ns_dtype, device=G.device)
+    return torch.div(G, denom.to(torch.float64 if ns_dtype == torch.float64 else torch.float32), out=X)
+
+
+def _poly_in_gram(A: Tensor, higher: Sequence[float]) -> Tensor:
+    """``B = b A + c A^2 + d A^3 + ...`` for ``higher = (b, c, d, ...)`` (at least two terms), by Horner
+    ``B = A (b + A (c + A d))`` with the scalars folded into the matrix products (``baddbmm``)."""
+    B = torch.baddbmm(A, A, A, beta=higher[-2], alpha=higher[-1])
+    for coef in reversed(higher[:-2]):
+        B = torch.baddbmm(A, A, B, beta=coef)
+    return B
 
 
 def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
-    """Apply one odd polynomial per row to the singular values of each matrix of ``X`` (b, m, n), m <= n."""
+    """Apply one odd polynomial per row to the singular values of each matrix of ``X`` (b, m, n), m <= n.
+
+    Per step, with ``A = X X^T``: ``X = a X + (b A + c A^2 + ...) X``; a cubic needs no ``B`` at all.
+    """
     for a, *higher in rows:
         A = X @ X.mT
-        # B = b A + c A^2 + d A^3 + ... by Horner: B = A (b + A (c + A d)).
-        B = higher[-1] * A
-        for coef in reversed(higher[:-1]):
-            B = torch.baddbmm(A, A, B, beta=coef)
-        X = torch.baddbmm(X, B, X, beta=a)  # X = a X + B X
+        if len(higher) == 1:
+            X = torch.baddbmm(X, A, X, beta=a, alpha=higher[0])  # X = a X + b A X
+        else:
+            X = torch.baddbmm(X, _poly_in_gram(A, higher), X, beta=a)  # X = a X + B X
     return X
 
 
@@ -83,9 +93,7 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
             X = Q @ X
             R = X @ X.mT
             Q = None
-        Z = higher[-1] * R  # Z = b R + c R^2 + ... (Horner); the step's polynomial is P = a I + Z
-        for coef in reversed(higher[:-1]):
-            Z = torch.baddbmm(R, R, Z, beta=coef)
+        Z = higher[0] * R if len(higher) == 1 else _poly_in_gram(R, higher)  # the step's polynomial: a I + Z
         if Q is None:
             Q = Z.clone()
             Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
@@ -149,16 +157,32 @@ def orthogonalize(
     rows = preset.schedule(steps)
     if G.numel() == 0:
         return G.clone()
-
     ns_dtype = dtype or default_ns_dtype(G.device, G.dtype)
-    norm_dtype = torch.float64 if ns_dtype == torch.float64 or G.dtype == torch.float64 else torch.float32
     m, n = G.shape[-2:]
-    batch = G.reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
-        batch = batch.mT
-    X = _frobenius_normalise(batch, preset.norm_scale, eps, norm_dtype).to(ns_dtype)
-    X = _gram_newton_schulz(X, rows, tuple(restarts)) if method == "gram" else _newton_schulz(X, rows)
-    if transposed:
-        X = X.mT
+    X = orthogonalize_batch(G.reshape(-1, m, n), rows, preset.norm_scale, eps, ns_dtype, method, restarts)
     return X.reshape(G.shape).to(G.dtype)
+
+
+def orthogonalize_batch(
+    G: Tensor,
+    rows: Sequence[Sequence[float]],
+    norm_scale: float,
+    eps: float,
+    ns_dtype: torch.dtype,
+    method: str = "newton_schulz",
+    restarts: Sequence[int] = GRAM_RESTARTS,
+) -> Tensor:
+    """The unchecked core of ``orthogonalize`` for a 3-D batch ``(b, m, n)``; returns ``ns_dtype``.
+
+    For callers that already validated their input and resolved the schedule (the optimizer step).
+    Gram NS is used only for rectangular matrices: on square ones it saves nothing.
+    """
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        G = G.mT
+    X = _frobenius_normalise(G, norm_scale, eps, ns_dtype)
+    if method == "gram" and X.shape[-2] != X.shape[-1]:
+        X = _gram_newton_schulz(X, rows, tuple(restarts))
+    else:
+        X = _newton_schulz(X, rows)
+    return X.mT if transposed else X

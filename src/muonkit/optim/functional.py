@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..coefficients import CoefficientSpec
-from ..newton_schulz import orthogonalize
+from ..coefficients import CoefficientSpec, as_preset
+from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_batch
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -126,16 +126,22 @@ def muon_step(
         for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
             batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
 
-    for (shape, _, _), all_pairs in batches.items():
+    preset = as_preset(coefficients)
+    rows = preset.schedule(ns_steps)
+    for (shape, dtype, device), all_pairs in batches.items():
         scale = lr_scale(adjust_lr, lr, shape[-2:])
         chunk = max_batch or len(all_pairs)
         for start in range(0, len(all_pairs), chunk):
             pairs = all_pairs[start : start + chunk]
             stacked = torch.stack([src for src, _ in pairs])
-            ortho = orthogonalize(stacked, coefficients, ns_steps, method=method, dtype=ns_dtype, eps=eps)
-            ortho.mul_(scale)
+            if method == "svd":
+                ortho = orthogonalize(stacked, method="svd")
+            else:
+                work = ns_dtype or default_ns_dtype(device, dtype)
+                flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
+                ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
             for (_, dst), o in zip(pairs, ortho.unbind(0)):
-                dst.copy_(o)
+                torch.mul(o, scale, out=dst)  # scale and cast back in one pass
 
     if weight_decay != 0:
         torch._foreach_mul_(list(params), 1 - lr * weight_decay)
