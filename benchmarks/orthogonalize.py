@@ -85,7 +85,7 @@ def main() -> None:
             exact = muonkit.orthogonalize(X.float(), method="svd")
             for name, fn in impls.items():
                 try:
-                    ms = time_ms(lambda: fn(X), device, reps=args.reps)
+                    ms = time_ms(lambda fn=fn, X=X: fn(X), device, reps=args.reps)
                     O = fn(X).float()
                 except Exception as err:  # a competitor that cannot run this shape: record why
                     rows.append(
@@ -110,7 +110,8 @@ def main() -> None:
             print(f"  done {m}x{n} batch {b}", flush=True)
             del X, exact
     print(
-        f"\n{'shape':>11} {'batch':>5} {'impl':<20} {'ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'max|s-1|':>9} {'vs SVD':>7} {'x muonkit':>9}"
+        f"\n{'shape':>11} {'batch':>5} {'impl':<20} {'ms':>9} {'TFLOP/s':>8} {'% peak':>7} "
+        f"{'max|s-1|':>9} {'vs SVD':>7} {'x muonkit':>9}"
     )
     base = {(tuple(r["shape"]), r["batch"]): r["ms"] for r in rows if r["impl"] == "muonkit" and "ms" in r}
     for r in rows:

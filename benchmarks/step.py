@@ -151,7 +151,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
         del params
     print(
-        f"\n{'set':<11} {'impl':<34} {'ms/step':>9} {'x muonkit':>9} {'x AdamW':>8} {'state MB':>9} {'step extra MB':>13}"
+        f"\n{'set':<11} {'impl':<34} {'ms/step':>9} {'x muonkit':>9} {'x AdamW':>8} {'state MB':>9} "
+        f"{'step extra MB':>13}"
     )
     for r in rows:
         same = [x for x in rows if x["set"] == r["set"]]
@@ -161,7 +162,8 @@ def main() -> None:
         extra = f"{r['step_extra_mb']:.0f}" if r["step_extra_mb"] is not None else "-"
         state = f"{r['state_mb']:.0f}" if r["state_mb"] is not None else "-"
         print(
-            f"{r['set']:<11} {r['impl']:<34} {r['ms']:>9.2f} {r['ms_over_muonkit']:>9.2f} {r['ms_over_adamw']:>8.2f} {state:>9} {extra:>13}"
+            f"{r['set']:<11} {r['impl']:<34} {r['ms']:>9.2f} {r['ms_over_muonkit']:>9.2f} "
+            f"{r['ms_over_adamw']:>8.2f} {state:>9} {extra:>13}"
         )
     write_json(args.out, {"environment": env, "rows": rows})
 
