@@ -8,7 +8,7 @@ import numpy as np
 
 from .polynomials import as_rows, compose, log_grid, schedule_cost
 
-__all__ = ["band", "newton_schulz_np", "orthogonality_error", "smallest_x_in_band", "summary"]
+__all__ = ["apply_schedule_np", "band", "newton_schulz_np", "orthogonality_error", "smallest_x_in_band", "summary"]
 
 
 def band(rows: Sequence[Sequence[float]], x_lo: float = 1e-3, x_hi: float = 1.0, n: int = 4001) -> tuple[float, float]:
@@ -34,10 +34,14 @@ def smallest_x_in_band(rows: Sequence[Sequence[float]], eps: float = 0.3, x_min:
 def newton_schulz_np(G: np.ndarray, rows: Sequence[Sequence[float]], norm_scale: float = 1.0) -> np.ndarray:
     """Newton-Schulz on one matrix in float64 NumPy (Frobenius-normalised, smaller Gram side)."""
     X = np.asarray(G, dtype=np.float64)
+    return apply_schedule_np(X / (norm_scale * np.linalg.norm(X) + 1e-300), rows)
+
+
+def apply_schedule_np(X: np.ndarray, rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """The schedule's polynomials applied to the singular values of ``X`` as it is (no normalisation)."""
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
-    X = X / (norm_scale * np.linalg.norm(X) + 1e-300)
     for row in as_rows(rows):
         A = X @ X.T
         B = row[-1] * A
@@ -73,17 +77,7 @@ def orthogonality_error(
         U, _ = np.linalg.qr(rng.standard_normal((m, k)))
         V, _ = np.linalg.qr(rng.standard_normal((n, k)))
         G = (U * s) @ V.T
-        if normalise:
-            X = newton_schulz_np(G, rows)
-        else:
-            X = G.T if m > n else G
-            for row in as_rows(rows):
-                A = X @ X.T
-                B = row[-1] * A
-                for coef in reversed(row[1:-1]):
-                    B = coef * A + A @ B
-                X = row[0] * X + B @ X
-            X = X.T if m > n else X
+        X = newton_schulz_np(G, rows) if normalise else apply_schedule_np(G, rows)
         sv = np.linalg.svd(X, compute_uv=False)
         gram = X @ X.T if m <= n else X.T @ X
         worst["max_abs_sigma_minus_1"] = max(worst["max_abs_sigma_minus_1"], float(np.max(np.abs(sv - 1))))

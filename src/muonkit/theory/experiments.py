@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import coefficients as C
-from ..newton_schulz import orthogonalize
+from ..newton_schulz import _newton_schulz, orthogonalize
 from .bounds import muon_bound, muon_hyperparameters, sgd_momentum_rate
 from .constants import schedule_epsilon, taylor_epsilon
 
@@ -221,17 +221,9 @@ def _orth_update(kind: str, M: torch.Tensor, q: int = 3, kappa: int = 2) -> torc
 
 def _ns_paper(X: torch.Tensor, q: int, kappa: int) -> torch.Tensor:
     """q steps of ``X <- X p_kappa(X^T X)`` without renormalising (the caller scaled X already)."""
-    row = C.taylor_row(kappa)
     tall = X.shape[0] > X.shape[1]
-    if tall:
-        X = X.mT
-    for _ in range(q):
-        A = X @ X.mT
-        B = row[-1] * A
-        for coef in reversed(row[1:-1]):
-            B = coef * A + A @ B
-        X = row[0] * X + B @ X
-    return X.mT if tall else X
+    Y = _newton_schulz((X.mT if tall else X).unsqueeze(0), [C.taylor_row(kappa)] * q)[0]
+    return Y.mT if tall else Y
 
 
 def rank(
