@@ -12,9 +12,11 @@ AdamW (Loshchilov & Hutter 2019), written to match torch.optim.AdamW step for st
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,6 +39,24 @@ AdjustLR = str | None | Callable[[float, tuple[int, int]], float]
 ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
 MATRIX_VIEWS = ("flatten", "batch")
 SplitSpec = int | Sequence[int] | None
+
+
+@dataclass
+class Job:
+    """One batched orthogonalization: ``run()`` fills ``outputs`` (views into the update buffers)."""
+
+    cost: float
+    run: Callable[[], None]
+    outputs: list[Tensor]
+
+
+Executor = Callable[[list[Job]], None]
+
+
+def run_all(jobs: list[Job]) -> None:
+    """The single-process executor: every job here, in order."""
+    for j in jobs:
+        j.run()
 
 
 def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
@@ -105,12 +125,14 @@ def muon_step(
     matrix_view: str = "flatten",
     split: SplitSpec = None,
     max_batch: int | None = None,
+    executor: Executor | None = None,
 ) -> None:
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are orthogonalized
     together in batched ``orthogonalize`` calls of at most ``max_batch`` matrices (``None``: all), which
-    caps the extra memory the stacked copies take.
+    caps the extra memory the stacked copies take. Each call is a *job*; ``executor(jobs)`` runs them
+    (default: all here; ``muonkit.distributed`` spreads them over ranks and exchanges the results).
     """
     if not params:
         return
@@ -128,20 +150,35 @@ def muon_step(
 
     preset = as_preset(coefficients)
     rows = preset.schedule(ns_steps)
+
+    def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float) -> None:
+        stacked = torch.stack([src for src, _ in pairs])
+        if method == "svd":
+            ortho = orthogonalize(stacked, method="svd")
+        else:
+            flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
+            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
+        for (_, dst), o in zip(pairs, ortho.unbind(0)):
+            torch.mul(o, scale, out=dst)  # scale and cast back in one pass
+
+    jobs: list[Job] = []
     for (shape, dtype, device), all_pairs in batches.items():
         scale = lr_scale(adjust_lr, lr, shape[-2:])
-        chunk = max_batch or len(all_pairs)
+        work = ns_dtype or default_ns_dtype(device, dtype)
+        # a distributed executor asks for each batch in `parts` pieces, so that few shapes still balance
+        chunk = max_batch or math.ceil(len(all_pairs) / getattr(executor, "parts", 1))
+        m, n = sorted(shape[-2:])
+        per_matrix = (4 * m * m * n + 2 * m**3) * math.prod(shape[:-2])  # NS FLOPs per step, for balancing
         for start in range(0, len(all_pairs), chunk):
             pairs = all_pairs[start : start + chunk]
-            stacked = torch.stack([src for src, _ in pairs])
-            if method == "svd":
-                ortho = orthogonalize(stacked, method="svd")
-            else:
-                work = ns_dtype or default_ns_dtype(device, dtype)
-                flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
-                ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
-            for (_, dst), o in zip(pairs, ortho.unbind(0)):
-                torch.mul(o, scale, out=dst)  # scale and cast back in one pass
+            jobs.append(
+                Job(
+                    cost=float(per_matrix * len(pairs)),
+                    run=functools.partial(job, pairs, shape, work, scale),
+                    outputs=[dst for _, dst in pairs],
+                )
+            )
+    (executor or run_all)(jobs)
 
     if weight_decay != 0:
         torch._foreach_mul_(list(params), 1 - lr * weight_decay)

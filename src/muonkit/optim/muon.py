@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from ..coefficients import CoefficientSpec, as_preset
 from ..newton_schulz import _NS_DTYPES, METHODS
-from .functional import ADJUST_LR_MODES, MATRIX_VIEWS, AdjustLR, adamw_step, matrix_parts, muon_step
+from .functional import ADJUST_LR_MODES, MATRIX_VIEWS, AdjustLR, Executor, adamw_step, matrix_parts, muon_step
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
@@ -59,6 +59,9 @@ class Muon(Optimizer):
             ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for ``algorithm="adamw"``
             groups (``adamw_weight_decay=None`` means the same as ``weight_decay``).
+        executor: who runs the batched NS jobs. ``None``: all of them here. With replicated parameters
+            under torch.distributed (DDP), ``muonkit.distributed.ReplicatedExecutor()`` gives each rank a
+            FLOP-balanced share and exchanges the results; the non-finite check then agrees across ranks.
     """
 
     def __init__(
@@ -84,11 +87,13 @@ class Muon(Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.nonfinite_skips = 0
+        self.executor = executor
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -252,6 +257,9 @@ class Muon(Optimizer):
         gathered = self._gather()
         if self.nonfinite != "ignore":
             bad = self._nonfinite_names(gathered)
+            any_rank = getattr(self.executor, "any_rank", None)
+            if any_rank is not None and any_rank(bool(bad)) and not bad:
+                bad = ["(a parameter on another rank)"]  # every rank must take the same decision
             if bad:
                 if self.nonfinite == "skip":
                     self.nonfinite_skips += 1
@@ -294,6 +302,7 @@ class Muon(Optimizer):
             matrix_view=group["matrix_view"],
             split=group["split"],
             max_batch=group.get("max_batch"),
+            executor=self.executor,
         )
 
     def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:

@@ -1,0 +1,145 @@
+"""Distributed Muon on CPU with the gloo backend: several processes via torch.multiprocessing."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import muonkit
+from muonkit.distributed import ReplicatedExecutor, assign_jobs
+
+BATCH = 12
+STEPS = 4
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 12)
+        self.qkv = nn.Linear(12, 36, bias=False)
+        self.fc = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 12)
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 16)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = h + torch.softmax(q @ k.mT / 3.0, -1) @ v
+        h = h + self.fc2(torch.relu(self.fc(self.norm(h))))
+        return self.head(h)
+
+
+def _batch(t):
+    gen = torch.Generator().manual_seed(100 + t)
+    x = torch.randint(0, 16, (BATCH, 6), generator=gen)
+    return x, (x * 5 + 3) % 16
+
+
+def _optimizer(model, executor=None):
+    groups = muonkit.param_groups(model, split={"qkv.weight": 3})
+    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, executor=executor)
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
+
+
+def _single(steps, start_state=None):
+    torch.manual_seed(0)
+    model = Net()
+    opt = _optimizer(model)
+    for t in range(steps):
+        x, y = _batch(t)
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out, task):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    executor = ReplicatedExecutor()
+    opt = _optimizer(model, executor)
+    first, steps = 0, STEPS
+    if task == "resume":
+        ckpt = torch.load(out + ".ckpt", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        first = ckpt["step"]
+    if task == "save":
+        steps = 2
+    result = {}
+    try:
+        for t in range(first, steps):
+            x, y = _batch(t)
+            per = BATCH // world
+            xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            opt.zero_grad()
+            _loss(ddp, xs, ys).backward()
+            if task == "nan" and rank == world - 1:
+                model.fc.weight.grad[0, 0] = float("nan")  # after DDP's all-reduce: only this rank sees it
+            opt.step()
+    except muonkit.NonFiniteGradientError as err:
+        result["error"] = str(err)
+    result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result["bytes"] = executor.bytes_communicated
+    if task == "save" and rank == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": steps}, out + ".ckpt")
+    torch.save(result, f"{out}.rank{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path, task="train"):
+    out = str(tmp_path / "run")
+    mp.spawn(_worker, args=(world, _free_port(), out, task), nprocs=world, join=True)
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+
+
+def test_assign_jobs_balances_and_is_deterministic():
+    owners = assign_jobs([8, 7, 6, 5, 4, 3, 2, 1], 3)
+    loads = [sum(c for c, o in zip([8, 7, 6, 5, 4, 3, 2, 1], owners) if o == r) for r in range(3)]
+    assert max(loads) - min(loads) <= 2 and owners == assign_jobs([8, 7, 6, 5, 4, 3, 2, 1], 3)
+    assert assign_jobs([1.0] * 5, 1) == [0] * 5
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ddp_sharded_muon_equals_single_process(world, tmp_path):
+    results = _spawn(world, tmp_path)
+    reference = _single(STEPS)
+    for r in results:
+        for name, value in reference.items():
+            assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), (world, name)
+    # every rank ends with identical weights, and ranks > 1 really exchanged work
+    for r in results[1:]:
+        assert all(torch.equal(r["state"][k], results[0]["state"][k]) for k in reference)
+    assert (results[0]["bytes"] > 0) == (world > 1)
+
+
+def test_nan_on_one_rank_makes_every_rank_raise(tmp_path):
+    results = _spawn(2, tmp_path, task="nan")
+    assert all("error" in r for r in results)
+    assert "another rank" in results[0]["error"] and "'fc.weight'" in results[1]["error"]
+
+
+def test_save_at_two_ranks_resume_at_three(tmp_path):
+    _spawn(2, tmp_path, task="save")
+    results = _spawn(3, tmp_path, task="resume")
+    reference = _single(STEPS)
+    for name, value in reference.items():
+        assert torch.allclose(results[0]["state"][name], value, atol=1e-6, rtol=0), name
