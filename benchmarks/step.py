@@ -50,6 +50,9 @@ def optimizers(
         "muonkit-gram": lambda: muonkit.Muon(split_groups, method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
     }
+    if device.type == "cuda":
+        for mode in ("default", "reduce-overhead"):
+            opts[f"muonkit+compile({mode})"] = functools.partial(compiled_muonkit, split_groups, mode)
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
