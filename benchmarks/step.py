@@ -14,6 +14,7 @@ practised; ``muonkit-nosplit`` does the same work as the others.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,20 @@ def make_params(layers: int, shapes: list[tuple[int, int]], device: torch.device
             p.grad = torch.randn(shape, device=device) * 1e-3
             params.append(p)
     return params
+
+
+class Compiled:
+    """An optimizer whose ``step`` runs under ``torch.compile`` (state created by one eager step first)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, mode: str) -> None:
+        self.opt = opt
+        opt.step()
+        self.step = torch.compile(opt.step, mode=mode)
+        self.state = opt.state
+
+
+def compiled_muonkit(groups: list, mode: str) -> Compiled:
+    return Compiled(muonkit.Muon(groups, nonfinite="ignore"), mode)
 
 
 def optimizers(
@@ -102,6 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="gpt2-small,1b")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only", default=None, help="comma-separated implementation names to run")
     ap.add_argument("--out", default="step.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,6 +132,8 @@ def main() -> None:
             params = make_params(layers, shapes, device)
             opts = optimizers(params, device)
         n_params = sum(p.numel() for p in params)
+        if args.only:
+            opts = {k: v for k, v in opts.items() if k in args.only.split(",")}
         for name, make in opts.items():
             opt = make()
             opt.step()  # creates state
