@@ -26,6 +26,16 @@ def _grads(params, seed):
 SHAPES = [(12, 8), (8, 12), (12, 8), (6, 6)]
 
 
+def _step_together(pairs, steps):
+    """Give each (params, optimizer) pair the same gradients (seeded by step) and step them all."""
+    for t in range(steps):
+        for params, _ in pairs:
+            for p, g in zip(params, _grads(params, seed=t)):
+                p.grad = g
+        for _, opt in pairs:
+            opt.step()
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw", None])
 def test_steps_equal_plain_reference(nesterov, adjust):
@@ -68,12 +78,7 @@ def test_matches_torch_optim_muon_plumbing(monkeypatch):
     kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.05)
     a = Muon(ours, **kw, ns_dtype=F64, momentum_dtype=None)
     b = torch.optim.Muon(theirs, **kw, adjust_lr_fn="original")
-    for t in range(4):
-        for ps in (ours, theirs):
-            for p, g in zip(ps, _grads(ps, seed=t)):
-                p.grad = g
-        a.step()
-        b.step()
+    _step_together([(ours, a), (theirs, b)], 4)
     for p, q in zip(ours, theirs):
         assert torch.allclose(p, q, atol=1e-12, rtol=0)
 
@@ -89,12 +94,7 @@ def test_matches_torch_optim_muon_bf16():
     kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
     a = Muon(ours, **kw, ns_dtype=torch.bfloat16)
     b = torch.optim.Muon(theirs, **kw)
-    for t in range(3):
-        for ps in (ours, theirs):
-            for p, g in zip(ps, _grads(ps, seed=t)):
-                p.grad = g
-        a.step()
-        b.step()
+    _step_together([(ours, a), (theirs, b)], 3)
     for p, q, s in zip(ours, theirs, start):
         rel = (p - q).norm() / (q - s).norm()
         assert rel < 0.03, rel.item()
@@ -394,11 +394,6 @@ def test_gram_method_and_max_batch_match_default_step(kwargs):
     base, other = _params(shapes), _params(shapes)
     a = Muon(base, ns_dtype=F64, weight_decay=0.1)
     b = Muon(other, ns_dtype=F64, weight_decay=0.1, **kwargs)
-    for t in range(3):
-        for ps in (base, other):
-            for p, g in zip(ps, _grads(ps, seed=t)):
-                p.grad = g
-        a.step()
-        b.step()
+    _step_together([(base, a), (other, b)], 3)
     for p, q in zip(base, other):
         assert torch.allclose(p, q, atol=1e-11, rtol=0)
