@@ -90,7 +90,13 @@ def _worker(rank, world, port, out, task):
             per = BATCH // world
             xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
             opt.zero_grad()
-            _loss(ddp, xs, ys).backward()
+            if task == "accumulate":  # two micro-batches, gradients synchronised only on the second
+                half = per // 2
+                with ddp.no_sync():
+                    (_loss(ddp, xs[:half], ys[:half]) / 2).backward()
+                (_loss(ddp, xs[half:], ys[half:]) / 2).backward()
+            else:
+                _loss(ddp, xs, ys).backward()
             if task == "nan" and rank == world - 1:
                 model.fc.weight.grad[0, 0] = float("nan")  # after DDP's all-reduce: only this rank sees it
             opt.step()
@@ -129,6 +135,14 @@ def test_ddp_sharded_muon_equals_single_process(world, tmp_path):
     for r in results[1:]:
         assert all(torch.equal(r["state"][k], results[0]["state"][k]) for k in reference)
     assert (results[0]["bytes"] > 0) == (world > 1)
+
+
+def test_gradient_accumulation_with_no_sync(tmp_path):
+    """Micro-batches under DDP.no_sync, one optimizer step per batch: the same trajectory as one big batch."""
+    results = _spawn(2, tmp_path, task="accumulate")
+    reference = _single(STEPS)
+    for name, value in reference.items():
+        assert torch.allclose(results[1]["state"][name], value, atol=1e-6, rtol=0), name
 
 
 def test_nan_on_one_rank_makes_every_rank_raise(tmp_path):
