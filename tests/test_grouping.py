@@ -126,3 +126,14 @@ def test_groups_feed_muon_and_cover_every_trainable_parameter():
 def test_public_api():
     for name in ("Muon", "orthogonalize", "param_groups", "classify", "coefficients", "polar_svd"):
         assert hasattr(muonkit, name)
+
+
+def test_describe_lists_every_parameter_with_its_reason():
+    model = GPTish(tie=False)
+    text = muonkit.describe(model, split={"*.qkv.weight": 3})
+    for name, _ in model.named_parameters():
+        assert name in text
+    assert "output head" in text and "split 3" in text and "embedding" in text
+    total = sum(p.numel() for p in model.parameters())
+    muon = sum(p.numel() for pl in muonkit.classify(model) if pl.algorithm == "muon" for p in [pl.param])
+    assert f"muon: {muon:,} parameters; adamw: {total - muon:,} parameters" in text

@@ -7,7 +7,7 @@ O = muonkit.orthogonalize(G)           # approximate polar factor, batched over 
 
 from . import coefficients
 from .newton_schulz import orthogonalize
-from .optim import Muon, NonFiniteGradientError, classify, param_groups
+from .optim import Muon, NonFiniteGradientError, classify, describe, param_groups
 from .reference import polar_svd
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "classify",
     "coefficients",
+    "describe",
     "orthogonalize",
     "param_groups",
     "polar_svd",

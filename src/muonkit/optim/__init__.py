@@ -1,7 +1,7 @@
 """The Muon optimizer: functional steps, the ``Muon`` class and parameter grouping."""
 
 from .functional import adamw_step, lr_scale, muon_step
-from .grouping import ParamPlan, classify, param_groups
+from .grouping import ParamPlan, classify, describe, param_groups
 from .muon import Muon, NonFiniteGradientError
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ParamPlan",
     "adamw_step",
     "classify",
+    "describe",
     "lr_scale",
     "muon_step",
     "param_groups",

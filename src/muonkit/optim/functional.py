@@ -71,7 +71,7 @@ def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
     if adjust_lr is None:
         return lr
     if adjust_lr == "original":
-        return lr * math.sqrt(max(1.0, rows / cols))
+        return lr * math.sqrt(max(1.0, rows / max(cols, 1)))  # an empty matrix has an empty update
     if adjust_lr == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     if callable(adjust_lr):
@@ -153,6 +153,10 @@ def muon_step(
 
     def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float) -> None:
         stacked = torch.stack([src for src, _ in pairs])
+        if stacked.numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
+            for _, dst in pairs:
+                dst.zero_()
+            return
         if method == "svd":
             ortho = orthogonalize(stacked, method="svd")
         else:

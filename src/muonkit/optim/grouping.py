@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import SplitSpec
 
-__all__ = ["HEAD_NAMES", "ParamPlan", "classify", "param_groups"]
+__all__ = ["HEAD_NAMES", "ParamPlan", "classify", "describe", "param_groups"]
 
 HEAD_NAMES = ("lm_head", "head", "classifier", "score", "fc_out", "output_head", "out_head")
 
@@ -164,3 +164,25 @@ def param_groups(
         group["params"].append(plan.param)
         group["param_names"].append(plan.name)
     return list(groups.values())
+
+
+def describe(model: nn.Module, **classify_options: Any) -> str:
+    """A table of every trainable parameter: name, shape, algorithm, and why (``classify``'s decisions)."""
+    plans = classify(model, **classify_options)
+    rows = [
+        (
+            pl.name,
+            "x".join(map(str, pl.param.shape)) or "scalar",
+            pl.algorithm + (f" (split {pl.split})" if pl.split else ""),
+            pl.reason,
+        )
+        for pl in plans
+    ]
+    header = ("parameter", "shape", "algorithm", "why")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    counts = {a: sum(pl.param.numel() for pl in plans if pl.algorithm == a) for a in ("muon", "adamw")}
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    lines = [line.rstrip() for line in lines]
+    lines.append(f"muon: {counts['muon']:,} parameters; adamw: {counts['adamw']:,} parameters")
+    return "\n".join(lines)
