@@ -126,8 +126,13 @@ def muon_step(
     split: SplitSpec = None,
     max_batch: int | None = None,
     executor: Executor | None = None,
+    stats: dict[str, list[Tensor]] | None = None,
 ) -> None:
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
+
+    With ``stats`` (a dict), each job appends device tensors, no host sync: ``"orth_error"`` the largest
+    ``||O O^T - I||_F / sqrt(min(m, n))`` of its NS outputs (0 for an exact polar factor of full rank) and
+    ``"update_rms"`` the RMS of its scaled updates.
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are orthogonalized
     together in batched ``orthogonalize`` calls of at most ``max_batch`` matrices (``None``: all), which
@@ -164,6 +169,13 @@ def muon_step(
             ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast back in one pass
+        if stats is not None:
+            O = ortho.reshape(-1, *shape[-2:]).float()
+            O = O.mT if O.shape[-2] > O.shape[-1] else O
+            k = O.shape[-2]
+            gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
+            stats.setdefault("orth_error", []).append(gram_err.max())
+            stats.setdefault("update_rms", []).append(scale * O.square().mean().sqrt())
 
     jobs: list[Job] = []
     for (shape, dtype, device), all_pairs in batches.items():

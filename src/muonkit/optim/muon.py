@@ -18,7 +18,16 @@ from torch.optim import Optimizer
 
 from ..coefficients import CoefficientSpec, as_preset
 from ..newton_schulz import _NS_DTYPES, METHODS
-from .functional import ADJUST_LR_MODES, MATRIX_VIEWS, AdjustLR, Executor, adamw_step, matrix_parts, muon_step
+from .functional import (
+    ADJUST_LR_MODES,
+    MATRIX_VIEWS,
+    AdjustLR,
+    Executor,
+    adamw_step,
+    lr_scale,
+    matrix_parts,
+    muon_step,
+)
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
@@ -59,6 +68,9 @@ class Muon(Optimizer):
             ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for ``algorithm="adamw"``
             groups (``adamw_weight_decay=None`` means the same as ``weight_decay``).
+        diagnostics: keep per-step statistics of the Muon groups as device tensors (no host sync):
+            ``opt.stats()`` turns them into floats (one sync) - orthogonality error of the NS output, update
+            RMS, and each group's effective learning rates.
         executor: who runs the batched NS jobs. ``None``: all of them here. With replicated parameters
             under torch.distributed (DDP), ``muonkit.distributed.ReplicatedExecutor()`` gives each rank a
             FLOP-balanced share and exchanges the results; the non-finite check then agrees across ranks.
@@ -88,12 +100,15 @@ class Muon(Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         executor: Executor | None = None,
+        diagnostics: bool = False,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.nonfinite_skips = 0
         self.executor = executor
+        self.diagnostics = diagnostics
+        self._stats: dict[int, dict[str, list[Tensor]]] = {}
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -270,14 +285,17 @@ class Muon(Optimizer):
                     "nonfinite='skip' to skip such steps, or clip/scale the loss (e.g. GradScaler)."
                 )
 
-        for group, params, grads in gathered:
+        self._stats = {}
+        for gi, (group, params, grads) in enumerate(gathered):
             if group["algorithm"] == "adamw":
                 self._adamw_group(group, params, grads)
             else:
-                self._muon_group(group, params, grads)
+                self._muon_group(group, params, grads, self._stats.setdefault(gi, {}) if self.diagnostics else None)
         return loss
 
-    def _muon_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _muon_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
+    ) -> None:
         bufs = []
         for p in params:
             state = self.state[p]
@@ -303,6 +321,7 @@ class Muon(Optimizer):
             split=group["split"],
             max_batch=group.get("max_batch"),
             executor=self.executor,
+            stats=stats,
         )
 
     def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
@@ -329,6 +348,30 @@ class Muon(Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last step (needs ``diagnostics=True``); reading them syncs with the device once.
+
+        Keys: ``group{i}/orth_error`` (largest ``||O O^T - I||_F / sqrt(k)`` over the group's NS outputs),
+        ``group{i}/update_rms`` (largest RMS of a scaled update), ``group{i}/lr`` and ``group{i}/lr_max``
+        (the group's lr and its largest shape-adjusted lr).
+        """
+        if not self.diagnostics:
+            raise RuntimeError("construct Muon(..., diagnostics=True) to collect statistics")
+        out: dict[str, float] = {}
+        for gi, values in self._stats.items():
+            group = self.param_groups[gi]
+            for key, tensors in values.items():
+                if tensors:
+                    out[f"group{gi}/{key}"] = float(torch.stack([t.float().cpu() for t in tensors]).max())
+            shapes = [
+                (int(part.shape[-2]), int(part.shape[-1]))
+                for p in group["params"]
+                for part in matrix_parts(p.detach(), group["matrix_view"], group["split"])
+            ]
+            out[f"group{gi}/lr"] = float(group["lr"])
+            out[f"group{gi}/lr_max"] = max((lr_scale(group["adjust_lr"], group["lr"], s) for s in shapes), default=0.0)
+        return out
 
     # ------------------------------------------------------------------ state
 

@@ -1,0 +1,72 @@
+"""Muon inside ordinary training code: AMP with GradScaler, clipping, compile, schedulers, diagnostics."""
+
+import pytest
+import torch
+from torch import nn
+
+import muonkit
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_amp_gradscaler_clipping_in_the_documented_order():
+    """autocast forward -> scaler.scale(loss).backward() -> scaler.unscale_(opt) -> clip -> scaler.step -> update.
+    An overflowing step is skipped by the scaler (no NonFiniteGradientError), the next one proceeds."""
+    model = _model()
+    opt = muonkit.Muon(muonkit.param_groups(model))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in model.parameters()]
+    for i in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(5, 8)).float().square().mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if i == 1:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        changed = any(not torch.equal(a, p) for a, p in zip(snapshot, model.parameters()))
+        assert changed == (i != 1)
+    assert scaler.get_scale() == 2.0**15
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    eager_model, compiled_model = _model(), _model()
+    eager = muonkit.Muon(muonkit.param_groups(eager_model), nonfinite="ignore")
+    compiled = muonkit.Muon(muonkit.param_groups(compiled_model), nonfinite="ignore")
+    step = torch.compile(compiled.step)
+    for t in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t))
+        for m, o in ((eager_model, eager), (compiled_model, None)):
+            m.zero_grad()
+            m(x).square().mean().backward()
+            if o is not None:
+                o.step()
+        step()
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_diagnostics_without_sync_until_read():
+    model = _model()
+    opt = muonkit.Muon(muonkit.param_groups(model), diagnostics=True, method="svd")
+    with pytest.raises(RuntimeError, match="diagnostics=True"):
+        muonkit.Muon(muonkit.param_groups(model)).stats()
+    model(torch.randn(64, 8)).square().mean().backward()
+    opt.step()
+    assert all(isinstance(t, torch.Tensor) for v in opt._stats.values() for ts in v.values() for t in ts)
+    stats = opt.stats()
+    gi = next(i for i, g in enumerate(opt.param_groups) if g["algorithm"] == "muon")
+    # full-rank gradients (batch 64 > width): the exact polar factor is orthogonal
+    assert stats[f"group{gi}/orth_error"] < 1e-5
+    assert stats[f"group{gi}/lr"] == 0.02 and stats[f"group{gi}/lr_max"] == pytest.approx(0.02 * 2**0.5)
+    # the update of a k x n (k <= n) orthogonal matrix has RMS sqrt(k / (k n)) times the scale
+    assert stats[f"group{gi}/update_rms"] > 0
