@@ -171,7 +171,7 @@ def test_small_model_learns():
 
 
 @pytest.mark.parametrize("coefficients", ["jordan", "polar_express", "you"])
-@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+@pytest.mark.parametrize("method", ["newton_schulz", "gram", "svd"])
 def test_resume_is_bitwise_identical(coefficients, method):
     torch.manual_seed(0)
     model = TinyNet()
