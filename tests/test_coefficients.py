@@ -84,3 +84,23 @@ def test_register_refuses_silent_overwrite():
     with pytest.raises(ValueError, match="exists already"):
         C.register(p)
     assert C.get("jordan").rows == ((3.4445, -4.7750, 2.0315),)
+
+
+def test_saved_preset_is_read_once_per_file_version(tmp_path, monkeypatch):
+    path = tmp_path / "p.json"
+    path.write_text(C.get("you").to_json())
+    reads = []
+    original = C.load_json
+    monkeypatch.setattr(C, "load_json", lambda p: reads.append(p) or original(p))
+    C._load_json_cached.cache_clear()
+    assert C.as_preset(str(path)).rows == C.get("you").rows
+    C.as_preset(str(path))
+    assert len(reads) == 1
+    import os
+
+    stat = path.stat()
+    path.write_text(C.get("jordan").to_json())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert C.as_preset(str(path)).rows == C.get("jordan").rows and len(reads) == 2
+    with pytest.raises(ValueError, match="not found"):
+        C.as_preset(str(tmp_path / "missing.json"))

@@ -104,6 +104,11 @@ class Preset:
         return json.dumps({k: getattr(self, k) for k in fields}, indent=2)
 
 
+@lru_cache(maxsize=64)
+def _load_json_cached(path: str, version: int) -> Preset:
+    return load_json(path)
+
+
 def load_json(path: str | Path) -> Preset:
     """A preset saved by ``Preset.to_json`` (e.g. by ``muonkit coeffs design --save``)."""
     p = Path(path)
@@ -176,7 +181,13 @@ def as_preset(spec: CoefficientSpec) -> Preset:
     if isinstance(spec, Preset):
         return spec
     if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json") and spec not in _PRESETS):
-        return load_json(spec)
+        # The optimizer resolves its coefficients every step: read a saved preset once per file version.
+        path = Path(spec).resolve()
+        try:
+            version = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            raise ValueError(f"coefficient file {path} not found") from None
+        return _load_json_cached(str(path), version)
     if isinstance(spec, str):
         return _resolve_cached(spec)
     try:
