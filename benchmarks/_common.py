@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from muonkit.train.report import environment as report_environment
 
 
 def sync(device: torch.device) -> None:
@@ -50,24 +51,7 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+    return report_environment(str(device))
 
 
 def competitors() -> dict[str, Any]:

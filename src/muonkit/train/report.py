@@ -66,7 +66,8 @@ def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
 
 
 def environment(device: str) -> dict[str, Any]:
-    env = {
+    """Versions and hardware a measurement was taken on (recorded in every results JSON)."""
+    env: dict[str, Any] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -76,6 +77,13 @@ def environment(device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
     return env
 
 
