@@ -73,7 +73,7 @@ def _worker(rank, world, port, out, task):
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model)
-    executor = ReplicatedExecutor()
+    executor = ReplicatedExecutor(exchange="all_reduce" if task == "all_reduce" else "all_gather")
     opt = _optimizer(model, executor)
     first, steps = 0, STEPS
     if task == "resume":
@@ -117,6 +117,24 @@ def _spawn(world, tmp_path, task="train"):
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
 
 
+def test_bad_options_are_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="exchange"):
+        ReplicatedExecutor(exchange="broadcast")
+    with pytest.raises(ValueError, match="comm_dtype"):
+        ReplicatedExecutor(comm_dtype=torch.int8)
+    with pytest.raises(ValueError, match="comm_dtype"):
+        muonkit.Muon([nn.Parameter(torch.zeros(2, 2))], comm_dtype="bf16")
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            ReplicatedExecutor()
+
+
+def test_assign_jobs_carries_load_across_calls():
+    load = [0.0, 0.0]
+    assert assign_jobs([5.0], 2, load) == [0] and load == [5.0, 0.0]
+    assert assign_jobs([1.0, 1.0], 2, load) == [1, 1] and load == [5.0, 2.0]
+
+
 def test_assign_jobs_balances_and_is_deterministic():
     owners = assign_jobs([8, 7, 6, 5, 4, 3, 2, 1], 3)
     loads = [sum(c for c, o in zip([8, 7, 6, 5, 4, 3, 2, 1], owners) if o == r) for r in range(3)]
@@ -135,6 +153,16 @@ def test_ddp_sharded_muon_equals_single_process(world, tmp_path):
     for r in results[1:]:
         assert all(torch.equal(r["state"][k], results[0]["state"][k]) for k in reference)
     assert (results[0]["bytes"] > 0) == (world > 1)
+
+
+def test_all_reduce_exchange_is_equal_and_all_gather_sends_less(tmp_path):
+    gathered = _spawn(3, tmp_path)
+    reduced = _spawn(3, tmp_path, task="all_reduce")
+    reference = _single(STEPS)
+    for name, value in reference.items():
+        assert torch.allclose(reduced[2]["state"][name], value, atol=1e-6, rtol=0), name
+    # ring all-reduce sends 2 (W-1)/W of the buffer, all-gather (W-1)/W (plus padding to the largest share)
+    assert gathered[0]["bytes"] < 0.75 * reduced[0]["bytes"]
 
 
 def test_gradient_accumulation_with_no_sync(tmp_path):

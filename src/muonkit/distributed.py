@@ -1,27 +1,62 @@
 """Sharding Muon's orthogonalization work across ranks (torch.distributed).
 
-Replicated parameters (DDP): after the gradients are averaged every rank holds the same momentum, so
-every rank could orthogonalize every matrix. Instead each batched NS job is given to one rank (greedy
-longest-job-first by NS FLOPs, the same deterministic plan on every rank), the others zero its outputs,
-and one ``all_reduce`` (sum) of the update buffers hands every rank all results. Adding zeros is exact, so
-the weights stay identical across ranks and equal to a single-process run with the same batching.
+Two layouts, one rule: every matrix is orthogonalized whole, on exactly one rank, and the results are
+moved to where they are needed. The maths lives in ``muonkit.optim.functional``; this module only decides
+who computes what and moves tensors (as in microsoft/dion, communication kept apart from the math).
 
-The maths lives in ``muonkit.optim.functional``; this module only decides who computes what and moves
-the results (as in microsoft/dion, communication kept apart from the math).
+*Replicated parameters (DDP)* - ``ReplicatedExecutor``. After DDP averages the gradients every rank holds
+the same momentum. Each batched NS job goes to one rank (longest job first to the least-loaded rank: the
+same deterministic plan on every rank); then one ``all_gather`` per dtype hands every rank all results
+(``exchange="all_reduce"``: the owners' outputs summed with zeros elsewhere, twice the bytes). The weights
+stay identical across ranks and equal to a single-process run with the same batching.
+
+*Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard(0)``)* - ``sharded_muon_step``, used by
+``Muon`` automatically for DTensor parameters. Momentum is kept and updated on the local shards (so the
+optimizer state is sharded like the parameters). Each parameter gets an owner rank (FLOP-balanced); one
+``all_to_all`` per same-shape bucket sends every rank's rows of that bucket's updates to their owners,
+which assemble whole matrices and orthogonalize them in batched calls; a second ``all_to_all`` sends each
+rank its rows of the result. Every element crosses the network once each way. The exchange of the next
+bucket is in flight while a bucket's NS runs. Results are written in the NS dtype and scaled on arrival
+exactly as a single process scales them, so bf16 NS means bf16 traffic back and identical weights.
+
+Bytes counted in ``bytes_communicated`` are what this rank sends to other ranks under ring algorithms:
+``2 (W-1)/W * size`` for an all-reduce, ``(W-1) * chunk`` for an all-gather, the off-rank segments of an
+all-to-all.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .optim.functional import Job
+from .optim.functional import (
+    Job,
+    apply_update,
+    lr_scale,
+    matrix_parts,
+    momentum_update,
+    ns_flops,
+    ns_jobs,
+    run_all,
+)
 
-__all__ = ["ReplicatedExecutor", "assign_jobs", "is_distributed"]
+__all__ = [
+    "EXCHANGES",
+    "ReplicatedExecutor",
+    "assign_jobs",
+    "is_distributed",
+    "is_sharded",
+    "shard_rows",
+    "sharded_muon_step",
+]
+
+EXCHANGES = ("all_gather", "all_reduce")
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -29,35 +64,62 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def assign_jobs(costs: list[float], world_size: int) -> list[int]:
-    """Owner rank of each job: longest job first to the least-loaded rank (ties to the lowest rank)."""
+def assign_jobs(costs: list[float], world_size: int, load: list[float] | None = None) -> list[int]:
+    """Owner rank of each job: longest job first to the least-loaded rank (ties to the lowest rank).
+
+    ``load`` (one number per rank) is the work already assigned; it is updated in place.
+    """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
-    load = [(0.0, r) for r in range(world_size)]
+    start = load if load is not None else [0.0] * world_size
+    heap = [(start[r], r) for r in range(world_size)]
+    heapq.heapify(heap)
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        total, rank = heapq.heappop(load)
+        total, rank = heapq.heappop(heap)
         owners[i] = rank
-        heapq.heappush(load, (total + costs[i], rank))
+        heapq.heappush(heap, (total + costs[i], rank))
+    if load is not None:
+        for total, rank in heap:
+            load[rank] = total
     return owners
 
 
 class ReplicatedExecutor:
-    """Runs this rank's share of the jobs and all-reduces the outputs (see the module docstring).
+    """Runs this rank's share of the jobs and exchanges the outputs (see the module docstring).
+
+    Args:
+        group: process group (default: the world).
+        exchange: ``"all_gather"`` (default) or ``"all_reduce"``.
+        comm_dtype: dtype the results travel in (``None``: the update buffers' dtype, exact). ``torch.bfloat16``
+            halves the bytes at the price of rounding each update to bf16 (relative error <= 2^-9), so ranks
+            still agree with each other but no longer bit-match a single-process run.
 
     ``parts`` asks the step to cut each same-shape batch into ``world_size`` jobs so that a model with
-    few distinct shapes still balances. ``bytes_communicated`` counts what this rank sent in all-reduces.
+    few distinct shapes still balances.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        exchange: str = "all_gather",
+        comm_dtype: torch.dtype | None = None,
+    ):
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        if comm_dtype is not None and not comm_dtype.is_floating_point:
+            raise ValueError(f"comm_dtype must be a floating dtype or None, got {comm_dtype}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
-                "distributed='ddp' needs torch.distributed initialised (e.g. torchrun, or "
-                "torch.distributed.init_process_group) before the first step"
+                "ReplicatedExecutor needs torch.distributed initialised (e.g. torchrun, or "
+                "torch.distributed.init_process_group) before it is created"
             )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.exchange = exchange
+        self.comm_dtype = comm_dtype
         self.parts = self.world_size
         self.bytes_communicated = 0
 
@@ -66,27 +128,317 @@ class ReplicatedExecutor:
         for j, owner in zip(jobs, owners):
             if owner == self.rank:
                 j.run()
-            else:
-                for t in j.outputs:
-                    t.zero_()
         if self.world_size == 1:
             return
-        by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
-        for j in jobs:
+        # outputs of each rank, grouped by (dtype, device); every rank builds the same lists
+        by_kind: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in range(self.world_size)])
+        for j, owner in zip(jobs, owners):
             for t in j.outputs:
-                by_kind[(t.dtype, t.device)].append(t)
-        for tensors in by_kind.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            dist.all_reduce(flat, group=self.group)
-            self.bytes_communicated += flat.numel() * flat.element_size()
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-                offset += t.numel()
+                by_kind[(t.dtype, t.device)][owner].append(t)
+        for (dtype, device), per_rank in by_kind.items():
+            wire = self.comm_dtype or dtype
+            if self.exchange == "all_reduce":
+                self._all_reduce(per_rank, wire, device)
+            else:
+                self._all_gather(per_rank, wire, device)
+
+    def _all_gather(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> None:
+        sizes = [sum(t.numel() for t in ts) for ts in per_rank]
+        chunk = max(sizes)
+        if chunk == 0:
+            return
+        send = torch.zeros(chunk, dtype=wire, device=device)
+        _pack(per_rank[self.rank], send)
+        recv = torch.empty(chunk * self.world_size, dtype=wire, device=device)
+        dist.all_gather_into_tensor(recv, send, group=self.group)
+        self.bytes_communicated += (self.world_size - 1) * chunk * send.element_size()
+        for r, ts in enumerate(per_rank):
+            if ts and (r != self.rank or wire != ts[0].dtype):  # own results too when rounded for the wire
+                _unpack(recv[r * chunk : (r + 1) * chunk], ts)
+
+    def _all_reduce(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> None:
+        tensors = [t for ts in per_rank for t in ts]
+        mine = {id(t) for t in per_rank[self.rank]}
+        flat = torch.zeros(sum(t.numel() for t in tensors), dtype=wire, device=device)
+        offset = 0
+        for t in tensors:
+            if id(t) in mine:
+                flat[offset : offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        dist.all_reduce(flat, group=self.group)
+        self.bytes_communicated += int(2 * (self.world_size - 1) / self.world_size * flat.numel() * flat.element_size())
+        _unpack(flat, tensors)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank (one small all-reduce)."""
-        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return any_rank(flag, self.group)
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True on every rank of ``group`` if ``flag`` is True on any of them (one small all-reduce, one sync)."""
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def _pack(tensors: Sequence[Tensor], flat: Tensor) -> None:
+    offset = 0
+    for t in tensors:
+        flat[offset : offset + t.numel()].copy_(t.reshape(-1))
+        offset += t.numel()
+
+
+def _unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+
+
+# ---------------------------------------------------------------------- sharded parameters (FSDP2 / DTensor)
+
+
+def is_sharded(t: Any) -> bool:
+    """True for a DTensor (FSDP2 ``fully_shard`` parameters and their gradients are DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Any) -> Tensor:
+    """The local shard of a DTensor (a view: in-place changes reach the DTensor); other tensors as they are."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shard_rows(rows: int, world_size: int) -> list[int]:
+    """Rows each rank holds of a dim-0 ``Shard(0)`` placement (torch.chunk: ceil-sized pieces, trailing ranks empty)."""
+    chunk = -(-rows // world_size) if rows else 0
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world_size)]
+
+
+def shard_group(p: Any) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(process group, world size, rank) over which a DTensor's dim 0 is sharded; ``(None, 1, 0)`` if replicated.
+
+    Supported placements: ``Shard(0)`` on one mesh dimension, ``Replicate()`` on any others (FSDP2, HSDP).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    others_ok = all(isinstance(pl, Replicate) for d, pl in enumerate(p.placements) if d not in sharded)
+    if len(sharded) > 1 or not others_ok or (sharded and p.placements[sharded[0]].dim != 0):
+        raise ValueError(
+            f"Muon supports DTensor parameters sharded on dim 0 (FSDP2 fully_shard, Shard(0)) and replicated "
+            f"elsewhere; got placements {tuple(p.placements)} for a parameter of shape {tuple(p.shape)}"
+        )
+    if not sharded:
+        return None, 1, 0
+    mesh = p.device_mesh
+    group = mesh.get_group(sharded[0])
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+class _Bucket:
+    """Parameters of one global shape and dtype, exchanged and orthogonalized together."""
+
+    def __init__(self, index: list[int]):
+        self.index = index
+        self.owner: dict[int, int] = {}
+        self.recv: Tensor | None = None
+        self.work: Any = None
+        self.out_recv: Tensor | None = None
+        self.out_work: Any = None
+
+
+def sharded_muon_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    coefficients: Any,
+    ns_steps: int | None,
+    adjust_lr: Any,
+    eps: float,
+    ns_dtype: torch.dtype | None = None,
+    method: str = "newton_schulz",
+    matrix_view: str = "flatten",
+    split: Any = None,
+    max_batch: int | None = None,
+    comm_dtype: torch.dtype | None = None,
+    stats: dict[str, list[Tensor]] | None = None,
+    counter: list[int] | None = None,
+) -> None:
+    """One Muon step for DTensor parameters sharded on dim 0 (see the module docstring). In place.
+
+    ``comm_dtype`` (``None``: exact) is the dtype updates travel in to their owners; results travel back
+    in the NS dtype when all of a parameter's parts share one lr scale (exact), else in the update dtype.
+    ``counter[0]`` is increased by the bytes this rank sends.
+    """
+    if not params:
+        return
+    local_params = [local(p) for p in params]
+    updates = momentum_update([local(g) for g in grads], [local(b) for b in momentum_buffers], momentum, nesterov)
+    by_group: dict[Any, list[int]] = defaultdict(list)
+    infos = [shard_group(p) for p in params]
+    for i, (group, _, _) in enumerate(infos):
+        by_group[group].append(i)
+    new_updates: list[Tensor | None] = [None] * len(params)
+    options = {
+        "coefficients": coefficients,
+        "ns_steps": ns_steps,
+        "eps": eps,
+        "ns_dtype": ns_dtype,
+        "method": method,
+        "matrix_view": matrix_view,
+        "split": split,
+        "max_batch": max_batch,
+    }
+    for group, index in by_group.items():
+        world, rank = infos[index[0]][1], infos[index[0]][2]
+        if group is None or world == 1:  # replicated DTensors: the local tensor is the whole matrix
+            outs = [torch.empty_like(updates[i]) for i in index]
+            run_all(ns_jobs([updates[i] for i in index], outs, lr=lr, adjust_lr=adjust_lr, stats=stats, **options))
+            for i, o in zip(index, outs):
+                new_updates[i] = o
+            continue
+        exchange = _ShardedExchange(group, world, rank, comm_dtype, counter)
+        for i, o in zip(
+            index, exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, options, stats)
+        ):
+            new_updates[i] = o
+    assert all(u is not None for u in new_updates)
+    apply_update(local_params, new_updates, lr, weight_decay)  # type: ignore[arg-type]
+
+
+class _ShardedExchange:
+    """The two all-to-alls of one process group, pipelined over same-shape buckets."""
+
+    def __init__(self, group: Any, world: int, rank: int, comm_dtype: torch.dtype | None, counter: list[int] | None):
+        self.group, self.world, self.rank = group, world, rank
+        self.comm_dtype = comm_dtype
+        self.counter = counter
+
+    def _a2a(self, send: Tensor, send_splits: list[int], recv_splits: list[int]) -> tuple[Tensor, Any]:
+        recv = torch.empty(sum(recv_splits), dtype=send.dtype, device=send.device)
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=True)
+        if self.counter is not None:
+            self.counter[0] += (sum(send_splits) - send_splits[self.rank]) * send.element_size()
+        return recv, work
+
+    def run(
+        self,
+        params: Sequence[Tensor],
+        updates: Sequence[Tensor],
+        lr: float,
+        adjust_lr: Any,
+        options: dict[str, Any],
+        stats: dict[str, list[Tensor]] | None,
+    ) -> list[Tensor]:
+        world, rank = self.world, self.rank
+        shapes = [tuple(p.shape) for p in params]
+        for u, shape in zip(updates, shapes):
+            expected = shard_rows(shape[0], world)[rank]
+            if u.shape[0] != expected or tuple(u.shape[1:]) != shape[1:]:
+                raise ValueError(
+                    f"a DTensor of shape {shape} has a local shard of shape {tuple(u.shape)} on rank {rank}; "
+                    f"Muon expects torch.chunk-style Shard(0) ({expected} rows here)"
+                )
+        rows = [shard_rows(shape[0], world) for shape in shapes]
+        row_numel = [int(torch.Size(shape[1:]).numel()) for shape in shapes]
+        # per parameter: one lr scale for all its parts? then results travel unscaled in the NS dtype
+        scales: list[set[float]] = []
+        for shape in shapes:
+            parts = matrix_parts(torch.empty(shape, device="meta"), options["matrix_view"], options["split"])
+            scales.append({lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts})
+        uniform = [len(sc) == 1 for sc in scales]
+
+        buckets: dict[tuple, _Bucket] = {}
+        for i, (shape, u) in enumerate(zip(shapes, updates)):
+            buckets.setdefault((shape, u.dtype), _Bucket([])).index.append(i)
+        load = [0.0] * world
+        for b in buckets.values():
+            owners = assign_jobs([float(ns_flops(shapes[i])) for i in b.index], world, load)
+            b.owner = dict(zip(b.index, owners))
+
+        # 1. every bucket's rows go to their owners (all in flight at once; NCCL runs them in order)
+        for b in buckets.values():
+            send_lists = [[updates[i].reshape(-1) for i in b.index if b.owner[i] == r] for r in range(world)]
+            send_splits = [sum(t.numel() for t in ts) for ts in send_lists]
+            recv_splits = [sum(rows[i][s] * row_numel[i] for i in b.index if b.owner[i] == rank) for s in range(world)]
+            wire = self.comm_dtype or updates[b.index[0]].dtype
+            send = (
+                torch.cat([t for ts in send_lists for t in ts]).to(wire)
+                if sum(send_splits)
+                else torch.empty(0, dtype=wire, device=updates[b.index[0]].device)
+            )
+            b.recv, b.work = self._a2a(send, send_splits, recv_splits)
+
+        # 2. per bucket: assemble whole matrices, orthogonalize, send each rank its rows back
+        for b in buckets.values():
+            b.work.wait()
+            mine = [i for i in b.index if b.owner[i] == rank]
+            assert b.recv is not None
+            pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
+            offset = 0
+            for s in range(world):
+                for i in mine:
+                    n = rows[i][s] * row_numel[i]
+                    pieces[i].append(b.recv[offset : offset + n].view(rows[i][s], *shapes[i][1:]))
+                    offset += n
+            dtype = updates[b.index[0]].dtype
+            full = [torch.cat(pieces[i]).to(dtype) for i in mine]
+            work_dtype = options["ns_dtype"] or _default_work(full[0] if full else updates[b.index[0]])
+            uni = uniform[b.index[0]]  # one global shape per bucket, so one answer
+            out_dtype = self.comm_dtype or (work_dtype if uni else dtype)
+            outs = [torch.empty(shapes[i], dtype=out_dtype, device=updates[b.index[0]].device) for i in mine]
+            if mine:
+                if uni:
+                    jobs = ns_jobs(
+                        full, outs, lr=1.0, adjust_lr=None, stats=stats, report_lr=(lr, adjust_lr), **options
+                    )
+                else:
+                    jobs = ns_jobs(full, outs, lr=lr, adjust_lr=adjust_lr, stats=stats, **options)
+                run_all(jobs)
+            send_lists = [[] for _ in range(world)]
+            for r in range(world):
+                for i, o in zip(mine, outs):
+                    start = sum(rows[i][:r])
+                    send_lists[r].append(o[start : start + rows[i][r]].reshape(-1))
+            send_splits = [sum(t.numel() for t in ts) for ts in send_lists]
+            recv_splits = [sum(rows[i][rank] * row_numel[i] for i in b.index if b.owner[i] == s) for s in range(world)]
+            flat = [t for ts in send_lists for t in ts]
+            send = torch.cat(flat) if flat else torch.empty(0, dtype=out_dtype, device=updates[b.index[0]].device)
+            b.out_recv, b.out_work = self._a2a(send, send_splits, recv_splits)
+
+        # 3. unpack this rank's rows of every result, scaled as a single process would scale them
+        results: list[Tensor | None] = [None] * len(params)
+        for b in buckets.values():
+            b.out_work.wait()
+            assert b.out_recv is not None
+            offset = 0
+            for s in range(world):
+                for i in b.index:
+                    if b.owner[i] != s:
+                        continue
+                    n = rows[i][rank] * row_numel[i]
+                    piece = b.out_recv[offset : offset + n].view(updates[i].shape)
+                    offset += n
+                    out = torch.empty_like(updates[i])
+                    if uniform[i]:
+                        torch.mul(piece, next(iter(scales[i])), out=out)
+                    else:
+                        out.copy_(piece)
+                    results[i] = out
+        return [r for r in results if r is not None]
+
+
+def _default_work(t: Tensor) -> torch.dtype:
+    from .newton_schulz import default_ns_dtype
+
+    return default_ns_dtype(t.device, t.dtype)

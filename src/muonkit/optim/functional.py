@@ -28,10 +28,16 @@ __all__ = [
     "ADJUST_LR_MODES",
     "MATRIX_VIEWS",
     "AdjustLR",
+    "Job",
     "adamw_step",
+    "apply_update",
     "lr_scale",
     "matrix_parts",
+    "momentum_update",
     "muon_step",
+    "ns_flops",
+    "ns_jobs",
+    "run_all",
     "split_sizes",
 ]
 
@@ -107,6 +113,102 @@ def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
     return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
 
 
+def momentum_update(
+    grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float, nesterov: bool
+) -> list[Tensor]:
+    """Advance the momentum buffers in place; return the updates to orthogonalize (Nesterov blend or the buffers)."""
+    grads32 = [g.to(b.dtype) for g, b in zip(grads, momentum_buffers)]
+    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
+    return list(torch._foreach_lerp(grads32, list(momentum_buffers), momentum)) if nesterov else list(momentum_buffers)
+
+
+def ns_jobs(
+    updates: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    *,
+    lr: float,
+    coefficients: CoefficientSpec,
+    ns_steps: int | None,
+    adjust_lr: AdjustLR,
+    eps: float,
+    ns_dtype: torch.dtype | None = None,
+    method: str = "newton_schulz",
+    matrix_view: str = "flatten",
+    split: SplitSpec = None,
+    max_batch: int | None = None,
+    parts: int = 1,
+    stats: dict[str, list[Tensor]] | None = None,
+    report_lr: tuple[float, AdjustLR] | None = None,
+) -> list[Job]:
+    """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * orthogonalize(u)`` into
+    ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an executor.
+
+    Matrices of the same shape, dtype and device (after flattening and splitting) are stacked into calls of
+    at most ``max_batch`` (``None``: all, cut into ``parts`` pieces so that a distributed executor can
+    balance few shapes). ``report_lr = (lr, adjust_lr)`` is what the statistics' update RMS uses when the
+    outputs are written unscaled (``lr=1, adjust_lr=None``) and scaled later.
+    """
+    batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    for u, out in zip(updates, outputs):
+        for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
+            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
+
+    preset = as_preset(coefficients)
+    rows = preset.schedule(ns_steps)
+
+    def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
+        stacked = torch.stack([src for src, _ in pairs])
+        if stacked.numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
+            for _, dst in pairs:
+                dst.zero_()
+            return
+        if method == "svd":
+            ortho = orthogonalize(stacked, method="svd")
+        else:
+            flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
+            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
+        for (_, dst), o in zip(pairs, ortho.unbind(0)):
+            torch.mul(o, scale, out=dst)  # scale and cast in one pass
+        if stats is not None:
+            O = ortho.reshape(-1, *shape[-2:]).float()
+            O = O.mT if O.shape[-2] > O.shape[-1] else O
+            k = O.shape[-2]
+            gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
+            stats.setdefault("orth_error", []).append(gram_err.max())
+            stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
+
+    jobs: list[Job] = []
+    for (shape, dtype, device), all_pairs in batches.items():
+        scale = lr_scale(adjust_lr, lr, shape[-2:])
+        rms = scale if report_lr is None else lr_scale(report_lr[1], report_lr[0], shape[-2:])
+        work = ns_dtype or default_ns_dtype(device, dtype)
+        chunk = max_batch or math.ceil(len(all_pairs) / parts)
+        per_matrix = ns_flops(shape)
+        for start in range(0, len(all_pairs), chunk):
+            pairs = all_pairs[start : start + chunk]
+            jobs.append(
+                Job(
+                    cost=float(per_matrix * len(pairs)),
+                    run=functools.partial(job, pairs, shape, work, scale, rms),
+                    outputs=[dst for _, dst in pairs],
+                )
+            )
+    return jobs
+
+
+def ns_flops(shape: Sequence[int], steps: int = 1) -> int:
+    """FLOPs of ``steps`` standard quintic NS steps on a (batch of) matrix of ``shape``: 4 m^2 n + 2 m^3, m <= n."""
+    m, n = sorted(shape[-2:])
+    return (4 * m * m * n + 2 * m**3) * math.prod(shape[:-2]) * steps
+
+
+def apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float) -> None:
+    """``p <- p (1 - lr wd) - update`` for every parameter (the update already carries its lr)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
+    torch._foreach_sub_(list(params), [u.to(p.dtype) for u, p in zip(updates, params)])
+
+
 def muon_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -141,64 +243,28 @@ def muon_step(
     """
     if not params:
         return
-    grads32 = [g.to(b.dtype) for g, b in zip(grads, momentum_buffers)]
-    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
-    updates = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
-
-    # One contiguous output per parameter (so the reshaped/split views below alias it, whatever the
+    updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
+    # One contiguous output per parameter (so the reshaped/split views alias it, whatever the
     # parameter's memory format), filled part by part from batched NS results.
     outputs = [torch.empty(u.shape, dtype=u.dtype, device=u.device) for u in updates]
-    batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-    for u, out in zip(updates, outputs):
-        for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
-            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
-
-    preset = as_preset(coefficients)
-    rows = preset.schedule(ns_steps)
-
-    def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float) -> None:
-        stacked = torch.stack([src for src, _ in pairs])
-        if stacked.numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
-            for _, dst in pairs:
-                dst.zero_()
-            return
-        if method == "svd":
-            ortho = orthogonalize(stacked, method="svd")
-        else:
-            flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
-            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
-        for (_, dst), o in zip(pairs, ortho.unbind(0)):
-            torch.mul(o, scale, out=dst)  # scale and cast back in one pass
-        if stats is not None:
-            O = ortho.reshape(-1, *shape[-2:]).float()
-            O = O.mT if O.shape[-2] > O.shape[-1] else O
-            k = O.shape[-2]
-            gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
-            stats.setdefault("orth_error", []).append(gram_err.max())
-            stats.setdefault("update_rms", []).append(scale * O.square().mean().sqrt())
-
-    jobs: list[Job] = []
-    for (shape, dtype, device), all_pairs in batches.items():
-        scale = lr_scale(adjust_lr, lr, shape[-2:])
-        work = ns_dtype or default_ns_dtype(device, dtype)
-        # a distributed executor asks for each batch in `parts` pieces, so that few shapes still balance
-        chunk = max_batch or math.ceil(len(all_pairs) / getattr(executor, "parts", 1))
-        m, n = sorted(shape[-2:])
-        per_matrix = (4 * m * m * n + 2 * m**3) * math.prod(shape[:-2])  # NS FLOPs per step, for balancing
-        for start in range(0, len(all_pairs), chunk):
-            pairs = all_pairs[start : start + chunk]
-            jobs.append(
-                Job(
-                    cost=float(per_matrix * len(pairs)),
-                    run=functools.partial(job, pairs, shape, work, scale),
-                    outputs=[dst for _, dst in pairs],
-                )
-            )
+    jobs = ns_jobs(
+        updates,
+        outputs,
+        lr=lr,
+        coefficients=coefficients,
+        ns_steps=ns_steps,
+        adjust_lr=adjust_lr,
+        eps=eps,
+        ns_dtype=ns_dtype,
+        method=method,
+        matrix_view=matrix_view,
+        split=split,
+        max_batch=max_batch,
+        parts=getattr(executor, "parts", 1),
+        stats=stats,
+    )
     (executor or run_all)(jobs)
-
-    if weight_decay != 0:
-        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
-    torch._foreach_sub_(list(params), [o.to(p.dtype) for o, p in zip(outputs, params)])
+    apply_update(params, outputs, lr, weight_decay)
 
 
 def adamw_step(

@@ -74,6 +74,12 @@ class Muon(Optimizer):
         executor: who runs the batched NS jobs. ``None``: all of them here. With replicated parameters
             under torch.distributed (DDP), ``muonkit.distributed.ReplicatedExecutor()`` gives each rank a
             FLOP-balanced share and exchanges the results; the non-finite check then agrees across ranks.
+            Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard(0)``) need no executor: each whole
+            matrix is assembled on one owner rank, orthogonalized there and its rows sent back (two
+            all-to-alls per same-shape bucket; see ``muonkit.distributed``); the state is sharded like the
+            parameters, so ``torch.distributed.checkpoint`` saves and reshards it.
+        comm_dtype: dtype in which sharded parameters' updates travel to their owners (``None``: exact;
+            ``torch.bfloat16`` halves those bytes). Results come back in the NS dtype either way.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class Muon(Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         executor: Executor | None = None,
+        comm_dtype: torch.dtype | None = None,
         diagnostics: bool = False,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
@@ -107,6 +114,10 @@ class Muon(Optimizer):
         self.nonfinite = nonfinite
         self.nonfinite_skips = 0
         self.executor = executor
+        if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
+            raise ValueError(f"comm_dtype must be None or a floating torch.dtype, got {comm_dtype!r}")
+        self.comm_dtype = comm_dtype
+        self._sharded_bytes = [0]
         self.diagnostics = diagnostics
         self._stats: dict[int, dict[str, list[Tensor]]] = {}
         self._adamw_defaults = {
@@ -219,7 +230,7 @@ class Muon(Optimizer):
             if p.is_complex():
                 raise ValueError(f"parameter {name} is complex; Muon supports real parameters only")
             try:
-                matrix_parts(p.detach(), group["matrix_view"], group["split"])
+                matrix_parts(_meta(p), group["matrix_view"], group["split"])
             except ValueError as err:
                 raise ValueError(f"parameter {name} of shape {tuple(p.shape)}: {err}") from None
 
@@ -249,7 +260,7 @@ class Muon(Optimizer):
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
             return []
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).cpu()  # one host sync
+        finite = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).cpu()  # one host sync
         if bool(finite.all()):
             return []
         names = []
@@ -273,6 +284,8 @@ class Muon(Optimizer):
         if self.nonfinite != "ignore":
             bad = self._nonfinite_names(gathered)
             any_rank = getattr(self.executor, "any_rank", None)
+            if any_rank is None and self._has_sharded():
+                from ..distributed import any_rank  # every rank holding shards must take the same decision
             if any_rank is not None and any_rank(bool(bad)) and not bad:
                 bad = ["(a parameter on another rank)"]  # every rank must take the same decision
             if bad:
@@ -301,12 +314,36 @@ class Muon(Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 dtype = group["momentum_dtype"] or p.dtype
-                state["momentum_buffer"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             bufs.append(state["momentum_buffer"])
+        sharded = [_is_dtensor(p) for p in params]
+        if any(sharded):
+            from ..distributed import sharded_muon_step
+
+            pick = lambda xs, want: [x for x, s in zip(xs, sharded) if s == want]
+            sharded_muon_step(
+                pick(params, True),
+                pick(grads, True),
+                pick(bufs, True),
+                **self._muon_options(group),
+                comm_dtype=self.comm_dtype,
+                stats=stats,
+                counter=self._sharded_bytes,
+            )
+            params, grads, bufs = pick(params, False), pick(grads, False), pick(bufs, False)
         muon_step(
             params,
             grads,
             bufs,
+            **self._muon_options(group),
+            executor=self.executor,
+            stats=stats,
+        )
+
+    @staticmethod
+    def _muon_options(group: dict[str, Any]) -> dict[str, Any]:
+        return dict(
             lr=group["lr"],
             momentum=group["momentum"],
             nesterov=group["nesterov"],
@@ -320,9 +357,15 @@ class Muon(Optimizer):
             matrix_view=group["matrix_view"],
             split=group["split"],
             max_batch=group.get("max_batch"),
-            executor=self.executor,
-            stats=stats,
         )
+
+    def _has_sharded(self) -> bool:
+        return any(_is_dtensor(p) for g in self.param_groups for p in g["params"])
+
+    @property
+    def bytes_communicated(self) -> int:
+        """Bytes this rank has sent for Muon's exchanges (sharded parameters and the executor, if any)."""
+        return self._sharded_bytes[0] + int(getattr(self.executor, "bytes_communicated", 0))
 
     def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -336,11 +379,11 @@ class Muon(Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
-        adamw_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
+        adamw_step(  # elementwise: sharded tensors take the step on their local shards
+            [_local(p) for p in params],
+            [_local(g) for g in grads],
+            [_local(m) for m in exp_avgs],
+            [_local(v) for v in exp_avg_sqs],
             steps,
             lr=group["lr"],
             beta1=beta1,
@@ -367,7 +410,7 @@ class Muon(Optimizer):
             shapes = [
                 (int(part.shape[-2]), int(part.shape[-1]))
                 for p in group["params"]
-                for part in matrix_parts(p.detach(), group["matrix_view"], group["split"])
+                for part in matrix_parts(_meta(p), group["matrix_view"], group["split"])
             ]
             out[f"group{gi}/lr"] = float(group["lr"])
             out[f"group{gi}/lr_max"] = max((lr_scale(group["adjust_lr"], group["lr"], s) for s in shapes), default=0.0)
@@ -394,6 +437,19 @@ class Muon(Optimizer):
                 if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _meta(p: Tensor) -> Tensor:
+    """A storage-free stand-in with ``p``'s global shape (for shape checks that must not touch DTensors)."""
+    return torch.empty(p.shape, device="meta")
 
 
 def _is_nonneg(x: Any) -> bool:

@@ -1,0 +1,189 @@
+"""Muon on FSDP2 (``fully_shard``) parameters, CPU + gloo, several processes.
+
+FSDP2 shards every parameter on dim 0 as a DTensor; Muon assembles each matrix on one owner rank,
+orthogonalizes it there and sends the rows back. These tests check that the result equals a
+single-process run, that a NaN on one rank stops every rank, and that a checkpoint written with
+``torch.distributed.checkpoint`` at one world size continues the same trajectory at another.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import muonkit
+from muonkit.distributed import shard_rows
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
+    pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
+
+BATCH = 12
+STEPS = 4
+D = 10
+
+
+class Net(nn.Module):
+    """Shapes chosen so shards are uneven (22 rows over 3 or 4 ranks), fused QKV parts straddle shard
+    boundaries, and one split has parts with different lr scales (``kv``: 16 + 8 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, D)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.kv = nn.Linear(D, 24, bias=False)
+        self.fc = nn.Linear(D, 22)
+        self.fc2 = nn.Linear(22, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 16)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = h + torch.softmax(q @ k.mT / 3.0, -1) @ v
+        h = h + self.kv(h)[..., :D]
+        h = h + self.fc2(torch.relu(self.fc(self.norm(h))))
+        return self.head(h)
+
+
+def _batch(t):
+    gen = torch.Generator().manual_seed(100 + t)
+    x = torch.randint(0, 16, (BATCH, 6), generator=gen)
+    return x, (x * 5 + 3) % 16
+
+
+def _optimizer(model, **kw):
+    groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
+    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
+
+
+def _single(steps):
+    torch.manual_seed(0)
+    model = Net()
+    opt = _optimizer(model)
+    for t in range(steps):
+        x, y = _batch(t)
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_state(model):
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def _worker(rank, world, port, out, task):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Net()
+    for module in (model.qkv, model.kv, model.fc, model.fc2, model.head):
+        fully_shard(module)
+    fully_shard(model)
+    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {}
+    opt = _optimizer(model, **kw)
+    first, steps = 0, STEPS
+    if task == "resume":
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=out + ".dcp")
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        first = 2
+    if task == "save":
+        steps = 2
+    result = {}
+    try:
+        for t in range(first, steps):
+            x, y = _batch(t)
+            per = BATCH // world
+            opt.zero_grad()
+            _loss(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+            if task == "nan" and rank == world - 1:
+                model.fc.weight.grad.to_local()[0, 0] = float("nan")  # only this rank's shard sees it
+            opt.step()
+    except muonkit.NonFiniteGradientError as err:
+        result["error"] = str(err)
+    if task == "save":
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=out + ".dcp")
+    result["state"] = _full_state(model)
+    result["bytes"] = opt.bytes_communicated
+    buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
+    result["buffer_local_rows"] = None if buf is None else buf.to_local().shape[0]
+    torch.save(result, f"{out}.rank{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path, task="train"):
+    out = str(tmp_path / "run")
+    mp.spawn(_worker, args=(world, _free_port(), out, task), nprocs=world, join=True)
+    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+
+
+def _assert_close(results, reference, atol):
+    for r in results:
+        for name, value in reference.items():
+            assert torch.allclose(r["state"][name], value, atol=atol, rtol=0), name
+
+
+def test_shard_rows_follow_torch_chunk():
+    for rows in range(0, 13):
+        for world in range(1, 6):
+            expected = [len(c) for c in torch.empty(rows).chunk(world)] if rows else []
+            expected += [0] * (world - len(expected))
+            assert shard_rows(rows, world) == expected, (rows, world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_fsdp2_muon_equals_single_process(world, tmp_path):
+    results = _spawn(world, tmp_path)
+    _assert_close(results, _single(STEPS), atol=1e-6)
+    # the momentum is sharded like the weight (22 rows: chunks of 11 or 8), and ranks > 1 exchanged rows
+    assert results[0]["buffer_local_rows"] == shard_rows(22, world)[0]
+    assert (results[0]["bytes"] > 0) == (world > 1)
+
+
+def test_fsdp2_bf16_comm_stays_close(tmp_path):
+    results = _spawn(2, tmp_path, task="bf16")
+    _assert_close(results, _single(STEPS), atol=2e-3)
+    exact = _spawn(2, tmp_path, task="train")
+    assert results[0]["bytes"] < exact[0]["bytes"]  # updates travel to their owners in half the bytes
+
+
+def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(tmp_path):
+    results = _spawn(2, tmp_path, task="nan")
+    assert all("error" in r for r in results)
+    assert "another rank" in results[0]["error"] and "'fc.weight'" in results[1]["error"]
+    # nothing was updated: the weights still equal the untrained model
+    torch.manual_seed(0)
+    fresh = Net().state_dict()
+    assert all(torch.equal(results[0]["state"][k], v) for k, v in fresh.items())
+
+
+@pytest.mark.parametrize("resume_world", [3, 1])
+def test_fsdp2_checkpoint_at_two_ranks_resumes_at_another_world_size(resume_world, tmp_path):
+    _spawn(2, tmp_path, task="save")
+    results = _spawn(resume_world, tmp_path, task="resume")
+    _assert_close(results, _single(STEPS), atol=1e-6)
