@@ -1,12 +1,21 @@
-"""Distributed Muon step: time and bytes per step vs world size, sharded NS work vs every rank doing all of it.
+"""Distributed Muon step: time, bytes and state per rank vs world size, for each way of spreading the NS work.
 
 Run with torchrun (gloo on CPU, nccl on GPUs); rank 0 prints a table and writes JSON:
 
     torchrun --nproc-per-node 2 benchmarks/distributed.py --set small-cpu --out dist_cpu_2.json
-    torchrun --nproc-per-node 4 benchmarks/distributed.py --set gpt2-small --out dist_gpu_4.json   # GPUs
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc-per-node 4 benchmarks/distributed.py --set gpt2-small --out dist_gpu_4.json
 
-Replicated parameters with identical gradients on every rank (what DDP produces after its all-reduce);
-the gradient all-reduce itself is not timed, only the optimizer step.
+Modes, all from the same parameters and gradients (the gradients every rank holds after DDP's all-reduce,
+or their Shard(0) pieces for FSDP2; gradient communication itself is not timed, only ``opt.step()``):
+
+* ``naive``: every rank orthogonalizes every matrix (what a plain optimizer under DDP does);
+* ``ddp-all_gather`` / ``ddp-all_reduce``: ``ReplicatedExecutor`` with each exchange;
+* ``fsdp2`` / ``fsdp2-bf16``: DTensor ``Shard(0)`` parameters (as ``fully_shard`` makes them); updates travel
+  to their owners in fp32 / bf16, results come back in the NS dtype.
+
+``max_rel_diff`` compares each mode's weights after all its steps with the naive mode's (= a single-device
+run): 0 up to rounding for the exact modes.
 """
 
 from __future__ import annotations
@@ -28,12 +37,40 @@ SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
     "1b": (16, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
 }
+MODES = ("naive", "ddp-all_gather", "ddp-all_reduce", "fsdp2", "fsdp2-bf16")
+
+
+def _make(mode, base, grads, device):
+    """Parameters (with gradients) and the optimizer for one mode."""
+    if mode.startswith("fsdp2"):
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        params = []
+        for b, g in zip(base, grads):
+            p = torch.nn.Parameter(distribute_tensor(b.clone(), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            params.append(p)
+        comm = torch.bfloat16 if mode == "fsdp2-bf16" else None
+        return params, muonkit.Muon(params, nonfinite="ignore", comm_dtype=comm)
+    params = []
+    for b, g in zip(base, grads):
+        p = torch.nn.Parameter(b.clone())
+        p.grad = g
+        params.append(p)
+    executor = None if mode == "naive" else ReplicatedExecutor(exchange=mode.split("-")[1])
+    return params, muonkit.Muon(params, nonfinite="ignore", executor=executor)
+
+
+def _full(p):
+    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="small-cpu", choices=list(SETS))
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default="distributed.json")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -44,16 +81,14 @@ def main() -> None:
         torch.cuda.set_device(device)
     layers, shapes = SETS[args.set]
     gen = torch.Generator().manual_seed(0)  # the same parameters and gradients on every rank
-    params = []
+    base, grads = [], []
     for _ in range(layers):
         for shape in shapes:
-            p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
-            p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
-            params.append(p)
-    rows = []
-    for mode in ("every rank, all matrices", "sharded (ReplicatedExecutor)"):
-        executor = ReplicatedExecutor() if mode.startswith("sharded") else None
-        opt = muonkit.Muon(params, nonfinite="ignore", executor=executor)
+            base.append((torch.randn(shape, generator=gen) * 0.02).to(device))
+            grads.append((torch.randn(shape, generator=gen) * 1e-3).to(device))
+    rows, reference = [], None
+    for mode in args.modes.split(","):
+        params, opt = _make(mode, base, grads, device)
         opt.step()
         times = []
         for _ in range(args.reps):
@@ -65,13 +100,31 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(1e3 * (time.perf_counter() - t0))
-        sent = executor.bytes_communicated / (args.reps + 1) if executor else 0
-        rows.append({"mode": mode, "world_size": world, "ms": statistics.median(times), "bytes_per_step": sent})
+        final = [_full(p) for p in params]
+        if reference is None:
+            reference = final
+        diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(final, reference))
+        state = sum(muonkit.distributed.local(s["momentum_buffer"]).numel() * 4 for s in opt.state.values())
+        rows.append(
+            {
+                "mode": mode,
+                "world_size": world,
+                "ms": statistics.median(times),
+                "ms_min": min(times),
+                "bytes_per_step": opt.bytes_communicated / (args.reps + 1),
+                "state_bytes_per_rank": state,
+                "max_rel_diff_vs_first_mode": diff,
+            }
+        )
+        del params, opt
     if rank == 0:
-        print(f"set {args.set}, {world} rank(s), {'nccl' if cuda else 'gloo'}")
-        print(f"{'mode':<30} {'ms/step':>9} {'MB sent/step':>13}")
+        print(f"set {args.set}, {world} rank(s), {'nccl' if cuda else 'gloo'}; reference for diffs: {rows[0]['mode']}")
+        print(f"{'mode':<16} {'ms/step':>9} {'MB sent/step':>13} {'state MB/rank':>14} {'max rel diff':>13}")
         for r in rows:
-            print(f"{r['mode']:<30} {r['ms']:>9.2f} {r['bytes_per_step'] / 2**20:>13.2f}")
+            print(
+                f"{r['mode']:<16} {r['ms']:>9.2f} {r['bytes_per_step'] / 2**20:>13.2f} "
+                f"{r['state_bytes_per_rank'] / 2**20:>14.1f} {r['max_rel_diff_vs_first_mode']:>13.2e}"
+            )
         write_json(args.out, {"environment": environment(device), "set": args.set, "rows": rows})
     dist.barrier()
     dist.destroy_process_group()
