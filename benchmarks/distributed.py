@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default="distributed.json")
+    ap.add_argument("--profile", action="store_true", help="rank 0 prints a torch.profiler table of one step per mode")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -100,6 +101,18 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(1e3 * (time.perf_counter() - t0))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
+            if rank == 0:
+                key = "cuda_time_total" if cuda else "cpu_time_total"
+                print(f"--- profile: {mode}")
+                print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
         final = [_full(p) for p in params]
         if reference is None:
             reference = final

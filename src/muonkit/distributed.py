@@ -6,9 +6,11 @@ who computes what and moves tensors (as in microsoft/dion, communication kept ap
 
 *Replicated parameters (DDP)* - ``ReplicatedExecutor``. After DDP averages the gradients every rank holds
 the same momentum. Each batched NS job goes to one rank (longest job first to the least-loaded rank: the
-same deterministic plan on every rank); then one ``all_gather`` per dtype hands every rank all results
-(``exchange="all_reduce"``: the owners' outputs summed with zeros elsewhere, twice the bytes). The weights
-stay identical across ranks and equal to a single-process run with the same batching.
+same deterministic plan on every rank); then ``all_gather`` hands every rank all results
+(``exchange="all_reduce"``: the owners' outputs summed with zeros elsewhere, twice the bytes). The exchange
+of one shape's results starts as soon as they are computed (asynchronously, so on NCCL it overlaps the
+next shape's NS); shapes whose shares are too uneven for an all-gather wait and travel with the next.
+The weights stay identical across ranks and equal to a single-process run with the same batching.
 
 *Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard(0)``)* - ``sharded_muon_step``, used by
 ``Muon`` automatically for DTensor parameters. Momentum is kept and updated on the local shards (so the
@@ -125,38 +127,60 @@ class ReplicatedExecutor:
 
     def __call__(self, jobs: list[Job]) -> None:
         owners = assign_jobs([j.cost for j in jobs], self.world_size)
-        for j, owner in zip(jobs, owners):
-            if owner == self.rank:
-                j.run()
         if self.world_size == 1:
+            for j in jobs:
+                j.run()
             return
-        # outputs of each rank, grouped by (dtype, device); every rank builds the same lists
-        by_kind: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in range(self.world_size)])
-        for j, owner in zip(jobs, owners):
-            for t in j.outputs:
-                by_kind[(t.dtype, t.device)][owner].append(t)
-        for (dtype, device), per_rank in by_kind.items():
-            wire = self.comm_dtype or dtype
-            if self.exchange == "all_reduce":
-                self._all_reduce(per_rank, wire, device)
-            else:
-                self._all_gather(per_rank, wire, device)
+        # One exchange per batch key (same-shape matrices), started as soon as this rank has computed its
+        # part of it, so that on NCCL it overlaps the next key's NS. Every rank builds the same lists.
+        rounds: dict[Any, list[int]] = defaultdict(list)
+        for k, j in enumerate(jobs):
+            rounds[j.key].append(k)
+        pending, ready = [], []
+        groups = list(rounds.values())
+        for n, index in enumerate(groups):
+            for k in index:
+                if owners[k] == self.rank:
+                    jobs[k].run()
+            ready += index
+            # an all-gather pads every rank to the largest share: wait for more rounds while that wastes > 25%
+            share = [0] * self.world_size
+            for k in ready:
+                share[owners[k]] += sum(t.numel() for t in jobs[k].outputs)
+            if n + 1 < len(groups) and max(share) * self.world_size > 1.25 * sum(share):
+                continue
+            by_kind: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in range(self.world_size)])
+            for k in ready:
+                for t in jobs[k].outputs:
+                    by_kind[(t.dtype, t.device)][owners[k]].append(t)
+            for (dtype, device), per_rank in by_kind.items():
+                wire = self.comm_dtype or dtype
+                start = self._all_reduce if self.exchange == "all_reduce" else self._all_gather
+                pending.append(start(per_rank, wire, device))
+            ready = []
+        for finish in pending:
+            finish()
 
-    def _all_gather(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> None:
+    def _all_gather(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> Any:
         sizes = [sum(t.numel() for t in ts) for ts in per_rank]
         chunk = max(sizes)
         if chunk == 0:
-            return
+            return lambda: None
         send = torch.zeros(chunk, dtype=wire, device=device)
         _pack(per_rank[self.rank], send)
         recv = torch.empty(chunk * self.world_size, dtype=wire, device=device)
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        work = dist.all_gather_into_tensor(recv, send, group=self.group, async_op=True)
         self.bytes_communicated += (self.world_size - 1) * chunk * send.element_size()
-        for r, ts in enumerate(per_rank):
-            if ts and (r != self.rank or wire != ts[0].dtype):  # own results too when rounded for the wire
-                _unpack(recv[r * chunk : (r + 1) * chunk], ts)
 
-    def _all_reduce(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> None:
+        def finish() -> None:
+            work.wait()
+            for r, ts in enumerate(per_rank):
+                if ts and (r != self.rank or wire != ts[0].dtype):  # own results too when rounded for the wire
+                    _unpack(recv[r * chunk : (r + 1) * chunk], ts)
+
+        return finish
+
+    def _all_reduce(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> Any:
         tensors = [t for ts in per_rank for t in ts]
         mine = {id(t) for t in per_rank[self.rank]}
         flat = torch.zeros(sum(t.numel() for t in tensors), dtype=wire, device=device)
@@ -165,9 +189,14 @@ class ReplicatedExecutor:
             if id(t) in mine:
                 flat[offset : offset + t.numel()].copy_(t.reshape(-1))
             offset += t.numel()
-        dist.all_reduce(flat, group=self.group)
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.bytes_communicated += int(2 * (self.world_size - 1) / self.world_size * flat.numel() * flat.element_size())
-        _unpack(flat, tensors)
+
+        def finish() -> None:
+            work.wait()
+            _unpack(flat, tensors)
+
+        return finish
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank (one small all-reduce)."""
@@ -182,18 +211,20 @@ def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     return bool(t.item())
 
 
+def _views(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive pieces of ``flat`` shaped like ``tensors``."""
+    pieces = flat[: sum(t.numel() for t in tensors)].split([t.numel() for t in tensors])
+    return [v.view(t.shape) for v, t in zip(pieces, tensors)]
+
+
 def _pack(tensors: Sequence[Tensor], flat: Tensor) -> None:
-    offset = 0
-    for t in tensors:
-        flat[offset : offset + t.numel()].copy_(t.reshape(-1))
-        offset += t.numel()
+    if tensors:
+        torch._foreach_copy_(_views(flat, tensors), list(tensors))  # one multi-tensor copy (casts too)
 
 
 def _unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
+    if tensors:
+        torch._foreach_copy_(list(tensors), _views(flat, tensors))
 
 
 # ---------------------------------------------------------------------- sharded parameters (FSDP2 / DTensor)
@@ -210,7 +241,10 @@ def is_sharded(t: Any) -> bool:
 
 def local(t: Any) -> Tensor:
     """The local shard of a DTensor (a view: in-place changes reach the DTensor); other tensors as they are."""
-    return t.to_local() if is_sharded(t) else t
+    if not is_sharded(t):
+        return t
+    # the DTensor's own local tensor: to_local() is an autograd function, measurable overhead per call
+    return t._local_tensor if hasattr(t, "_local_tensor") else t.to_local()
 
 
 def shard_rows(rows: int, world_size: int) -> list[int]:
@@ -224,6 +258,10 @@ def shard_group(p: Any) -> tuple[dist.ProcessGroup | None, int, int]:
 
     Supported placements: ``Shard(0)`` on one mesh dimension, ``Replicate()`` on any others (FSDP2, HSDP).
     """
+    key = (id(p.device_mesh), tuple(p.placements))
+    cached = _GROUPS.get(key)
+    if cached is not None and cached[0] is p.device_mesh:  # the same live mesh, not a reused id
+        return cached[1]
     from torch.distributed.tensor import Replicate, Shard
 
     sharded = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
@@ -234,18 +272,30 @@ def shard_group(p: Any) -> tuple[dist.ProcessGroup | None, int, int]:
             f"elsewhere; got placements {tuple(p.placements)} for a parameter of shape {tuple(p.shape)}"
         )
     if not sharded:
-        return None, 1, 0
-    mesh = p.device_mesh
-    group = mesh.get_group(sharded[0])
-    return group, dist.get_world_size(group), dist.get_rank(group)
+        found: tuple[Any, int, int] = (None, 1, 0)
+    else:
+        group = p.device_mesh.get_group(sharded[0])
+        found = (group, dist.get_world_size(group), dist.get_rank(group))
+    _GROUPS[key] = (p.device_mesh, found)
+    return found
+
+
+_GROUPS: dict[tuple, tuple[Any, tuple[Any, int, int]]] = {}  # (mesh id, placements) -> (mesh, answer)
 
 
 class _Bucket:
-    """Parameters of one global shape and dtype, exchanged and orthogonalized together."""
+    """Parameters of one global shape and dtype, exchanged and orthogonalized together.
 
-    def __init__(self, index: list[int]):
-        self.index = index
-        self.owner: dict[int, int] = {}
+    ``order`` lists the bucket's parameters sorted by owner rank, so that every buffer below is one
+    stacked tensor: rank r's rows of all the bucket's updates are ``(n, rows_r, cols)`` with the
+    parameters owned by rank 0 first, and the owner's whole matrices are ``(n_mine, rows, cols)``.
+    """
+
+    def __init__(self, shape: tuple[int, ...], index: list[int], owners: list[int], world: int):
+        self.shape = shape
+        pairs = sorted(zip(owners, index))  # stable by owner, then by position
+        self.order = [i for _, i in pairs]
+        self.count = [sum(1 for o, _ in pairs if o == r) for r in range(world)]
         self.recv: Tensor | None = None
         self.work: Any = None
         self.out_recv: Tensor | None = None
@@ -341,101 +391,115 @@ class _ShardedExchange:
         stats: dict[str, list[Tensor]] | None,
     ) -> list[Tensor]:
         world, rank = self.world, self.rank
-        shapes = [tuple(p.shape) for p in params]
-        for u, shape in zip(updates, shapes):
-            expected = shard_rows(shape[0], world)[rank]
-            if u.shape[0] != expected or tuple(u.shape[1:]) != shape[1:]:
-                raise ValueError(
-                    f"a DTensor of shape {shape} has a local shard of shape {tuple(u.shape)} on rank {rank}; "
-                    f"Muon expects torch.chunk-style Shard(0) ({expected} rows here)"
-                )
-        rows = [shard_rows(shape[0], world) for shape in shapes]
-        row_numel = [int(torch.Size(shape[1:]).numel()) for shape in shapes]
-        # per parameter: one lr scale for all its parts? then results travel unscaled in the NS dtype
-        scales: list[set[float]] = []
-        for shape in shapes:
-            parts = matrix_parts(torch.empty(shape, device="meta"), options["matrix_view"], options["split"])
-            scales.append({lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts})
-        uniform = [len(sc) == 1 for sc in scales]
-
-        buckets: dict[tuple, _Bucket] = {}
-        for i, (shape, u) in enumerate(zip(shapes, updates)):
-            buckets.setdefault((shape, u.dtype), _Bucket([])).index.append(i)
+        groups: dict[tuple, list[int]] = {}
+        for i, (p, u) in enumerate(zip(params, updates)):
+            groups.setdefault((tuple(p.shape), u.dtype), []).append(i)
         load = [0.0] * world
-        for b in buckets.values():
-            owners = assign_jobs([float(ns_flops(shapes[i])) for i in b.index], world, load)
-            b.owner = dict(zip(b.index, owners))
+        buckets = []
+        for (shape, _), index in groups.items():
+            rows = shard_rows(shape[0], world)
+            for i in index:
+                if tuple(updates[i].shape) != (rows[rank], *shape[1:]):
+                    raise ValueError(
+                        f"a DTensor of shape {shape} has a local shard of shape {tuple(updates[i].shape)} on rank "
+                        f"{rank}; Muon expects torch.chunk-style Shard(0) ({rows[rank]} rows here)"
+                    )
+            owners = assign_jobs([float(ns_flops(shape))] * len(index), world, load)
+            buckets.append(_Bucket(shape, index, owners, world))
 
         # 1. every bucket's rows go to their owners (all in flight at once; NCCL runs them in order)
-        for b in buckets.values():
-            send_lists = [[updates[i].reshape(-1) for i in b.index if b.owner[i] == r] for r in range(world)]
-            send_splits = [sum(t.numel() for t in ts) for ts in send_lists]
-            recv_splits = [sum(rows[i][s] * row_numel[i] for i in b.index if b.owner[i] == rank) for s in range(world)]
-            wire = self.comm_dtype or updates[b.index[0]].dtype
-            send = (
-                torch.cat([t for ts in send_lists for t in ts]).to(wire)
-                if sum(send_splits)
-                else torch.empty(0, dtype=wire, device=updates[b.index[0]].device)
-            )
-            b.recv, b.work = self._a2a(send, send_splits, recv_splits)
+        for b in buckets:
+            rows, tail = shard_rows(b.shape[0], world), b.shape[1:]
+            first = updates[b.order[0]]
+            wire = self.comm_dtype or first.dtype
+            send = torch.stack([updates[i] for i in b.order]).to(wire)  # (n, rows_me, *tail), owner-sorted
+            per = rows[rank] * _numel(tail)
+            send_splits = [c * per for c in b.count]
+            recv_splits = [b.count[rank] * rows[s] * _numel(tail) for s in range(world)]
+            b.recv, b.work = self._a2a(send.reshape(-1), send_splits, recv_splits)
 
-        # 2. per bucket: assemble whole matrices, orthogonalize, send each rank its rows back
-        for b in buckets.values():
+        # 2. per bucket: whole matrices on their owner, NS there, each rank's rows sent back
+        for b in buckets:
+            rows, tail = shard_rows(b.shape[0], world), b.shape[1:]
+            mine = b.count[rank]
+            first = updates[b.order[0]]
+            uniform, scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
+            work_dtype = options["ns_dtype"] or _default_work(first)
+            out_dtype = self.comm_dtype or (work_dtype if uniform else first.dtype)
             b.work.wait()
-            mine = [i for i in b.index if b.owner[i] == rank]
             assert b.recv is not None
-            pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
-            offset = 0
-            for s in range(world):
-                for i in mine:
-                    n = rows[i][s] * row_numel[i]
-                    pieces[i].append(b.recv[offset : offset + n].view(rows[i][s], *shapes[i][1:]))
-                    offset += n
-            dtype = updates[b.index[0]].dtype
-            full = [torch.cat(pieces[i]).to(dtype) for i in mine]
-            work_dtype = options["ns_dtype"] or _default_work(full[0] if full else updates[b.index[0]])
-            uni = uniform[b.index[0]]  # one global shape per bucket, so one answer
-            out_dtype = self.comm_dtype or (work_dtype if uni else dtype)
-            outs = [torch.empty(shapes[i], dtype=out_dtype, device=updates[b.index[0]].device) for i in mine]
+            outs = torch.empty((mine, *b.shape), dtype=out_dtype, device=first.device)
             if mine:
-                if uni:
-                    jobs = ns_jobs(
-                        full, outs, lr=1.0, adjust_lr=None, stats=stats, report_lr=(lr, adjust_lr), **options
+                blocks = b.recv.split([mine * r * _numel(tail) for r in rows])
+                full = torch.cat([blk.view(mine, r, *tail) for blk, r in zip(blocks, rows)], dim=1).to(first.dtype)
+                if uniform:  # results travel unscaled in the NS dtype; the receiver scales as one process does
+                    run_all(
+                        ns_jobs(
+                            list(full.unbind(0)),
+                            list(outs.unbind(0)),
+                            lr=1.0,
+                            adjust_lr=None,
+                            stats=stats,
+                            report_lr=(lr, adjust_lr),
+                            **options,
+                        )
                     )
                 else:
-                    jobs = ns_jobs(full, outs, lr=lr, adjust_lr=adjust_lr, stats=stats, **options)
-                run_all(jobs)
-            send_lists = [[] for _ in range(world)]
-            for r in range(world):
-                for i, o in zip(mine, outs):
-                    start = sum(rows[i][:r])
-                    send_lists[r].append(o[start : start + rows[i][r]].reshape(-1))
-            send_splits = [sum(t.numel() for t in ts) for ts in send_lists]
-            recv_splits = [sum(rows[i][rank] * row_numel[i] for i in b.index if b.owner[i] == s) for s in range(world)]
-            flat = [t for ts in send_lists for t in ts]
-            send = torch.cat(flat) if flat else torch.empty(0, dtype=out_dtype, device=updates[b.index[0]].device)
+                    run_all(
+                        ns_jobs(
+                            list(full.unbind(0)),
+                            list(outs.unbind(0)),
+                            lr=lr,
+                            adjust_lr=adjust_lr,
+                            stats=stats,
+                            **options,
+                        )
+                    )
+            offsets = [sum(rows[:r]) for r in range(world)]
+            send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, rows)])
+            send_splits = [mine * r * _numel(tail) for r in rows]
+            recv_splits = [c * rows[rank] * _numel(tail) for c in b.count]
             b.out_recv, b.out_work = self._a2a(send, send_splits, recv_splits)
 
-        # 3. unpack this rank's rows of every result, scaled as a single process would scale them
+        # 3. this rank's rows of every result: one (n, rows_me, *tail) tensor per bucket, owner-sorted
         results: list[Tensor | None] = [None] * len(params)
-        for b in buckets.values():
+        for b in buckets:
             b.out_work.wait()
             assert b.out_recv is not None
-            offset = 0
-            for s in range(world):
-                for i in b.index:
-                    if b.owner[i] != s:
-                        continue
-                    n = rows[i][rank] * row_numel[i]
-                    piece = b.out_recv[offset : offset + n].view(updates[i].shape)
-                    offset += n
-                    out = torch.empty_like(updates[i])
-                    if uniform[i]:
-                        torch.mul(piece, next(iter(scales[i])), out=out)
-                    else:
-                        out.copy_(piece)
-                    results[i] = out
-        return [r for r in results if r is not None]
+            first = updates[b.order[0]]
+            uniform, scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
+            got = b.out_recv.view(len(b.order), *first.shape)
+            out = torch.empty(got.shape, dtype=first.dtype, device=first.device)
+            if uniform:
+                torch.mul(got, scale, out=out)
+            else:
+                out.copy_(got)
+            for i, o in zip(b.order, out.unbind(0)):
+                results[i] = o
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+_SCALES: dict[tuple, tuple[bool, float]] = {}
+
+
+def _uniform_scale(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:
+    """(whether all parts of a parameter of ``shape`` share one lr scale, that scale)."""
+    key = (shape, lr, adjust_lr if isinstance(adjust_lr, str | None) else id(adjust_lr), view, str(split))
+    if key not in _SCALES:
+        parts = matrix_parts(torch.empty(shape, device="meta"), view, split)
+        scales = {lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts}
+        if len(_SCALES) > 4096:
+            _SCALES.clear()
+        _SCALES[key] = (len(scales) == 1, next(iter(scales)))
+    return _SCALES[key]
 
 
 def _default_work(t: Tensor) -> torch.dtype:

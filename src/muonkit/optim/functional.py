@@ -17,6 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ class Job:
     cost: float
     run: Callable[[], None]
     outputs: list[Tensor]
+    key: Any = None  # jobs with one key (same shape and dtype) may be exchanged together
 
 
 Executor = Callable[[list[Job]], None]
@@ -191,6 +193,7 @@ def ns_jobs(
                     cost=float(per_matrix * len(pairs)),
                     run=functools.partial(job, pairs, shape, work, scale, rms),
                     outputs=[dst for _, dst in pairs],
+                    key=(shape, dtype),
                 )
             )
     return jobs

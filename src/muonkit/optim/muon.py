@@ -444,7 +444,9 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+    from ..distributed import local
+
+    return local(t)
 
 
 def _meta(p: Tensor) -> Tensor:
