@@ -10,7 +10,8 @@ Modes, all from the same parameters and gradients (the gradients every rank hold
 or their Shard(0) pieces for FSDP2; gradient communication itself is not timed, only ``opt.step()``):
 
 * ``naive``: every rank orthogonalizes every matrix (what a plain optimizer under DDP does);
-* ``ddp-all_gather`` / ``ddp-all_reduce``: ``ReplicatedExecutor`` with each exchange;
+* ``ddp-all_gather`` / ``ddp-all_reduce``: ``ReplicatedExecutor`` with each exchange, one per shape as soon
+  as it is computed; ``ddp-all_gather-once``: one all-gather at the end (``overlap=False``);
 * ``fsdp2`` / ``fsdp2-bf16``: DTensor ``Shard(0)`` parameters (as ``fully_shard`` makes them); updates travel
   to their owners in fp32 / bf16, results come back in the NS dtype.
 
@@ -37,7 +38,7 @@ SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
     "1b": (16, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
 }
-MODES = ("naive", "ddp-all_gather", "ddp-all_reduce", "fsdp2", "fsdp2-bf16")
+MODES = ("naive", "ddp-all_gather", "ddp-all_gather-once", "ddp-all_reduce", "fsdp2", "fsdp2-bf16")
 
 
 def _make(mode, base, grads, device):
@@ -58,7 +59,9 @@ def _make(mode, base, grads, device):
         p = torch.nn.Parameter(b.clone())
         p.grad = g
         params.append(p)
-    executor = None if mode == "naive" else ReplicatedExecutor(exchange=mode.split("-")[1])
+    executor = None
+    if mode != "naive":
+        executor = ReplicatedExecutor(exchange=mode.split("-")[1], overlap=not mode.endswith("-once"))
     return params, muonkit.Muon(params, nonfinite="ignore", executor=executor)
 
 
@@ -132,10 +135,10 @@ def main() -> None:
         del params, opt
     if rank == 0:
         print(f"set {args.set}, {world} rank(s), {'nccl' if cuda else 'gloo'}; reference for diffs: {rows[0]['mode']}")
-        print(f"{'mode':<16} {'ms/step':>9} {'MB sent/step':>13} {'state MB/rank':>14} {'max rel diff':>13}")
+        print(f"{'mode':<20} {'ms/step':>9} {'MB sent/step':>13} {'state MB/rank':>14} {'max rel diff':>13}")
         for r in rows:
             print(
-                f"{r['mode']:<16} {r['ms']:>9.2f} {r['bytes_per_step'] / 2**20:>13.2f} "
+                f"{r['mode']:<20} {r['ms']:>9.2f} {r['bytes_per_step'] / 2**20:>13.2f} "
                 f"{r['state_bytes_per_rank'] / 2**20:>14.1f} {r['max_rel_diff_vs_first_mode']:>13.2e}"
             )
         write_json(args.out, {"environment": environment(device), "set": args.set, "rows": rows})

@@ -96,6 +96,8 @@ class ReplicatedExecutor:
         comm_dtype: dtype the results travel in (``None``: the update buffers' dtype, exact). ``torch.bfloat16``
             halves the bytes at the price of rounding each update to bf16 (relative error <= 2^-9), so ranks
             still agree with each other but no longer bit-match a single-process run.
+        overlap: exchange each shape's results as soon as they exist (default), or all at once at the end
+            (one collective per dtype: fewer, larger messages).
 
     ``parts`` asks the step to cut each same-shape batch into ``world_size`` jobs so that a model with
     few distinct shapes still balances.
@@ -107,6 +109,7 @@ class ReplicatedExecutor:
         *,
         exchange: str = "all_gather",
         comm_dtype: torch.dtype | None = None,
+        overlap: bool = True,
     ):
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -122,6 +125,7 @@ class ReplicatedExecutor:
         self.world_size = dist.get_world_size(group)
         self.exchange = exchange
         self.comm_dtype = comm_dtype
+        self.overlap = overlap
         self.parts = self.world_size
         self.bytes_communicated = 0
 
@@ -147,7 +151,8 @@ class ReplicatedExecutor:
             share = [0] * self.world_size
             for k in ready:
                 share[owners[k]] += sum(t.numel() for t in jobs[k].outputs)
-            if n + 1 < len(groups) and max(share) * self.world_size > 1.25 * sum(share):
+            uneven = max(share) * self.world_size > 1.25 * sum(share)
+            if n + 1 < len(groups) and (uneven or not self.overlap):
                 continue
             by_kind: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in range(self.world_size)])
             for k in ready:
