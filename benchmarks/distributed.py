@@ -11,7 +11,8 @@ or their Shard(0) pieces for FSDP2; gradient communication itself is not timed, 
 
 * ``naive``: every rank orthogonalizes every matrix (what a plain optimizer under DDP does);
 * ``ddp-all_gather`` / ``ddp-all_reduce``: ``ReplicatedExecutor`` with each exchange, one per shape as soon
-  as it is computed; ``ddp-all_gather-once``: one all-gather at the end (``overlap=False``);
+  as it is computed; ``ddp-all_gather-once``: one all-gather at the end (``overlap=False``); ``ddp-zero1``:
+  momentum rows sharded across ranks (``shard_state=True``);
 * ``fsdp2`` / ``fsdp2-bf16``: DTensor ``Shard(0)`` parameters (as ``fully_shard`` makes them); updates travel
   to their owners in fp32 / bf16, results come back in the NS dtype.
 
@@ -38,7 +39,7 @@ SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
     "1b": (16, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
 }
-MODES = ("naive", "ddp-all_gather", "ddp-all_gather-once", "ddp-all_reduce", "fsdp2", "fsdp2-bf16")
+MODES = ("naive", "ddp-all_gather", "ddp-all_gather-once", "ddp-all_reduce", "ddp-zero1", "fsdp2", "fsdp2-bf16")
 
 
 def _make(mode, base, grads, device):
@@ -60,7 +61,9 @@ def _make(mode, base, grads, device):
         p.grad = g
         params.append(p)
     executor = None
-    if mode != "naive":
+    if mode == "ddp-zero1":
+        executor = ReplicatedExecutor(shard_state=True)
+    elif mode != "naive":
         executor = ReplicatedExecutor(exchange=mode.split("-")[1], overlap=not mode.endswith("-once"))
     return params, muonkit.Muon(params, nonfinite="ignore", executor=executor)
 

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import muonkit
-from muonkit.distributed import ReplicatedExecutor, assign_jobs
+from muonkit.distributed import ReplicatedExecutor, assign_jobs, shard_rows
 
 BATCH = 12
 STEPS = 4
@@ -73,15 +73,16 @@ def _worker(rank, world, port, out, task):
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model)
-    executor = ReplicatedExecutor(exchange="all_reduce" if task == "all_reduce" else "all_gather")
+    zero = task.startswith("zero")
+    executor = ReplicatedExecutor(exchange="all_reduce" if task == "all_reduce" else "all_gather", shard_state=zero)
     opt = _optimizer(model, executor)
     first, steps = 0, STEPS
-    if task == "resume":
+    if task in ("resume", "zero-resume"):
         ckpt = torch.load(out + ".ckpt", weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         first = ckpt["step"]
-    if task == "save":
+    if task in ("save", "zero-save"):
         steps = 2
     result = {}
     try:
@@ -103,9 +104,12 @@ def _worker(rank, world, port, out, task):
     except muonkit.NonFiniteGradientError as err:
         result["error"] = str(err)
     result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result["bytes"] = executor.bytes_communicated
-    if task == "save" and rank == 0:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": steps}, out + ".ckpt")
+    result["bytes"] = opt.bytes_communicated
+    result["buffer_rows"] = opt.state[model.fc.weight]["momentum_buffer"].shape[0]
+    if task in ("save", "zero-save"):
+        opt_state = opt.state_dict()  # with shard_state a collective: every rank calls it
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt_state, "step": steps}, out + ".ckpt")
     torch.save(result, f"{out}.rank{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -163,6 +167,27 @@ def test_all_reduce_exchange_is_equal_and_all_gather_sends_less(tmp_path):
         assert torch.allclose(reduced[2]["state"][name], value, atol=1e-6, rtol=0), name
     # ring all-reduce sends 2 (W-1)/W of the buffer, all-gather (W-1)/W (plus padding to the largest share)
     assert gathered[0]["bytes"] < 0.75 * reduced[0]["bytes"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_zero1_state_sharding_equals_single_process(world, tmp_path):
+    results = _spawn(world, tmp_path, task="zero")
+    reference = _single(STEPS)
+    for r in results:
+        for name, value in reference.items():
+            assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), (world, name)
+    # each rank holds only its rows of the momentum (fc.weight has 24 rows)
+    assert [r["buffer_rows"] for r in results] == shard_rows(24, world)
+
+
+@pytest.mark.parametrize("resume", ["zero-resume", "resume"])
+def test_zero1_checkpoint_at_two_ranks_resumes_at_three(resume, tmp_path):
+    """The saved state holds whole buffers (gathered), so it loads with or without state sharding."""
+    _spawn(2, tmp_path, task="zero-save")
+    results = _spawn(3, tmp_path, task=resume)
+    reference = _single(STEPS)
+    for name, value in reference.items():
+        assert torch.allclose(results[0]["state"][name], value, atol=1e-6, rtol=0), name
 
 
 def test_gradient_accumulation_with_no_sync(tmp_path):

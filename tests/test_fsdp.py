@@ -118,7 +118,15 @@ def _worker(rank, world, port, out, task):
             x, y = _batch(t)
             per = BATCH // world
             opt.zero_grad()
-            _loss(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]).backward()
+            xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+            if task == "accumulate":  # two micro-batches, gradients reduce-scattered only after the second
+                half = per // 2
+                model.set_requires_gradient_sync(False)
+                (_loss(model, xs[:half], ys[:half]) / 2).backward()
+                model.set_requires_gradient_sync(True)
+                (_loss(model, xs[half:], ys[half:]) / 2).backward()
+            else:
+                _loss(model, xs, ys).backward()
             if task == "nan" and rank == world - 1:
                 model.fc.weight.grad.to_local()[0, 0] = float("nan")  # only this rank's shard sees it
             opt.step()
@@ -163,6 +171,12 @@ def test_fsdp2_muon_equals_single_process(world, tmp_path):
     # the momentum is sharded like the weight (22 rows: chunks of 11 or 8), and ranks > 1 exchanged rows
     assert results[0]["buffer_local_rows"] == shard_rows(22, world)[0]
     assert (results[0]["bytes"] > 0) == (world > 1)
+
+
+def test_fsdp2_gradient_accumulation_without_sync(tmp_path):
+    """Micro-batches with set_requires_gradient_sync(False) (FSDP2's no_sync): the big-batch trajectory."""
+    results = _spawn(2, tmp_path, task="accumulate")
+    _assert_close(results, _single(STEPS), atol=1e-6)
 
 
 def test_fsdp2_bf16_comm_stays_close(tmp_path):

@@ -310,12 +310,18 @@ class Muon(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
     ) -> None:
         bufs = []
+        rows_only = self._shard_state()
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 dtype = group["momentum_dtype"] or p.dtype
-                # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                if rows_only and not _is_dtensor(p):  # ZeRO-1: this rank's rows only
+                    from ..distributed import shard_rows
+
+                    rows = shard_rows(p.shape[0], self.executor.world_size)[self.executor.rank]  # type: ignore[union-attr]
+                    state["momentum_buffer"] = torch.zeros((rows, *p.shape[1:]), dtype=dtype, device=p.device)
+                else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             bufs.append(state["momentum_buffer"])
         sharded = [_is_dtensor(p) for p in params]
         if any(sharded):
@@ -332,6 +338,20 @@ class Muon(Optimizer):
                 counter=self._sharded_bytes,
             )
             params, grads, bufs = pick(params, False), pick(grads, False), pick(bufs, False)
+        if rows_only:
+            from ..distributed import zero_muon_step
+
+            zero_muon_step(
+                params,
+                grads,
+                bufs,
+                executor=self.executor,  # type: ignore[arg-type]
+                **self._muon_options(group),
+                comm_dtype=self.comm_dtype,
+                stats=stats,
+                counter=self._sharded_bytes,
+            )
+            return
         muon_step(
             params,
             grads,
@@ -358,6 +378,9 @@ class Muon(Optimizer):
             split=group["split"],
             max_batch=group.get("max_batch"),
         )
+
+    def _shard_state(self) -> bool:
+        return bool(getattr(self.executor, "shard_state", False)) and getattr(self.executor, "world_size", 1) > 1
 
     def _has_sharded(self) -> bool:
         return any(_is_dtensor(p) for g in self.param_groups for p in g["params"])
@@ -419,7 +442,23 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim``'s. With ``ReplicatedExecutor(shard_state=True)`` the momentum rows of all ranks are
+        gathered into whole buffers (a collective: every rank must call it), so any world size can load it."""
         sd = super().state_dict()
+        if self._shard_state():
+            from ..distributed import gather_rows
+
+            params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+            state = dict(sd["state"])
+            for pid in sorted(state):
+                p = params[pid]
+                entry = state[pid]
+                if "momentum_buffer" in entry and not _is_dtensor(p):
+                    state[pid] = {
+                        **entry,
+                        "momentum_buffer": gather_rows(entry["momentum_buffer"], p.shape, self.executor),  # type: ignore[arg-type]
+                    }
+            sd["state"] = state
         sd["muonkit"] = {"nonfinite_skips": self.nonfinite_skips}
         return sd
 
@@ -436,6 +475,11 @@ class Muon(Optimizer):
                 current = self.state[p].get(key)
                 if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
+            buf = self.state[p].get("momentum_buffer")
+            if self._shard_state() and buf is not None and not _is_dtensor(p):
+                from ..distributed import my_rows
+
+                self.state[p]["momentum_buffer"] = my_rows(buf, self.executor)  # type: ignore[arg-type]
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
 
