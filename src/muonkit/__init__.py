@@ -8,12 +8,14 @@ O = muonkit.orthogonalize(G)           # approximate polar factor, batched over 
 from . import coefficients
 from .newton_schulz import orthogonalize
 from .optim import Muon, NonFiniteGradientError, classify, describe, param_groups
+from .qk_clip import QKClip
 from .reference import polar_svd
 
 __version__ = "0.1.0"
 __all__ = [
     "Muon",
     "NonFiniteGradientError",
+    "QKClip",
     "__version__",
     "classify",
     "coefficients",
