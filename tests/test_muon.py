@@ -65,6 +65,23 @@ def test_callable_adjust_lr():
     assert torch.allclose(p.detach(), expected, atol=1e-12)
 
 
+def test_numeric_adjust_lr_is_a_user_rms_factor():
+    """adjust_lr=f gives lr * f * sqrt(max(rows, cols)); f = 0.2 is exactly "match_rms_adamw"."""
+    runs = {}
+    for adjust in (0.2, "match_rms_adamw", 0.35):
+        (p,) = _params([(6, 4)])
+        start = p.detach().clone()
+        opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, adjust_lr=adjust, ns_dtype=F64)
+        g = _grads([p], 1)[0]
+        p.grad = g
+        opt.step()
+        runs[adjust] = p.detach().clone()
+        if adjust == 0.35:
+            expected = start - 0.1 * 0.35 * 6**0.5 * orthogonalize(g, dtype=F64)
+            assert torch.allclose(runs[adjust], expected, atol=1e-12)
+    assert torch.equal(runs[0.2], runs["match_rms_adamw"])
+
+
 def test_matches_torch_optim_muon_plumbing(monkeypatch):
     """Same momentum, Nesterov, weight decay and lr rule as torch.optim.Muon: with torch's NS swapped
     for the float64 reference, the two optimizers agree to float64 rounding."""
@@ -305,6 +322,9 @@ def test_lr_scheduler_drives_both_algorithms():
         ({"ns_steps": 2.5}, "ns_steps"),
         ({"coefficients": "nope"}, "unknown coefficient preset"),
         ({"adjust_lr": "sqrt"}, "adjust_lr"),
+        ({"adjust_lr": -0.2}, "adjust_lr"),
+        ({"adjust_lr": float("inf")}, "adjust_lr"),
+        ({"adjust_lr": True}, "adjust_lr"),
         ({"method": "qr"}, "method"),
         ({"matrix_view": "stack"}, "matrix_view"),
         ({"ns_dtype": torch.int8}, "ns_dtype"),

@@ -599,14 +599,23 @@ _SCALES: dict[tuple, tuple[bool, float]] = {}
 
 def _uniform_scale(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:
     """(whether all parts of a parameter of ``shape`` share one lr scale, that scale)."""
-    key = (shape, lr, adjust_lr if isinstance(adjust_lr, str | None) else id(adjust_lr), view, str(split))
+    try:
+        hash(adjust_lr)
+        rule = adjust_lr  # names, numbers and functions are their own keys (no id reuse)
+    except TypeError:
+        return _scale_of(shape, lr, adjust_lr, view, split)
+    key = (shape, lr, rule, view, str(split))
     if key not in _SCALES:
-        parts = matrix_parts(torch.empty(shape, device="meta"), view, split)
-        scales = {lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts}
         if len(_SCALES) > 4096:
             _SCALES.clear()
-        _SCALES[key] = (len(scales) == 1, next(iter(scales)))
+        _SCALES[key] = _scale_of(shape, lr, adjust_lr, view, split)
     return _SCALES[key]
+
+
+def _scale_of(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:
+    parts = matrix_parts(torch.empty(shape, device="meta"), view, split)
+    scales = {lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts}
+    return len(scales) == 1, next(iter(scales))
 
 
 def _default_work(t: Tensor) -> torch.dtype:

@@ -42,7 +42,7 @@ __all__ = [
     "split_sizes",
 ]
 
-AdjustLR = str | None | Callable[[float, tuple[int, int]], float]
+AdjustLR = str | float | None | Callable[[float, tuple[int, int]], float]
 ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
 MATRIX_VIEWS = ("flatten", "batch")
 SplitSpec = int | Sequence[int] | None
@@ -73,18 +73,24 @@ def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
     * ``"original"`` (Jordan): ``lr * sqrt(max(1, rows / cols))``;
     * ``"match_rms_adamw"`` (Moonlight, Liu et al. 2025): ``lr * 0.2 * sqrt(max(rows, cols))``,
       which gives the update the RMS of a typical AdamW update so AdamW's lr and wd carry over;
+    * a number ``f > 0``: ``lr * f * sqrt(max(rows, cols))`` (``"match_rms_adamw"`` with your own factor
+      instead of 0.2: the update RMS is then about ``f``);
     * ``None``: ``lr``; a callable ``f(lr, (rows, cols)) -> float``: whatever it returns.
     """
     rows, cols = shape
     if adjust_lr is None:
         return lr
+    if isinstance(adjust_lr, int | float) and not isinstance(adjust_lr, bool):
+        if not (adjust_lr > 0 and math.isfinite(adjust_lr)):
+            raise ValueError(f"a numeric adjust_lr is a scale factor and must be finite and > 0, got {adjust_lr!r}")
+        return lr * float(adjust_lr) * math.sqrt(max(rows, cols))
     if adjust_lr == "original":
         return lr * math.sqrt(max(1.0, rows / max(cols, 1)))  # an empty matrix has an empty update
     if adjust_lr == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     if callable(adjust_lr):
         return float(adjust_lr(lr, (rows, cols)))
-    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES} or a callable, got {adjust_lr!r}")
+    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, a number > 0 or a callable, got {adjust_lr!r}")
 
 
 def split_sizes(split: SplitSpec, rows: int) -> list[int]:

@@ -52,7 +52,8 @@ class Muon(Optimizer):
         ns_steps: Newton-Schulz steps (``None``: the preset's default).
         coefficients: preset name or rows (see ``muonkit.coefficients``).
         adjust_lr: ``"original"`` = ``lr * sqrt(max(1, rows/cols))``, ``"match_rms_adamw"`` =
-            ``lr * 0.2 * sqrt(max(rows, cols))``, ``None``, or a callable ``f(lr, (rows, cols))``.
+            ``lr * 0.2 * sqrt(max(rows, cols))``, a number ``f`` = ``lr * f * sqrt(max(rows, cols))`` (your
+            own RMS-matching factor), ``None``, or a callable ``f(lr, (rows, cols))``.
         eps: added to the Frobenius norm before normalising (Muon groups).
         ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
         method: ``"newton_schulz"``, ``"gram"`` (Gram NS: fewer FLOPs for rectangular matrices) or
@@ -201,9 +202,12 @@ class Muon(Optimizer):
         except (TypeError, ValueError) as err:
             check(False, str(err))
         adjust = group["adjust_lr"]
+        numeric = isinstance(adjust, int | float) and not isinstance(adjust, bool)
         check(
-            adjust in ADJUST_LR_MODES or callable(adjust),
-            f"adjust_lr must be one of {ADJUST_LR_MODES} or a callable f(lr, (rows, cols)), got {adjust!r}",
+            (numeric and adjust > 0 and math.isfinite(adjust))
+            or (not numeric and (adjust in ADJUST_LR_MODES or callable(adjust))),
+            f"adjust_lr must be one of {ADJUST_LR_MODES}, a scale factor > 0 (lr * f * sqrt(max(rows, cols))) "
+            f"or a callable f(lr, (rows, cols)), got {adjust!r}",
         )
         check(group["method"] in METHODS, f"method must be one of {METHODS}, got {group['method']!r}")
         check(
