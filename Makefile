@@ -1,5 +1,6 @@
 # Set-up works on a machine that has only Python 3.10+: it makes .venv, installs torch==2.13.0
-# (a CPU build where one is available) only when the venv has no torch, then muonkit with its dev extra.
+# (a CPU build where one is available) only when the venv has no torch, then muonkit with the extras the
+# tests and docs use (the integrations' tests need transformers and lightning; the docs build needs mkdocs).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -13,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,plot,digits]"
+	$(PY) -m pip install -q -e ".[dev,plot,digits,hf,lightning,logging,docs]"
 	touch $(STAMP)
 
 demo: setup
