@@ -6,6 +6,7 @@ O = muonkit.orthogonalize(G)           # approximate polar factor, batched over 
 """
 
 from . import coefficients
+from .monitor import StatsLogger
 from .newton_schulz import orthogonalize
 from .optim import Muon, NonFiniteGradientError, classify, describe, param_groups
 from .qk_clip import QKClip
@@ -16,6 +17,7 @@ __all__ = [
     "Muon",
     "NonFiniteGradientError",
     "QKClip",
+    "StatsLogger",
     "__version__",
     "classify",
     "coefficients",

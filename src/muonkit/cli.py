@@ -200,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default=None, metavar="FILE")
     common(train)
 
-    from .commands import coeffs, theory
+    from .commands import coeffs, describe, theory
 
     coeffs.add_parser(sub)
     theory.add_parser(sub)
+    describe.add_parser(sub)
     return parser
 
 
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"muonkit {args.command}: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
-        if args.command not in ("coeffs", "theory"):  # the labs' errors (unknown preset, ...) are input errors
+        if args.command not in ("coeffs", "theory", "describe"):  # input errors there, not bugs
             raise
         print(f"muonkit {args.command}: {err}", file=sys.stderr)
         return 2
