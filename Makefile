@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.muonkit-installed
 
-.PHONY: setup demo test lint typecheck clean
+.PHONY: setup demo test lint typecheck docs clean
 
 setup: $(STAMP)
 
@@ -30,5 +30,8 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+docs: setup
+	$(VENV)/bin/mkdocs build --strict    # offline; the site lands in site/
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache
