@@ -105,7 +105,8 @@ def _worker(rank, world, port, out, task):
         result["error"] = str(err)
     result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result["bytes"] = opt.bytes_communicated
-    result["buffer_rows"] = opt.state[model.fc.weight]["momentum_buffer"].shape[0]
+    buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
+    result["buffer_rows"] = None if buf is None else buf.shape[0]
     if task in ("save", "zero-save"):
         opt_state = opt.state_dict()  # with shard_state a collective: every rank calls it
         if rank == 0:
