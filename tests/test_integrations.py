@@ -55,6 +55,27 @@ def test_compiled_step_matches_eager():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    """param_groups sees through torch.compile's wrapper (same groups), and training matches eager."""
+    eager_model, base = _model(), _model()
+    compiled_model = torch.compile(base)
+    groups_eager = muonkit.param_groups(eager_model)
+    groups_compiled = muonkit.param_groups(compiled_model)
+    assert [(g["algorithm"], len(g["params"])) for g in groups_eager] == [
+        (g["algorithm"], len(g["params"])) for g in groups_compiled
+    ]
+    eager, compiled = muonkit.Muon(groups_eager), muonkit.Muon(groups_compiled)
+    for t in range(3):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t))
+        for m, o in ((eager_model, eager), (compiled_model, compiled)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(eager_model.parameters(), base.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_diagnostics_without_sync_until_read():
     model = _model()
     opt = muonkit.Muon(muonkit.param_groups(model), diagnostics=True, method="svd")
@@ -70,3 +91,17 @@ def test_diagnostics_without_sync_until_read():
     assert stats[f"group{gi}/lr"] == 0.02 and stats[f"group{gi}/lr_max"] == pytest.approx(0.02 * 2**0.5)
     # the update of a k x n (k <= n) orthogonal matrix has RMS sqrt(k / (k n)) times the scale
     assert stats[f"group{gi}/update_rms"] > 0
+    assert stats[f"group{gi}/sigma_max"] == pytest.approx(1.0, abs=1e-4)  # the SVD polar factor
+
+
+def test_sigma_max_estimate_reports_the_ns_band_edge():
+    """Jordan's NS5 leaves singular values in roughly [0.7, 1.2]: the estimate sees the top of that band."""
+    from muonkit.optim.functional import _top_singular_value
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(4, 32, 64, generator=gen, dtype=torch.float64)
+    O = muonkit.orthogonalize(G, dtype=torch.float64)
+    true = torch.linalg.matrix_norm(O, ord=2)
+    est = _top_singular_value(O)
+    assert torch.all(est <= true + 1e-9) and torch.allclose(est, true, rtol=3e-2)
+    assert 1.0 < float(est.max()) < 1.3

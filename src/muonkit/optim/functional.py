@@ -184,6 +184,7 @@ def ns_jobs(
             gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
             stats.setdefault("orth_error", []).append(gram_err.max())
             stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
+            stats.setdefault("sigma_max", []).append(_top_singular_value(O).max())
 
     jobs: list[Job] = []
     for (shape, dtype, device), all_pairs in batches.items():
@@ -203,6 +204,15 @@ def ns_jobs(
                 )
             )
     return jobs
+
+
+def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
+    """Power-iteration estimate (from below) of each matrix's largest singular value; no host sync."""
+    v = torch.ones((*O.shape[:-2], O.shape[-1], 1), dtype=O.dtype, device=O.device)
+    for _ in range(iters):
+        v = O.mT @ (O @ v)
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    return (O @ v).norm(dim=(-2, -1))
 
 
 def ns_flops(shape: Sequence[int], steps: int = 1) -> int:
@@ -242,8 +252,9 @@ def muon_step(
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
 
     With ``stats`` (a dict), each job appends device tensors, no host sync: ``"orth_error"`` the largest
-    ``||O O^T - I||_F / sqrt(min(m, n))`` of its NS outputs (0 for an exact polar factor of full rank) and
-    ``"update_rms"`` the RMS of its scaled updates.
+    ``||O O^T - I||_F / sqrt(min(m, n))`` of its NS outputs (0 for an exact polar factor of full rank),
+    ``"update_rms"`` the RMS of its scaled updates and ``"sigma_max"`` a power-iteration estimate of the
+    largest singular value of its NS outputs (1 for an exact polar factor; a preset's band edge otherwise).
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are orthogonalized
     together in batched ``orthogonalize`` calls of at most ``max_batch`` matrices (``None``: all), which

@@ -423,6 +423,7 @@ class Muon(Optimizer):
         """Statistics of the last step (needs ``diagnostics=True``); reading them syncs with the device once.
 
         Keys: ``group{i}/orth_error`` (largest ``||O O^T - I||_F / sqrt(k)`` over the group's NS outputs),
+        ``group{i}/sigma_max`` (largest singular value of those outputs, a power-iteration estimate),
         ``group{i}/update_rms`` (largest RMS of a scaled update), ``group{i}/lr`` and ``group{i}/lr_max``
         (the group's lr and its largest shape-adjusted lr).
         """
