@@ -326,6 +326,7 @@ class Muon(Optimizer):
                     state["momentum_buffer"] = torch.zeros((rows, *p.shape[1:]), dtype=dtype, device=p.device)
                 else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                _static(state["momentum_buffer"])
             bufs.append(state["momentum_buffer"])
         sharded = [_is_dtensor(p) for p in params]
         if any(sharded):
@@ -402,6 +403,7 @@ class Muon(Optimizer):
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                _static(state["exp_avg"], state["exp_avg_sq"])
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -485,7 +487,20 @@ class Muon(Optimizer):
                 from ..distributed import my_rows
 
                 self.state[p]["momentum_buffer"] = my_rows(buf, self.executor)  # type: ignore[arg-type]
+        for st in self.state.values():
+            _static(*(t for t in st.values() if isinstance(t, Tensor)))
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+
+def _static(*tensors: Tensor) -> None:
+    """Tell torch.compile the state lives at a fixed address, as torch.optim does for its state: the
+    compiled step may then mutate it inside a CUDA graph (mode="reduce-overhead") instead of skipping graphs."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    if mark is None:  # pragma: no cover - torch without dynamo
+        return
+    for t in tensors:
+        if not _is_dtensor(t) and t.device.type == "cuda":
+            mark(t)
 
 
 def _is_dtensor(t: Any) -> bool:
