@@ -302,7 +302,7 @@ class Muon(Optimizer):
                     "nonfinite='skip' to skip such steps, or clip/scale the loss (e.g. GradScaler)."
                 )
 
-        self._stats = {}
+        self._stats.clear()  # mutate, not rebind: torch.compile cannot trace attribute assignment here
         for gi, (group, params, grads) in enumerate(gathered):
             if group["algorithm"] == "adamw":
                 self._adamw_group(group, params, grads)
