@@ -1,19 +1,15 @@
 """Distributed Muon on CPU with the gloo backend: several processes via torch.multiprocessing."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import muonkit
+from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
 from muonkit.distributed import ReplicatedExecutor, assign_jobs, shard_rows
-
-BATCH = 12
-STEPS = 4
 
 
 class Net(nn.Module):
@@ -34,37 +30,13 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def _batch(t):
-    gen = torch.Generator().manual_seed(100 + t)
-    x = torch.randint(0, 16, (BATCH, 6), generator=gen)
-    return x, (x * 5 + 3) % 16
-
-
 def _optimizer(model, executor=None):
     groups = muonkit.param_groups(model, split={"qkv.weight": 3})
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, executor=executor)
 
 
-def _loss(model, x, y):
-    return nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
-
-
-def _single(steps, start_state=None):
-    torch.manual_seed(0)
-    model = Net()
-    opt = _optimizer(model)
-    for t in range(steps):
-        x, y = _batch(t)
-        opt.zero_grad()
-        _loss(model, x, y).backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _single(steps=STEPS):
+    return single_run(Net, _optimizer, steps)
 
 
 def _worker(rank, world, port, out, task):
@@ -87,17 +59,17 @@ def _worker(rank, world, port, out, task):
     result = {}
     try:
         for t in range(first, steps):
-            x, y = _batch(t)
+            x, y = batch(t)
             per = BATCH // world
             xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
             opt.zero_grad()
             if task == "accumulate":  # two micro-batches, gradients synchronised only on the second
                 half = per // 2
                 with ddp.no_sync():
-                    (_loss(ddp, xs[:half], ys[:half]) / 2).backward()
-                (_loss(ddp, xs[half:], ys[half:]) / 2).backward()
+                    (loss(ddp, xs[:half], ys[:half]) / 2).backward()
+                (loss(ddp, xs[half:], ys[half:]) / 2).backward()
             else:
-                _loss(ddp, xs, ys).backward()
+                loss(ddp, xs, ys).backward()
             if task == "nan" and rank == world - 1:
                 model.fc.weight.grad[0, 0] = float("nan")  # after DDP's all-reduce: only this rank sees it
             opt.step()
@@ -117,9 +89,7 @@ def _worker(rank, world, port, out, task):
 
 
 def _spawn(world, tmp_path, task="train"):
-    out = str(tmp_path / "run")
-    mp.spawn(_worker, args=(world, _free_port(), out, task), nprocs=world, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+    return spawn(_worker, world, tmp_path, task)
 
 
 def test_bad_options_are_refused_before_anything_runs():

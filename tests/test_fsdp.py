@@ -7,23 +7,20 @@ single-process run, that a NaN on one rank stops every rank, and that a checkpoi
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import muonkit
+from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
 from muonkit.distributed import shard_rows
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
 
-BATCH = 12
-STEPS = 4
 D = 10
 
 
@@ -50,37 +47,13 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def _batch(t):
-    gen = torch.Generator().manual_seed(100 + t)
-    x = torch.randint(0, 16, (BATCH, 6), generator=gen)
-    return x, (x * 5 + 3) % 16
-
-
 def _optimizer(model, **kw):
     groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
 
 
-def _loss(model, x, y):
-    return nn.functional.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
-
-
-def _single(steps):
-    torch.manual_seed(0)
-    model = Net()
-    opt = _optimizer(model)
-    for t in range(steps):
-        x, y = _batch(t)
-        opt.zero_grad()
-        _loss(model, x, y).backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _single(steps=STEPS):
+    return single_run(Net, _optimizer, steps)
 
 
 def _full_state(model):
@@ -115,18 +88,18 @@ def _worker(rank, world, port, out, task):
     result = {}
     try:
         for t in range(first, steps):
-            x, y = _batch(t)
+            x, y = batch(t)
             per = BATCH // world
             opt.zero_grad()
             xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
             if task == "accumulate":  # two micro-batches, gradients reduce-scattered only after the second
                 half = per // 2
                 model.set_requires_gradient_sync(False)
-                (_loss(model, xs[:half], ys[:half]) / 2).backward()
+                (loss(model, xs[:half], ys[:half]) / 2).backward()
                 model.set_requires_gradient_sync(True)
-                (_loss(model, xs[half:], ys[half:]) / 2).backward()
+                (loss(model, xs[half:], ys[half:]) / 2).backward()
             else:
-                _loss(model, xs, ys).backward()
+                loss(model, xs, ys).backward()
             if task == "nan" and rank == world - 1:
                 model.fc.weight.grad.to_local()[0, 0] = float("nan")  # only this rank's shard sees it
             opt.step()
@@ -145,9 +118,7 @@ def _worker(rank, world, port, out, task):
 
 
 def _spawn(world, tmp_path, task="train"):
-    out = str(tmp_path / "run")
-    mp.spawn(_worker, args=(world, _free_port(), out, task), nprocs=world, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+    return spawn(_worker, world, tmp_path, task)
 
 
 def _assert_close(results, reference, atol):

@@ -60,6 +60,16 @@ __all__ = [
 ]
 
 EXCHANGES = ("all_gather", "all_reduce")
+NS_OPTIONS: dict[str, Any] = {  # muon_step's NS options and their defaults
+    "coefficients": "jordan",
+    "ns_steps": None,
+    "eps": 1e-7,
+    "ns_dtype": None,
+    "method": "newton_schulz",
+    "matrix_view": "flatten",
+    "split": None,
+    "max_batch": None,
+}
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -322,24 +332,18 @@ def sharded_muon_step(
     momentum: float,
     nesterov: bool,
     weight_decay: float,
-    coefficients: Any,
-    ns_steps: int | None,
     adjust_lr: Any,
-    eps: float,
-    ns_dtype: torch.dtype | None = None,
-    method: str = "newton_schulz",
-    matrix_view: str = "flatten",
-    split: Any = None,
-    max_batch: int | None = None,
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
+    **options: Any,
 ) -> None:
     """One Muon step for DTensor parameters sharded on dim 0 (see the module docstring). In place.
 
     ``comm_dtype`` (``None``: exact) is the dtype updates travel in to their owners; results travel back
     in the NS dtype when all of a parameter's parts share one lr scale (exact), else in the update dtype.
-    ``counter[0]`` is increased by the bytes this rank sends.
+    ``counter[0]`` is increased by the bytes this rank sends. ``options`` are ``muon_step``'s NS options
+    (``coefficients``, ``ns_steps``, ``eps``, ``ns_dtype``, ``method``, ``matrix_view``, ``split``, ``max_batch``).
     """
     if not params:
         return
@@ -350,16 +354,10 @@ def sharded_muon_step(
     for i, (group, _, _) in enumerate(infos):
         by_group[group].append(i)
     new_updates: list[Tensor | None] = [None] * len(params)
-    options = {
-        "coefficients": coefficients,
-        "ns_steps": ns_steps,
-        "eps": eps,
-        "ns_dtype": ns_dtype,
-        "method": method,
-        "matrix_view": matrix_view,
-        "split": split,
-        "max_batch": max_batch,
-    }
+    unknown = set(options) - set(NS_OPTIONS)
+    if unknown:
+        raise TypeError(f"sharded_muon_step got unexpected options {sorted(unknown)}")
+    options = {**NS_OPTIONS, **options}
     for group, index in by_group.items():
         world, rank = infos[index[0]][1], infos[index[0]][2]
         if group is None or world == 1:  # replicated DTensors: the local tensor is the whole matrix
