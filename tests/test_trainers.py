@@ -1,5 +1,8 @@
 """Muon inside Hugging Face Trainer and PyTorch Lightning (CPU, tiny randomly initialised models, no downloads)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -7,25 +10,21 @@ from torch import nn
 import muonkit
 from muonkit.integrations import hf_optimizers, lightning_optimizers
 
-VOCAB, CTX = 64, 16
+VOCAB, CTX = 64, 16  # as in examples/hf_trainer.py
+ROOT = Path(__file__).resolve().parent.parent
 
 
-class Sequences(torch.utils.data.Dataset):
-    """Learnable toy language: x[t+1] = (3 x[t] + 1) mod VOCAB."""
+def _example():
+    """examples/hf_trainer.py, imported: its toy dataset is the one these tests train on."""
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", ROOT / "examples" / "hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, n=256):
-        gen = torch.Generator().manual_seed(0)
-        start = torch.randint(0, VOCAB, (n, 1), generator=gen)
-        seq = [start]
-        for _ in range(CTX - 1):
-            seq.append((3 * seq[-1] + 1) % VOCAB)
-        self.data = torch.cat(seq, dim=1)
 
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.data[i], "labels": self.data[i]}
+def Sequences(n=256):
+    return _example().Sequences(n)
 
 
 def _llama():
