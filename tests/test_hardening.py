@@ -148,3 +148,16 @@ def test_singular_values_lie_in_the_presets_band(m, extra, cond, name, seed):
     phi = compose(preset.schedule(), np.linspace(x.min(), x.max(), 20001))
     s = torch.linalg.svdvals(O).numpy()
     assert s.min() >= phi.min() - 1e-9 and s.max() <= phi.max() + 1e-9
+
+
+def test_finite_check_handles_empty_mixed_dtypes_and_huge_values():
+    from muonkit.optim.muon import _all_finite
+
+    ts = [
+        torch.zeros(0, 3),
+        torch.full((4,), 1e30, dtype=torch.bfloat16),  # a 2-norm would overflow; the max does not
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("-inf")], dtype=torch.float16),
+        torch.ones(2, 2, dtype=torch.float64),
+    ]
+    assert _all_finite(ts).tolist() == [True, True, False, False, True]

@@ -264,7 +264,7 @@ class Muon(Optimizer):
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
             return []
-        finite = torch.stack([torch.isfinite(_local(g)).all() for g in grads]).cpu()  # one host sync
+        finite = _all_finite([_local(g) for g in grads])  # one host sync
         if bool(finite.all()):
             return []
         names = []
@@ -490,6 +490,20 @@ class Muon(Optimizer):
         for st in self.state.values():
             _static(*(t for t in st.values() if isinstance(t, Tensor)))
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+
+
+def _all_finite(tensors: list[Tensor]) -> Tensor:
+    """One bool per tensor (on the CPU): no NaN/Inf in it. The largest |x| of every tensor in one multi-tensor
+    kernel per device and dtype (an inf-norm cannot overflow the way a 2-norm of 1e30 would), one sync."""
+    flags = torch.ones(len(tensors), dtype=torch.bool)
+    by_device: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():  # an empty tensor is finite (and has no max)
+            by_device.setdefault(t.device, []).append(i)
+    for index in by_device.values():
+        peaks = torch._foreach_norm([tensors[i] for i in index], float("inf"))
+        flags[index] = torch.stack(peaks).isfinite().cpu()
+    return flags
 
 
 def _static(*tensors: Tensor) -> None:
