@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import kernels
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 
@@ -56,6 +57,8 @@ def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: tor
 def _poly_in_gram(A: Tensor, higher: Sequence[float]) -> Tensor:
     """``B = b A + c A^2 + d A^3 + ...`` for ``higher = (b, c, d, ...)`` (at least two terms), by Horner
     ``B = A (b + A (c + A d))`` with the scalars folded into the matrix products (``baddbmm``)."""
+    if len(higher) == 2 and kernels.use_kernel(A):  # b A + c A A^T: symmetric, one triangle (quintics)
+        return kernels.sym_product(A, alpha=higher[-1], beta=higher[-2], Y=A)
     B = torch.baddbmm(A, A, A, beta=higher[-2], alpha=higher[-1])
     for coef in reversed(higher[:-2]):
         B = torch.baddbmm(A, A, B, beta=coef)
@@ -68,7 +71,7 @@ def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
     Per step, with ``A = X X^T``: ``X = a X + (b A + c A^2 + ...) X``; a cubic needs no ``B`` at all.
     """
     for a, *higher in rows:
-        A = X @ X.mT
+        A = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
         if len(higher) == 1:
             X = torch.baddbmm(X, A, X, beta=a, alpha=higher[0])  # X = a X + b A X
         else:
@@ -85,13 +88,13 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
     (``X = Q X``, ``R = X X^T``, which bounds half-precision drift in R) and at the end. Per step this
     costs about ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``: a saving once ``n`` is about ``2 m`` or more.
     """
-    R = X @ X.mT
+    R = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
     Q: Tensor | None = None
     last = len(rows) - 1
     for i, (a, *higher) in enumerate(rows):
         if i in restarts and i > 0 and Q is not None:
             X = Q @ X
-            R = X @ X.mT
+            R = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
             Q = None
         Z = higher[0] * R if len(higher) == 1 else _poly_in_gram(R, higher)  # the step's polynomial: a I + Z
         if Q is None:

@@ -1,0 +1,172 @@
+"""Symmetric products for Newton-Schulz: ``alpha X X^T + beta Y`` computing one triangle and mirroring it.
+
+Both products of an NS step that produce symmetric matrices, ``A = X X^T`` and ``b A + c A A`` (``A`` is
+symmetric, so ``A A = A A^T``), have this form. A Triton kernel computes only the tiles on and above the
+diagonal (about half the tiles: ``T (T + 1) / 2`` of ``T^2``) and writes each off-diagonal tile twice,
+once transposed. It runs when :func:`set_mode` allows it and the inputs suit it (CUDA, Triton importable,
+bf16/fp16, compute capability >= 8, at least ``MIN_ROWS`` rows); everything else takes torch matmuls,
+so the CPU and any unsupported case always work.
+
+Mode ``"torch"`` (the default until the kernel is measured faster on your hardware; see
+``benchmarks/orthogonalize.py --kernels``), ``"auto"`` (the kernel where it applies) or ``"triton"`` (the
+kernel where it applies, and an error where it cannot run: for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIN_ROWS", "MODES", "get_mode", "set_mode", "sym_product", "triton_applies", "use_kernel"]
+
+MODES = ("torch", "auto", "triton")
+MIN_ROWS = 256  # below this a square product is too small for the saved half to pay for the launch
+BLOCK = 128
+
+_mode = os.environ.get("MUONKIT_KERNELS", "torch")
+if _mode not in MODES:  # pragma: no cover - environment misconfiguration
+    raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
+
+
+def set_mode(mode: str) -> None:
+    """Choose where symmetric products run: ``"torch"``, ``"auto"`` or ``"triton"`` (see the module docstring)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+@functools.cache
+def _triton() -> Any:
+    try:
+        import triton  # noqa: F401
+
+        return _build()
+    except ImportError:
+        return None
+
+
+def triton_applies(X: Tensor) -> bool:
+    """Whether the Triton kernel can and should take ``X`` (``(b, m, k)``)."""
+    return (
+        X.is_cuda
+        and X.ndim == 3
+        and X.dtype in (torch.bfloat16, torch.float16)
+        and X.shape[-2] >= MIN_ROWS
+        and torch.cuda.get_device_capability(X.device)[0] >= 8
+        and _triton() is not None
+    )
+
+
+def use_kernel(X: Tensor) -> bool:
+    """Whether the NS step should call :func:`sym_product`'s Triton path for ``X`` under the current mode.
+
+    In mode ``"triton"`` a tensor the kernel cannot take raises instead of silently falling back.
+    """
+    if _mode == "torch":
+        return False
+    if triton_applies(X):
+        return True
+    if _mode == "triton" and X.numel():
+        raise RuntimeError(
+            f"kernel mode 'triton' but the kernel cannot take a {tuple(X.shape)} {X.dtype} tensor on {X.device} "
+            f"(needs CUDA with compute capability >= 8, Triton, bf16/fp16, >= {MIN_ROWS} rows)"
+        )
+    return False
+
+
+def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None) -> Tensor:
+    """``alpha X X^T + beta Y`` for a batch ``X`` of shape ``(b, m, k)``; ``Y`` (``(b, m, m)``) must be symmetric.
+
+    The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
+    written twice), on the torch path up to rounding.
+    """
+    if use_kernel(X) and (Y is None or Y.dtype == X.dtype):
+        return _triton()(X, alpha, beta, Y)
+    if Y is None:
+        out = X @ X.mT
+        return out if alpha == 1.0 else out.mul_(alpha)
+    return torch.baddbmm(Y, X, X.mT, beta=beta, alpha=alpha)
+
+
+def _build() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(
+        configs=[
+            triton.Config({"BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BK": 32}, num_warps=8, num_stages=4),
+            triton.Config({"BK": 64}, num_warps=4, num_stages=4),
+        ],
+        key=["M", "K"],
+    )
+    @triton.jit
+    def kernel(
+        X, Y, C, pairs, M, K,
+        sxb, sxm, sxk, syb, sym, syn, scb, scm, scn,
+        alpha, beta,
+        HAS_Y: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        ti = tl.load(pairs + 2 * pid)
+        tj = tl.load(pairs + 2 * pid + 1)
+        rm = ti * BM + tl.arange(0, BM)
+        rn = tj * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BK)
+        xb = X + b * sxb
+        a_ptr = xb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
+        b_ptr = xb + rn[None, :] * sxm + rk[:, None] * sxk  # X[rn, k]^T
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            kk = k * BK + rk
+            a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            bt = tl.load(b_ptr, mask=(rn[None, :] < M) & (kk[:, None] < K), other=0.0)
+            acc += tl.dot(a, bt)
+            a_ptr += BK * sxk
+            b_ptr += BK * sxk
+        acc = acc * alpha
+        mask = (rm[:, None] < M) & (rn[None, :] < M)
+        if HAS_Y:
+            y = tl.load(Y + b * syb + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0)
+            acc += beta * y.to(tl.float32)
+        out = acc.to(C.dtype.element_ty)
+        cb = C + b * scb
+        tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
+        if ti != tj:  # the mirror tile, stored row by row (coalesced)
+            mirror = (rn[:, None] < M) & (rm[None, :] < M)
+            tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
+
+    @functools.cache
+    def upper_pairs(tiles: int, device: torch.device) -> Tensor:
+        ij = [(i, j) for i in range(tiles) for j in range(i, tiles)]
+        return torch.tensor(ij, dtype=torch.int32, device=device).reshape(-1)
+
+    def run(X: Tensor, alpha: float, beta: float, Y: Tensor | None) -> Tensor:
+        bsz, m, k = X.shape
+        C = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
+        if bsz == 0 or m == 0:
+            return C
+        tiles = triton.cdiv(m, BLOCK)
+        pairs = upper_pairs(tiles, X.device)
+        y = Y if Y is not None else C  # unused when HAS_Y is False
+        grid = (tiles * (tiles + 1) // 2, bsz)
+        kernel[grid](
+            X, y, C, pairs, m, k,
+            X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            C.stride(0), C.stride(1), C.stride(2),
+            float(alpha), float(beta),
+            HAS_Y=Y is not None, BM=BLOCK,
+        )  # fmt: skip
+        return C
+
+    return run

@@ -1,0 +1,78 @@
+"""The symmetric-product kernel switch: CPU always takes torch; on a GPU the Triton kernel matches torch."""
+
+import pytest
+import torch
+
+import muonkit
+from muonkit import kernels
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mode():
+    before = kernels.get_mode()
+    yield
+    kernels.set_mode(before)
+
+
+def test_modes_are_validated():
+    with pytest.raises(ValueError, match="kernel mode"):
+        kernels.set_mode("cuda")
+
+
+def test_cpu_falls_back_to_torch_bit_for_bit_in_auto_mode():
+    G = torch.randn(3, 300, 500, generator=torch.Generator().manual_seed(0))
+    kernels.set_mode("torch")
+    want = muonkit.orthogonalize(G)
+    want_gram = muonkit.orthogonalize(G, method="gram")
+    kernels.set_mode("auto")
+    assert not kernels.triton_applies(G)
+    assert torch.equal(muonkit.orthogonalize(G), want)
+    assert torch.equal(muonkit.orthogonalize(G, method="gram"), want_gram)
+
+
+def test_triton_mode_refuses_what_it_cannot_run():
+    kernels.set_mode("triton")
+    with pytest.raises(RuntimeError, match="cannot take"):
+        muonkit.orthogonalize(torch.randn(300, 400))
+
+
+def test_sym_product_fallback_formula():
+    X = torch.randn(2, 5, 7, dtype=torch.float64)
+    Y = X @ X.mT
+    assert torch.allclose(kernels.sym_product(X, 2.0), 2 * X @ X.mT)
+    assert torch.allclose(kernels.sym_product(X, 2.0, 0.5, Y), 2 * X @ X.mT + 0.5 * Y)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shape", [(4, 256, 256), (2, 300, 1000), (1, 1000, 3000), (3, 513, 64)])
+def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
+    if not kernels.triton_applies(torch.empty(shape, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no Triton or an older GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    X = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) / shape[-1] ** 0.5
+    kernels.set_mode("triton")
+    A = kernels.sym_product(X)
+    ref = X.float() @ X.float().mT
+    assert torch.equal(A, A.mT)
+    assert (A.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+    B = kernels.sym_product(A, alpha=-4.775, beta=3.4445, Y=A)
+    ref_b = 3.4445 * A.float() - 4.775 * A.float() @ A.float()
+    assert (B.float() - ref_b).abs().max() < 2e-2 * ref_b.abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+def test_ns_with_the_kernel_stays_in_the_band():
+    if not kernels.triton_applies(torch.empty(1, 512, 512, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no Triton or an older GPU")
+    G = torch.randn(4, 512, 1536, device="cuda")
+    kernels.set_mode("torch")
+    want = muonkit.orthogonalize(G).float()
+    kernels.set_mode("triton")
+    got = muonkit.orthogonalize(G).float()
+    s = torch.linalg.svdvals(got)
+    assert s.min() > 0.5 and s.max() < 1.3
+    assert (got - want).abs().max() < 0.05
