@@ -76,3 +76,17 @@ def test_ns_with_the_kernel_stays_in_the_band():
     s = torch.linalg.svdvals(got)
     assert s.min() > 0.5 and s.max() < 1.3
     assert (got - want).abs().max() < 0.05
+
+
+@pytest.mark.gpu
+@cuda
+def test_auto_mode_uses_the_kernel_only_for_large_matrices_and_never_inside_compile():
+    big = torch.empty(1, kernels.AUTO_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16)
+    small = torch.empty(8, 768, 64, device="cuda", dtype=torch.bfloat16)
+    kernels.set_mode("auto")
+    assert not kernels.use_kernel(small)
+    assert kernels.use_kernel(big) == kernels.triton_applies(big)
+    G = torch.randn(kernels.AUTO_MIN_ROWS, 4096, device="cuda")
+    eager = muonkit.orthogonalize(G)
+    compiled = torch.compile(lambda g: muonkit.orthogonalize(g))(G)  # the torch path under compile
+    assert (eager.float() - compiled.float()).abs().max() < 0.05

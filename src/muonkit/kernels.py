@@ -4,12 +4,14 @@ Both products of an NS step that produce symmetric matrices, ``A = X X^T`` and `
 symmetric, so ``A A = A A^T``), have this form. A Triton kernel computes only the tiles on and above the
 diagonal (about half the tiles: ``T (T + 1) / 2`` of ``T^2``) and writes each off-diagonal tile twice,
 once transposed. It runs when :func:`set_mode` allows it and the inputs suit it (CUDA, Triton importable,
-bf16/fp16, compute capability >= 8, at least ``MIN_ROWS`` rows); everything else takes torch matmuls,
-so the CPU and any unsupported case always work.
+bf16/fp16, compute capability >= 8); everything else takes torch matmuls, so the CPU and any
+unsupported case always work. Inside ``torch.compile`` the torch path is taken (inductor plans matmuls).
 
-Mode ``"torch"`` (the default until the kernel is measured faster on your hardware; see
-``benchmarks/orthogonalize.py --kernels``), ``"auto"`` (the kernel where it applies) or ``"triton"`` (the
-kernel where it applies, and an error where it cannot run: for tests and benchmarks).
+Modes: ``"auto"`` (default) uses the kernel for matrices of at least ``AUTO_MIN_ROWS`` rows, where it was
+measured faster (``benchmarks/kernels.py`` on an H100: whole NS5 0.79-0.83x the time at 4096 rows and
+more, but up to 2x slower on 768-row batches, where cuBLAS's full product is already cheap); ``"triton"``
+uses it wherever it can run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it.
+The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ROWS", "MODES", "get_mode", "set_mode", "sym_product", "triton_applies", "use_kernel"]
+__all__ = ["AUTO_MIN_ROWS", "MODES", "get_mode", "set_mode", "sym_product", "triton_applies", "use_kernel"]
 
 MODES = ("torch", "auto", "triton")
-MIN_ROWS = 256  # below this a square product is too small for the saved half to pay for the launch
+AUTO_MIN_ROWS = 4096  # measured: a win from 4096 rows on (H100), a loss at 768, level at 1024
 BLOCK = 128
 
-_mode = os.environ.get("MUONKIT_KERNELS", "torch")
+_mode = os.environ.get("MUONKIT_KERNELS", "auto")
 if _mode not in MODES:  # pragma: no cover - environment misconfiguration
     raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
 
@@ -55,12 +57,11 @@ def _triton() -> Any:
 
 
 def triton_applies(X: Tensor) -> bool:
-    """Whether the Triton kernel can and should take ``X`` (``(b, m, k)``)."""
+    """Whether the Triton kernel can take ``X`` (``(b, m, k)``): CUDA, bf16/fp16, compute capability >= 8, Triton."""
     return (
         X.is_cuda
         and X.ndim == 3
         and X.dtype in (torch.bfloat16, torch.float16)
-        and X.shape[-2] >= MIN_ROWS
         and torch.cuda.get_device_capability(X.device)[0] >= 8
         and _triton() is not None
     )
@@ -71,14 +72,16 @@ def use_kernel(X: Tensor) -> bool:
 
     In mode ``"triton"`` a tensor the kernel cannot take raises instead of silently falling back.
     """
-    if _mode == "torch":
+    if _mode == "torch" or torch.compiler.is_compiling():
         return False
+    if _mode == "auto":
+        return X.shape[-2] >= AUTO_MIN_ROWS and triton_applies(X)
     if triton_applies(X):
         return True
-    if _mode == "triton" and X.numel():
+    if X.numel():
         raise RuntimeError(
             f"kernel mode 'triton' but the kernel cannot take a {tuple(X.shape)} {X.dtype} tensor on {X.device} "
-            f"(needs CUDA with compute capability >= 8, Triton, bf16/fp16, >= {MIN_ROWS} rows)"
+            f"(needs CUDA with compute capability >= 8, Triton, bf16/fp16)"
         )
     return False
 
