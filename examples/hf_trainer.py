@@ -37,11 +37,12 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
-def main() -> None:
+def tiny_llama(hidden_size: int = 64) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama with tied embeddings and grouped-query attention (seed 0)."""
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -49,7 +50,11 @@ def main() -> None:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def main() -> None:
+    model = tiny_llama()
     steps = 100
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),

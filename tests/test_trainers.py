@@ -1,5 +1,6 @@
 """Muon inside Hugging Face Trainer and PyTorch Lightning (CPU, tiny randomly initialised models, no downloads)."""
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -14,6 +15,7 @@ VOCAB, CTX = 64, 16  # as in examples/hf_trainer.py
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
 def _example():
     """examples/hf_trainer.py, imported: its toy dataset is the one these tests train on."""
     pytest.importorskip("transformers")
@@ -30,18 +32,7 @@ def Sequences(n=256):
 def _llama():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CTX,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers, transformers.LlamaForCausalLM(cfg)
+    return transformers, _example().tiny_llama(hidden_size=32)
 
 
 def test_hf_trainer_trains_with_muon_and_its_scheduler(tmp_path):

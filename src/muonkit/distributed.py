@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .newton_schulz import default_ns_dtype
 from .optim.functional import (
     Job,
     apply_update,
@@ -203,13 +204,9 @@ class ReplicatedExecutor:
 
     def _all_reduce(self, per_rank: list[list[Tensor]], wire: torch.dtype, device: torch.device) -> Any:
         tensors = [t for ts in per_rank for t in ts]
-        mine = {id(t) for t in per_rank[self.rank]}
         flat = torch.zeros(sum(t.numel() for t in tensors), dtype=wire, device=device)
-        offset = 0
-        for t in tensors:
-            if id(t) in mine:
-                flat[offset : offset + t.numel()].copy_(t.reshape(-1))
-            offset += t.numel()
+        before = sum(t.numel() for ts in per_rank[: self.rank] for t in ts)  # this rank's results sit here
+        _pack(per_rank[self.rank], flat[before:])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.bytes_communicated += int(2 * (self.world_size - 1) / self.world_size * flat.numel() * flat.element_size())
 
@@ -251,13 +248,18 @@ def _unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
 # ---------------------------------------------------------------------- sharded parameters (FSDP2 / DTensor)
 
 
+_DTensor: Any = None
+try:
+    from torch.distributed.tensor import DTensor
+
+    _DTensor = DTensor
+except ImportError:  # pragma: no cover - torch without DTensor
+    pass
+
+
 def is_sharded(t: Any) -> bool:
     """True for a DTensor (FSDP2 ``fully_shard`` parameters and their gradients are DTensors)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def local(t: Any) -> Tensor:
@@ -314,6 +316,8 @@ class _Bucket:
 
     def __init__(self, shape: tuple[int, ...], index: list[int], owners: list[int], world: int):
         self.shape = shape
+        self.rows = shard_rows(shape[0], world)  # each rank's rows of this shape
+        self.row_numel = _numel(shape[1:])
         pairs = sorted(zip(owners, index))  # stable by owner, then by position
         self.order = [i for _, i in pairs]
         self.count = [sum(1 for o, _ in pairs if o == r) for r in range(world)]
@@ -321,6 +325,7 @@ class _Bucket:
         self.work: Any = None
         self.out_recv: Tensor | None = None
         self.out_work: Any = None
+        self.uniform, self.scale = True, 1.0  # one lr scale for all parts, and which (set in step 2)
 
 
 def sharded_muon_step(
@@ -397,7 +402,8 @@ def zero_muon_step(
     Momentum runs on this rank's rows of the (already averaged) gradient; the rows go to the matrices'
     owners as in the FSDP2 path (``all_to_all``, NS there, rows back), then one ``all_gather`` per
     same-shape bucket gives every rank the whole update. The result equals single-process Muon; the
-    state takes 1/W of the memory, for about 1.5x the bytes of the replicated exchange.
+    state takes 1/W of the memory, for more bytes than the replicated exchange (1.75x on 2 GPUs for the
+    1B-class set of benchmarks/distributed.py).
     """
     if not params:
         return
@@ -415,42 +421,45 @@ def zero_muon_step(
     updates = momentum_update(row_grads, row_buffers, momentum, nesterov)
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
     stacks = exchange.run_stacked(params, updates, lr, adjust_lr, options, stats)
-    pending = []
-    for order, stack in stacks:  # stack: (n, rows_me, *tail); every rank sends `chunk` rows, padded
-        shape = tuple(params[order[0]].shape)
-        rows = shard_rows(shape[0], world)
-        chunk = rows[0]
-        send = stack
-        if stack.shape[1] < chunk:
-            send = stack.new_zeros((stack.shape[0], chunk, *shape[1:]))
-            send[:, : stack.shape[1]] = stack
-        flat = torch.empty(world * send.numel(), dtype=send.dtype, device=send.device)
-        work = dist.all_gather_into_tensor(flat, send.reshape(-1), group=executor.group, async_op=True)
-        recv = flat.view(world, *send.shape)
-        if counter is not None:
-            counter[0] += (world - 1) * send.numel() * send.element_size()
-        pending.append((order, rows, recv, work))
+    pending = [  # stack: (n, rows_me, *tail) -> every rank's rows, one all-gather per bucket in flight
+        (order, _start_row_gather(stack, int(params[order[0]].shape[0]), executor, counter)) for order, stack in stacks
+    ]
     full_updates: list[Tensor | None] = [None] * len(params)
-    for order, rows, recv, work in pending:
-        work.wait()
-        full = torch.cat([recv[r, :, : rows[r]] for r in range(world)], dim=1)
-        for i, u in zip(order, full.unbind(0)):
+    for order, finish in pending:
+        for i, u in zip(order, finish().unbind(0)):
             full_updates[i] = u
     assert all(u is not None for u in full_updates)
     apply_update(params, full_updates, lr, weight_decay)  # type: ignore[arg-type]
 
 
+def _start_row_gather(
+    stack: Tensor, rows: int, executor: ReplicatedExecutor, counter: list[int] | None = None
+) -> Callable[[], Tensor]:
+    """Start all-gathering every rank's ``shard_rows`` piece (dim 1 of ``stack``, ``(n, rows_me, *tail)``) of
+    ``n`` tensors with ``rows`` rows; the returned function waits and gives ``(n, rows, *tail)``. Each rank sends
+    the largest piece's row count (the first rank's), padded."""
+    world = executor.world_size
+    sizes = shard_rows(rows, world)
+    send = stack
+    if stack.shape[1] < sizes[0]:
+        send = stack.new_zeros((stack.shape[0], sizes[0], *stack.shape[2:]))
+        send[:, : stack.shape[1]] = stack
+    flat = torch.empty(world * send.numel(), dtype=send.dtype, device=send.device)
+    work = dist.all_gather_into_tensor(flat, send.reshape(-1), group=executor.group, async_op=True)
+    if counter is not None:
+        counter[0] += (world - 1) * send.numel() * send.element_size()
+
+    def finish() -> Tensor:
+        work.wait()
+        recv = flat.view(world, *send.shape)
+        return torch.cat([recv[r, :, : sizes[r]] for r in range(world)], dim=1)
+
+    return finish
+
+
 def gather_rows(rows: Tensor, shape: Sequence[int], executor: ReplicatedExecutor) -> Tensor:
     """The whole tensor of ``shape`` from every rank's ``shard_rows`` piece (a collective: all ranks call it)."""
-    world = executor.world_size
-    sizes = shard_rows(int(shape[0]), world)
-    chunk = sizes[0]
-    send = rows.new_zeros((chunk, *shape[1:]))
-    send[: rows.shape[0]] = rows
-    flat = torch.empty(world * send.numel(), dtype=send.dtype, device=send.device)
-    dist.all_gather_into_tensor(flat, send.reshape(-1), group=executor.group)
-    recv = flat.view(world, *send.shape)
-    return torch.cat([recv[r, : sizes[r]] for r in range(world)])
+    return _start_row_gather(rows.unsqueeze(0), int(shape[0]), executor)()[0]
 
 
 def my_rows(full: Tensor, executor: ReplicatedExecutor) -> Tensor:
@@ -495,68 +504,49 @@ class _ShardedExchange:
         load = [0.0] * world
         buckets = []
         for (shape, _), index in groups.items():
-            rows = shard_rows(shape[0], world)
+            b = _Bucket(shape, index, assign_jobs([float(ns_flops(shape))] * len(index), world, load), world)
             for i in index:
-                if tuple(updates[i].shape) != (rows[rank], *shape[1:]):
+                if tuple(updates[i].shape) != (b.rows[rank], *shape[1:]):
                     raise ValueError(
                         f"a DTensor of shape {shape} has a local shard of shape {tuple(updates[i].shape)} on rank "
-                        f"{rank}; Muon expects torch.chunk-style Shard(0) ({rows[rank]} rows here)"
+                        f"{rank}; Muon expects torch.chunk-style Shard(0) ({b.rows[rank]} rows here)"
                     )
-            owners = assign_jobs([float(ns_flops(shape))] * len(index), world, load)
-            buckets.append(_Bucket(shape, index, owners, world))
+            buckets.append(b)
 
         # 1. every bucket's rows go to their owners (all in flight at once; NCCL runs them in order)
         for b in buckets:
-            rows, tail = shard_rows(b.shape[0], world), b.shape[1:]
-            first = updates[b.order[0]]
-            wire = self.comm_dtype or first.dtype
+            wire = self.comm_dtype or updates[b.order[0]].dtype
             send = torch.stack([updates[i] for i in b.order]).to(wire)  # (n, rows_me, *tail), owner-sorted
-            per = rows[rank] * _numel(tail)
-            send_splits = [c * per for c in b.count]
-            recv_splits = [b.count[rank] * rows[s] * _numel(tail) for s in range(world)]
+            send_splits = [c * b.rows[rank] * b.row_numel for c in b.count]
+            recv_splits = [b.count[rank] * r * b.row_numel for r in b.rows]
             b.recv, b.work = self._a2a(send.reshape(-1), send_splits, recv_splits)
 
         # 2. per bucket: whole matrices on their owner, NS there, each rank's rows sent back
         for b in buckets:
-            rows, tail = shard_rows(b.shape[0], world), b.shape[1:]
             mine = b.count[rank]
             first = updates[b.order[0]]
-            uniform, scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
-            work_dtype = options["ns_dtype"] or _default_work(first)
-            out_dtype = self.comm_dtype or (work_dtype if uniform else first.dtype)
+            b.uniform, b.scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
+            work_dtype = options["ns_dtype"] or default_ns_dtype(first.device, first.dtype)
+            out_dtype = self.comm_dtype or (work_dtype if b.uniform else first.dtype)
             b.work.wait()
             assert b.recv is not None
             outs = torch.empty((mine, *b.shape), dtype=out_dtype, device=first.device)
             if mine:
-                blocks = b.recv.split([mine * r * _numel(tail) for r in rows])
-                full = torch.cat([blk.view(mine, r, *tail) for blk, r in zip(blocks, rows)], dim=1).to(first.dtype)
-                if uniform:  # results travel unscaled in the NS dtype; the receiver scales as one process does
-                    run_all(
-                        ns_jobs(
-                            list(full.unbind(0)),
-                            list(outs.unbind(0)),
-                            lr=1.0,
-                            adjust_lr=None,
-                            stats=stats,
-                            report_lr=(lr, adjust_lr),
-                            **options,
-                        )
-                    )
-                else:
-                    run_all(
-                        ns_jobs(
-                            list(full.unbind(0)),
-                            list(outs.unbind(0)),
-                            lr=lr,
-                            adjust_lr=adjust_lr,
-                            stats=stats,
-                            **options,
-                        )
-                    )
-            offsets = [sum(rows[:r]) for r in range(world)]
-            send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, rows)])
-            send_splits = [mine * r * _numel(tail) for r in rows]
-            recv_splits = [c * rows[rank] * _numel(tail) for c in b.count]
+                tail = b.shape[1:]
+                blocks = b.recv.split([mine * r * b.row_numel for r in b.rows])
+                full = torch.cat([blk.view(mine, r, *tail) for blk, r in zip(blocks, b.rows)], dim=1).to(first.dtype)
+                # with one lr scale per parameter, results travel unscaled in the NS dtype and the receiver
+                # scales them as one process does; otherwise they travel scaled, in the update dtype
+                rule = (
+                    {"lr": 1.0, "adjust_lr": None, "report_lr": (lr, adjust_lr)}
+                    if b.uniform
+                    else {"lr": lr, "adjust_lr": adjust_lr}
+                )
+                run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), stats=stats, **rule, **options))
+            offsets = [sum(b.rows[:r]) for r in range(world)]
+            send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, b.rows)])
+            send_splits = [mine * r * b.row_numel for r in b.rows]
+            recv_splits = [c * b.rows[rank] * b.row_numel for c in b.count]
             b.out_recv, b.out_work = self._a2a(send, send_splits, recv_splits)
 
         # 3. this rank's rows of every result: one (n, rows_me, *tail) tensor per bucket, owner-sorted
@@ -565,11 +555,10 @@ class _ShardedExchange:
             b.out_work.wait()
             assert b.out_recv is not None
             first = updates[b.order[0]]
-            uniform, scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
             got = b.out_recv.view(len(b.order), *first.shape)
             out = torch.empty(got.shape, dtype=first.dtype, device=first.device)
-            if uniform:
-                torch.mul(got, scale, out=out)
+            if b.uniform:
+                torch.mul(got, b.scale, out=out)
             else:
                 out.copy_(got)
             stacks.append((b.order, out))
@@ -592,31 +581,8 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-_SCALES: dict[tuple, tuple[bool, float]] = {}
-
-
 def _uniform_scale(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:
-    """(whether all parts of a parameter of ``shape`` share one lr scale, that scale)."""
-    try:
-        hash(adjust_lr)
-        rule = adjust_lr  # names, numbers and functions are their own keys (no id reuse)
-    except TypeError:
-        return _scale_of(shape, lr, adjust_lr, view, split)
-    key = (shape, lr, rule, view, str(split))
-    if key not in _SCALES:
-        if len(_SCALES) > 4096:
-            _SCALES.clear()
-        _SCALES[key] = _scale_of(shape, lr, adjust_lr, view, split)
-    return _SCALES[key]
-
-
-def _scale_of(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:
+    """(whether all parts of a parameter of ``shape`` share one lr scale, that scale); once per bucket and step."""
     parts = matrix_parts(torch.empty(shape, device="meta"), view, split)
     scales = {lr_scale(adjust_lr, lr, (int(q.shape[-2]), int(q.shape[-1]))) for q in parts}
     return len(scales) == 1, next(iter(scales))
-
-
-def _default_work(t: Tensor) -> torch.dtype:
-    from .newton_schulz import default_ns_dtype
-
-    return default_ns_dtype(t.device, t.dtype)

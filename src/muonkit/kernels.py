@@ -62,9 +62,14 @@ def triton_applies(X: Tensor) -> bool:
         X.is_cuda
         and X.ndim == 3
         and X.dtype in (torch.bfloat16, torch.float16)
-        and torch.cuda.get_device_capability(X.device)[0] >= 8
+        and _capability(X.device) >= 8
         and _triton() is not None
     )
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def use_kernel(X: Tensor) -> bool:

@@ -71,7 +71,7 @@ def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
     Per step, with ``A = X X^T``: ``X = a X + (b A + c A^2 + ...) X``; a cubic needs no ``B`` at all.
     """
     for a, *higher in rows:
-        A = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
+        A = kernels.sym_product(X)  # X X^T (the Triton kernel where it applies)
         if len(higher) == 1:
             X = torch.baddbmm(X, A, X, beta=a, alpha=higher[0])  # X = a X + b A X
         else:
@@ -88,13 +88,13 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
     (``X = Q X``, ``R = X X^T``, which bounds half-precision drift in R) and at the end. Per step this
     costs about ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``: a saving once ``n`` is about ``2 m`` or more.
     """
-    R = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
+    R = kernels.sym_product(X)
     Q: Tensor | None = None
     last = len(rows) - 1
     for i, (a, *higher) in enumerate(rows):
         if i in restarts and i > 0 and Q is not None:
             X = Q @ X
-            R = kernels.sym_product(X) if kernels.use_kernel(X) else X @ X.mT
+            R = kernels.sym_product(X)
             Q = None
         Z = higher[0] * R if len(higher) == 1 else _poly_in_gram(R, higher)  # the step's polynomial: a I + Z
         if Q is None:

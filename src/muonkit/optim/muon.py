@@ -17,6 +17,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..coefficients import CoefficientSpec, as_preset
+from ..distributed import (
+    any_rank,
+    gather_rows,
+    is_sharded,
+    local,
+    my_rows,
+    shard_rows,
+    sharded_muon_step,
+    zero_muon_step,
+)
 from ..newton_schulz import _NS_DTYPES, METHODS
 from .functional import (
     ADJUST_LR_MODES,
@@ -264,7 +274,7 @@ class Muon(Optimizer):
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
             return []
-        finite = _all_finite([_local(g) for g in grads])  # one host sync
+        finite = _all_finite([local(g) for g in grads])  # one host sync
         if bool(finite.all()):
             return []
         names = []
@@ -287,10 +297,10 @@ class Muon(Optimizer):
         gathered = self._gather()
         if self.nonfinite != "ignore":
             bad = self._nonfinite_names(gathered)
-            any_rank = getattr(self.executor, "any_rank", None)
-            if any_rank is None and self._has_sharded():
-                from ..distributed import any_rank  # every rank holding shards must take the same decision
-            if any_rank is not None and any_rank(bool(bad)) and not bad:
+            agree = getattr(self.executor, "any_rank", None)
+            if agree is None and self._has_sharded():
+                agree = any_rank  # every rank holding shards must take the same decision
+            if agree is not None and agree(bool(bad)) and not bad:
                 bad = ["(a parameter on another rank)"]  # every rank must take the same decision
             if bad:
                 if self.nonfinite == "skip":
@@ -319,19 +329,15 @@ class Muon(Optimizer):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 dtype = group["momentum_dtype"] or p.dtype
-                if rows_only and not _is_dtensor(p):  # ZeRO-1: this rank's rows only
-                    from ..distributed import shard_rows
-
+                if rows_only and not is_sharded(p):  # ZeRO-1: this rank's rows only
                     rows = shard_rows(p.shape[0], self.executor.world_size)[self.executor.rank]  # type: ignore[union-attr]
                     state["momentum_buffer"] = torch.zeros((rows, *p.shape[1:]), dtype=dtype, device=p.device)
                 else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 _static(state["momentum_buffer"])
             bufs.append(state["momentum_buffer"])
-        sharded = [_is_dtensor(p) for p in params]
+        sharded = [is_sharded(p) for p in params]
         if any(sharded):
-            from ..distributed import sharded_muon_step
-
             pick = lambda xs, want: [x for x, s in zip(xs, sharded) if s == want]
             sharded_muon_step(
                 pick(params, True),
@@ -344,8 +350,6 @@ class Muon(Optimizer):
             )
             params, grads, bufs = pick(params, False), pick(grads, False), pick(bufs, False)
         if rows_only:
-            from ..distributed import zero_muon_step
-
             zero_muon_step(
                 params,
                 grads,
@@ -388,7 +392,7 @@ class Muon(Optimizer):
         return bool(getattr(self.executor, "shard_state", False)) and getattr(self.executor, "world_size", 1) > 1
 
     def _has_sharded(self) -> bool:
-        return any(_is_dtensor(p) for g in self.param_groups for p in g["params"])
+        return any(is_sharded(p) for g in self.param_groups for p in g["params"])
 
     @property
     def bytes_communicated(self) -> int:
@@ -409,10 +413,10 @@ class Muon(Optimizer):
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
         adamw_step(  # elementwise: sharded tensors take the step on their local shards
-            [_local(p) for p in params],
-            [_local(g) for g in grads],
-            [_local(m) for m in exp_avgs],
-            [_local(v) for v in exp_avg_sqs],
+            [local(p) for p in params],
+            [local(g) for g in grads],
+            [local(m) for m in exp_avgs],
+            [local(v) for v in exp_avg_sqs],
             steps,
             lr=group["lr"],
             beta1=beta1,
@@ -453,14 +457,12 @@ class Muon(Optimizer):
         gathered into whole buffers (a collective: every rank must call it), so any world size can load it."""
         sd = super().state_dict()
         if self._shard_state():
-            from ..distributed import gather_rows
-
             params = list(chain.from_iterable(g["params"] for g in self.param_groups))
             state = dict(sd["state"])
             for pid in sorted(state):
                 p = params[pid]
                 entry = state[pid]
-                if "momentum_buffer" in entry and not _is_dtensor(p):
+                if "momentum_buffer" in entry and not is_sharded(p):
                     state[pid] = {
                         **entry,
                         "momentum_buffer": gather_rows(entry["momentum_buffer"], p.shape, self.executor),  # type: ignore[arg-type]
@@ -483,9 +485,7 @@ class Muon(Optimizer):
                 if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)
             buf = self.state[p].get("momentum_buffer")
-            if self._shard_state() and buf is not None and not _is_dtensor(p):
-                from ..distributed import my_rows
-
+            if self._shard_state() and buf is not None and not is_sharded(p):
                 self.state[p]["momentum_buffer"] = my_rows(buf, self.executor)  # type: ignore[arg-type]
         for st in self.state.values():
             _static(*(t for t in st.values() if isinstance(t, Tensor)))
@@ -513,18 +513,8 @@ def _static(*tensors: Tensor) -> None:
     if mark is None:  # pragma: no cover - torch without dynamo
         return
     for t in tensors:
-        if not _is_dtensor(t) and t.device.type == "cuda":
+        if not is_sharded(t) and t.device.type == "cuda":
             mark(t)
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
-def _local(t: Tensor) -> Tensor:
-    from ..distributed import local
-
-    return local(t)
 
 
 def _meta(p: Tensor) -> Tensor:
