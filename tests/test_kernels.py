@@ -43,6 +43,8 @@ def test_sym_product_fallback_formula():
     Y = X @ X.mT
     assert torch.allclose(kernels.sym_product(X, 2.0), 2 * X @ X.mT)
     assert torch.allclose(kernels.sym_product(X, 2.0, 0.5, Y), 2 * X @ X.mT + 0.5 * Y)
+    eye = torch.eye(5, dtype=torch.float64)
+    assert torch.allclose(kernels.sym_product(X, 2.0, 0.5, Y, diag=3.0), 2 * X @ X.mT + 0.5 * Y + 3 * eye)
 
 
 @pytest.mark.gpu
@@ -58,9 +60,24 @@ def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
     ref = X.float() @ X.float().mT
     assert torch.equal(A, A.mT)
     assert (A.float() - ref).abs().max() < 2e-2 * ref.abs().max()
-    B = kernels.sym_product(A, alpha=-4.775, beta=3.4445, Y=A)
-    ref_b = 3.4445 * A.float() - 4.775 * A.float() @ A.float()
+    B = kernels.sym_product(A, alpha=-4.775, beta=3.4445, Y=A, diag=1.5)
+    ref_b = 3.4445 * A.float() - 4.775 * A.float() @ A.float() + 1.5 * torch.eye(shape[1], device="cuda")
+    assert torch.equal(B, B.mT)
     assert (B.float() - ref_b).abs().max() < 2e-2 * ref_b.abs().max()
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_kernel_runs_inside_torch_compile():
+    X = torch.randn(4, 384, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    if not kernels.triton_applies(X):
+        pytest.skip("no Triton or an older GPU")
+    kernels.set_mode("triton")
+    eager = kernels.sym_product(X, diag=0.5)
+    if not kernels._compile_ok:
+        pytest.skip("torch.library.triton_op is missing (torch < 2.6)")
+    compiled = torch.compile(lambda x: kernels.sym_product(x, diag=0.5), fullgraph=True)(X)
+    assert torch.equal(compiled, eager)
 
 
 @pytest.mark.gpu
@@ -80,7 +97,7 @@ def test_ns_with_the_kernel_stays_in_the_band():
 
 @pytest.mark.gpu
 @cuda
-def test_auto_mode_uses_the_kernel_only_for_large_matrices_and_never_inside_compile():
+def test_auto_mode_uses_the_kernel_only_for_large_matrices():
     big = torch.empty(1, kernels.AUTO_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16)
     small = torch.empty(8, 768, 64, device="cuda", dtype=torch.bfloat16)
     kernels.set_mode("auto")
@@ -88,5 +105,5 @@ def test_auto_mode_uses_the_kernel_only_for_large_matrices_and_never_inside_comp
     assert kernels.use_kernel(big) == kernels.triton_applies(big)
     G = torch.randn(kernels.AUTO_MIN_ROWS, 4096, device="cuda")
     eager = muonkit.orthogonalize(G)
-    compiled = torch.compile(lambda g: muonkit.orthogonalize(g))(G)  # the torch path under compile
+    compiled = torch.compile(lambda g: muonkit.orthogonalize(g))(G)
     assert (eager.float() - compiled.float()).abs().max() < 0.05

@@ -1,17 +1,17 @@
-"""Symmetric products for Newton-Schulz: ``alpha X X^T + beta Y`` computing one triangle and mirroring it.
+"""Symmetric products for Newton-Schulz: ``alpha X X^T + beta Y + diag I``, one triangle computed and mirrored.
 
-Both products of an NS step that produce symmetric matrices, ``A = X X^T`` and ``b A + c A A`` (``A`` is
-symmetric, so ``A A = A A^T``), have this form. A Triton kernel computes only the tiles on and above the
-diagonal (about half the tiles: ``T (T + 1) / 2`` of ``T^2``) and writes each off-diagonal tile twice,
-once transposed. It runs when :func:`set_mode` allows it and the inputs suit it (CUDA, Triton importable,
-bf16/fp16, compute capability >= 8); everything else takes torch matmuls, so the CPU and any
-unsupported case always work. Inside ``torch.compile`` the torch path is taken (inductor plans matmuls).
+Both symmetric products of an NS step have this form: ``A = X X^T`` and the step's polynomial
+``a I + b A + c A A`` (``A`` is symmetric, so ``A A = A A^T``). A Triton kernel computes only the tiles on
+and above the diagonal (``T (T + 1) / 2`` of ``T^2`` tiles) and writes each off-diagonal tile twice, once
+transposed, with a float32 epilogue (one rounding for the whole polynomial). It runs when :func:`set_mode`
+allows it and the inputs suit it (CUDA, Triton importable, bf16/fp16, compute capability >= 8); everything
+else takes torch matmuls, so the CPU and any unsupported case always work. It is registered as a torch
+custom op (``torch.ops.muonkit.sym_product``, torch >= 2.6), so ``torch.compile`` traces it and CUDA graphs
+capture it; on older torch the torch path is taken inside ``torch.compile``.
 
 Modes: ``"auto"`` (default) uses the kernel for matrices of at least ``AUTO_MIN_ROWS`` rows, where it was
-measured faster (``benchmarks/kernels.py`` on an H100: whole NS5 0.79-0.83x the time at 4096 rows and
-more, but up to 2x slower on 768-row batches, where cuBLAS's full product is already cheap); ``"triton"``
-uses it wherever it can run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it.
-The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
+measured faster; ``"triton"`` uses it wherever it can run and raises where it cannot (tests, benchmarks);
+``"torch"`` never uses it. The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AUTO_MIN_ROWS", "MODES", "get_mode", "set_mode", "sym_product", "triton_applies", "use_kernel"]
+__all__ = ["AUTO_MIN_ROWS", "MODES", "get_mode", "prepare", "set_mode", "sym_product", "triton_applies", "use_kernel"]
 
 MODES = ("torch", "auto", "triton")
 AUTO_MIN_ROWS = 4096  # measured: a win from 4096 rows on (H100), a loss at 768, level at 1024
-BLOCK = 128
 
 _mode = os.environ.get("MUONKIT_KERNELS", "auto")
+_compile_ok = False  # set when the kernel is registered as a torch custom op that torch.compile can trace
 if _mode not in MODES:  # pragma: no cover - environment misconfiguration
     raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
 
@@ -56,6 +56,11 @@ def _triton() -> Any:
         return None
 
 
+def prepare() -> bool:
+    """Import Triton and register the kernel's custom op, if they are available; whether the kernel can run."""
+    return _mode != "torch" and torch.cuda.is_available() and _triton() is not None
+
+
 def triton_applies(X: Tensor) -> bool:
     """Whether the Triton kernel can take ``X`` (``(b, m, k)``): CUDA, bf16/fp16, compute capability >= 8, Triton."""
     return (
@@ -77,7 +82,7 @@ def use_kernel(X: Tensor) -> bool:
 
     In mode ``"triton"`` a tensor the kernel cannot take raises instead of silently falling back.
     """
-    if _mode == "torch" or torch.compiler.is_compiling():
+    if _mode == "torch" or (torch.compiler.is_compiling() and not _compile_ok):
         return False
     if _mode == "auto":
         return X.shape[-2] >= AUTO_MIN_ROWS and triton_applies(X)
@@ -91,18 +96,24 @@ def use_kernel(X: Tensor) -> bool:
     return False
 
 
-def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None) -> Tensor:
-    """``alpha X X^T + beta Y`` for a batch ``X`` of shape ``(b, m, k)``; ``Y`` (``(b, m, m)``) must be symmetric.
+def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None, diag: float = 0.0) -> Tensor:
+    """``alpha X X^T + beta Y + diag I`` for a batch ``X`` of shape ``(b, m, k)``; ``Y`` (``(b, m, m)``) must be
+    symmetric.
 
     The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
     written twice), on the torch path up to rounding.
     """
     if use_kernel(X) and (Y is None or Y.dtype == X.dtype):
-        return _triton()(X, alpha, beta, Y)
+        return _triton()(X, alpha, beta, Y, diag)
     if Y is None:
         out = X @ X.mT
-        return out if alpha == 1.0 else out.mul_(alpha)
-    return torch.baddbmm(Y, X, X.mT, beta=beta, alpha=alpha)
+        if alpha != 1.0:
+            out.mul_(alpha)
+    else:
+        out = torch.baddbmm(Y, X, X.mT, beta=beta, alpha=alpha)
+    if diag:
+        out.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return out
 
 
 def _build() -> Any:
@@ -111,35 +122,40 @@ def _build() -> Any:
 
     @triton.autotune(
         configs=[
-            triton.Config({"BK": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BK": 32}, num_warps=8, num_stages=4),
-            triton.Config({"BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BM": 128, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 128, "BK": 32}, num_warps=8, num_stages=4),
+            triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BM": 64, "BK": 128}, num_warps=4, num_stages=3),
         ],
-        key=["M", "K"],
+        key=["M", "K", "HAS_Y"],
     )
     @triton.jit
     def kernel(
-        X, Y, C, pairs, M, K,
+        X, Y, C, M, K,
         sxb, sxm, sxk, syb, sym, syn, scb, scm, scn,
-        alpha, beta,
+        alpha, beta, diag,
         HAS_Y: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
+        # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        ti = tl.load(pairs + 2 * pid)
-        tj = tl.load(pairs + 2 * pid + 1)
+        tj = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
+        tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)  # guard the float rounding
+        tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+        ti = pid - tj * (tj + 1) // 2
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BM + tl.arange(0, BM)
         rk = tl.arange(0, BK)
         xb = X + b * sxb
         a_ptr = xb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
-        b_ptr = xb + rn[None, :] * sxm + rk[:, None] * sxk  # X[rn, k]^T
+        b_ptr = xb + rn[:, None] * sxm + rk[None, :] * sxk  # X[rn, k], loaded along k and transposed in SMEM
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             kk = k * BK + rk
             a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            bt = tl.load(b_ptr, mask=(rn[None, :] < M) & (kk[:, None] < K), other=0.0)
-            acc += tl.dot(a, bt)
+            bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(a, tl.trans(bn))
             a_ptr += BK * sxk
             b_ptr += BK * sxk
         acc = acc * alpha
@@ -147,6 +163,7 @@ def _build() -> Any:
         if HAS_Y:
             y = tl.load(Y + b * syb + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0)
             acc += beta * y.to(tl.float32)
+        acc += tl.where(rm[:, None] == rn[None, :], diag, 0.0)
         out = acc.to(C.dtype.element_ty)
         cb = C + b * scb
         tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
@@ -154,27 +171,39 @@ def _build() -> Any:
             mirror = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
-    @functools.cache
-    def upper_pairs(tiles: int, device: torch.device) -> Tensor:
-        ij = [(i, j) for i in range(tiles) for j in range(i, tiles)]
-        return torch.tensor(ij, dtype=torch.int32, device=device).reshape(-1)
-
-    def run(X: Tensor, alpha: float, beta: float, Y: Tensor | None) -> Tensor:
+    def launch(launcher: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
         bsz, m, k = X.shape
         C = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
         if bsz == 0 or m == 0:
             return C
-        tiles = triton.cdiv(m, BLOCK)
-        pairs = upper_pairs(tiles, X.device)
         y = Y if Y is not None else C  # unused when HAS_Y is False
-        grid = (tiles * (tiles + 1) // 2, bsz)
-        kernel[grid](
-            X, y, C, pairs, m, k,
+
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            tiles = triton.cdiv(m, meta["BM"])
+            return (tiles * (tiles + 1) // 2, bsz)
+
+        launcher[grid](
+            X, y, C, m, k,
             X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
             C.stride(0), C.stride(1), C.stride(2),
-            float(alpha), float(beta),
-            HAS_Y=Y is not None, BM=BLOCK,
+            float(alpha), float(beta), float(diag),
+            HAS_Y=Y is not None,
         )  # fmt: skip
         return C
 
-    return run
+    global _compile_ok
+    try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op(
+            "muonkit::sym_product",
+            mutates_args=(),
+            schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag) -> Tensor",
+        )
+        def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+            return launch(wrap_triton(kernel), X, alpha, beta, Y, diag)
+
+        _compile_ok = True
+        return torch.ops.muonkit.sym_product
+    except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
+        return functools.partial(launch, kernel)

@@ -57,25 +57,46 @@ def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: tor
 def _poly_in_gram(A: Tensor, higher: Sequence[float]) -> Tensor:
     """``B = b A + c A^2 + d A^3 + ...`` for ``higher = (b, c, d, ...)`` (at least two terms), by Horner
     ``B = A (b + A (c + A d))`` with the scalars folded into the matrix products (``baddbmm``)."""
-    if len(higher) == 2 and kernels.use_kernel(A):  # b A + c A A^T: symmetric, one triangle (quintics)
-        return kernels.sym_product(A, alpha=higher[-1], beta=higher[-2], Y=A)
     B = torch.baddbmm(A, A, A, beta=higher[-2], alpha=higher[-1])
     for coef in reversed(higher[:-2]):
         B = torch.baddbmm(A, A, B, beta=coef)
     return B
 
 
+def _polynomial(A: Tensor, coefs: Sequence[float]) -> tuple[Tensor, float, float]:
+    """``(Z, a, s)`` with ``a I + s Z = a I + b A + c A^2 + ...`` for ``coefs = (a, b, c, ...)``, A symmetric.
+
+    For quintics where the Triton kernel applies, ``Z`` is the whole polynomial ``c A A^T + b A + a I``
+    (one kernel, float32 epilogue, one rounding) and ``a = 0``: the following product is then a plain
+    ``bmm``. The torch path keeps ``a`` apart and adds it in the next product's float32 epilogue
+    (``baddbmm``): folding it into a half-precision ``Z`` first rounds twice and was measured 1.5-2.5x
+    less accurate in bf16 (2-core CPU, Jordan's quintic, 64-1024 columns).
+    """
+    a, *higher = coefs
+    if len(higher) == 1:
+        return A, a, higher[0]
+    if len(higher) == 2 and kernels.use_kernel(A):
+        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a), 0.0, 1.0
+    return _poly_in_gram(A, higher), a, 1.0
+
+
+def _times(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
+    """``(a I + s Z) M`` for ``poly = (Z, a, s)``."""
+    Z, a, s = poly
+    if a == 0:
+        return Z @ M if s == 1 else torch.bmm(Z, M).mul_(s)
+    return torch.baddbmm(M, Z, M, beta=a, alpha=s)
+
+
 def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
     """Apply one odd polynomial per row to the singular values of each matrix of ``X`` (b, m, n), m <= n.
 
-    Per step, with ``A = X X^T``: ``X = a X + (b A + c A^2 + ...) X``; a cubic needs no ``B`` at all.
+    Per step, with ``A = X X^T``: ``X = (a I + b A + c A^2 + ...) X``, i.e. ``p(s) = a s + b s^3 + c s^5 + ...``
+    on every singular value ``s``.
     """
-    for a, *higher in rows:
+    for coefs in rows:
         A = kernels.sym_product(X)  # X X^T (the Triton kernel where it applies)
-        if len(higher) == 1:
-            X = torch.baddbmm(X, A, X, beta=a, alpha=higher[0])  # X = a X + b A X
-        else:
-            X = torch.baddbmm(X, _poly_in_gram(A, higher), X, beta=a)  # X = a X + B X
+        X = _times(X, _polynomial(A, coefs))
     return X
 
 
@@ -83,7 +104,7 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
     """The same polynomials as ``_newton_schulz``, iterated on the small Gram matrix (Dao-AILab's Gram NS).
 
     Every step multiplies X on the left by ``P = a I + b R + c R^2 + ...`` with ``R = X X^T``; since P is a
-    polynomial in R the two commute, so ``R_next = P R P`` and the product ``Q = P_k ... P_1`` can be
+    polynomial in R the two commute, so ``R_next = P R P = P (P R)`` and the product ``Q = P_k ... P_1`` can be
     accumulated on ``m x m`` matrices. X (``m x n``) is touched only to form R, at each restart
     (``X = Q X``, ``R = X X^T``, which bounds half-precision drift in R) and at the end. Per step this
     costs about ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``: a saving once ``n`` is about ``2 m`` or more.
@@ -91,20 +112,21 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
     R = kernels.sym_product(X)
     Q: Tensor | None = None
     last = len(rows) - 1
-    for i, (a, *higher) in enumerate(rows):
+    for i, coefs in enumerate(rows):
         if i in restarts and i > 0 and Q is not None:
             X = Q @ X
             R = kernels.sym_product(X)
             Q = None
-        Z = higher[0] * R if len(higher) == 1 else _poly_in_gram(R, higher)  # the step's polynomial: a I + Z
+        poly = _polynomial(R, coefs)
         if Q is None:
-            Q = Z.clone()
-            Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
+            Z, a, s = poly
+            Q = Z * s
+            if a:
+                Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
         else:
-            Q = torch.baddbmm(Q, Z, Q, beta=a)  # Q = P Q
+            Q = _times(Q, poly)  # Q = P Q
         if i < last and i + 1 not in restarts:
-            PR = torch.baddbmm(R, Z, R, beta=a)  # P R
-            R = torch.baddbmm(PR, Z, PR, beta=a)  # P P R
+            R = _times(_times(R, poly), poly)  # P P R
     return X if Q is None else Q @ X
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import kernels
 from ..coefficients import CoefficientSpec, as_preset
 from ..distributed import (
     any_rank,
@@ -155,6 +156,8 @@ class Muon(Optimizer):
             "max_batch": max_batch,
         }
         super().__init__(params, defaults)
+        if any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]):
+            kernels.prepare()  # register the Triton op now, so a torch.compile'd first step can use it
 
     # ------------------------------------------------------------------ groups and validation
 
