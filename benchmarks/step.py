@@ -22,6 +22,7 @@ import torch
 from _common import competitors, environment, sync, time_ms, write_json
 
 import muonkit
+from muonkit import kernels
 
 SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
@@ -49,8 +50,8 @@ class Compiled:
         self.state = opt.state
 
 
-def compiled_muonkit(groups: list, mode: str) -> Compiled:
-    return Compiled(muonkit.Muon(groups, nonfinite="ignore"), mode)
+def compiled_muonkit(groups: Callable[[], list], mode: str) -> Compiled:
+    return Compiled(muonkit.Muon(groups(), nonfinite="ignore"), mode)
 
 
 def optimizers(
@@ -58,16 +59,24 @@ def optimizers(
 ) -> dict[str, Callable[[], torch.optim.Optimizer]]:
     qkv = [p for p in params if p.shape[0] == 3 * p.shape[1]]
     rest = [p for p in params if p.shape[0] != 3 * p.shape[1]]
-    split_groups = [{"params": qkv, "split": 3}, {"params": rest}]
+
+    def split_groups() -> list[dict[str, Any]]:  # fresh dicts: an optimizer writes its defaults into them
+        return [{"params": qkv, "split": 3}, {"params": rest}]
+
     opts: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        "muonkit": lambda: muonkit.Muon(split_groups, nonfinite="ignore"),
-        "muonkit-nonfinite-check": lambda: muonkit.Muon(split_groups),
-        "muonkit-gram": lambda: muonkit.Muon(split_groups, method="gram", nonfinite="ignore"),
+        "muonkit": lambda: muonkit.Muon(split_groups(), nonfinite="ignore"),
+        "muonkit-nonfinite-check": lambda: muonkit.Muon(split_groups()),
+        "muonkit-gram": lambda: muonkit.Muon(split_groups(), method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
             opts[f"muonkit+compile({mode})"] = functools.partial(compiled_muonkit, split_groups, mode)
+        # the same without the Triton symmetric-product kernel (torch matmuls only)
+        opts["muonkit+compile(reduce-overhead) [kernels=torch]"] = functools.partial(
+            compiled_muonkit, split_groups, "reduce-overhead"
+        )
+        opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(split_groups(), nonfinite="ignore")
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
@@ -135,6 +144,8 @@ def main() -> None:
         if args.only:
             opts = {k: v for k, v in opts.items() if k in args.only.split(",")}
         for name, make in opts.items():
+            kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
+            torch._dynamo.reset()
             opt = make()
             opt.step()  # creates state
             sync(device)

@@ -99,7 +99,7 @@ def test_ns_with_the_kernel_stays_in_the_band():
 @cuda
 def test_auto_mode_uses_the_kernel_only_for_large_matrices():
     big = torch.empty(1, kernels.AUTO_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16)
-    small = torch.empty(8, 768, 64, device="cuda", dtype=torch.bfloat16)
+    small = torch.empty(8, kernels.AUTO_MIN_ROWS - 1, 64, device="cuda", dtype=torch.bfloat16)
     kernels.set_mode("auto")
     assert not kernels.use_kernel(small)
     assert kernels.use_kernel(big) == kernels.triton_applies(big)

@@ -26,10 +26,13 @@ from torch import Tensor
 __all__ = ["AUTO_MIN_ROWS", "MODES", "get_mode", "prepare", "set_mode", "sym_product", "triton_applies", "use_kernel"]
 
 MODES = ("torch", "auto", "triton")
-AUTO_MIN_ROWS = 4096  # measured: a win from 4096 rows on (H100), a loss at 768, level at 1024
+AUTO_MIN_ROWS = 512
+HALF = (torch.bfloat16, torch.float16)
 
 _mode = os.environ.get("MUONKIT_KERNELS", "auto")
-_compile_ok = False  # set when the kernel is registered as a torch custom op that torch.compile can trace
+# Filled by _build(): plain globals, so that torch.compile reads them without tracing cached calls.
+_compile_ok = False  # the kernel is a torch custom op (torch.ops.muonkit.sym_product) torch.compile can trace
+_launch: Any = None  # eager launcher (no dispatcher: a custom op's eager call costs tens of microseconds)
 if _mode not in MODES:  # pragma: no cover - environment misconfiguration
     raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
 
@@ -50,10 +53,9 @@ def get_mode() -> str:
 def _triton() -> Any:
     try:
         import triton  # noqa: F401
-
-        return _build()
     except ImportError:
         return None
+    return _build()
 
 
 def prepare() -> bool:
@@ -63,13 +65,7 @@ def prepare() -> bool:
 
 def triton_applies(X: Tensor) -> bool:
     """Whether the Triton kernel can take ``X`` (``(b, m, k)``): CUDA, bf16/fp16, compute capability >= 8, Triton."""
-    return (
-        X.is_cuda
-        and X.ndim == 3
-        and X.dtype in (torch.bfloat16, torch.float16)
-        and _capability(X.device) >= 8
-        and _triton() is not None
-    )
+    return X.is_cuda and X.ndim == 3 and X.dtype in HALF and _capability(X.device) >= 8 and _triton() is not None
 
 
 @functools.cache
@@ -82,11 +78,15 @@ def use_kernel(X: Tensor) -> bool:
 
     In mode ``"triton"`` a tensor the kernel cannot take raises instead of silently falling back.
     """
-    if _mode == "torch" or (torch.compiler.is_compiling() and not _compile_ok):
+    if _mode == "torch":
         return False
+    if torch.compiler.is_compiling():  # no cached calls here: globals only
+        ok = _compile_ok and X.is_cuda and X.ndim == 3 and X.dtype in HALF
+    else:
+        ok = triton_applies(X)
     if _mode == "auto":
-        return X.shape[-2] >= AUTO_MIN_ROWS and triton_applies(X)
-    if triton_applies(X):
+        return ok and X.shape[-2] >= AUTO_MIN_ROWS
+    if ok:
         return True
     if X.numel():
         raise RuntimeError(
@@ -104,7 +104,9 @@ def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | No
     written twice), on the torch path up to rounding.
     """
     if use_kernel(X) and (Y is None or Y.dtype == X.dtype):
-        return _triton()(X, alpha, beta, Y, diag)
+        if torch.compiler.is_compiling():
+            return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag)
+        return _launch(X, alpha, beta, Y, diag)
     if Y is None:
         out = X @ X.mT
         if alpha != 1.0:
@@ -172,6 +174,8 @@ def _build() -> Any:
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
     def launch(launcher: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+        if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
+            X = X.contiguous()
         bsz, m, k = X.shape
         C = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
         if bsz == 0 or m == 0:
@@ -191,7 +195,8 @@ def _build() -> Any:
         )  # fmt: skip
         return C
 
-    global _compile_ok
+    global _compile_ok, _launch
+    _launch = functools.partial(launch, kernel)
     try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
         from torch.library import triton_op, wrap_triton
 
@@ -203,7 +208,7 @@ def _build() -> Any:
         def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
             return launch(wrap_triton(kernel), X, alpha, beta, Y, diag)
 
-        _compile_ok = True
-        return torch.ops.muonkit.sym_product
+        _compile_ok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
-        return functools.partial(launch, kernel)
+        pass
+    return _launch
