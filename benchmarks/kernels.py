@@ -64,7 +64,9 @@ def main() -> None:
             f"triton {row['ns_gram_triton_ms']:.3f} ms",
             flush=True,
         )
-    write_json(args.out, {"environment": environment(device), "rows": rows})
+    tuned = {str(k[:4]): v for k, v in kernels._best.items()}  # (batch, m, k, has Y) -> (BM, BK, warps, stages)
+    print("tuned tile configs:", tuned)
+    write_json(args.out, {"environment": environment(device), "rows": rows, "tuned_configs": tuned})
 
 
 if __name__ == "__main__":

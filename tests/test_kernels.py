@@ -98,7 +98,7 @@ def test_ns_with_the_kernel_stays_in_the_band():
 @pytest.mark.gpu
 @cuda
 def test_auto_mode_uses_the_kernel_only_for_large_matrices():
-    big = torch.empty(1, kernels.AUTO_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16)
+    big = torch.empty(1, 4096, 4096, device="cuda", dtype=torch.bfloat16)
     small = torch.empty(8, kernels.AUTO_MIN_ROWS - 1, 64, device="cuda", dtype=torch.bfloat16)
     kernels.set_mode("auto")
     assert not kernels.use_kernel(small)

@@ -9,9 +9,13 @@ else takes torch matmuls, so the CPU and any unsupported case always work. It is
 custom op (``torch.ops.muonkit.sym_product``, torch >= 2.6), so ``torch.compile`` traces it and CUDA graphs
 capture it; on older torch the torch path is taken inside ``torch.compile``.
 
-Modes: ``"auto"`` (default) uses the kernel for matrices of at least ``AUTO_MIN_ROWS`` rows, where it was
-measured faster; ``"triton"`` uses it wherever it can run and raises where it cannot (tests, benchmarks);
-``"torch"`` never uses it. The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
+Modes: ``"auto"`` (default) uses the kernel for matrices of at least ``AUTO_MIN_ROWS`` rows inside
+``torch.compile`` or CUDA-graph capture, and in eager mode only for calls of at least
+``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its launch cost is hidden (measured on an H100,
+``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can run and raises where it cannot (tests,
+benchmarks); ``"torch"`` never uses it. The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
+Tile sizes: each new (batch, shape) is timed once over ``CONFIGS`` in eager mode and the fastest kept;
+inside ``torch.compile`` or graph capture an untimed shape takes a size-based default.
 """
 
 from __future__ import annotations
@@ -23,10 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["AUTO_MIN_ROWS", "MODES", "get_mode", "prepare", "set_mode", "sym_product", "triton_applies", "use_kernel"]
+__all__ = [
+    "AUTO_EAGER_MIN_WORK",
+    "AUTO_MIN_ROWS",
+    "CONFIGS",
+    "MODES",
+    "get_mode",
+    "prepare",
+    "set_mode",
+    "sym_product",
+    "triton_applies",
+    "use_kernel",
+]
 
 MODES = ("torch", "auto", "triton")
-AUTO_MIN_ROWS = 512
+AUTO_MIN_ROWS = 512  # auto mode: compiled or CUDA-graph-captured calls from this many rows on
+AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
 HALF = (torch.bfloat16, torch.float16)
 
 _mode = os.environ.get("MUONKIT_KERNELS", "auto")
@@ -85,7 +101,11 @@ def use_kernel(X: Tensor) -> bool:
     else:
         ok = triton_applies(X)
     if _mode == "auto":
-        return ok and X.shape[-2] >= AUTO_MIN_ROWS
+        if not ok or X.shape[-2] < AUTO_MIN_ROWS:
+            return False
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return True
+        return X.shape[0] * X.shape[-2] ** 2 * X.shape[-1] >= AUTO_EAGER_MIN_WORK
     if ok:
         return True
     if X.numel():
@@ -118,20 +138,41 @@ def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | No
     return out
 
 
+# (BM, BK, num_warps, num_stages): the tile configurations tried; the first is the default for large matrices.
+CONFIGS = ((128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3))
+_best: dict[tuple, tuple[int, int, int, int]] = {}  # tuned choice per (batch, M, K, has Y, dtype)
+
+
+def _default_config(bsz: int, m: int) -> tuple[int, int, int, int]:
+    """Without a tuned choice: 128-row tiles when they give the GPU at least two waves of programs, else 64."""
+    tiles = -(-m // 128)
+    return CONFIGS[0] if bsz * tiles * (tiles + 1) // 2 >= 264 else CONFIGS[3]
+
+
+def _tune(run: Any, key: tuple) -> tuple[int, int, int, int]:
+    """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest."""
+    if key in _best:
+        return _best[key]
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return _default_config(key[0], key[1])
+    times = []
+    for cfg in CONFIGS:
+        run(cfg)  # compile and warm up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            run(cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    _best[key] = CONFIGS[min(range(len(CONFIGS)), key=times.__getitem__)]
+    return _best[key]
+
+
 def _build() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.autotune(
-        configs=[
-            triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
-            triton.Config({"BM": 128, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BM": 128, "BK": 32}, num_warps=8, num_stages=4),
-            triton.Config({"BM": 64, "BK": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BM": 64, "BK": 128}, num_warps=4, num_stages=3),
-        ],
-        key=["M", "K", "HAS_Y"],
-    )
     @triton.jit
     def kernel(
         X, Y, C, M, K,
@@ -173,7 +214,7 @@ def _build() -> Any:
             mirror = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
-    def launch(launcher: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+    def launch(wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
         bsz, m, k = X.shape
@@ -182,21 +223,22 @@ def _build() -> Any:
             return C
         y = Y if Y is not None else C  # unused when HAS_Y is False
 
-        def grid(meta: dict[str, Any]) -> tuple[int, int]:
-            tiles = triton.cdiv(m, meta["BM"])
-            return (tiles * (tiles + 1) // 2, bsz)
+        def run(cfg: tuple[int, int, int, int]) -> None:
+            bm, bk, warps, stages = cfg
+            tiles = triton.cdiv(m, bm)
+            wrap(kernel)[(tiles * (tiles + 1) // 2, bsz)](
+                X, y, C, m, k,
+                X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                C.stride(0), C.stride(1), C.stride(2),
+                float(alpha), float(beta), float(diag),
+                HAS_Y=Y is not None, BM=bm, BK=bk, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
 
-        launcher[grid](
-            X, y, C, m, k,
-            X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
-            C.stride(0), C.stride(1), C.stride(2),
-            float(alpha), float(beta), float(diag),
-            HAS_Y=Y is not None,
-        )  # fmt: skip
+        run(_tune(run, (bsz, m, k, Y is not None, X.dtype)))
         return C
 
     global _compile_ok, _launch
-    _launch = functools.partial(launch, kernel)
+    _launch = functools.partial(launch, lambda fn: fn)
     try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
         from torch.library import triton_op, wrap_triton
 
@@ -206,7 +248,7 @@ def _build() -> Any:
             schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag) -> Tensor",
         )
         def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
-            return launch(wrap_triton(kernel), X, alpha, beta, Y, diag)
+            return launch(wrap_triton, X, alpha, beta, Y, diag)
 
         _compile_ok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
