@@ -1,6 +1,6 @@
 """Bar charts of optimizer step times from benchmarks/step.py JSON (one chart, one panel per matrix set).
 
-python benchmarks/plot_step.py benchmarks/results/step_h100_compile_static.json docs/img/step_h100.png
+python benchmarks/plot_step.py benchmarks/results/step_h100_triton_gpt2.json docs/img/step_h100.png
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
 
     data = json.loads(Path(args.json).read_text())
     sets = list(dict.fromkeys(r["set"] for r in data["rows"]))
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(max(8.0, 5.5 * len(sets)), 3.6), squeeze=False)
     for ax, name in zip(axes[0], sets):
         rows = [r for r in data["rows"] if r["set"] == name]
         labels = [r["impl"].replace("muonkit+compile", "compile") for r in rows]
@@ -33,7 +33,7 @@ def main() -> None:
             ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("ms per optimizer step")
-        ax.set_title(f"{name} ({rows[0]['params'] / 1e6:.0f}M matrix params)")
+        ax.set_title(f"{name} ({rows[0]['params'] / 1e6:.0f}M matrix params)", fontsize=10)
         ax.set_xlim(0, max(ms) * 1.2)
     env = data["environment"]
     fig.suptitle(f"{env.get('gpu', env.get('cpu'))}, torch {env['torch']}")
