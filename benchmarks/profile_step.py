@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from _common import environment, matmul_peak_tflops, time_ms, write_json
-from step import SETS, make_params
+from step import SETS, make_params, split_groups
 
 import muonkit
 from muonkit import kernels
@@ -56,7 +56,7 @@ def batches(layers: int, shapes: list[tuple[int, int]], split_qkv: bool) -> dict
 
 def kind(name: str) -> str:
     low = name.lower()
-    if any(s in low for s in ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul")):
+    if any(s in low for s in ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "sym_product")):
         return "gemm"
     if any(s in low for s in ("reduce", "norm", "welford")):
         return "reduction"
@@ -125,13 +125,6 @@ def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]
     return out
 
 
-def step_groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
-    """Fresh group dicts (an optimizer writes its defaults into the dicts it is given)."""
-    qkv = [p for p in params if p.shape[0] == 3 * p.shape[1]]
-    rest = [p for p in params if p.shape[0] != 3 * p.shape[1]]
-    return [{"params": qkv, "split": 3}, {"params": rest}]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
@@ -182,7 +175,7 @@ def main() -> None:
         compile_mode, method, kmode = variant.split(":")
         kernels.set_mode(kmode)
         try:
-            opt = muonkit.Muon(step_groups(params), nonfinite="ignore", method=method)
+            opt = muonkit.Muon(split_groups(params), nonfinite="ignore", method=method)
             opt.step()
             fn = opt.step if compile_mode == "eager" else torch.compile(opt.step, mode=compile_mode)
             rec = profile(fn)

@@ -54,29 +54,32 @@ def compiled_muonkit(groups: Callable[[], list], mode: str) -> Compiled:
     return Compiled(muonkit.Muon(groups(), nonfinite="ignore"), mode)
 
 
+def split_groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """The fused QKV matrices (3n x n) split in three, the rest whole; fresh dicts on every call, since an
+    optimizer writes its defaults into the group dicts it is given."""
+    qkv = [p for p in params if p.shape[0] == 3 * p.shape[1]]
+    rest = [p for p in params if p.shape[0] != 3 * p.shape[1]]
+    return [{"params": qkv, "split": 3}, {"params": rest}]
+
+
 def optimizers(
     params: list[torch.nn.Parameter], device: torch.device
 ) -> dict[str, Callable[[], torch.optim.Optimizer]]:
-    qkv = [p for p in params if p.shape[0] == 3 * p.shape[1]]
-    rest = [p for p in params if p.shape[0] != 3 * p.shape[1]]
-
-    def split_groups() -> list[dict[str, Any]]:  # fresh dicts: an optimizer writes its defaults into them
-        return [{"params": qkv, "split": 3}, {"params": rest}]
-
+    groups = functools.partial(split_groups, params)
     opts: dict[str, Callable[[], torch.optim.Optimizer]] = {
-        "muonkit": lambda: muonkit.Muon(split_groups(), nonfinite="ignore"),
+        "muonkit": lambda: muonkit.Muon(groups(), nonfinite="ignore"),
         "muonkit-nonfinite-check": lambda: muonkit.Muon(split_groups()),
-        "muonkit-gram": lambda: muonkit.Muon(split_groups(), method="gram", nonfinite="ignore"),
+        "muonkit-gram": lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
-            opts[f"muonkit+compile({mode})"] = functools.partial(compiled_muonkit, split_groups, mode)
+            opts[f"muonkit+compile({mode})"] = functools.partial(compiled_muonkit, groups, mode)
         # the same without the Triton symmetric-product kernel (torch matmuls only)
         opts["muonkit+compile(reduce-overhead) [kernels=torch]"] = functools.partial(
-            compiled_muonkit, split_groups, "reduce-overhead"
+            compiled_muonkit, groups, "reduce-overhead"
         )
-        opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(split_groups(), nonfinite="ignore")
+        opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")

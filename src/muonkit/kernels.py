@@ -96,14 +96,12 @@ def use_kernel(X: Tensor) -> bool:
     """
     if _mode == "torch":
         return False
-    if torch.compiler.is_compiling():  # no cached calls here: globals only
-        ok = _compile_ok and X.is_cuda and X.ndim == 3 and X.dtype in HALF
-    else:
-        ok = triton_applies(X)
+    compiling = torch.compiler.is_compiling()  # then no cached calls, globals only
+    ok = (_compile_ok and X.is_cuda and X.ndim == 3 and X.dtype in HALF) if compiling else triton_applies(X)
     if _mode == "auto":
         if not ok or X.shape[-2] < AUTO_MIN_ROWS:
             return False
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        if compiling or torch.cuda.is_current_stream_capturing():
             return True
         return X.shape[0] * X.shape[-2] ** 2 * X.shape[-1] >= AUTO_EAGER_MIN_WORK
     if ok:
@@ -178,7 +176,7 @@ def _build() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def kernel(
+    def sym_product_kernel(
         X, Y, C, M, K,
         sxb, sxm, sxk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
@@ -230,7 +228,7 @@ def _build() -> Any:
         def run(cfg: tuple[int, int, int, int]) -> None:
             bm, bk, warps, stages = cfg
             tiles = triton.cdiv(m, bm)
-            wrap(kernel)[(tiles * (tiles + 1) // 2, bsz)](
+            wrap(sym_product_kernel)[(tiles * (tiles + 1) // 2, bsz)](
                 X, y, C, m, k,
                 X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
                 C.stride(0), C.stride(1), C.stride(2),
@@ -254,7 +252,7 @@ def _build() -> Any:
         def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
             return launch(wrap_triton, X, alpha, beta, Y, diag)
 
-        _compile_ok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        _compile_ok = torch.cuda.is_available() and _capability(torch.device("cuda")) >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
         pass
     return _launch

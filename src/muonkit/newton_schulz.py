@@ -120,8 +120,10 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
         poly = _polynomial(R, coefs)
         if Q is None:
             Z, a, s = poly
-            Q = Z * s
-            if a:
+            if a == 0 and s == 1:
+                Q = Z  # already P, a fresh tensor (the Triton polynomial)
+            else:
+                Q = Z * s  # a copy: Z may be R itself (cubics) and is used again below
                 Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
         else:
             Q = _times(Q, poly)  # Q = P Q
