@@ -1,8 +1,11 @@
 """What the distributed tests share: batches, loss, a single-process reference run, spawning gloo workers."""
 
+import os
 import socket
+import sys
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -45,3 +48,18 @@ def spawn(worker, world, tmp_path, task="train"):
     out = str(tmp_path / "run")
     mp.spawn(worker, args=(world, free_port(), out, task), nprocs=world, join=True)
     return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+
+
+def finish():
+    """End a worker: leave the process group together, then exit without interpreter teardown.
+
+    A resumed FSDP2 worker once died with SIGABRT ("terminate called without an active exception") after its
+    results were saved: a C++ thread (gloo or torch.distributed.checkpoint) still joinable when static
+    destructors ran at exit. Everything a test reads is written before this point, so the worker skips that
+    teardown (``os._exit``) instead of letting a race in third-party clean-up fail the run.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
+from dist_helpers import BATCH, STEPS, batch, finish, loss, single_run, spawn
 from muonkit.distributed import ReplicatedExecutor, assign_jobs, shard_rows
 
 
@@ -84,8 +84,7 @@ def _worker(rank, world, port, out, task):
         if rank == 0:
             torch.save({"model": model.state_dict(), "opt": opt_state, "step": steps}, out + ".ckpt")
     torch.save(result, f"{out}.rank{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def _spawn(world, tmp_path, task="train"):

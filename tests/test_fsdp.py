@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
+from dist_helpers import BATCH, STEPS, batch, finish, loss, single_run, spawn
 from muonkit.distributed import shard_rows
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -113,8 +113,7 @@ def _worker(rank, world, port, out, task):
     buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
     result["buffer_local_rows"] = None if buf is None else buf.to_local().shape[0]
     torch.save(result, f"{out}.rank{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def _spawn(world, tmp_path, task="train"):
