@@ -46,6 +46,7 @@ class Compiled:
     def __init__(self, opt: torch.optim.Optimizer, mode: str) -> None:
         self.opt = opt
         opt.step()
+        muonkit.cuda_graphs.cache.clear()  # the eager step's graphs: not used by the compiled step
         self.step = torch.compile(opt.step, mode=mode)
         self.state = opt.state
 
@@ -80,6 +81,7 @@ def optimizers(
             compiled_muonkit, groups, "reduce-overhead"
         )
         opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
+        opts["muonkit [graphs off]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
@@ -148,6 +150,8 @@ def main() -> None:
             opts = {k: v for k, v in opts.items() if k in args.only.split(",")}
         for name, make in opts.items():
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
+            muonkit.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
+            muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()
             opt = make()
             opt.step()  # creates state
@@ -179,6 +183,7 @@ def main() -> None:
                     "ms": ms,
                     "state_mb": state_mb,
                     "step_extra_mb": extra_mb,
+                    "graph_cache_mb": muonkit.cuda_graphs.cache.nbytes / 2**20,
                 }
             )
             del opt

@@ -107,3 +107,31 @@ def test_auto_mode_uses_the_kernel_only_for_large_matrices():
     eager = muonkit.orthogonalize(G)
     compiled = torch.compile(lambda g: muonkit.orthogonalize(g))(G)
     assert (eager.float() - compiled.float()).abs().max() < 0.05
+
+
+def test_ns_batches_match_the_jobs_a_step_makes():
+    from muonkit.optim.functional import ns_batches
+
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (768, 3072), (64, 8, 3, 3)]
+    # (3072, 768) and (768, 3072) are separate batches: transposing costs more than a second call saves
+    assert ns_batches(shapes) == [(1, 768, 2304), (1, 768, 768), (1, 768, 3072), (2, 768, 3072), (1, 64, 72)]
+    assert ns_batches(shapes[:1], split=3) == [(3, 768, 768)]
+    assert ns_batches([(512, 512)] * 5, max_batch=2) == [(2, 512, 512), (2, 512, 512), (1, 512, 512)]
+    assert ns_batches([(4, 16, 32)], matrix_view="batch") == [(4, 16, 32)]
+
+
+def test_pretune_does_nothing_without_the_kernel():
+    assert kernels.pretune([(2, 768, 768)], torch.bfloat16, torch.device("cpu")) == 0
+    assert kernels.pretune([(2, 768, 768)], torch.float32, torch.device("cpu")) == 0
+
+
+@cuda
+def test_optimizer_tunes_its_batches_before_the_first_step():
+    kernels.set_mode("auto")
+    kernels._best.clear()
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(1536, 512), (512, 512), (256, 256)]]
+    muonkit.Muon(params, split=None)
+    tuned = {(k[0], k[1], k[2], k[3]) for k in kernels._best}
+    # (b, m, k, has Y): X X^T and the step polynomial of each batch of >= AUTO_MIN_ROWS rows, not the 256 one
+    assert {(1, 512, 1536, False), (1, 512, 512, True), (1, 512, 512, False)} <= tuned
+    assert not any(k[1] == 256 for k in kernels._best)

@@ -20,8 +20,10 @@ inside ``torch.compile`` or graph capture an untimed shape takes a size-based de
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,8 +34,10 @@ __all__ = [
     "AUTO_MIN_ROWS",
     "CONFIGS",
     "MODES",
+    "capture_warmup",
     "get_mode",
     "prepare",
+    "pretune",
     "set_mode",
     "sym_product",
     "triton_applies",
@@ -49,6 +53,7 @@ _mode = os.environ.get("MUONKIT_KERNELS", "auto")
 # Filled by _build(): plain globals, so that torch.compile reads them without tracing cached calls.
 _compile_ok = False  # the kernel is a torch custom op (torch.ops.muonkit.sym_product) torch.compile can trace
 _launch: Any = None  # eager launcher (no dispatcher: a custom op's eager call costs tens of microseconds)
+_capture_warmup = False  # inside ``capture_warmup()``: eager calls decide as captured ones will
 if _mode not in MODES:  # pragma: no cover - environment misconfiguration
     raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
 
@@ -79,9 +84,40 @@ def prepare() -> bool:
     return _mode != "torch" and torch.cuda.is_available() and _triton() is not None
 
 
+def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
+    """Time the tile sizes now, eagerly, for NS batches ``(b, m, n)`` that compiled or graph-captured code will
+    later run (where no timing is possible and an untimed shape takes a default). Returns how many batches
+    the kernel takes. Uses a temporary ``b x m x n`` tensor per batch."""
+    if not prepare() or dtype not in HALF:
+        return 0
+    taken = 0
+    for b, m, n in batches:
+        X = torch.randn((b, m, n), device=device).div_(n**0.5).to(dtype)
+        with capture_warmup():
+            if not use_kernel(X):
+                continue
+            A = sym_product(X)
+            sym_product(A, alpha=1.0, beta=1.0, Y=A, diag=1.0)
+        taken += 1
+    return taken
+
+
 def triton_applies(X: Tensor) -> bool:
     """Whether the Triton kernel can take ``X`` (``(b, m, k)``): CUDA, bf16/fp16, compute capability >= 8, Triton."""
     return X.is_cuda and X.ndim == 3 and X.dtype in HALF and _capability(X.device) >= 8 and _triton() is not None
+
+
+@contextlib.contextmanager
+def capture_warmup() -> Iterator[None]:
+    """Eager calls inside this block choose the kernel as calls under CUDA-graph capture would, so the warm-up
+    before a capture times the kernel's tile sizes for the shapes the graph will then use (no timing is
+    possible during capture itself)."""
+    global _capture_warmup
+    before, _capture_warmup = _capture_warmup, True
+    try:
+        yield
+    finally:
+        _capture_warmup = before
 
 
 @functools.cache
@@ -101,7 +137,7 @@ def use_kernel(X: Tensor) -> bool:
     if _mode == "auto":
         if not ok or X.shape[-2] < AUTO_MIN_ROWS:
             return False
-        if compiling or torch.cuda.is_current_stream_capturing():
+        if compiling or _capture_warmup or torch.cuda.is_current_stream_capturing():
             return True
         return X.shape[0] * X.shape[-2] ** 2 * X.shape[-1] >= AUTO_EAGER_MIN_WORK
     if ok:

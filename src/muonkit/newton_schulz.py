@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import cuda_graphs, kernels
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 
@@ -186,8 +186,10 @@ def orthogonalize(
         return G.clone()
     ns_dtype = dtype or default_ns_dtype(G.device, G.dtype)
     m, n = G.shape[-2:]
-    X = orthogonalize_batch(G.reshape(-1, m, n), rows, preset.norm_scale, eps, ns_dtype, method, restarts)
-    return X.reshape(G.shape).to(G.dtype)
+    X = orthogonalize_batch(
+        G.reshape(-1, m, n), rows, preset.norm_scale, eps, ns_dtype, method, restarts, fresh=G.dtype == ns_dtype
+    )
+    return X.reshape(G.shape).to(G.dtype)  # a copy unless fresh
 
 
 def orthogonalize_batch(
@@ -198,12 +200,64 @@ def orthogonalize_batch(
     ns_dtype: torch.dtype,
     method: str = "newton_schulz",
     restarts: Sequence[int] = GRAM_RESTARTS,
+    *,
+    fresh: bool = True,
 ) -> Tensor:
     """The unchecked core of ``orthogonalize`` for a 3-D batch ``(b, m, n)``; returns ``ns_dtype``.
 
     For callers that already validated their input and resolved the schedule (the optimizer step).
     Gram NS is used only for rectangular matrices: on square ones it saves nothing.
+
+    Eager CUDA calls replay a cached CUDA graph where ``muonkit.cuda_graphs`` allows it; with
+    ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
+    same shape on the same stream (for callers that consume it at once).
     """
+    if cuda_graphs.graphable(G):
+        entry = _graphed(G, rows, norm_scale, eps, ns_dtype, method, restarts)
+        if entry is not None:
+            out = entry.run(G)
+            return out.clone() if fresh else out
+    return _orthogonalize_eager(G, rows, norm_scale, eps, ns_dtype, method, restarts)
+
+
+def _graphed(
+    G: Tensor,
+    rows: Sequence[Sequence[float]],
+    norm_scale: float,
+    eps: float,
+    ns_dtype: torch.dtype,
+    method: str,
+    restarts: Sequence[int],
+) -> cuda_graphs.Graphed | None:
+    """The cached CUDA graph of this call (captured on first use), or ``None`` to run it eagerly."""
+    rows = tuple(tuple(float(c) for c in r) for r in rows)
+    key = (
+        G.device, cuda_graphs.stream_key(G.device), tuple(G.shape), G.dtype, rows, float(norm_scale), float(eps),
+        ns_dtype, method, tuple(restarts), kernels.get_mode(),
+    )  # fmt: skip
+    b, m, n = G.shape
+    k = min(m, n)
+    itemsize = torch.empty((), dtype=ns_dtype).element_size()
+    estimate = G.nbytes + 3 * b * (m * n + k * k) * itemsize  # static input + X, A, P and the next X
+
+    def build() -> cuda_graphs.Graphed:
+        def fn(x: Tensor) -> Tensor:
+            return _orthogonalize_eager(x, rows, norm_scale, eps, ns_dtype, method, restarts)
+
+        return cuda_graphs.capture(fn, G, warmup=kernels.capture_warmup)
+
+    return cuda_graphs.cache.get(key, estimate, build)
+
+
+def _orthogonalize_eager(
+    G: Tensor,
+    rows: Sequence[Sequence[float]],
+    norm_scale: float,
+    eps: float,
+    ns_dtype: torch.dtype,
+    method: str,
+    restarts: Sequence[int],
+) -> Tensor:
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:
         G = G.mT

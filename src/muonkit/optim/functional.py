@@ -36,6 +36,7 @@ __all__ = [
     "matrix_parts",
     "momentum_update",
     "muon_step",
+    "ns_batches",
     "ns_flops",
     "ns_jobs",
     "run_all",
@@ -174,7 +175,8 @@ def ns_jobs(
             ortho = orthogonalize(stacked, method="svd")
         else:
             flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
-            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method).reshape(stacked.shape)
+            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method, fresh=False)
+            ortho = ortho.reshape(stacked.shape)  # possibly a CUDA graph's static output: consumed below
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
         if stats is not None:
@@ -204,6 +206,29 @@ def ns_jobs(
                 )
             )
     return jobs
+
+
+def ns_batches(
+    shapes: Sequence[Sequence[int]],
+    *,
+    matrix_view: str = "flatten",
+    split: SplitSpec = None,
+    max_batch: int | None = None,
+    parts: int = 1,
+) -> list[tuple[int, int, int]]:
+    """``(b, m, n)``, ``m <= n``, of every batched orthogonalization ``ns_jobs`` makes for parameters of these
+    shapes (computed on meta tensors: nothing is allocated). What the kernel tuner prepares for."""
+    metas = [torch.empty(tuple(s), device="meta") for s in shapes]
+    jobs = ns_jobs(
+        metas, metas, lr=1.0, coefficients="jordan", ns_steps=1, adjust_lr=None, eps=0.0,
+        matrix_view=matrix_view, split=split, max_batch=max_batch, parts=parts,
+    )  # fmt: skip
+    batches = []
+    for j in jobs:
+        shape = j.key[0]
+        m, n = sorted(shape[-2:])
+        batches.append((len(j.outputs) * math.prod(shape[:-2]), m, n))
+    return batches
 
 
 def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:

@@ -28,7 +28,7 @@ from ..distributed import (
     sharded_muon_step,
     zero_muon_step,
 )
-from ..newton_schulz import _NS_DTYPES, METHODS
+from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype
 from .functional import (
     ADJUST_LR_MODES,
     MATRIX_VIEWS,
@@ -38,6 +38,7 @@ from .functional import (
     lr_scale,
     matrix_parts,
     muon_step,
+    ns_batches,
 )
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
@@ -156,8 +157,30 @@ class Muon(Optimizer):
             "max_batch": max_batch,
         }
         super().__init__(params, defaults)
-        if any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"]):
-            kernels.prepare()  # register the Triton op now, so a torch.compile'd first step can use it
+        on_cuda = any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"])
+        if on_cuda and kernels.prepare():  # register the Triton op now, so a torch.compile'd first step can use it
+            self._pretune_kernels()
+
+    def _pretune_kernels(self) -> None:
+        """Time the Triton kernel's tile sizes for this optimizer's NS batches now, eagerly: inside a
+        ``torch.compile``'d or graph-captured step no timing is possible (single-process batches; sharded
+        parameters' batches are tuned when first run eagerly, or take the default)."""
+        for group in self.param_groups:
+            if group["algorithm"] != "muon":
+                continue
+            by_device: dict[torch.device, list[tuple[int, ...]]] = {}
+            for p in group["params"]:
+                if p.is_cuda and not is_sharded(p):
+                    by_device.setdefault(p.device, []).append(tuple(p.shape))
+            for device, shapes in by_device.items():
+                batches = ns_batches(
+                    shapes,
+                    matrix_view=group["matrix_view"],
+                    split=group["split"],
+                    max_batch=group.get("max_batch"),
+                    parts=getattr(self.executor, "parts", 1),
+                )
+                kernels.pretune(batches, group["ns_dtype"] or default_ns_dtype(device, torch.float32), device)
 
     # ------------------------------------------------------------------ groups and validation
 

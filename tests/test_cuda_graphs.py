@@ -1,0 +1,171 @@
+"""Eager NS calls on CUDA replay cached CUDA graphs: the cache's bounds on CPU, the replayed results on a GPU."""
+
+import pytest
+import torch
+
+import muonkit
+from muonkit import cuda_graphs, kernels
+from muonkit.cuda_graphs import GraphCache, Graphed
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class _Replay:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def _entry(nbytes, out=None):
+    return Graphed(input=torch.zeros(2), output=torch.zeros(2) if out is None else out, graph=_Replay(), nbytes=nbytes)
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    enabled, bound, mode = cuda_graphs.cuda_graphs_enabled(), cuda_graphs.cache.max_bytes, kernels.get_mode()
+    cuda_graphs.cache.clear()
+    yield
+    cuda_graphs.set_cuda_graphs(enabled, bound)
+    kernels.set_mode(mode)
+    cuda_graphs.cache.clear()
+
+
+def test_cache_builds_once_and_drops_least_recently_used_past_its_bound():
+    cache = GraphCache(max_bytes=100)
+    built = []
+
+    def build(name, nbytes):
+        def make():
+            built.append(name)
+            return _entry(nbytes)
+
+        return make
+
+    a = cache.get("a", 40, build("a", 40))
+    assert cache.get("a", 40, build("a", 40)) is a and built == ["a"]
+    cache.get("b", 40, build("b", 40))
+    cache.get("a", 40, build("a", 40))  # a is now the most recently used
+    cache.get("c", 40, build("c", 40))  # 120 > 100: b goes, not a
+    assert built == ["a", "b", "c"] and len(cache) == 2 and cache.nbytes == 80
+    assert cache.get("a", 40, build("a", 40)) is a
+    cache.get("b", 40, build("b", 40))
+    assert built[-1] == "b"  # rebuilt after it was dropped
+
+
+def test_cache_runs_eagerly_what_does_not_fit_or_failed_to_capture():
+    cache = GraphCache(max_bytes=100)
+    calls = []
+
+    def too_big():
+        calls.append("big")
+        return _entry(500)
+
+    def failing():
+        calls.append("fail")
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert cache.get("big", 500, too_big) is None and calls == []  # estimate alone exceeds the bound
+    assert cache.get("f", 10, failing) is None
+    assert cache.get("f", 10, failing) is None and calls == ["fail"]  # not retried
+    assert cache.get("under", 10, too_big) is None  # estimated small, measured too big: not kept
+    assert len(cache) == 0
+
+
+def test_graphed_entry_copies_input_and_replays():
+    out = torch.zeros(2)
+    e = _entry(8, out)
+    x = torch.tensor([1.0, 2.0])
+    assert e.run(x) is out and torch.equal(e.input, x) and e.graph.replays == 1
+
+
+def test_switch_and_bound_are_validated_and_turning_off_clears():
+    cuda_graphs.cache._entries["k"] = _entry(8)
+    with pytest.raises(ValueError, match="max_bytes"):
+        cuda_graphs.set_cuda_graphs(True, max_bytes=-1)
+    cuda_graphs.set_cuda_graphs(True, max_bytes=4)  # below the entry's size: dropped
+    assert len(cuda_graphs.cache) == 0
+    cuda_graphs.cache._entries["k"] = _entry(2)
+    cuda_graphs.set_cuda_graphs(False)
+    assert len(cuda_graphs.cache) == 0 and not cuda_graphs.cuda_graphs_enabled()
+
+
+def test_cpu_calls_never_touch_the_cache():
+    G = torch.randn(4, 32, 48)
+    assert not cuda_graphs.graphable(G)
+    muonkit.orthogonalize(G)
+    assert len(cuda_graphs.cache) == 0
+
+
+@cuda
+def test_replayed_graph_equals_eager_with_the_same_kernels():
+    kernels.set_mode("torch")  # same kernels eagerly and in the graph: identical results expected
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(6, 256, 384, device="cuda", generator=gen) for _ in range(3)]
+    cuda_graphs.set_cuda_graphs(False)
+    want = [muonkit.orthogonalize(G) for G in inputs]
+    cuda_graphs.set_cuda_graphs(True)
+    got = [muonkit.orthogonalize(G) for G in inputs]  # first call captures, the others replay
+    assert len(cuda_graphs.cache) == 1
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert len({g.data_ptr() for g in got}) == 3  # each result is its own tensor
+
+
+@cuda
+def test_half_input_results_are_not_the_static_buffer():
+    G1, G2 = (torch.randn(4, 512, 512, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    O1 = muonkit.orthogonalize(G1)
+    keep = O1.clone()
+    muonkit.orthogonalize(G1)  # captured by now; replay must not write into O1
+    muonkit.orthogonalize(G2)
+    assert torch.equal(O1, keep)
+    ref = muonkit.orthogonalize(G2.double()).float()
+    assert (muonkit.orthogonalize(G2).float() - ref).norm() / ref.norm() < 0.05
+
+
+@cuda
+def test_auto_kernel_choice_in_graphs_stays_accurate():
+    kernels.set_mode("auto")  # the graph may take the Triton kernel where eager calls would not
+    G = torch.randn(8, 768, 1024, device="cuda")
+    ref = muonkit.orthogonalize(G.double())
+    for _ in range(3):
+        O = muonkit.orthogonalize(G)
+        assert (O.double() - ref).norm() / ref.norm() < 0.03
+
+
+@cuda
+def test_streams_get_their_own_graphs_and_autograd_inputs_none():
+    G = torch.randn(2, 128, 256, device="cuda")
+    muonkit.orthogonalize(G)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        muonkit.orthogonalize(G)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(cuda_graphs.cache) == 2
+    muonkit.orthogonalize(torch.randn(3, 64, 64, device="cuda", requires_grad=True))
+    assert len(cuda_graphs.cache) == 2
+
+
+@cuda
+def test_optimizer_step_with_graphs_equals_eager():
+    kernels.set_mode("torch")
+
+    def run(graphs):
+        cuda_graphs.set_cuda_graphs(graphs)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(64, 96), (64, 96), (96, 64), (32, 32)]]
+        opt = muonkit.Muon(params, lr=0.02, weight_decay=0.01)
+        for t in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(t * 10 + i))
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    eager, graphed = run(False), run(True)
+    assert len(cuda_graphs.cache) >= 2
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
