@@ -3,7 +3,8 @@
 Implementations (each skipped if not importable): muonkit plain NS, muonkit Gram NS, muonkit under
 torch.compile, torch.optim.Muon's NS (2-D only: batched inputs run as a loop), KellerJordan's
 ``zeropower_via_newtonschulz5`` (muon-optimizer wheel), and the gram-newton-schulz package's torch path
-(``ns_use_kernels=False``, its default torch.compile settings). All use Jordan's (3.4445, -4.7750, 2.0315)
+(``ns_use_kernels=False``, its default torch.compile settings: reduce-overhead, i.e. CUDA graphs; it computes in
+float16, so muonkit's float16 rows are its like-for-like comparison). All use Jordan's (3.4445, -4.7750, 2.0315)
 for 5 steps. ``% peak`` counts standard NS FLOPs 5 (4 m^2 n + 2 m^3), m <= n, against a bf16 matmul
 measured in the same run. Quality on inputs with singular values spread over [0.1, 1]: max |sigma - 1| and
 the relative distance to the SVD polar factor.
@@ -51,7 +52,11 @@ def implementations(device: torch.device, compile_muonkit: bool) -> dict[str, An
         "muonkit": lambda X: muonkit.orthogonalize(X, "jordan", 5, dtype=torch.bfloat16),
         "muonkit-gram": lambda X: muonkit.orthogonalize(X, "jordan", 5, method="gram", dtype=torch.bfloat16),
     }
-    if device.type == "cuda":
+    if device.type == "cuda":  # float16, as the gram-newton-schulz package computes: 3 more mantissa bits
+        impls["muonkit [fp16]"] = lambda X: muonkit.orthogonalize(X, "jordan", 5, dtype=torch.float16)
+        impls["muonkit-gram [fp16]"] = lambda X: muonkit.orthogonalize(
+            X, "jordan", 5, method="gram", dtype=torch.float16
+        )
         impls["muonkit [graphs off]"] = without_graphs(
             lambda X: muonkit.orthogonalize(X, "jordan", 5, dtype=torch.bfloat16)
         )

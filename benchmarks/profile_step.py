@@ -106,6 +106,7 @@ def ns_reference(G: torch.Tensor, rows: list) -> torch.Tensor:
 
 
 def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    muonkit.cuda_graphs.set_cuda_graphs(False)  # "eager" means eager here; the graph column captures itself
     out = []
     for b, m, n in batches:
         G = torch.randn(b, m, n, device=dev)
@@ -122,17 +123,19 @@ def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]
                 print(f"  NS {b}x{m}x{n} {method:<14} {mode:<6} eager {rec['eager_ms']:.3f} ms  "
                       f"graph {rec['graph_ms']:.3f} ms  err {err:.4f}")  # fmt: skip
         kernels.set_mode("auto")
+    muonkit.cuda_graphs.set_cuda_graphs(True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
-    ap.add_argument("--variants", default="eager:newton_schulz:torch,eager:newton_schulz:triton,"
+    ap.add_argument("--variants", default="eager-nographs:newton_schulz:auto,eager:newton_schulz:auto,"
                     "default:newton_schulz:torch,default:newton_schulz:triton,"
                     "reduce-overhead:newton_schulz:torch,reduce-overhead:newton_schulz:triton,"
                     "reduce-overhead:gram:triton",
-                    help="comma-separated compile-mode:method:kernel-mode step variants")  # fmt: skip
+                    help="comma-separated compile-mode:method:kernel-mode step variants; compile-mode 'eager' "
+                         "replays cached CUDA graphs of the NS calls, 'eager-nographs' does not")  # fmt: skip
     ap.add_argument("--skip-ns", action="store_true")
     ap.add_argument("--out", default="profile_step.json")
     args = ap.parse_args()
@@ -174,10 +177,11 @@ def main() -> None:
     for variant in args.variants.split(","):
         compile_mode, method, kmode = variant.split(":")
         kernels.set_mode(kmode)
+        muonkit.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")
         try:
             opt = muonkit.Muon(split_groups(params), nonfinite="ignore", method=method)
             opt.step()
-            fn = opt.step if compile_mode == "eager" else torch.compile(opt.step, mode=compile_mode)
+            fn = opt.step if compile_mode.startswith("eager") else torch.compile(opt.step, mode=compile_mode)
             rec = profile(fn)
             rec["wall_ms"] = time_ms(fn, dev, reps=20)
         except Exception as err:  # a variant that fails is reported, the others still run

@@ -135,3 +135,32 @@ def test_optimizer_tunes_its_batches_before_the_first_step():
     # (b, m, k, has Y): X X^T and the step polynomial of each batch of >= AUTO_MIN_ROWS rows, not the 256 one
     assert {(1, 512, 1536, False), (1, 512, 512, True), (1, 512, 512, False)} <= tuned
     assert not any(k[1] == 256 for k in kernels._best)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frobenius_norm_kernel_matches_float64_torch(dtype):
+    kernels.set_mode("auto")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    G = torch.randn(5, 300, 7000, device="cuda", generator=gen).to(dtype)
+    want = torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True)
+    for x in (G, G.mT):  # a transposed view is read in place
+        got = kernels.frobenius_norms(x)
+        assert got.dtype == torch.float64 and got.shape == (5, 1, 1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert torch.equal(kernels.frobenius_norms(G), kernels.frobenius_norms(G))  # deterministic
+    assert kernels.frobenius_norms(G[:0]).shape == (0, 1, 1)
+
+
+@cuda
+def test_frobenius_norm_kernel_keeps_tiny_and_huge_float32():
+    kernels.set_mode("auto")
+    base = torch.randn(3, 64, 96, device="cuda", dtype=torch.float64)
+    for scale in (1e-30, 1e30):
+        G = (base * scale).float()
+        want = torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True)
+        torch.testing.assert_close(kernels.frobenius_norms(G), want, rtol=1e-12, atol=0)
+    strided = torch.randn(3, 64, 192, device="cuda")[:, :, ::2]  # not dense: torch computes it
+    torch.testing.assert_close(
+        kernels.frobenius_norms(strided), torch.linalg.vector_norm(strided.double(), dim=(-2, -1), keepdim=True)
+    )

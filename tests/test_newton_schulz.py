@@ -191,3 +191,10 @@ def test_gram_half_precision_error_close_to_plain():
         plain = rel(orthogonalize(G, "polar_express", dtype=dtype))
         gram = rel(orthogonalize(G, "polar_express", dtype=dtype, method="gram"))
         assert gram < limit * plain + 1e-3, (dtype, gram, plain)
+
+
+def test_gradients_flow_through_orthogonalize():
+    """Autograd through NS (float64, CPU): the analytic gradient matches finite differences."""
+    G = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda G: orthogonalize(G, steps=3), (G,))
+    assert torch.autograd.gradcheck(lambda G: orthogonalize(G, steps=3, method="gram"), (G,))

@@ -89,12 +89,18 @@ class GraphCache:
         self._entries.clear()
         self._failed.clear()
 
-    def get(self, key: Hashable, estimate: int, build: Callable[[], Graphed]) -> Graphed | None:
-        """The cached graph for ``key``, built on first use; ``None`` (run eagerly) when the estimated
-        size alone exceeds the bound or the capture failed before."""
+    def peek(self, key: Hashable) -> Graphed | None:
+        """The cached graph for ``key`` if there is one (marked as used), without building it."""
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
+        return entry
+
+    def get(self, key: Hashable, estimate: int, build: Callable[[], Graphed]) -> Graphed | None:
+        """The cached graph for ``key``, built on first use; ``None`` (run eagerly) when the estimated
+        size alone exceeds the bound or the capture failed before."""
+        entry = self.peek(key)
+        if entry is not None:
             return entry
         if key in self._failed or estimate > self.max_bytes:
             return None

@@ -13,6 +13,7 @@ smaller of the two Gram matrices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,7 @@ from . import cuda_graphs, kernels
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 
-__all__ = ["METHODS", "default_ns_dtype", "orthogonalize", "orthogonalize_batch"]
+__all__ = ["METHODS", "default_ns_dtype", "orthogonalize", "orthogonalize_batch", "orthogonalize_stack"]
 
 METHODS = ("newton_schulz", "gram", "svd")
 GRAM_RESTARTS = (2,)
@@ -44,14 +45,17 @@ def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: tor
     """``G / (norm_scale * ||G||_F + eps)`` per matrix, written straight into a new ``ns_dtype`` tensor.
 
     Two passes over G: the norm is accumulated in float64 (squares of any float32 value fit, so no
-    overflow or underflow for entries between 1e-30 and 1e38) and the division rounds once into the
-    NS precision.
+    overflow or underflow for entries between 1e-30 and 1e38; ``kernels.frobenius_norms``) and the
+    division rounds once into the NS precision.
     """
-    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    norm = kernels.frobenius_norms(G)
     denom = norm_scale * norm + eps
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and G = 0: stay 0
+    denom = denom.to(torch.float64 if ns_dtype == torch.float64 else torch.float32)
+    if G.requires_grad and torch.is_grad_enabled():  # out= does not record autograd
+        return (G / denom).to(ns_dtype)
     X = torch.empty(G.shape, dtype=ns_dtype, device=G.device)
-    return torch.div(G, denom.to(torch.float64 if ns_dtype == torch.float64 else torch.float32), out=X)
+    return torch.div(G, denom, out=X)
 
 
 def _poly_in_gram(A: Tensor, higher: Sequence[float]) -> Tensor:
@@ -230,11 +234,7 @@ def _graphed(
     restarts: Sequence[int],
 ) -> cuda_graphs.Graphed | None:
     """The cached CUDA graph of this call (captured on first use), or ``None`` to run it eagerly."""
-    rows = tuple(tuple(float(c) for c in r) for r in rows)
-    key = (
-        G.device, cuda_graphs.stream_key(G.device), tuple(G.shape), G.dtype, rows, float(norm_scale), float(eps),
-        ns_dtype, method, tuple(restarts), kernels.get_mode(),
-    )  # fmt: skip
+    key = _graph_key(G.shape, G.dtype, G.device, rows, norm_scale, eps, ns_dtype, method, restarts)
     b, m, n = G.shape
     k = min(m, n)
     itemsize = torch.empty((), dtype=ns_dtype).element_size()
@@ -247,6 +247,50 @@ def _graphed(
         return cuda_graphs.capture(fn, G, warmup=kernels.capture_warmup)
 
     return cuda_graphs.cache.get(key, estimate, build)
+
+
+def _graph_key(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    device: torch.device,
+    rows: Sequence[Sequence[float]],
+    norm_scale: float,
+    eps: float,
+    ns_dtype: torch.dtype,
+    method: str,
+    restarts: Sequence[int],
+) -> tuple:
+    rows = tuple(tuple(float(c) for c in r) for r in rows)
+    return (
+        device, cuda_graphs.stream_key(device), tuple(shape), dtype, rows, float(norm_scale), float(eps),
+        ns_dtype, method, tuple(restarts), kernels.get_mode(),
+    )  # fmt: skip
+
+
+def orthogonalize_stack(
+    parts: Sequence[Tensor],
+    rows: Sequence[Sequence[float]],
+    norm_scale: float,
+    eps: float,
+    ns_dtype: torch.dtype,
+    method: str = "newton_schulz",
+    restarts: Sequence[int] = GRAM_RESTARTS,
+) -> Tensor:
+    """``orthogonalize_batch(torch.stack(parts))`` for same-shape ``parts`` (``(..., m, n)`` each), returned as
+    ``(b, m, n)`` with ``fresh=False`` semantics. When a cached CUDA graph replays the call, the parts are
+    stacked straight into its static input (one copy fewer than stacking first)."""
+    m, n = parts[0].shape[-2:]
+    stack_shape = (len(parts), *parts[0].shape)
+    b = math.prod(stack_shape[:-2])
+    if cuda_graphs.graphable(parts[0]):
+        key = _graph_key((b, m, n), parts[0].dtype, parts[0].device, rows, norm_scale, eps, ns_dtype, method, restarts)
+        entry = cuda_graphs.cache.peek(key)
+        if entry is not None:
+            torch.stack(list(parts), out=entry.input.view(stack_shape))
+            entry.graph.replay()
+            return entry.output
+    G = torch.stack(list(parts)).reshape(b, m, n)
+    return orthogonalize_batch(G, rows, norm_scale, eps, ns_dtype, method, restarts, fresh=False)
 
 
 def _orthogonalize_eager(

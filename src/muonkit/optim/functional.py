@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..coefficients import CoefficientSpec, as_preset
-from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_batch
+from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_stack
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -166,17 +166,16 @@ def ns_jobs(
     rows = preset.schedule(ns_steps)
 
     def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
-        stacked = torch.stack([src for src, _ in pairs])
-        if stacked.numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
+        srcs = [src for src, _ in pairs]
+        if srcs[0].numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
             for _, dst in pairs:
                 dst.zero_()
             return
         if method == "svd":
-            ortho = orthogonalize(stacked, method="svd")
-        else:
-            flat = stacked.reshape(-1, *shape[-2:])  # "batch" views add leading dims
-            ortho = orthogonalize_batch(flat, rows, preset.norm_scale, eps, work, method, fresh=False)
-            ortho = ortho.reshape(stacked.shape)  # possibly a CUDA graph's static output: consumed below
+            ortho = orthogonalize(torch.stack(srcs), method="svd")
+        else:  # possibly a CUDA graph's static output: consumed below
+            ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method)
+            ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
         if stats is not None:
