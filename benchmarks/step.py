@@ -82,6 +82,13 @@ def optimizers(
         )
         opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
         opts["muonkit [graphs off]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
+        # Gram NS in float16: the gram-newton-schulz package's choice, as accurate as plain NS in bf16
+        opts["muonkit-gram [fp16]"] = lambda: muonkit.Muon(
+            groups(), method="gram", ns_dtype=torch.float16, nonfinite="ignore"
+        )
+        opts["muonkit-gram [fp16]+compile(reduce-overhead)"] = lambda: Compiled(
+            muonkit.Muon(groups(), method="gram", ns_dtype=torch.float16, nonfinite="ignore"), "reduce-overhead"
+        )
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")

@@ -129,12 +129,24 @@ def test_pretune_does_nothing_without_the_kernel():
 def test_optimizer_tunes_its_batches_before_the_first_step():
     kernels.set_mode("auto")
     kernels._best.clear()
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(1536, 512), (512, 512), (256, 256)]]
+    shapes = [(1536, 512), (512, 512), (256, 256), (2048, 2048)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     muonkit.Muon(params, split=None)
     tuned = {(k[0], k[1], k[2], k[3]) for k in kernels._best}
-    # (b, m, k, has Y): X X^T and the step polynomial of each batch of >= AUTO_MIN_ROWS rows, not the 256 one
-    assert {(1, 512, 1536, False), (1, 512, 512, True), (1, 512, 512, False)} <= tuned
-    assert not any(k[1] == 256 for k in kernels._best)
+    # (b, m, k, has Y): the step polynomial of each batch of >= AUTO_MIN_ROWS rows, X X^T alone only from
+    # AUTO_XXT_MIN_ROWS rows, nothing for the 256-row matrix
+    assert tuned == {(1, 512, 512, True), (1, 2048, 2048, True), (1, 2048, 2048, False)}
+
+
+@pytest.mark.gpu
+@cuda
+def test_auto_mode_takes_cublas_for_small_gram_products():
+    kernels.set_mode("auto")
+    X = torch.empty(8, kernels.AUTO_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
+    with kernels.capture_warmup():  # decide as under capture
+        assert kernels.use_kernel(X, has_y=True)
+        assert not kernels.use_kernel(X)
+        assert kernels.use_kernel(torch.empty(1, kernels.AUTO_XXT_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16))
 
 
 @cuda

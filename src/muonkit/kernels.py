@@ -9,13 +9,15 @@ else takes torch matmuls, so the CPU and any unsupported case always work. It is
 custom op (``torch.ops.muonkit.sym_product``, torch >= 2.6), so ``torch.compile`` traces it and CUDA graphs
 capture it; on older torch the torch path is taken inside ``torch.compile``.
 
-Modes: ``"auto"`` (default) uses the kernel for matrices of at least ``AUTO_MIN_ROWS`` rows inside
-``torch.compile`` or CUDA-graph capture, and in eager mode only for calls of at least
-``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its launch cost is hidden (measured on an H100,
-``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can run and raises where it cannot (tests,
-benchmarks); ``"torch"`` never uses it. The environment variable ``MUONKIT_KERNELS`` sets the starting mode.
-Tile sizes: each new (batch, shape) is timed once over ``CONFIGS`` in eager mode and the fastest kept;
-inside ``torch.compile`` or graph capture an untimed shape takes a size-based default.
+Modes: ``"auto"`` (default) uses the kernel inside ``torch.compile`` or CUDA-graph capture for the step
+polynomial of matrices of at least ``AUTO_MIN_ROWS`` rows and for ``X X^T`` alone from ``AUTO_XXT_MIN_ROWS``
+rows (below that cuBLAS's full product was faster than the kernel's half: ``benchmarks/kernel_configs.py``),
+and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its
+launch cost is hidden (measured on an H100, ``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can
+run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. The environment variable
+``MUONKIT_KERNELS`` sets the starting mode. Tile sizes: each new (batch, shape) is timed once over ``CONFIGS``
+in eager mode and the fastest kept (``Muon`` does this for its own batches when it is built); inside
+``torch.compile`` or graph capture an untimed shape takes a size-based default.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "AUTO_EAGER_MIN_WORK",
     "AUTO_MIN_ROWS",
+    "AUTO_XXT_MIN_ROWS",
     "CONFIGS",
     "MODES",
     "capture_warmup",
@@ -46,7 +49,8 @@ __all__ = [
 ]
 
 MODES = ("torch", "auto", "triton")
-AUTO_MIN_ROWS = 512  # auto mode: compiled or CUDA-graph-captured calls from this many rows on
+AUTO_MIN_ROWS = 512  # auto mode: the step polynomial in compiled or CUDA-graph-captured calls from this many rows
+AUTO_XXT_MIN_ROWS = 2048  # auto mode: X X^T alone (cuBLAS's full product was faster below, H100)
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
 HALF = (torch.bfloat16, torch.float16)
 
@@ -96,7 +100,7 @@ def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
     for b, m, n in batches:
         X = torch.randn((b, m, n), device=device).div_(n**0.5).to(dtype)
         with capture_warmup():
-            if not use_kernel(X):
+            if not use_kernel(X) and not use_kernel(X, has_y=True):
                 continue
             A = sym_product(X)
             sym_product(A, alpha=1.0, beta=1.0, Y=A, diag=1.0)
@@ -127,8 +131,9 @@ def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
-def use_kernel(X: Tensor) -> bool:
-    """Whether the NS step should call :func:`sym_product`'s Triton path for ``X`` under the current mode.
+def use_kernel(X: Tensor, has_y: bool = False) -> bool:
+    """Whether :func:`sym_product` takes the Triton path for ``X`` under the current mode (``has_y``: the step
+    polynomial, else ``X X^T`` alone).
 
     In mode ``"triton"`` a tensor the kernel cannot take raises instead of silently falling back.
     """
@@ -137,7 +142,7 @@ def use_kernel(X: Tensor) -> bool:
     compiling = torch.compiler.is_compiling()  # then no cached calls, globals only
     ok = (_compile_ok and X.is_cuda and X.ndim == 3 and X.dtype in HALF) if compiling else triton_applies(X)
     if _mode == "auto":
-        if not ok or X.shape[-2] < AUTO_MIN_ROWS:
+        if not ok or X.shape[-2] < (AUTO_MIN_ROWS if has_y else AUTO_XXT_MIN_ROWS):
             return False
         if compiling or _capture_warmup or torch.cuda.is_current_stream_capturing():
             return True
@@ -159,7 +164,7 @@ def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | No
     The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
     written twice), on the torch path up to rounding.
     """
-    if use_kernel(X) and (Y is None or Y.dtype == X.dtype):
+    if use_kernel(X, Y is not None) and (Y is None or Y.dtype == X.dtype):
         if torch.compiler.is_compiling():
             return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag)
         return _launch(X, alpha, beta, Y, diag)
@@ -305,7 +310,17 @@ def _build() -> Any:
     global _norms
     _norms = norms
 
-    def launch(wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+    @functools.cache
+    def _fixed(cfg: tuple[int, int, int, int]) -> Any:
+        """The kernel with one fixed configuration, for torch.compile: Inductor takes a user kernel's warps and
+        stages from its ``triton.Config`` (the form ``triton.autotune`` hands them over in); with a single
+        config there is nothing for it to benchmark. Measured on an H100 (GPT-2-small step, compiled with
+        reduce-overhead): 0.026 ms per polynomial call, against 0.032 ms in an eager step's CUDA graphs."""
+        bm, bk, warps, stages = cfg
+        config = triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
+        return triton.autotune(configs=[config], key=[])(sym_product_kernel)
+
+    def launch(wrap: Any, traced: bool, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
         bsz, m, k = X.shape
@@ -317,19 +332,23 @@ def _build() -> Any:
         def run(cfg: tuple[int, int, int, int]) -> None:
             bm, bk, warps, stages = cfg
             tiles = triton.cdiv(m, bm)
-            wrap(sym_product_kernel)[(tiles * (tiles + 1) // 2, bsz)](
+            args = (
                 X, y, C, m, k,
                 X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
                 C.stride(0), C.stride(1), C.stride(2),
                 float(alpha), float(beta), float(diag),
-                HAS_Y=Y is not None, BM=bm, BK=bk, num_warps=warps, num_stages=stages,
             )  # fmt: skip
+            grid = (tiles * (tiles + 1) // 2, bsz)
+            if traced:  # the tile sizes, warps and stages travel inside a one-config kernel (see _fixed)
+                wrap(_fixed(cfg))[grid](*args, HAS_Y=Y is not None)
+            else:
+                sym_product_kernel[grid](*args, HAS_Y=Y is not None, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
         run(_tune(run, (bsz, m, k, Y is not None, X.dtype)))
         return C
 
     global _compile_ok, _launch
-    _launch = functools.partial(launch, lambda fn: fn)
+    _launch = functools.partial(launch, lambda fn: fn, False)
     try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
         from torch.library import triton_op, wrap_triton
 
@@ -339,7 +358,7 @@ def _build() -> Any:
             schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag) -> Tensor",
         )
         def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
-            return launch(wrap_triton, X, alpha, beta, Y, diag)
+            return launch(wrap_triton, True, X, alpha, beta, Y, diag)
 
         _compile_ok = torch.cuda.is_available() and _capability(torch.device("cuda")) >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch

@@ -79,7 +79,7 @@ def _polynomial(A: Tensor, coefs: Sequence[float]) -> tuple[Tensor, float, float
     a, *higher = coefs
     if len(higher) == 1:
         return A, a, higher[0]
-    if len(higher) == 2 and kernels.use_kernel(A):
+    if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
         return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a), 0.0, 1.0
     return _poly_in_gram(A, higher), a, 1.0
 
