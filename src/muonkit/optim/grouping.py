@@ -138,11 +138,13 @@ def param_groups(
 
     Args:
         model: the model.
-        adamw, muon: name patterns that force a parameter to AdamW or to Muon.
+        adamw: name patterns that force a parameter to AdamW.
+        muon: name patterns that force a parameter to Muon.
         head: ``"auto"`` (default), module names/patterns of the output head, or ``None``.
         split: ``{pattern: k or [rows, ...]}``: fused matrices whose row blocks are orthogonalized
             separately, e.g. ``{"*.qkv.weight": 3}``.
-        muon_options, adamw_options: extra options for the groups (``lr``, ``weight_decay``, ...).
+        muon_options: extra options for the Muon groups (``lr``, ``weight_decay``, ...).
+        adamw_options: extra options for the AdamW groups.
 
     Returns:
         A list of group dicts with ``params``, ``param_names`` and ``algorithm`` (and for Muon groups

@@ -79,8 +79,10 @@ class Muon(Optimizer):
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` (default; ``NonFiniteGradientError``
             naming the parameters, nothing updated), ``"skip"`` (skip the whole step, count it in
             ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults for ``algorithm="adamw"``
-            groups (``adamw_weight_decay=None`` means the same as ``weight_decay``).
+        adamw_lr: learning rate of ``algorithm="adamw"`` groups.
+        adamw_betas: their ``(beta1, beta2)``.
+        adamw_eps: their epsilon.
+        adamw_weight_decay: their decoupled weight decay (``None``: the same as ``weight_decay``).
         diagnostics: keep per-step statistics of the Muon groups as device tensors (no host sync):
             ``opt.stats()`` turns them into floats (one sync) - orthogonality error of the NS output, update
             RMS, and each group's effective learning rates.
