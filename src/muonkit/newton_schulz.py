@@ -13,8 +13,10 @@ smaller of the two Gram matrices.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -216,55 +218,13 @@ def orthogonalize_batch(
     ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
     same shape on the same stream (for callers that consume it at once).
     """
+    call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
     if cuda_graphs.graphable(G):
-        entry = _graphed(G, rows, norm_scale, eps, ns_dtype, method, restarts)
+        entry = call.graphed(G)
         if entry is not None:
             out = entry.run(G)
             return out.clone() if fresh else out
-    return _orthogonalize_eager(G, rows, norm_scale, eps, ns_dtype, method, restarts)
-
-
-def _graphed(
-    G: Tensor,
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str,
-    restarts: Sequence[int],
-) -> cuda_graphs.Graphed | None:
-    """The cached CUDA graph of this call (captured on first use), or ``None`` to run it eagerly."""
-    key = _graph_key(G.shape, G.dtype, G.device, rows, norm_scale, eps, ns_dtype, method, restarts)
-    b, m, n = G.shape
-    k = min(m, n)
-    itemsize = torch.empty((), dtype=ns_dtype).element_size()
-    estimate = G.nbytes + 3 * b * (m * n + k * k) * itemsize  # static input + X, A, P and the next X
-
-    def build() -> cuda_graphs.Graphed:
-        def fn(x: Tensor) -> Tensor:
-            return _orthogonalize_eager(x, rows, norm_scale, eps, ns_dtype, method, restarts)
-
-        return cuda_graphs.capture(fn, G, warmup=kernels.capture_warmup)
-
-    return cuda_graphs.cache.get(key, estimate, build)
-
-
-def _graph_key(
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    device: torch.device,
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str,
-    restarts: Sequence[int],
-) -> tuple:
-    rows = tuple(tuple(float(c) for c in r) for r in rows)
-    return (
-        device, cuda_graphs.stream_key(device), tuple(shape), dtype, rows, float(norm_scale), float(eps),
-        ns_dtype, method, tuple(restarts), kernels.get_mode(),
-    )  # fmt: skip
+    return call.eager(G)
 
 
 def orthogonalize_stack(
@@ -283,14 +243,47 @@ def orthogonalize_stack(
     stack_shape = (len(parts), *parts[0].shape)
     b = math.prod(stack_shape[:-2])
     if cuda_graphs.graphable(parts[0]):
-        key = _graph_key((b, m, n), parts[0].dtype, parts[0].device, rows, norm_scale, eps, ns_dtype, method, restarts)
-        entry = cuda_graphs.cache.peek(key)
+        call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
+        entry = cuda_graphs.cache.peek(call.key((b, m, n), parts[0].dtype, parts[0].device))
         if entry is not None:
             torch.stack(list(parts), out=entry.input.view(stack_shape))
             entry.graph.replay()
             return entry.output
     G = torch.stack(list(parts)).reshape(b, m, n)
     return orthogonalize_batch(G, rows, norm_scale, eps, ns_dtype, method, restarts, fresh=False)
+
+
+@dataclass(frozen=True)
+class _NSCall:
+    """What an NS call computes, apart from its input: run it eagerly, or find or capture its CUDA graph."""
+
+    rows: tuple[tuple[float, ...], ...]
+    norm_scale: float
+    eps: float
+    ns_dtype: torch.dtype
+    method: str
+    restarts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
+           method: str, restarts: Sequence[int]) -> _NSCall:  # fmt: skip
+        return cls(tuple(tuple(float(c) for c in r) for r in rows), norm_scale, eps, ns_dtype, method, tuple(restarts))
+
+    def key(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple:
+        """The graph-cache key of this call on an input of ``shape``, ``dtype`` on ``device`` (current stream)."""
+        return (device, cuda_graphs.stream_key(device), tuple(shape), dtype, self, kernels.get_mode())
+
+    def graphed(self, G: Tensor) -> cuda_graphs.Graphed | None:
+        """The cached CUDA graph of this call on ``G`` (captured on first use), or ``None`` to run it eagerly."""
+        b, m, n = G.shape
+        k = min(m, n)
+        itemsize = torch.empty((), dtype=self.ns_dtype).element_size()
+        estimate = G.nbytes + 3 * b * (m * n + k * k) * itemsize  # static input + X, A, P and the next X
+        build = functools.partial(cuda_graphs.capture, self.eager, G, warmup=kernels.capture_warmup)
+        return cuda_graphs.cache.get(self.key(G.shape, G.dtype, G.device), estimate, build)
+
+    def eager(self, G: Tensor) -> Tensor:
+        return _orthogonalize_eager(G, self.rows, self.norm_scale, self.eps, self.ns_dtype, self.method, self.restarts)
 
 
 def _orthogonalize_eager(
