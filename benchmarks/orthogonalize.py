@@ -38,11 +38,12 @@ def without_graphs(fn: Any) -> Any:
     """``fn`` with muonkit's CUDA-graph replay of eager calls turned off while it runs."""
 
     def run(X: torch.Tensor) -> torch.Tensor:
+        before = muonkit.cuda_graphs.cuda_graphs_enabled()
         muonkit.cuda_graphs.set_cuda_graphs(False)
         try:
             return fn(X)
         finally:
-            muonkit.cuda_graphs.set_cuda_graphs(True)
+            muonkit.cuda_graphs.set_cuda_graphs(before)
 
     return run
 

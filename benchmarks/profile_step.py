@@ -106,6 +106,7 @@ def ns_reference(G: torch.Tensor, rows: list) -> torch.Tensor:
 
 
 def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    graphs = muonkit.cuda_graphs.cuda_graphs_enabled()
     muonkit.cuda_graphs.set_cuda_graphs(False)  # "eager" means eager here; the graph column captures itself
     out = []
     for b, m, n in batches:
@@ -123,7 +124,7 @@ def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]
                 print(f"  NS {b}x{m}x{n} {method:<14} {mode:<6} eager {rec['eager_ms']:.3f} ms  "
                       f"graph {rec['graph_ms']:.3f} ms  err {err:.4f}")  # fmt: skip
         kernels.set_mode("auto")
-    muonkit.cuda_graphs.set_cuda_graphs(True)
+    muonkit.cuda_graphs.set_cuda_graphs(graphs)
     return out
 
 

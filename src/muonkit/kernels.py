@@ -98,7 +98,7 @@ def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
         return 0
     taken = 0
     for b, m, n in batches:
-        X = torch.randn((b, m, n), device=device).div_(n**0.5).to(dtype)
+        X = torch.randn((b, m, n), device=device, dtype=dtype).div_(n**0.5)
         with capture_warmup():
             if not use_kernel(X) and not use_kernel(X, has_y=True):
                 continue
@@ -318,7 +318,8 @@ def _build() -> Any:
         config = triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
         return triton.autotune(configs=[config], key=[])(sym_product_kernel)
 
-    def launch(wrap: Any, traced: bool, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+    def launch(wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+        """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile."""
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
         bsz, m, k = X.shape
@@ -337,7 +338,7 @@ def _build() -> Any:
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
-            if traced:  # the tile sizes, warps and stages travel inside a one-config kernel (see _fixed)
+            if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, HAS_Y=Y is not None)
             else:
                 sym_product_kernel[grid](*args, HAS_Y=Y is not None, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
@@ -346,7 +347,7 @@ def _build() -> Any:
         return C
 
     global _compile_ok, _launch
-    _launch = functools.partial(launch, lambda fn: fn, False)
+    _launch = functools.partial(launch, None)
     try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
         from torch.library import triton_op, wrap_triton
 
@@ -356,7 +357,7 @@ def _build() -> Any:
             schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag) -> Tensor",
         )
         def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
-            return launch(wrap_triton, True, X, alpha, beta, Y, diag)
+            return launch(wrap_triton, X, alpha, beta, Y, diag)
 
         _compile_ok = torch.cuda.is_available() and _capability(torch.device("cuda")) >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
