@@ -89,6 +89,9 @@ def optimizers(
         opts["muonkit-gram [fp16]+compile(reduce-overhead)"] = lambda: Compiled(
             muonkit.Muon(groups(), method="gram", ns_dtype=torch.float16, nonfinite="ignore"), "reduce-overhead"
         )
+        # the same without the fused element-wise kernels (momentum/normalise and update through torch ops)
+        for name in ("muonkit", "muonkit+compile(reduce-overhead)", "muonkit-gram [fp16]+compile(reduce-overhead)"):
+            opts[f"{name} [fused off]"] = opts[name]
     comp = competitors()
     if "torch.optim.Muon" in comp:
         opts["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
@@ -158,6 +161,7 @@ def main() -> None:
         for name, make in opts.items():
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
             muonkit.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
+            muonkit.fused.set_fused("[fused off]" not in name)
             muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()
             opt = make()

@@ -5,7 +5,7 @@ opt = muonkit.Muon(groups, lr=0.02, weight_decay=0.01)
 O = muonkit.orthogonalize(G)           # approximate polar factor, batched over leading dims
 """
 
-from . import coefficients, cuda_graphs
+from . import coefficients, cuda_graphs, fused
 from .monitor import StatsLogger
 from .newton_schulz import orthogonalize
 from .optim import Muon, NonFiniteGradientError, classify, describe, param_groups
@@ -23,6 +23,7 @@ __all__ = [
     "coefficients",
     "cuda_graphs",
     "describe",
+    "fused",
     "orthogonalize",
     "param_groups",
     "polar_svd",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphCache", "Graphed", "cache", "cuda_graphs_enabled", "graphable", "set_cuda_graphs"]
+__all__ = ["GraphCache", "Graphed", "cache", "cuda_graphs_enabled", "graphable", "graphable_on", "set_cuda_graphs"]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -147,14 +147,18 @@ def cuda_graphs_enabled() -> bool:
     return _enabled
 
 
+def graphable_on(device: torch.device) -> bool:
+    """Whether NS calls on ``device`` may replay cached graphs now: enabled, CUDA, eager (not compiling, not
+    inside another capture)."""
+    if not (_enabled and device.type == "cuda"):
+        return False
+    return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+
+
 def graphable(x: Tensor) -> bool:
-    """Whether an NS call on ``x`` may replay a cached graph: enabled, CUDA, eager (not compiling, not inside
-    another capture) and no autograd through it."""
-    if not (_enabled and x.is_cuda):
-        return False
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False
-    return not (x.requires_grad and torch.is_grad_enabled())
+    """Whether an NS call on ``x`` may replay a cached graph: :func:`graphable_on` its device, and no autograd
+    through it."""
+    return graphable_on(x.device) and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def stream_key(device: torch.device) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,14 @@ from . import cuda_graphs, kernels
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 
-__all__ = ["METHODS", "default_ns_dtype", "orthogonalize", "orthogonalize_batch", "orthogonalize_stack"]
+__all__ = [
+    "METHODS",
+    "default_ns_dtype",
+    "orthogonalize",
+    "orthogonalize_batch",
+    "orthogonalize_filled",
+    "orthogonalize_stack",
+]
 
 METHODS = ("newton_schulz", "gram", "svd")
 GRAM_RESTARTS = (2,)
@@ -242,15 +249,32 @@ def orthogonalize_stack(
     m, n = parts[0].shape[-2:]
     stack_shape = (len(parts), *parts[0].shape)
     b = math.prod(stack_shape[:-2])
-    if cuda_graphs.graphable(parts[0]):
-        call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
-        entry = cuda_graphs.cache.peek(call.key((b, m, n), parts[0].dtype, parts[0].device))
-        if entry is not None:
-            torch.stack(list(parts), out=entry.input.view(stack_shape))
-            entry.graph.replay()
-            return entry.output
-    G = torch.stack(list(parts)).reshape(b, m, n)
-    return orthogonalize_batch(G, rows, norm_scale, eps, ns_dtype, method, restarts, fresh=False)
+    call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
+    if any(p.requires_grad for p in parts) and torch.is_grad_enabled():
+        return call.eager(torch.stack(list(parts)).reshape(b, m, n))
+
+    def fill(X: Tensor) -> None:
+        torch.stack(list(parts), out=X.view(stack_shape))
+
+    return call.filled(fill, (b, m, n), parts[0].dtype, parts[0].device)
+
+
+def orthogonalize_filled(
+    fill: Callable[[Tensor], object],
+    shape: tuple[int, int, int],
+    rows: Sequence[Sequence[float]],
+    ns_dtype: torch.dtype,
+    device: torch.device,
+    method: str = "newton_schulz",
+    restarts: Sequence[int] = GRAM_RESTARTS,
+) -> Tensor:
+    """NS on a ``(b, m, n)`` batch, ``m <= n``, that ``fill(X)`` writes into ``X`` (``ns_dtype``) already
+    normalised (every singular value in ``(0, 1]``; the fused momentum kernel does that). Returned with
+    ``fresh=False`` semantics: on a cached CUDA graph, ``fill`` writes straight into its static input."""
+    if shape[-2] > shape[-1]:
+        raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
+    call = _NSCall.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
+    return call.filled(fill, shape, ns_dtype, device)
 
 
 @dataclass(frozen=True)
@@ -263,11 +287,13 @@ class _NSCall:
     ns_dtype: torch.dtype
     method: str
     restarts: tuple[int, ...]
+    prenormalised: bool = False  # the input is already normalised, in ns_dtype, with m <= n
 
     @classmethod
     def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
-           method: str, restarts: Sequence[int]) -> _NSCall:  # fmt: skip
-        return cls(tuple(tuple(float(c) for c in r) for r in rows), norm_scale, eps, ns_dtype, method, tuple(restarts))
+           method: str, restarts: Sequence[int], prenormalised: bool = False) -> _NSCall:  # fmt: skip
+        rows_ = tuple(tuple(float(c) for c in r) for r in rows)
+        return cls(rows_, norm_scale, eps, ns_dtype, method, tuple(restarts), prenormalised)
 
     def key(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple:
         """The graph-cache key of this call on an input of ``shape``, ``dtype`` on ``device`` (current stream)."""
@@ -282,7 +308,29 @@ class _NSCall:
         build = functools.partial(cuda_graphs.capture, self.eager, G, warmup=kernels.capture_warmup)
         return cuda_graphs.cache.get(self.key(G.shape, G.dtype, G.device), estimate, build)
 
+    def filled(self, fill: Callable[[Tensor], object], shape: tuple[int, int, int], dtype: torch.dtype,
+               device: torch.device) -> Tensor:  # fmt: skip
+        """This call on the ``(b, m, n)`` input that ``fill(X)`` writes; ``fresh=False`` semantics. A cached
+        graph's static input is filled directly; otherwise a new tensor is, then run as ``orthogonalize_batch``."""
+        if cuda_graphs.graphable_on(device):
+            entry = cuda_graphs.cache.peek(self.key(shape, dtype, device))
+            if entry is not None:
+                fill(entry.input)
+                entry.graph.replay()
+                return entry.output
+        X = torch.empty(shape, dtype=dtype, device=device)
+        fill(X)
+        if cuda_graphs.graphable(X):
+            entry = self.graphed(X)
+            if entry is not None:
+                return entry.run(X)
+        return self.eager(X)
+
     def eager(self, G: Tensor) -> Tensor:
+        if self.prenormalised:
+            if self.method == "gram" and G.shape[-2] != G.shape[-1]:
+                return _gram_newton_schulz(G, self.rows, self.restarts)
+            return _newton_schulz(G, self.rows)
         return _orthogonalize_eager(G, self.rows, self.norm_scale, self.eps, self.ns_dtype, self.method, self.restarts)
 
 

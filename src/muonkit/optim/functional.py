@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import fused
 from ..coefficients import CoefficientSpec, as_preset
-from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_stack
+from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_filled, orthogonalize_stack
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -179,13 +180,7 @@ def ns_jobs(
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
         if stats is not None:
-            O = ortho.reshape(-1, *shape[-2:]).float()
-            O = O.mT if O.shape[-2] > O.shape[-1] else O
-            k = O.shape[-2]
-            gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
-            stats.setdefault("orth_error", []).append(gram_err.max())
-            stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
-            stats.setdefault("sigma_max", []).append(_top_singular_value(O).max())
+            _record_stats(stats, ortho.reshape(-1, *shape[-2:]), rms)
 
     jobs: list[Job] = []
     for (shape, dtype, device), all_pairs in batches.items():
@@ -228,6 +223,18 @@ def ns_batches(
         m, n = sorted(shape[-2:])
         batches.append((len(j.outputs) * math.prod(shape[:-2]), m, n))
     return batches
+
+
+def _record_stats(stats: dict[str, list[Tensor]], ortho: Tensor, rms: float) -> None:
+    """Append one batch's statistics (device tensors, no host sync) of its NS outputs ``ortho`` (``(b, r, c)``)
+    whose updates were scaled to RMS ``rms`` times theirs: see ``muon_step``."""
+    O = ortho.float()
+    O = O.mT if O.shape[-2] > O.shape[-1] else O
+    k = O.shape[-2]
+    gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
+    stats.setdefault("orth_error", []).append(gram_err.max())
+    stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
+    stats.setdefault("sigma_max", []).append(_top_singular_value(O).max())
 
 
 def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
@@ -287,6 +294,14 @@ def muon_step(
     """
     if not params:
         return
+    if executor is None and method != "svd" and _fused_step_applies(params, grads, momentum_buffers, ns_dtype):
+        _fused_muon_step(
+            params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov,
+            weight_decay=weight_decay, coefficients=coefficients, ns_steps=ns_steps, adjust_lr=adjust_lr,
+            eps=eps, ns_dtype=ns_dtype, method=method, matrix_view=matrix_view, split=split,
+            max_batch=max_batch, stats=stats,
+        )  # fmt: skip
+        return
     updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
     # One contiguous output per parameter (so the reshaped/split views alias it, whatever the
     # parameter's memory format), filled part by part from batched NS results.
@@ -309,6 +324,79 @@ def muon_step(
     )
     (executor or run_all)(jobs)
     apply_update(params, outputs, lr, weight_decay)
+
+
+def _fused_step_applies(
+    params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], ns_dtype: torch.dtype | None
+) -> bool:
+    """Whether ``muon_step`` can take the fused CUDA kernels (``muonkit.fused``) for these tensors."""
+    if not params[0].is_cuda:
+        return False
+    work = ns_dtype or default_ns_dtype(params[0].device, bufs[0].dtype)
+    tensors = [*params, *grads, *bufs]
+    return all(p.shape == g.shape == b.shape for p, g, b in zip(params, grads, bufs)) and fused.applies(tensors, work)
+
+
+def _fused_muon_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bufs: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    coefficients: CoefficientSpec,
+    ns_steps: int | None,
+    adjust_lr: AdjustLR,
+    eps: float,
+    ns_dtype: torch.dtype | None,
+    method: str,
+    matrix_view: str,
+    split: SplitSpec,
+    max_batch: int | None,
+    stats: dict[str, list[Tensor]] | None,
+) -> None:
+    """``muon_step`` through the fused kernels: per batch of same-shape matrices (and dtypes), one pass
+    advances the momentum and writes the normalised NS input, the NS products run (a cached CUDA graph where
+    allowed), one pass applies weight decay and the scaled update. Same arithmetic as the torch path."""
+    preset = as_preset(coefficients)
+    rows = preset.schedule(ns_steps)
+    batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    for o, p in enumerate(params):
+        for part in matrix_parts(p, matrix_view, split):
+            if part.numel() == 0:  # nothing to update (and its buffer has no entries either)
+                continue
+            r, c = part.shape[-2:]
+            owners, offsets = fused.locate([part], [o], params)
+            key = (r, c, p.dtype, grads[o].dtype, bufs[o].dtype)
+            batches[key].extend(zip(owners, offsets))
+    decay = 1 - lr * weight_decay
+    device = params[0].device
+    for (r, c, _, _, buf_dtype), mats in batches.items():
+        scale = lr_scale(adjust_lr, lr, (r, c))
+        work = ns_dtype or default_ns_dtype(device, buf_dtype)
+        transposed = r > c
+        m, n = min(r, c), max(r, c)
+        chunk = max_batch or len(mats)
+        for start in range(0, len(mats), chunk):
+            owners = [o for o, _ in mats[start : start + chunk]]
+            offsets = [k for _, k in mats[start : start + chunk]]
+            g = fused.Matrices(grads, owners, offsets, r, c)
+            b = fused.Matrices(bufs, owners, offsets, r, c)
+
+            def fill(X: Tensor, g: fused.Matrices = g, b: fused.Matrices = b, t: bool = transposed) -> None:
+                fused.momentum_normalise(
+                    g, b, X.mT if t else X,
+                    momentum=momentum, nesterov=nesterov, norm_scale=preset.norm_scale, eps=eps,
+                )  # fmt: skip
+
+            O = orthogonalize_filled(fill, (len(owners), m, n), rows, work, device, method)
+            O = O.mT if transposed else O
+            pm = fused.Matrices(params, owners, offsets, r, c)
+            fused.scaled_update(pm, O, scale=scale, decay=decay, update_dtype=buf_dtype)
+            if stats is not None:
+                _record_stats(stats, O, scale)
 
 
 def adamw_step(

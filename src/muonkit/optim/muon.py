@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import kernels
+from .. import fused, kernels
 from ..coefficients import CoefficientSpec, as_preset
 from ..distributed import (
     any_rank,
@@ -162,6 +162,8 @@ class Muon(Optimizer):
         on_cuda = any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"])
         if on_cuda and kernels.prepare():  # register the Triton op now, so a torch.compile'd first step can use it
             self._pretune_kernels()
+        if on_cuda:
+            fused.prepare()  # likewise the fused element-wise kernels' custom ops
 
     def _pretune_kernels(self) -> None:
         """Time the Triton kernel's tile sizes for this optimizer's NS batches now, eagerly: inside a

@@ -1,0 +1,130 @@
+"""Triton kernels of ``muonkit.fused`` (imported only where Triton is installed; see that module)."""
+
+# ruff: noqa: SIM108
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def pick(s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    # the address of slot s (SLOTS = 16 integer arguments: no table to upload, capturable as is)
+    a = tl.where(s == 1, a1, a0)
+    a = tl.where(s == 2, a2, a)
+    a = tl.where(s == 3, a3, a)
+    a = tl.where(s == 4, a4, a)
+    a = tl.where(s == 5, a5, a)
+    a = tl.where(s == 6, a6, a)
+    a = tl.where(s == 7, a7, a)
+    a = tl.where(s == 8, a8, a)
+    a = tl.where(s == 9, a9, a)
+    a = tl.where(s == 10, a10, a)
+    a = tl.where(s == 11, a11, a)
+    a = tl.where(s == 12, a12, a)
+    a = tl.where(s == 13, a13, a)
+    a = tl.where(s == 14, a14, a)
+    a = tl.where(s == 15, a15, a)
+    return a
+
+
+@triton.jit
+def lerp(a, b, w):
+    # torch.lerp's two forms (ATen's lerp), in float32
+    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@triton.jit
+def tile(R, C, tiles_c, BR: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    rows = (t // tiles_c) * BR + tl.arange(0, BR)
+    cols = (t % tiles_c) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return rows, cols, mask
+
+
+@triton.jit
+def load_gb(g_ptr, b_ptr, offs, mask, B_T: tl.constexpr):
+    # g in the buffer's dtype first (momentum_update casts it so), both as float32
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(B_T).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return g, b
+
+
+@triton.jit
+def momentum_kernel(
+    g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
+    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+    P, row0, R, C, tiles_c, T, w, mu,
+    NESTEROV: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(1)
+    g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
+    b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
+    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
+    b = lerp(b, g, w).to(B_T)
+    tl.store(b_ptr + offs, b, mask=mask)
+    if NESTEROV:
+        u = lerp(g, b.to(tl.float32), mu).to(B_T).to(tl.float64)
+    else:
+        u = b.to(tl.float64)
+    tl.store(P + (row0 + s).to(tl.int64) * T + tl.program_id(0), tl.sum(tl.sum(u * u, axis=1), axis=0))
+
+
+@triton.jit
+def norms_kernel(P, D, T, norm_scale, eps, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for it in range(ITERS):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(P + i * T + offs, mask=offs < T, other=0.0)
+    d = tl.sqrt(tl.sum(acc, axis=0)) * norm_scale + eps  # float64 (the sum is)
+    d = tl.where(d > 0, d, 1.0)  # eps = 0 and u = 0: stay 0
+    tl.store(D + i, d.to(tl.float32))
+
+
+@triton.jit
+def normalise_kernel(
+    g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
+    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+    D, row0, O, sob, sor, soc, R, C, tiles_c, mu,
+    NESTEROV: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(1)
+    g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
+    b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
+    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
+    if NESTEROV:
+        u = lerp(g, b, mu).to(B_T).to(tl.float32)
+    else:
+        u = b
+    i = (row0 + s).to(tl.int64)
+    x = u / tl.load(D + i)
+    o_ptr = O + i * sob + rows[:, None].to(tl.int64) * sor + cols[None, :].to(tl.int64) * soc
+    tl.store(o_ptr, x.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def update_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
+    row0, O, sob, sor, soc, R, C, tiles_c, scale, decay,
+    P_T: tl.constexpr, U_T: tl.constexpr, DECAY: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(1)
+    p_ptr = pick(s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15).to(tl.pointer_type(P_T))
+    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    i = (row0 + s).to(tl.int64)
+    o = tl.load(O + i * sob + rows[:, None].to(tl.int64) * sor + cols[None, :].to(tl.int64) * soc, mask=mask)
+    # torch: mul(o, scale, out=U) rounds to o's dtype (the op's) before U's; then U.to(p.dtype)
+    upd = (o.to(tl.float32) * scale).to(O.dtype.element_ty).to(U_T).to(P_T).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask)
+    if DECAY:
+        p = (p.to(tl.float32) * decay).to(P_T)
+    tl.store(p_ptr + offs, (p.to(tl.float32) - upd).to(P_T), mask=mask)

@@ -1,0 +1,285 @@
+"""Fused element-wise stages of a Muon step on CUDA: momentum in, normalised NS input out; update applied in one pass.
+
+The torch form of a Muon step moves each hidden matrix through device memory many times around the
+Newton-Schulz products: the momentum lerp (read g and buf, write buf), the Nesterov blend (read both again,
+write u), stacking u into a batch, the Frobenius norm, the division into the NS precision, scaling the NS
+output into an update, weight decay on the parameter and the subtraction. Here the same arithmetic is
+three Triton kernels per batch of same-shape matrices (a fourth, tiny one turns partial sums into norms):
+
+1. ``momentum``: ``buf <- buf + (1 - mu) (g - buf)``, ``u = g + mu (buf - g)`` (Nesterov) or ``buf``, and the
+   float64 sum of ``u^2`` per tile (partial sums; no atomics, so the result is deterministic);
+2. ``norms``: per matrix, the partial sums into ``norm_scale ||u||_F + eps`` (float32, as the torch path rounds it);
+3. ``normalise``: ``u`` again from ``g`` and the new ``buf`` (recomputing costs less than writing and reading
+   it back), divided by that denominator and written once, in the NS precision, into the batch the NS
+   products read (transposed there when the matrix has more rows than columns);
+4. ``update``: ``p <- p (1 - lr wd) - scale O`` from the NS output ``O``, with the torch path's roundings.
+
+Bytes through memory for float32 gradients, state and parameters (4 bytes each) and a 2-byte NS precision,
+per entry: 12 + 10 + 10 = 32, against about 68 for the torch path. The kernels read each matrix through its
+own address (no stacked copy of the gradients): up to ``SLOTS`` addresses travel in one launch as plain
+integer arguments, so a launch is a fixed sequence of arguments that CUDA graphs capture and
+``torch.compile`` calls as an opaque custom op (``torch.ops.muonkit.momentum_normalise`` /
+``muonkit.scaled_update``, torch >= 2.4); no address table has to be uploaded.
+
+The arithmetic follows ``torch.lerp`` (small weight: ``a + w (b - a)``, else ``b - (b - a)(1 - w)``) and the
+torch path's casts, so results agree with it to rounding (the norm's float64 partial sums are grouped
+differently). Used by :func:`muonkit.optim.functional.muon_step` where :func:`applies` holds; everything
+else takes the torch path. The environment variable ``MUONKIT_FUSED=0`` (or :func:`set_fused`) turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+__all__ = [
+    "SLOTS",
+    "Matrices",
+    "applies",
+    "fused_enabled",
+    "locate",
+    "momentum_normalise",
+    "prepare",
+    "scaled_update",
+    "set_fused",
+]
+
+SLOTS = 16  # matrix addresses per launch (kernel arguments)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_enabled = os.environ.get("MUONKIT_FUSED", "1") not in ("0", "false", "off")
+_compile_ok = False  # the custom ops are registered (torch.compile calls them)
+
+
+def set_fused(enabled: bool) -> None:
+    """Turn the fused element-wise kernels of the Muon step on or off (the torch path is used when off)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def fused_enabled() -> bool:
+    return _enabled
+
+
+def prepare() -> bool:
+    """Import Triton and register the custom ops now (so that a ``torch.compile``'d first step can use them);
+    whether the fused kernels are available on this machine."""
+    return _enabled and kernels.get_mode() != "torch" and torch.cuda.is_available() and _build() is not None
+
+
+class Matrices:
+    """Same-shape ``(rows, cols)`` row-major matrices that live inside larger tensors: matrix ``i`` starts
+    ``offsets[i]`` elements into ``tensors[owners[i]]``. The kernels take these as addresses; the custom ops
+    take the owning tensors, so torch.compile sees which tensors they read and write."""
+
+    __slots__ = ("cols", "offsets", "owners", "rows", "tensors")
+
+    def __init__(self, tensors: Sequence[Tensor], owners: Sequence[int], offsets: Sequence[int], rows: int, cols: int):
+        self.tensors = list(tensors)
+        self.owners = list(owners)
+        self.offsets = list(offsets)
+        self.rows, self.cols = rows, cols
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    def addresses(self) -> list[int]:
+        t = self.tensors
+        return [t[o].data_ptr() + k * t[o].element_size() for o, k in zip(self.owners, self.offsets)]
+
+    def views(self) -> list[Tensor]:
+        """The matrices as tensor views (the torch reference and tests)."""
+        n = self.rows * self.cols
+        t = self.tensors
+        return [t[o].reshape(-1)[k : k + n].view(self.rows, self.cols) for o, k in zip(self.owners, self.offsets)]
+
+
+def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
+    """Whether the fused kernels can take a step over ``tensors`` (parameters, gradients, momentum buffers):
+    enabled, all on one CUDA device (compute capability >= 8) with Triton, dense and contiguous, float32 /
+    bfloat16 / float16, none needing autograd, and a NS precision of at most float32."""
+    if not (_enabled and tensors and kernels.get_mode() != "torch") or ns_dtype not in DTYPES:
+        return False
+    device = tensors[0].device
+    if device.type != "cuda":
+        return False
+    for t in tensors:
+        if t.device != device or t.dtype not in DTYPES or t.layout != torch.strided or not t.is_contiguous():
+            return False
+        if t.requires_grad and torch.is_grad_enabled():
+            return False
+    if torch.compiler.is_compiling():
+        return _compile_ok
+    return _build() is not None and kernels._capability(device) >= 8
+
+
+def momentum_normalise(
+    grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float
+) -> None:
+    """Advance the momentum buffers in place and write ``u_i / (norm_scale ||u_i||_F + eps)`` into ``out[i]``
+    (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly)."""
+    if len(grads) == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch.ops.muonkit.momentum_normalise(
+            grads.tensors, grads.owners, grads.offsets, bufs.tensors, bufs.owners, bufs.offsets,
+            out, momentum, nesterov, norm_scale, eps,
+        )  # fmt: skip
+        return
+    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps)
+
+
+def scaled_update(params: Matrices, O: Tensor, *, scale: float, decay: float, update_dtype: torch.dtype) -> None:
+    """``p_i <- p_i * decay - scale * O[i]`` with the torch path's roundings (the scaled update is rounded to
+    ``update_dtype``, then to the parameter's dtype). ``O`` is ``(b, rows, cols)`` with any strides."""
+    if len(params) == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch.ops.muonkit.scaled_update(
+            params.tensors, params.owners, params.offsets, O, scale, decay, _DTYPE_CODES[update_dtype]
+        )
+        return
+    _build().scaled_update(params, O, scale, decay, update_dtype)
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+@functools.cache
+def _build() -> Any:
+    """Compile-on-first-use launchers (``None`` without Triton)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+
+    from . import _fused_kernels as K
+
+    tl_dtype = K.TL_DTYPE
+
+    def blocks(rows: int, cols: int, transposed: bool) -> tuple[int, int]:
+        # row-major tiles; square ones where the stacked side is transposed (its writes/reads go column-wise)
+        if transposed:
+            return 64, 64
+        return 32, 128 if cols >= 128 else max(16, triton.next_power_of_2(cols))
+
+    def slots(addresses: list[int]) -> list[list[int]]:
+        groups = [addresses[i : i + SLOTS] for i in range(0, len(addresses), SLOTS)]
+        return [g + [g[0]] * (SLOTS - len(g)) for g in groups]
+
+    def _momentum_normalise(
+        grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float
+    ) -> None:
+        R, C = grads.rows, grads.cols
+        b = len(grads)
+        transposed = out.stride(-1) != 1
+        br, bc = blocks(R, C, transposed)
+        tiles_c = triton.cdiv(C, bc)
+        T = triton.cdiv(R, br) * tiles_c
+        device = out.device
+        partial = torch.empty((b, T), dtype=torch.float64, device=device)
+        denom = torch.empty((b,), dtype=torch.float32, device=device)
+        g_t, b_t = tl_dtype[grads.dtype], tl_dtype[bufs.dtype]
+        ga, ba = slots(grads.addresses()), slots(bufs.addresses())
+        w = 1.0 - momentum
+        for k, (gs, bs) in enumerate(zip(ga, ba)):
+            n = min(SLOTS, b - k * SLOTS)
+            K.momentum_kernel[(T, n)](
+                *gs, *bs, partial, k * SLOTS, R, C, tiles_c, T, w, momentum,
+                NESTEROV=nesterov, G_T=g_t, B_T=b_t, BR=br, BC=bc, num_warps=4,
+            )  # fmt: skip
+        K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
+        for k, (gs, bs) in enumerate(zip(ga, ba)):
+            n = min(SLOTS, b - k * SLOTS)
+            K.normalise_kernel[(T, n)](
+                *gs, *bs, denom, k * SLOTS, out, out.stride(0), out.stride(1), out.stride(2), R, C, tiles_c,
+                momentum, NESTEROV=nesterov, G_T=g_t, B_T=b_t, BR=br, BC=bc, num_warps=4,
+            )  # fmt: skip
+
+    def _scaled_update(params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype) -> None:
+        R, C = params.rows, params.cols
+        b = len(params)
+        br, bc = blocks(R, C, O.stride(-1) != 1)
+        tiles_c = triton.cdiv(C, bc)
+        T = triton.cdiv(R, br) * tiles_c
+        for k, ps in enumerate(slots(params.addresses())):
+            n = min(SLOTS, b - k * SLOTS)
+            K.update_kernel[(T, n)](
+                *ps, k * SLOTS, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay,
+                P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc,
+                num_warps=4,
+            )  # fmt: skip
+
+    _register(_momentum_normalise, _scaled_update)
+    return _Launchers(_momentum_normalise, _scaled_update)
+
+
+class _Launchers:
+    def __init__(self, momentum_normalise: Any, scaled_update: Any) -> None:
+        self.momentum_normalise = momentum_normalise
+        self.scaled_update = scaled_update
+
+
+def _register(mn: Any, su: Any) -> None:
+    """Register the launchers as torch custom ops (opaque to torch.compile, which calls them as they are)."""
+    global _compile_ok
+    try:
+        from torch.library import custom_op
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return
+    if hasattr(torch.ops.muonkit, "momentum_normalise"):  # registered by an earlier build (tests rebuild)
+        _compile_ok = True
+        return
+
+    @custom_op("muonkit::momentum_normalise", mutates_args=("bufs", "out"))
+    def momentum_normalise_op(
+        grads: list[Tensor], g_owners: list[int], g_offsets: list[int],
+        bufs: list[Tensor], b_owners: list[int], b_offsets: list[int],
+        out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float,
+    ) -> None:  # fmt: skip
+        R, C = out.shape[-2:]
+        g, b = Matrices(grads, g_owners, g_offsets, R, C), Matrices(bufs, b_owners, b_offsets, R, C)
+        _build().momentum_normalise(g, b, out, momentum, nesterov, norm_scale, eps)
+
+    @momentum_normalise_op.register_fake
+    def _(grads, g_owners, g_offsets, bufs, b_owners, b_offsets, out, momentum, nesterov, norm_scale, eps):
+        return None
+
+    @custom_op("muonkit::scaled_update", mutates_args=("params",))
+    def scaled_update_op(
+        params: list[Tensor], owners: list[int], offsets: list[int], O: Tensor, scale: float, decay: float, code: int
+    ) -> None:
+        R, C = O.shape[-2:]
+        _build().scaled_update(Matrices(params, owners, offsets, R, C), O, scale, decay, _CODE_DTYPES[code])
+
+    @scaled_update_op.register_fake
+    def _(params, owners, offsets, O, scale, decay, code):
+        return None
+
+    _compile_ok = True
+
+
+def locate(views: Sequence[Tensor], owners: Sequence[int], bases: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """``(owners, offsets)`` of every matrix in ``views`` (``(..., rows, cols)`` views of ``bases[owners[i]]``,
+    rows contiguous: ``stride(-1) == 1``, ``stride(-2) == cols``); leading dims enumerate matrices."""
+    mats_owner: list[int] = []
+    mats_offset: list[int] = []
+    for v, o in zip(views, owners):
+        base = int(v.storage_offset() - bases[o].storage_offset())
+        lead = v.shape[:-2]
+        for idx in itertools.product(*(range(d) for d in lead)):
+            mats_owner.append(o)
+            mats_offset.append(base + sum(i * int(st) for i, st in zip(idx, v.stride()[:-2])))
+    return mats_owner, mats_offset

@@ -1,0 +1,204 @@
+"""The fused element-wise kernels of the Muon step (muonkit.fused) against the torch path.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, so
+their indexing, masking, slot selection and arithmetic are checked here too; on CUDA they run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from muonkit import fused
+from muonkit.newton_schulz import _frobenius_normalise
+from muonkit.optim import functional
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def launchers():
+    """The kernels: compiled on CUDA, interpreted on CPU (conftest sets TRITON_INTERPRET before Triton loads)."""
+    if CUDA:
+        yield fused._build()
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and Triton's interpreter is off")
+    with pytest.MonkeyPatch.context() as mp:
+        _round_bf16_to_nearest(mp)
+        yield fused._build()
+
+
+def _round_bf16_to_nearest(mp):
+    """Triton 3.6's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even, as torch does):
+    make the interpreter round like the hardware, so that results can be compared with torch's exactly."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    cast_impl = interp.InterpreterBuilder.cast_impl
+
+    def rounded(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(x.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+
+    mp.setattr(interp.InterpreterBuilder, "cast_impl", rounded)
+
+
+def _mats(tensors, rows, cols, parts):
+    """Matrices of shape (rows, cols) taken as ``parts = [(tensor index, first row), ...]`` of 2-D tensors."""
+    return fused.Matrices(tensors, [o for o, _ in parts], [r0 * cols for _, r0 in parts], rows, cols)
+
+
+def _reference_pre(g_views, b_views, momentum, nesterov, norm_scale, eps, ns_dtype):
+    b_new = [b.clone() for b in b_views]
+    u = functional.momentum_update(g_views, b_new, momentum, nesterov)
+    X = _frobenius_normalise(torch.stack(u), norm_scale, eps, ns_dtype)
+    return b_new, X
+
+
+@pytest.mark.parametrize(
+    "g_dtype,b_dtype,ns_dtype,nesterov,transposed",
+    [
+        (torch.float32, torch.float32, torch.float32, True, False),
+        (torch.float32, torch.float32, torch.bfloat16, True, True),
+        (torch.float32, torch.float32, torch.float16, False, False),
+        (torch.bfloat16, torch.float32, torch.bfloat16, True, False),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, True, True),
+    ],
+)
+def test_momentum_normalise_matches_torch(launchers, g_dtype, b_dtype, ns_dtype, nesterov, transposed):
+    torch.manual_seed(0)
+    rows, cols = 40, 24  # several tiles per matrix, ragged edges
+    # 18 matrices (two slot groups): 3 parts of one fused tensor, 15 separate tensors
+    shapes = [(3 * rows, cols)] + [(rows, cols)] * 15
+    grads = [torch.randn(s, device=DEVICE).to(g_dtype) for s in shapes]
+    bufs = [torch.randn(s, device=DEVICE).to(b_dtype) for s in shapes]
+    parts = [(0, 0), (0, rows), (0, 2 * rows)] + [(i, 0) for i in range(1, 16)]
+    g, b = _mats(grads, rows, cols, parts), _mats(bufs, rows, cols, parts)
+    ref_bufs, ref_X = _reference_pre(g.views(), b.views(), 0.9, nesterov, 1.01, 1e-7, ns_dtype)
+    out = torch.full((len(parts), cols, rows) if transposed else (len(parts), rows, cols), float("nan"), device=DEVICE)
+    out = out.to(ns_dtype)
+    fused.momentum_normalise(
+        g, b, out.mT if transposed else out, momentum=0.9, nesterov=nesterov, norm_scale=1.01, eps=1e-7
+    )
+    got = out.mT if transposed else out
+    assert not got.isnan().any()  # every entry written
+    for nb, rb in zip(b.views(), ref_bufs):
+        torch.testing.assert_close(nb, rb, rtol=1e-6 if b_dtype == torch.float32 else 1e-2, atol=1e-6)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[ns_dtype]
+    torch.testing.assert_close(got.float(), ref_X.float(), rtol=tol, atol=tol * 0.1)
+    norms = got.float().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 1 / 1.01), rtol=1e-2, atol=0)
+
+
+def test_zero_gradient_with_zero_eps_stays_zero(launchers):
+    grads = [torch.zeros(8, 16, device=DEVICE)]
+    bufs = [torch.zeros(8, 16, device=DEVICE)]
+    out = torch.full((1, 8, 16), float("nan"), device=DEVICE)
+    fused.momentum_normalise(
+        _mats(grads, 8, 16, [(0, 0)]), _mats(bufs, 8, 16, [(0, 0)]), out,
+        momentum=0.95, nesterov=True, norm_scale=1.0, eps=0.0,
+    )  # fmt: skip
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("p_dtype,decay,transposed", [(torch.float32, 1.0, False), (torch.float32, 0.99, True),
+                                                      (torch.bfloat16, 0.98, False)])  # fmt: skip
+def test_scaled_update_matches_torch(launchers, p_dtype, decay, transposed):
+    torch.manual_seed(1)
+    rows, cols = 24, 40
+    params = [torch.randn(2 * rows, cols, device=DEVICE).to(p_dtype)] + [
+        torch.randn(rows, cols, device=DEVICE).to(p_dtype) for _ in range(17)
+    ]
+    parts = [(0, 0), (0, rows)] + [(i, 0) for i in range(1, 18)]
+    O = torch.randn(len(parts), cols, rows, device=DEVICE).bfloat16()
+    O = O.mT if transposed else O.mT.contiguous()
+    p = _mats(params, rows, cols, parts)
+    ref = [v.clone() for v in p.views()]
+    upd = [torch.mul(o, 0.37, out=torch.empty(o.shape, device=DEVICE)) for o in O.unbind(0)]  # as ns_jobs does
+    functional.apply_update(ref, upd, lr=1.0, weight_decay=1 - decay)
+    fused.scaled_update(p, O, scale=0.37, decay=decay, update_dtype=torch.float32)
+    # bfloat16 parameters: within one rounding (torch's CPU mul_ rounds the decay scalar to bfloat16 first)
+    for got, want in zip(p.views(), ref):
+        atol = 1e-6 if p_dtype == torch.float32 else 8e-3 * want.abs().max().item()  # cancellation: 1 ulp of |p|
+        torch.testing.assert_close(got, want, rtol=1e-6 if p_dtype == torch.float32 else 8e-3, atol=atol)
+
+
+def _params(dtype=torch.float32):
+    torch.manual_seed(2)
+    shapes = [(48, 16), (16, 48), (48, 16), (16, 16), (8, 4, 3, 3)]
+    return [torch.randn(s, device=DEVICE, dtype=dtype) for s in shapes]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(split=3, weight_decay=0.1, nesterov=False),
+        dict(matrix_view="batch", max_batch=2, method="gram", adjust_lr="match_rms_adamw"),
+    ],
+)
+def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
+    """Whole steps: the fused path (forced on here, also on the CPU interpreter) against the torch path."""
+    base = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
+                adjust_lr="original", eps=1e-7, ns_dtype=torch.float32)  # fmt: skip
+    base.update(options)
+    if base.get("split") == 3:  # every matrix's rows must divide: QKV-like parameters only
+        shapes = [(48, 16), (3 * 16, 16)]
+        params = [torch.randn(s, device=DEVICE) for s in shapes]
+    else:
+        params = _params()
+    results = []
+    for use in (False, True):
+        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+        ps = [p.clone() for p in params]
+        bufs = [torch.zeros_like(p) for p in ps]
+        stats: dict = {}
+        for step in range(3):
+            grads = [torch.randn(p.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(step + i))
+                     for i, p in enumerate(ps)]  # fmt: skip
+            functional.muon_step(ps, grads, bufs, stats=stats, **base)
+        results.append((ps, bufs, stats))
+    (p0, b0, s0), (p1, b1, s1) = results
+    for a, b in zip(p0 + b0, p1 + b1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert s0.keys() == s1.keys() == {"orth_error", "update_rms", "sigma_max"}
+    # batches may be cut differently (max_batch counts matrices here, parts there): compare per-matrix maxima
+    for k in ("orth_error", "sigma_max"):
+        torch.testing.assert_close(torch.stack(s0[k]).max(), torch.stack(s1[k]).max(), rtol=1e-4, atol=1e-6)
+
+
+def test_applies_only_where_the_kernels_can_run():
+    p = torch.randn(8, 8)
+    assert not fused.applies([p], torch.float32)  # CPU
+    if CUDA:
+        q = torch.randn(8, 8, device="cuda")
+        assert fused.applies([q], torch.bfloat16)
+        assert not fused.applies([q.mT[:, :4]], torch.bfloat16)  # not contiguous
+        assert not fused.applies([q.double()], torch.bfloat16)
+        assert not fused.applies([q], torch.float64)
+        fused.set_fused(False)
+        try:
+            assert not fused.applies([q], torch.bfloat16)
+        finally:
+            fused.set_fused(True)
+
+
+def test_locate_finds_every_matrix_of_batched_split_views():
+    t = torch.arange(2 * 6 * 5.0).view(2, 6, 5)
+    parts = list(t.split([2, 4], dim=-2))  # (2, 2, 5) and (2, 4, 5): not contiguous as a whole
+    owners, offsets = fused.locate(parts, [0, 0], [t])
+    assert owners == [0, 0, 0, 0]
+    first = fused.Matrices([t], owners[:2], offsets[:2], 2, 5).views()
+    m = first + fused.Matrices([t], owners[2:], offsets[2:], 4, 5).views()
+    want = [parts[0][0], parts[0][1], parts[1][0], parts[1][1]]
+    for a, b in zip(m, want):
+        assert torch.equal(a, b)
