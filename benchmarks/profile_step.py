@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,8 @@ def batches(layers: int, shapes: list[tuple[int, int]], split_qkv: bool) -> dict
 
 def kind(name: str) -> str:
     low = name.lower()
+    if any(s in low for s in ("momentum_kernel", "normalise_kernel", "norms_kernel", "update_kernel")):
+        return "fused elementwise"  # muonkit.fused
     if any(s in low for s in ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "sym_product")):
         return "gemm"
     if any(s in low for s in ("reduce", "norm", "welford")):
@@ -71,6 +74,13 @@ def profile(step: Callable[[], Any], reps: int = 5) -> dict[str, Any]:
 
     for _ in range(3):
         step()
+    torch.cuda.synchronize()
+    # host time per step: queue the steps behind a long GPU sleep, so the host never waits for the GPU
+    torch.cuda._sleep(2_000_000_000)
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    host_ms = (time.perf_counter() - start) / reps * 1e3
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(reps):
@@ -88,6 +98,7 @@ def profile(step: Callable[[], Any], reps: int = 5) -> dict[str, Any]:
         launches[kind(name)] += calls
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
     return {
+        "host_ms_per_step": host_ms,
         "gpu_ms_per_step": sum(by_kind.values()),
         "by_kind_ms": dict(by_kind),
         "launches_by_kind": dict(launches),
@@ -135,8 +146,8 @@ def main() -> None:
                     "default:newton_schulz:torch,default:newton_schulz:triton,"
                     "reduce-overhead:newton_schulz:torch,reduce-overhead:newton_schulz:triton,"
                     "reduce-overhead:gram:triton",
-                    help="comma-separated compile-mode:method:kernel-mode step variants; compile-mode 'eager' "
-                         "replays cached CUDA graphs of the NS calls, 'eager-nographs' does not")  # fmt: skip
+                    help="comma-separated compile-mode:method:kernel-mode[:fp16][:nofused] step variants; compile-mode "
+                         "'eager' replays cached CUDA graphs of the NS calls, 'eager-nographs' does not")  # fmt: skip
     ap.add_argument("--skip-ns", action="store_true")
     ap.add_argument("--out", default="profile_step.json")
     args = ap.parse_args()
@@ -176,11 +187,13 @@ def main() -> None:
     params = make_params(layers, shapes, dev)
     result["profile"] = {}
     for variant in args.variants.split(","):
-        compile_mode, method, kmode = variant.split(":")
+        compile_mode, method, kmode, *rest = variant.split(":")  # optional 4th field: "fp16" or "nofused"
         kernels.set_mode(kmode)
+        muonkit.fused.set_fused("nofused" not in rest)
+        ns_dtype = torch.float16 if "fp16" in rest else None
         muonkit.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")
         try:
-            opt = muonkit.Muon(split_groups(params), nonfinite="ignore", method=method)
+            opt = muonkit.Muon(split_groups(params), nonfinite="ignore", method=method, ns_dtype=ns_dtype)
             opt.step()
             fn = opt.step if compile_mode.startswith("eager") else torch.compile(opt.step, mode=compile_mode)
             rec = profile(fn)
@@ -190,7 +203,8 @@ def main() -> None:
             print(f"\n{variant}: FAILED {err!r}"[:600])
             continue
         result["profile"][variant] = rec
-        print(f"\n{variant}: wall {rec['wall_ms']:.2f} ms, GPU busy {rec['gpu_ms_per_step']:.2f} ms")
+        print(f"\n{variant}: wall {rec['wall_ms']:.2f} ms, GPU busy {rec['gpu_ms_per_step']:.2f} ms, "
+              f"host {rec['host_ms_per_step']:.2f} ms")  # fmt: skip
         for k, v in rec["by_kind_ms"].items():
             print(f"  {k:<18} {v:7.3f} ms  {rec['launches_by_kind'][k]:5.0f} launches")
         for t in rec["top"][:6]:

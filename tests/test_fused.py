@@ -192,13 +192,48 @@ def test_applies_only_where_the_kernels_can_run():
             fused.set_fused(True)
 
 
-def test_locate_finds_every_matrix_of_batched_split_views():
-    t = torch.arange(2 * 6 * 5.0).view(2, 6, 5)
-    parts = list(t.split([2, 4], dim=-2))  # (2, 2, 5) and (2, 4, 5): not contiguous as a whole
-    owners, offsets = fused.locate(parts, [0, 0], [t])
-    assert owners == [0, 0, 0, 0]
-    first = fused.Matrices([t], owners[:2], offsets[:2], 2, 5).views()
-    m = first + fused.Matrices([t], owners[2:], offsets[2:], 4, 5).views()
-    want = [parts[0][0], parts[0][1], parts[1][0], parts[1][1]]
-    for a, b in zip(m, want):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize(
+    "shape,view,split", [((6, 5), "flatten", [2, 4]), ((2, 6, 5), "batch", [2, 4]), ((4, 2, 3, 3), "flatten", 2),
+                         ((3, 4, 5), "batch", None)],
+)  # fmt: skip
+def test_matrix_offsets_locate_every_matrix_of_matrix_parts(shape, view, split):
+    t = torch.arange(float(torch.Size(shape).numel())).view(shape)
+    parts = functional.matrix_parts(t, view, split)
+    located = functional.matrix_offsets(shape, view, split)
+    assert len(located) == len(parts)
+    for part, (r, c, offsets) in zip(parts, located):
+        want = list(part.reshape(-1, r, c).unbind(0))
+        got = fused.Matrices([t], [0] * len(offsets), offsets, r, c).views()
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the fused path under torch.compile)")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_fused_step_matches_the_torch_path(mode):
+    """The custom ops under torch.compile (and its CUDA graphs) against the eager torch path."""
+    import muonkit
+
+    torch.manual_seed(3)
+    shapes = [(96, 32), (32, 96), (96, 32)]
+    base = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(4)]
+    results = []
+    for fused_on, compiled in ((False, False), (True, True)):
+        fused.set_fused(fused_on)
+        try:
+            params = [torch.nn.Parameter(b.clone()) for b in base]
+            opt = muonkit.Muon(params, weight_decay=0.1, nonfinite="ignore", ns_dtype=torch.float32)
+            for p, g in zip(params, grads[0]):
+                p.grad = g.clone()
+            opt.step()  # state created eagerly
+            step = torch.compile(opt.step, mode=mode) if compiled else opt.step
+            for gs in grads[1:]:
+                for p, g in zip(params, gs):
+                    p.grad.copy_(g)
+                step()
+            results.append([p.detach().clone() for p in params])
+        finally:
+            fused.set_fused(True)
+            torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

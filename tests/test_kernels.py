@@ -133,20 +133,25 @@ def test_optimizer_tunes_its_batches_before_the_first_step():
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     muonkit.Muon(params, split=None)
     tuned = {(k[0], k[1], k[2], k[3]) for k in kernels._best}
-    # (b, m, k, has Y): the step polynomial of each batch of >= AUTO_MIN_ROWS rows, X X^T alone only from
+    # (b, m, k, has Y): the step polynomial of each batch of >= AUTO_MIN_ROWS rows, X X^T alone from
     # AUTO_XXT_MIN_ROWS rows, nothing for the 256-row matrix
-    assert tuned == {(1, 512, 512, True), (1, 2048, 2048, True), (1, 2048, 2048, False)}
+    assert kernels.AUTO_MIN_ROWS == kernels.AUTO_XXT_MIN_ROWS == 512
+    want = {(1, 512, 512, True), (1, 512, 1536, False), (1, 512, 512, False), (1, 2048, 2048, True),
+            (1, 2048, 2048, False)}  # fmt: skip
+    assert tuned == want
 
 
 @pytest.mark.gpu
 @cuda
-def test_auto_mode_takes_cublas_for_small_gram_products():
+def test_auto_mode_row_thresholds():
     kernels.set_mode("auto")
-    X = torch.empty(8, kernels.AUTO_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
+    at = torch.empty(8, kernels.AUTO_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
+    below = torch.empty(8, kernels.AUTO_XXT_MIN_ROWS - 1, 1024, device="cuda", dtype=torch.bfloat16)
     with kernels.capture_warmup():  # decide as under capture
-        assert kernels.use_kernel(X, has_y=True)
-        assert not kernels.use_kernel(X)
+        assert kernels.use_kernel(at, has_y=True)
         assert kernels.use_kernel(torch.empty(1, kernels.AUTO_XXT_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16))
+        assert not kernels.use_kernel(below)
+        assert not kernels.use_kernel(below[:, : kernels.AUTO_MIN_ROWS - 1], has_y=True)
 
 
 @cuda

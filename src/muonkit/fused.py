@@ -30,7 +30,6 @@ else takes the torch path. The environment variable ``MUONKIT_FUSED=0`` (or :fun
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +44,6 @@ __all__ = [
     "Matrices",
     "applies",
     "fused_enabled",
-    "locate",
     "momentum_normalise",
     "prepare",
     "scaled_update",
@@ -78,8 +76,6 @@ class Matrices:
     """Same-shape ``(rows, cols)`` row-major matrices that live inside larger tensors: matrix ``i`` starts
     ``offsets[i]`` elements into ``tensors[owners[i]]``. The kernels take these as addresses; the custom ops
     take the owning tensors, so torch.compile sees which tensors they read and write."""
-
-    __slots__ = ("cols", "offsets", "owners", "rows", "tensors")
 
     def __init__(self, tensors: Sequence[Tensor], owners: Sequence[int], offsets: Sequence[int], rows: int, cols: int):
         self.tensors = list(tensors)
@@ -269,17 +265,3 @@ def _register(mn: Any, su: Any) -> None:
         return None
 
     _compile_ok = True
-
-
-def locate(views: Sequence[Tensor], owners: Sequence[int], bases: Sequence[Tensor]) -> tuple[list[int], list[int]]:
-    """``(owners, offsets)`` of every matrix in ``views`` (``(..., rows, cols)`` views of ``bases[owners[i]]``,
-    rows contiguous: ``stride(-1) == 1``, ``stride(-2) == cols``); leading dims enumerate matrices."""
-    mats_owner: list[int] = []
-    mats_offset: list[int] = []
-    for v, o in zip(views, owners):
-        base = int(v.storage_offset() - bases[o].storage_offset())
-        lead = v.shape[:-2]
-        for idx in itertools.product(*(range(d) for d in lead)):
-            mats_owner.append(o)
-            mats_offset.append(base + sum(i * int(st) for i, st in zip(idx, v.stride()[:-2])))
-    return mats_owner, mats_offset

@@ -11,7 +11,7 @@ capture it; on older torch the torch path is taken inside ``torch.compile``.
 
 Modes: ``"auto"`` (default) uses the kernel inside ``torch.compile`` or CUDA-graph capture for the step
 polynomial of matrices of at least ``AUTO_MIN_ROWS`` rows and for ``X X^T`` alone from ``AUTO_XXT_MIN_ROWS``
-rows (below that cuBLAS's full product was faster than the kernel's half: ``benchmarks/kernel_configs.py``),
+rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/sym_persistent.py``),
 and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its
 launch cost is hidden (measured on an H100, ``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can
 run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. The environment variable
@@ -50,7 +50,11 @@ __all__ = [
 
 MODES = ("torch", "auto", "triton")
 AUTO_MIN_ROWS = 512  # auto mode: the step polynomial in compiled or CUDA-graph-captured calls from this many rows
-AUTO_XXT_MIN_ROWS = 2048  # auto mode: X X^T alone (cuBLAS's full product was faster below, H100)
+# auto mode: X X^T alone from this many rows. Timed inside CUDA graphs (as the eager step and torch.compile run
+# it), the kernel's half product beat cuBLAS's full one from 768 rows on an H100 (48 x 768^2: 0.065 vs 0.074 ms,
+# benchmarks/results/sym_persistent_h100.json; GPT-2-small step 4.1 vs 4.5 ms); timed launch by launch
+# (kernel_configs.py) cuBLAS had looked faster below 2048 rows.
+AUTO_XXT_MIN_ROWS = 512
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
 HALF = (torch.bfloat16, torch.float16)
 

@@ -34,6 +34,7 @@ __all__ = [
     "adamw_step",
     "apply_update",
     "lr_scale",
+    "matrix_offsets",
     "matrix_parts",
     "momentum_update",
     "muon_step",
@@ -121,6 +122,21 @@ def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
     if u.ndim > 2 and matrix_view == "flatten":
         u = u.reshape(u.shape[0], -1)
     return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
+
+
+def matrix_offsets(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
+    """Where the matrices of ``matrix_parts`` lie in a contiguous tensor of ``shape``: per part, ``(rows, cols,
+    element offsets of its matrices)`` (one offset per leading index of a ``"batch"`` view). Arithmetic only:
+    no tensor is looked at (``storage_offset()`` would break a ``torch.compile`` graph)."""
+    if len(shape) > 2 and matrix_view == "flatten":
+        shape = (shape[0], math.prod(shape[1:]))
+    rows, cols = shape[-2], shape[-1]
+    count = math.prod(shape[:-2])
+    parts, r0 = [], 0
+    for r in split_sizes(split, rows):
+        parts.append((r, cols, [e * rows * cols + r0 * cols for e in range(count)]))
+        r0 += r
+    return parts
 
 
 def momentum_update(
@@ -364,13 +380,9 @@ def _fused_muon_step(
     rows = preset.schedule(ns_steps)
     batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for o, p in enumerate(params):
-        for part in matrix_parts(p, matrix_view, split):
-            if part.numel() == 0:  # nothing to update (and its buffer has no entries either)
-                continue
-            r, c = part.shape[-2:]
-            owners, offsets = fused.locate([part], [o], params)
-            key = (r, c, p.dtype, grads[o].dtype, bufs[o].dtype)
-            batches[key].extend(zip(owners, offsets))
+        for r, c, offsets in matrix_offsets(p.shape, matrix_view, split):
+            if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
+                batches[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
     decay = 1 - lr * weight_decay
     device = params[0].device
     for (r, c, _, _, buf_dtype), mats in batches.items():
