@@ -144,6 +144,7 @@ def _params(dtype=torch.float32):
         dict(),
         dict(split=3, weight_decay=0.1, nesterov=False),
         dict(matrix_view="batch", max_batch=2, method="gram", adjust_lr="match_rms_adamw"),
+        dict(mixed=True, weight_decay=0.05),
     ],
 )
 def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
@@ -154,22 +155,26 @@ def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
     if base.get("split") == 3:  # every matrix's rows must divide: QKV-like parameters only
         shapes = [(48, 16), (3 * 16, 16)]
         params = [torch.randn(s, device=DEVICE) for s in shapes]
+    elif options.get("mixed"):  # parameters of two dtypes in one group: batches of each dtype
+        base.pop("mixed")
+        params = [torch.randn(32, 16, device=DEVICE), torch.randn(32, 16, device=DEVICE).bfloat16(),
+                  torch.randn(16, 32, device=DEVICE).bfloat16()]  # fmt: skip
     else:
         params = _params()
     results = []
     for use in (False, True):
         monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
         ps = [p.clone() for p in params]
-        bufs = [torch.zeros_like(p) for p in ps]
+        bufs = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
         stats: dict = {}
         for step in range(3):
             grads = [torch.randn(p.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(step + i))
-                     for i, p in enumerate(ps)]  # fmt: skip
+                     .to(p.dtype) for i, p in enumerate(ps)]  # fmt: skip
             functional.muon_step(ps, grads, bufs, stats=stats, **base)
         results.append((ps, bufs, stats))
     (p0, b0, s0), (p1, b1, s1) = results
     for a, b in zip(p0 + b0, p1 + b1):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 if a.dtype == torch.float32 else 1e-2)
     assert s0.keys() == s1.keys() == {"orth_error", "update_rms", "sigma_max"}
     # batches may be cut differently (max_batch counts matrices here, parts there): compare per-matrix maxima
     for k in ("orth_error", "sigma_max"):

@@ -88,7 +88,7 @@ class Matrices:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tensors[0].dtype
+        return self.tensors[self.owners[0]].dtype  # every matrix of one batch has one dtype
 
     def addresses(self) -> list[int]:
         t = self.tensors
