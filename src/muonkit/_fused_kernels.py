@@ -38,11 +38,28 @@ def lerp(a, b, w):
 
 @triton.jit
 def tile(R, C, tiles_c, BR: tl.constexpr, BC: tl.constexpr):
+    # this program's tile: its rows and columns, their mask and offsets in a row-major R x C matrix
     t = tl.program_id(0)
     rows = (t // tiles_c) * BR + tl.arange(0, BR)
     cols = (t % tiles_c) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < R) & (cols[None, :] < C)
-    return rows, cols, mask
+    return rows, cols, mask, rows[:, None].to(tl.int64) * C + cols[None, :]
+
+
+@triton.jit
+def stacked(O, i, sob, sor, soc, rows, cols):
+    # the tile's entries in matrix i of the stacked NS tensor O (any strides)
+    return O + i * sob + rows[:, None].to(tl.int64) * sor + cols[None, :].to(tl.int64) * soc
+
+
+@triton.jit
+def direction(g, b, mu, NESTEROV: tl.constexpr, B_T: tl.constexpr):
+    # what NS orthogonalizes, rounded to the buffer's dtype as momentum_update's result is: g.lerp(b, mu) or b
+    if NESTEROV:
+        u = lerp(g, b, mu).to(B_T).to(tl.float32)
+    else:
+        u = b
+    return u
 
 
 @triton.jit
@@ -63,15 +80,11 @@ def momentum_kernel(
     s = tl.program_id(1)
     g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
-    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    _, _, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
     b = lerp(b, g, w).to(B_T)
     tl.store(b_ptr + offs, b, mask=mask)
-    if NESTEROV:
-        u = lerp(g, b.to(tl.float32), mu).to(B_T).to(tl.float64)
-    else:
-        u = b.to(tl.float64)
+    u = direction(g, b.to(tl.float32), mu, NESTEROV, B_T).to(tl.float64)
     tl.store(P + (row0 + s).to(tl.int64) * T + tl.program_id(0), tl.sum(tl.sum(u * u, axis=1), axis=0))
 
 
@@ -97,17 +110,11 @@ def normalise_kernel(
     s = tl.program_id(1)
     g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
-    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
-    if NESTEROV:
-        u = lerp(g, b, mu).to(B_T).to(tl.float32)
-    else:
-        u = b
     i = (row0 + s).to(tl.int64)
-    x = u / tl.load(D + i)
-    o_ptr = O + i * sob + rows[:, None].to(tl.int64) * sor + cols[None, :].to(tl.int64) * soc
-    tl.store(o_ptr, x.to(O.dtype.element_ty), mask=mask)
+    x = direction(g, b, mu, NESTEROV, B_T) / tl.load(D + i)
+    tl.store(stacked(O, i, sob, sor, soc, rows, cols), x.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -118,10 +125,8 @@ def update_kernel(
 ):  # fmt: skip
     s = tl.program_id(1)
     p_ptr = pick(s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15).to(tl.pointer_type(P_T))
-    rows, cols, mask = tile(R, C, tiles_c, BR, BC)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
-    i = (row0 + s).to(tl.int64)
-    o = tl.load(O + i * sob + rows[:, None].to(tl.int64) * sor + cols[None, :].to(tl.int64) * soc, mask=mask)
+    rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
+    o = tl.load(stacked(O, (row0 + s).to(tl.int64), sob, sor, soc, rows, cols), mask=mask)
     # torch: mul(o, scale, out=U) rounds to o's dtype (the op's) before U's; then U.to(p.dtype)
     upd = (o.to(tl.float32) * scale).to(O.dtype.element_ty).to(U_T).to(P_T).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -165,77 +165,72 @@ def _build() -> Any:
 
     tl_dtype = K.TL_DTYPE
 
-    def blocks(rows: int, cols: int, transposed: bool) -> tuple[int, int]:
-        # row-major tiles; square ones where the stacked side is transposed (its writes/reads go column-wise)
+    def grid(rows: int, cols: int, transposed: bool) -> tuple[int, int, int, int]:
+        """``(BR, BC, tiles per row of tiles, tiles per matrix)``: row-major tiles; square ones where the stacked
+        side is transposed (its writes/reads go column-wise)."""
         if transposed:
-            return 64, 64
-        return 32, 128 if cols >= 128 else max(16, triton.next_power_of_2(cols))
+            br, bc = 64, 64
+        else:
+            br, bc = 32, 128 if cols >= 128 else max(16, triton.next_power_of_2(cols))
+        tiles_c = triton.cdiv(cols, bc)
+        return br, bc, tiles_c, triton.cdiv(rows, br) * tiles_c
 
-    def slots(addresses: list[int]) -> list[list[int]]:
-        groups = [addresses[i : i + SLOTS] for i in range(0, len(addresses), SLOTS)]
-        return [g + [g[0]] * (SLOTS - len(g)) for g in groups]
+    def slots(*addresses: list[int]) -> list[tuple[int, int, list[int]]]:
+        """Per launch: ``(first matrix, matrices, SLOTS addresses of each operand, padded, concatenated)``."""
+        b = len(addresses[0])
+        launches = []
+        for row0 in range(0, b, SLOTS):
+            args: list[int] = []
+            for a in addresses:
+                group = a[row0 : row0 + SLOTS]
+                args += group + [group[0]] * (SLOTS - len(group))
+            launches.append((row0, min(SLOTS, b - row0), args))
+        return launches
 
-    def _momentum_normalise(
+    def momentum_normalise(
         grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float
     ) -> None:
         R, C = grads.rows, grads.cols
         b = len(grads)
-        transposed = out.stride(-1) != 1
-        br, bc = blocks(R, C, transposed)
-        tiles_c = triton.cdiv(C, bc)
-        T = triton.cdiv(R, br) * tiles_c
-        device = out.device
-        partial = torch.empty((b, T), dtype=torch.float64, device=device)
-        denom = torch.empty((b,), dtype=torch.float32, device=device)
-        g_t, b_t = tl_dtype[grads.dtype], tl_dtype[bufs.dtype]
-        ga, ba = slots(grads.addresses()), slots(bufs.addresses())
-        w = 1.0 - momentum
-        for k, (gs, bs) in enumerate(zip(ga, ba)):
-            n = min(SLOTS, b - k * SLOTS)
-            K.momentum_kernel[(T, n)](
-                *gs, *bs, partial, k * SLOTS, R, C, tiles_c, T, w, momentum,
-                NESTEROV=nesterov, G_T=g_t, B_T=b_t, BR=br, BC=bc, num_warps=4,
-            )  # fmt: skip
+        br, bc, tiles_c, T = grid(R, C, out.stride(-1) != 1)
+        partial = torch.empty((b, T), dtype=torch.float64, device=out.device)
+        denom = torch.empty((b,), dtype=torch.float32, device=out.device)
+        types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc)
+        launches = slots(grads.addresses(), bufs.addresses())
+        for row0, n, args in launches:
+            K.momentum_kernel[(T, n)](*args, partial, row0, R, C, tiles_c, T, 1.0 - momentum, momentum, **types)
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
-        for k, (gs, bs) in enumerate(zip(ga, ba)):
-            n = min(SLOTS, b - k * SLOTS)
+        for row0, n, args in launches:
             K.normalise_kernel[(T, n)](
-                *gs, *bs, denom, k * SLOTS, out, out.stride(0), out.stride(1), out.stride(2), R, C, tiles_c,
-                momentum, NESTEROV=nesterov, G_T=g_t, B_T=b_t, BR=br, BC=bc, num_warps=4,
-            )  # fmt: skip
+                *args, denom, row0, out, out.stride(0), out.stride(1), out.stride(2), R, C, tiles_c, momentum, **types
+            )
 
-    def _scaled_update(params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype) -> None:
+    def scaled_update(params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype) -> None:
         R, C = params.rows, params.cols
-        b = len(params)
-        br, bc = blocks(R, C, O.stride(-1) != 1)
-        tiles_c = triton.cdiv(C, bc)
-        T = triton.cdiv(R, br) * tiles_c
-        for k, ps in enumerate(slots(params.addresses())):
-            n = min(SLOTS, b - k * SLOTS)
+        br, bc, tiles_c, T = grid(R, C, O.stride(-1) != 1)
+        types = dict(P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc)
+        for row0, n, args in slots(params.addresses()):
             K.update_kernel[(T, n)](
-                *ps, k * SLOTS, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay,
-                P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc,
-                num_warps=4,
-            )  # fmt: skip
+                *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, **types
+            )
 
-    _register(_momentum_normalise, _scaled_update)
-    return _Launchers(_momentum_normalise, _scaled_update)
+    _register()
+    return _Launchers(momentum_normalise, scaled_update)
 
 
-class _Launchers:
-    def __init__(self, momentum_normalise: Any, scaled_update: Any) -> None:
-        self.momentum_normalise = momentum_normalise
-        self.scaled_update = scaled_update
+class _Launchers(NamedTuple):
+    momentum_normalise: Any
+    scaled_update: Any
 
 
-def _register(mn: Any, su: Any) -> None:
+def _register() -> None:
     """Register the launchers as torch custom ops (opaque to torch.compile, which calls them as they are)."""
     global _compile_ok
     try:
         from torch.library import custom_op
     except ImportError:  # pragma: no cover - torch < 2.4
         return
-    if hasattr(torch.ops.muonkit, "momentum_normalise"):  # registered by an earlier build (tests rebuild)
+    if hasattr(torch.ops.muonkit, "momentum_normalise"):  # registered before (``_build.cache_clear()``)
         _compile_ok = True
         return
 

@@ -225,13 +225,7 @@ def orthogonalize_batch(
     ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
     same shape on the same stream (for callers that consume it at once).
     """
-    call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
-    if cuda_graphs.graphable(G):
-        entry = call.graphed(G)
-        if entry is not None:
-            out = entry.run(G)
-            return out.clone() if fresh else out
-    return call.eager(G)
+    return _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts).run(G, fresh)
 
 
 def orthogonalize_stack(
@@ -320,17 +314,21 @@ class _NSCall:
                 return entry.output
         X = torch.empty(shape, dtype=dtype, device=device)
         fill(X)
-        if cuda_graphs.graphable(X):
-            entry = self.graphed(X)
+        return self.run(X)
+
+    def run(self, G: Tensor, fresh: bool = False) -> Tensor:
+        """This call on ``G``: a cached graph's replay where allowed (its static output unless ``fresh``), else
+        eagerly."""
+        if cuda_graphs.graphable(G):
+            entry = self.graphed(G)
             if entry is not None:
-                return entry.run(X)
-        return self.eager(X)
+                out = entry.run(G)
+                return out.clone() if fresh else out
+        return self.eager(G)
 
     def eager(self, G: Tensor) -> Tensor:
         if self.prenormalised:
-            if self.method == "gram" and G.shape[-2] != G.shape[-1]:
-                return _gram_newton_schulz(G, self.rows, self.restarts)
-            return _newton_schulz(G, self.rows)
+            return _iterate(G, self.rows, self.method, self.restarts)
         return _orthogonalize_eager(G, self.rows, self.norm_scale, self.eps, self.ns_dtype, self.method, self.restarts)
 
 
@@ -346,9 +344,12 @@ def _orthogonalize_eager(
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:
         G = G.mT
-    X = _frobenius_normalise(G, norm_scale, eps, ns_dtype)
-    if method == "gram" and X.shape[-2] != X.shape[-1]:
-        X = _gram_newton_schulz(X, rows, tuple(restarts))
-    else:
-        X = _newton_schulz(X, rows)
+    X = _iterate(_frobenius_normalise(G, norm_scale, eps, ns_dtype), rows, method, restarts)
     return X.mT if transposed else X
+
+
+def _iterate(X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Sequence[int]) -> Tensor:
+    """The NS iterations on a normalised batch ``X`` (``m <= n``): Gram NS for rectangular matrices when asked."""
+    if method == "gram" and X.shape[-2] != X.shape[-1]:
+        return _gram_newton_schulz(X, rows, tuple(restarts))
+    return _newton_schulz(X, rows)
