@@ -181,6 +181,57 @@ def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
         torch.testing.assert_close(torch.stack(s0[k]).max(), torch.stack(s1[k]).max(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_batch", [None, 3])
+def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch, max_batch):
+    """Muon groups with different hyper-parameters: on the fused path their same-shape matrices (either way round)
+    share NS batches, a ``max_batch`` cut may fall inside a group's run, and every parameter, buffer and
+    statistic equals what the torch path gives group by group."""
+    import muonkit
+    from muonkit import newton_schulz
+
+    torch.manual_seed(3)
+    shapes = [[(48, 16)], [(16, 48), (48, 16), (16, 16)], [(48, 16), (16, 16)]]  # group 0 split in three 16 x 16
+    params0 = [[torch.randn(s, device=DEVICE) for s in group] for group in shapes]
+    grads = [[[torch.randn(p.shape, device=DEVICE) for p in g] for g in params0] for _ in range(3)]
+    options = [dict(split=3, lr=0.03, momentum=0.9, weight_decay=0.1),
+               dict(lr=0.01, nesterov=False, adjust_lr="match_rms_adamw"), dict()]  # fmt: skip
+    batches = []
+    real = newton_schulz.orthogonalize_filled
+
+    def counting(fill, shape, *args, **kw):
+        batches.append(shape)
+        return real(fill, shape, *args, **kw)
+
+    monkeypatch.setattr(functional, "orthogonalize_filled", counting)
+    results = []
+    for use in (False, True):
+        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+        batches.clear()
+        ps = [[torch.nn.Parameter(p.clone()) for p in g] for g in params0]
+        groups = [dict(params=g, max_batch=max_batch, **o) for g, o in zip(ps, options)]
+        opt = muonkit.Muon(groups, ns_dtype=torch.float32, diagnostics=True)
+        for step_grads in grads:
+            for g, gg in zip(ps, step_grads):
+                for p, gp in zip(g, gg):
+                    p.grad = gp.clone()
+            opt.step()
+        flat = [p for g in ps for p in g]
+        results.append(([p.detach() for p in flat], [opt.state[p]["momentum_buffer"] for p in flat], opt.stats()))
+    (p0, b0, s0), (p1, b1, s1) = results
+    for a, b in zip(p0 + b0, p1 + b1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        torch.testing.assert_close(s0[k], s1[k], rtol=1e-4, atol=1e-6)
+    base = dict(lr=1.0, momentum=0.9, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
+                adjust_lr=None, eps=1e-7, max_batch=max_batch)  # fmt: skip
+    planned = functional.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
+    # 16 x 16: 3 QKV parts + 1 + 1; 16 x 48: 2 + 1 (48 x 16 ones transposed): two batches, or cut into threes
+    assert sorted(planned) == ([(3, 16, 48), (5, 16, 16)] if max_batch is None else [(2, 16, 16), (3, 16, 16),
+                                                                                      (3, 16, 48)])  # fmt: skip
+    assert sorted(batches) == sorted(planned * len(grads))  # what the fused steps ran
+
+
 def test_applies_only_where_the_kernels_can_run():
     p = torch.randn(8, 8)
     assert not fused.applies([p], torch.float32)  # CPU

@@ -74,18 +74,23 @@ def load_gb(g_ptr, b_ptr, offs, mask, B_T: tl.constexpr):
 def momentum_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    P, row0, R, C, tiles_c, T, w, mu,
-    NESTEROV: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu,
+    NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(1)
     g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
-    _, _, mask, offs = tile(R, C, tiles_c, BR, BC)
+    rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
     b = lerp(b, g, w).to(B_T)
     tl.store(b_ptr + offs, b, mask=mask)
-    u = direction(g, b.to(tl.float32), mu, NESTEROV, B_T).to(tl.float64)
-    tl.store(P + (row0 + s).to(tl.int64) * T + tl.program_id(0), tl.sum(tl.sum(u * u, axis=1), axis=0))
+    u = direction(g, b.to(tl.float32), mu, NESTEROV, B_T)
+    i = (row0 + s).to(tl.int64)
+    if WRITE_U:  # u itself, unnormalised, in the NS precision: scale_kernel divides it in place
+        tl.store(stacked(O, i, sob, sor, soc, rows, cols), u.to(O.dtype.element_ty), mask=mask)
+    u64 = u.to(tl.float64)
+    tl.store(P + i * T + tl.program_id(0), tl.sum(tl.sum(u64 * u64, axis=1), axis=0))
 
 
 @triton.jit
@@ -133,3 +138,13 @@ def update_kernel(
     if DECAY:
         p = (p.to(tl.float32) * decay).to(P_T)
     tl.store(p_ptr + offs, (p.to(tl.float32) - upd).to(P_T), mask=mask)
+
+
+@triton.jit
+def scale_kernel(X, D, N, BLOCK: tl.constexpr):
+    # X[i] / D[i] in place, for dense matrices of N entries each
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ptr = X + i * N + offs
+    x = tl.load(ptr, mask=offs < N).to(tl.float32) / tl.load(D + i)
+    tl.store(ptr, x.to(X.dtype.element_ty), mask=offs < N)

@@ -4,27 +4,31 @@ The torch form of a Muon step moves each hidden matrix through device memory man
 Newton-Schulz products: the momentum lerp (read g and buf, write buf), the Nesterov blend (read both again,
 write u), stacking u into a batch, the Frobenius norm, the division into the NS precision, scaling the NS
 output into an update, weight decay on the parameter and the subtraction. Here the same arithmetic is
-three Triton kernels per batch of same-shape matrices (a fourth, tiny one turns partial sums into norms):
+three Triton kernels per batch of same-shape matrices (plus a tiny one that turns partial sums into norms):
 
 1. ``momentum``: ``buf <- buf + (1 - mu) (g - buf)``, ``u = g + mu (buf - g)`` (Nesterov) or ``buf``, and the
-   float64 sum of ``u^2`` per tile (partial sums; no atomics, so the result is deterministic);
+   float64 sum of ``u^2`` per tile (partial sums; no atomics, so the result is deterministic); for a bf16 NS
+   precision it also writes ``u`` itself, in bf16, into the batch the NS products read (transposed there
+   when the matrix has more rows than columns);
 2. ``norms``: per matrix, the partial sums into ``norm_scale ||u||_F + eps`` (float32, as the torch path rounds it);
-3. ``normalise``: ``u`` again from ``g`` and the new ``buf`` (recomputing costs less than writing and reading
-   it back), divided by that denominator and written once, in the NS precision, into the batch the NS
-   products read (transposed there when the matrix has more rows than columns);
+3. bf16: ``scale`` divides that batch by the denominators in place. Other precisions (float16's range could
+   not hold an unnormalised gradient): ``normalise`` forms ``u`` again from ``g`` and the new ``buf``
+   (recomputing costs less than writing and reading it back) and writes ``u / denominator`` once;
 4. ``update``: ``p <- p (1 - lr wd) - scale O`` from the NS output ``O``, with the torch path's roundings.
 
-Bytes through memory for float32 gradients, state and parameters (4 bytes each) and a 2-byte NS precision,
-per entry: 12 + 10 + 10 = 32, against about 68 for the torch path. The kernels read each matrix through its
-own address (no stacked copy of the gradients): up to ``SLOTS`` addresses travel in one launch as plain
-integer arguments, so a launch is a fixed sequence of arguments that CUDA graphs capture and
+Bytes through memory for float32 gradients, state and parameters (4 bytes each) per entry: bf16 NS input
+14 + 4 + 10 = 28 (float16: 12 + 10 + 10 = 32), against about 68 for the torch path. The kernels read each
+matrix through its own address (no stacked copy of the gradients): up to ``SLOTS`` addresses travel in one
+launch as plain integer arguments, so a launch is a fixed sequence of arguments that CUDA graphs capture and
 ``torch.compile`` calls as an opaque custom op (``torch.ops.muonkit.momentum_normalise`` /
 ``muonkit.scaled_update``, torch >= 2.4); no address table has to be uploaded.
 
 The arithmetic follows ``torch.lerp`` (small weight: ``a + w (b - a)``, else ``b - (b - a)(1 - w)``) and the
 torch path's casts, so results agree with it to rounding (the norm's float64 partial sums are grouped
-differently). Used by :func:`muonkit.optim.functional.muon_step` where :func:`applies` holds; everything
-else takes the torch path. The environment variable ``MUONKIT_FUSED=0`` (or :func:`set_fused`) turns it off.
+differently; a bf16 NS input is rounded twice, ``u`` then ``u / denominator``, where the torch path rounds
+once: at most one bf16 unit in the last place apart). Used by :func:`muonkit.optim.functional.muon_step` where
+:func:`applies` holds; everything else takes the torch path. The environment variable ``MUONKIT_FUSED=0`` (or
+:func:`set_fused`) turns it off.
 """
 
 from __future__ import annotations
@@ -197,13 +201,21 @@ def _build() -> Any:
         denom = torch.empty((b,), dtype=torch.float32, device=out.device)
         types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc)
         launches = slots(grads.addresses(), bufs.addresses())
+        dense = out if out.is_contiguous() else out.mT  # the (b, R, C) or (b, C, R) block the NS products read
+        in_place = out.dtype == torch.bfloat16 and dense.is_contiguous()
+        strides = (out.stride(0), out.stride(1), out.stride(2))
         for row0, n, args in launches:
-            K.momentum_kernel[(T, n)](*args, partial, row0, R, C, tiles_c, T, 1.0 - momentum, momentum, **types)
+            K.momentum_kernel[(T, n)](
+                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, WRITE_U=in_place,
+                **types,
+            )  # fmt: skip
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
+        if in_place:  # bf16 (float32's range): u was written unnormalised; divide it where it lies
+            block = 2048
+            K.scale_kernel[(triton.cdiv(R * C, block), b)](dense, denom, R * C, BLOCK=block, num_warps=4)
+            return
         for row0, n, args in launches:
-            K.normalise_kernel[(T, n)](
-                *args, denom, row0, out, out.stride(0), out.stride(1), out.stride(2), R, C, tiles_c, momentum, **types
-            )
+            K.normalise_kernel[(T, n)](*args, denom, row0, out, *strides, R, C, tiles_c, momentum, **types)
 
     def scaled_update(params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype) -> None:
         R, C = params.rows, params.cols

@@ -1,6 +1,6 @@
 """The Muon optimizer: functional steps, the ``Muon`` class and parameter grouping."""
 
-from .functional import adamw_step, lr_scale, muon_step
+from .functional import adamw_step, lr_scale, muon_step, muon_steps
 from .grouping import ParamPlan, classify, describe, param_groups
 from .muon import Muon, NonFiniteGradientError
 
@@ -13,5 +13,6 @@ __all__ = [
     "describe",
     "lr_scale",
     "muon_step",
+    "muon_steps",
     "param_groups",
 ]

@@ -36,8 +36,10 @@ __all__ = [
     "lr_scale",
     "matrix_offsets",
     "matrix_parts",
+    "merged_ns_batches",
     "momentum_update",
     "muon_step",
+    "muon_steps",
     "ns_batches",
     "ns_flops",
     "ns_jobs",
@@ -62,6 +64,7 @@ class Job:
 
 
 Executor = Callable[[list[Job]], None]
+StepCall = tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], dict[str, Any]]  # muon_steps: one group
 
 
 def run_all(jobs: list[Job]) -> None:
@@ -311,12 +314,12 @@ def muon_step(
     if not params:
         return
     if executor is None and method != "svd" and _fused_step_applies(params, grads, momentum_buffers, ns_dtype):
-        _fused_muon_step(
-            params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov,
-            weight_decay=weight_decay, coefficients=coefficients, ns_steps=ns_steps, adjust_lr=adjust_lr,
-            eps=eps, ns_dtype=ns_dtype, method=method, matrix_view=matrix_view, split=split,
-            max_batch=max_batch, stats=stats,
+        options = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, coefficients=coefficients,
+            ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
+            matrix_view=matrix_view, split=split, max_batch=max_batch, stats=stats,
         )  # fmt: skip
+        _fused_muon_steps([(params, grads, momentum_buffers, options)])
         return
     updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
     # One contiguous output per parameter (so the reshaped/split views alias it, whatever the
@@ -342,6 +345,38 @@ def muon_step(
     apply_update(params, outputs, lr, weight_decay)
 
 
+_STEP_DEFAULTS: dict[str, Any] = dict(
+    ns_dtype=None, method="newton_schulz", matrix_view="flatten", split=None, max_batch=None, executor=None, stats=None
+)
+
+
+def muon_steps(calls: Sequence[StepCall]) -> None:
+    """``muon_step(params, grads, momentum_buffers, **options)`` for every ``(params, grads, momentum_buffers,
+    options)`` of ``calls`` (e.g. one per parameter group), the same result as calling them one by one.
+
+    Where the fused CUDA path takes several calls, their same-shape matrices share NS batches: a QKV group's
+    768 x 768 parts and another group's 768 x 768 matrices become one batch, and so do ``3072 x 768`` and
+    ``768 x 3072`` matrices (NS works on the transpose of the first). Fewer, larger batches keep the GPU
+    busier (measured on an H100 for GPT-2 small's four NS batches merged into two:
+    ``benchmarks/results/batch_merge_h100.json``).
+    """
+    fused_calls = []
+    for params, grads, bufs, options in calls:
+        opts = {**_STEP_DEFAULTS, **options}
+        if not params:
+            continue
+        if (
+            opts["executor"] is None
+            and opts["method"] != "svd"
+            and _fused_step_applies(params, grads, bufs, opts["ns_dtype"])
+        ):
+            fused_calls.append((params, grads, bufs, opts))
+        else:
+            muon_step(params, grads, bufs, **opts)
+    if fused_calls:
+        _fused_muon_steps(fused_calls)
+
+
 def _fused_step_applies(
     params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], ns_dtype: torch.dtype | None
 ) -> bool:
@@ -353,62 +388,111 @@ def _fused_step_applies(
     return all(p.shape == g.shape == b.shape for p, g, b in zip(params, grads, bufs)) and fused.applies(tensors, work)
 
 
-def _fused_muon_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    bufs: Sequence[Tensor],
-    *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    coefficients: CoefficientSpec,
-    ns_steps: int | None,
-    adjust_lr: AdjustLR,
-    eps: float,
-    ns_dtype: torch.dtype | None,
-    method: str,
-    matrix_view: str,
-    split: SplitSpec,
-    max_batch: int | None,
-    stats: dict[str, list[Tensor]] | None,
-) -> None:
-    """``muon_step`` through the fused kernels: per batch of same-shape matrices (and dtypes), one pass
-    advances the momentum and writes the normalised NS input, the NS products run (a cached CUDA graph where
-    allowed), one pass applies weight decay and the scaled update. Same arithmetic as the torch path."""
-    preset = as_preset(coefficients)
-    rows = preset.schedule(ns_steps)
-    batches: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-    for o, p in enumerate(params):
-        for r, c, offsets in matrix_offsets(p.shape, matrix_view, split):
-            if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
-                batches[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
-    decay = 1 - lr * weight_decay
-    device = params[0].device
-    for (r, c, _, _, buf_dtype), mats in batches.items():
-        scale = lr_scale(adjust_lr, lr, (r, c))
-        work = ns_dtype or default_ns_dtype(device, buf_dtype)
-        transposed = r > c
-        m, n = min(r, c), max(r, c)
-        chunk = max_batch or len(mats)
-        for start in range(0, len(mats), chunk):
-            owners = [o for o, _ in mats[start : start + chunk]]
-            offsets = [k for _, k in mats[start : start + chunk]]
-            g = fused.Matrices(grads, owners, offsets, r, c)
-            b = fused.Matrices(bufs, owners, offsets, r, c)
+@dataclass
+class _Sub:
+    """The matrices of one (parameter group, shape, dtypes) inside a merged NS batch."""
 
-            def fill(X: Tensor, g: fused.Matrices = g, b: fused.Matrices = b, t: bool = transposed) -> None:
-                fused.momentum_normalise(
-                    g, b, X.mT if t else X,
-                    momentum=momentum, nesterov=nesterov, norm_scale=preset.norm_scale, eps=eps,
-                )  # fmt: skip
+    options: dict[str, Any]
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    bufs: Sequence[Tensor]
+    rows: int
+    cols: int
+    norm_scale: float
+    buf_dtype: torch.dtype
+    stats: dict[str, list[Tensor]] | None
 
-            O = orthogonalize_filled(fill, (len(owners), m, n), rows, work, device, method)
-            O = O.mT if transposed else O
-            pm = fused.Matrices(params, owners, offsets, r, c)
-            fused.scaled_update(pm, O, scale=scale, decay=decay, update_dtype=buf_dtype)
-            if stats is not None:
-                _record_stats(stats, O, scale)
+
+def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
+    """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
+    shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
+    splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
+    their group's other hyper-parameters and whichever way round they stand (``3072 x 768`` and ``768 x 3072``
+    share a batch; the momentum kernel writes the transposed ones transposed). Per batch: one momentum pass per
+    (call, shape) writes its slice of the normalised NS input, the NS products run once (a cached CUDA graph
+    where allowed), one update pass per (call, shape) applies weight decay and its scaled slice. Same
+    arithmetic per matrix as the torch path."""
+    merged: dict[tuple, list[tuple[_Sub, int, int]]] = defaultdict(list)
+    for params, grads, bufs, opts in calls:
+        preset = as_preset(opts["coefficients"])
+        per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        for o, p in enumerate(params):
+            for r, c, offsets in matrix_offsets(p.shape, opts["matrix_view"], opts["split"]):
+                if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
+                    per_shape[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
+        device = params[0].device
+        for (r, c, _, _, buf_dtype), mats in per_shape.items():
+            work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
+            sub = _Sub(opts, params, grads, bufs, r, c, preset.norm_scale, buf_dtype, opts.get("stats"))
+            merged[(*_merge_key(r, c, work, opts), device)].extend((sub, o, k) for o, k in mats)
+    for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
+        chunk = max_batch or len(entries)
+        for start in range(0, len(entries), chunk):
+            _fused_ns_batch(entries[start : start + chunk], m, n, work, schedule, method, device)
+
+
+def _merge_key(rows: int, cols: int, work: torch.dtype, opts: dict[str, Any]) -> tuple:
+    """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, max_batch)``."""
+    schedule = tuple(tuple(r) for r in as_preset(opts["coefficients"]).schedule(opts["ns_steps"]))
+    return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], opts["max_batch"])
+
+
+def merged_ns_batches(
+    calls: Sequence[tuple[Sequence[Sequence[int]], dict[str, Any]]], work: torch.dtype
+) -> list[tuple[int, int, int]]:
+    """``(b, m, n)``, ``m <= n``, of every NS batch ``muon_steps`` forms on the fused path for calls with parameters
+    of these ``shapes`` and these ``options`` (``(shapes, options)`` per call) in NS precision ``work``. What the
+    kernel tuner prepares for."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for shapes, options in calls:
+        opts = {**_STEP_DEFAULTS, **options}
+        for shape in shapes:
+            for r, c, offsets in matrix_offsets(shape, opts["matrix_view"], opts["split"]):
+                if r and c:
+                    counts[_merge_key(r, c, work, opts)] += len(offsets)
+    batches = []
+    for (m, n, _, _, _, max_batch), count in counts.items():
+        chunk = max_batch or count
+        batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
+    return batches
+
+
+def _fused_ns_batch(
+    entries: list[tuple[_Sub, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple, method: str,
+    device: torch.device,
+) -> None:  # fmt: skip
+    """One merged NS batch: ``entries`` are (sub, owner, offset), consecutive per sub."""
+    segments: list[tuple[_Sub, int, list[int], list[int]]] = []  # (sub, first row of the batch, owners, offsets)
+    for i, (sub, o, k) in enumerate(entries):
+        if not segments or segments[-1][0] is not sub:
+            segments.append((sub, i, [], []))
+        segments[-1][2].append(o)
+        segments[-1][3].append(k)
+
+    def rows_of(X: Tensor, sub: _Sub, first: int, count: int) -> Tensor:
+        part = X[first : first + count]
+        return part.mT if sub.rows > sub.cols else part
+
+    def fill(X: Tensor) -> None:
+        for sub, first, owners, offsets in segments:
+            opts = sub.options
+            fused.momentum_normalise(
+                fused.Matrices(sub.grads, owners, offsets, sub.rows, sub.cols),
+                fused.Matrices(sub.bufs, owners, offsets, sub.rows, sub.cols),
+                rows_of(X, sub, first, len(owners)),
+                momentum=opts["momentum"], nesterov=opts["nesterov"], norm_scale=sub.norm_scale, eps=opts["eps"],
+            )  # fmt: skip
+
+    O = orthogonalize_filled(fill, (len(entries), m, n), schedule, work, device, method)
+    for sub, first, owners, offsets in segments:
+        opts = sub.options
+        scale = lr_scale(opts["adjust_lr"], opts["lr"], (sub.rows, sub.cols))
+        part = rows_of(O, sub, first, len(owners))
+        pm = fused.Matrices(sub.params, owners, offsets, sub.rows, sub.cols)
+        decay = 1 - opts["lr"] * opts["weight_decay"]
+        fused.scaled_update(pm, part, scale=scale, decay=decay, update_dtype=sub.buf_dtype)
+        if sub.stats is not None:
+            _record_stats(sub.stats, part, scale)
 
 
 def adamw_step(

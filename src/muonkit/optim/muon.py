@@ -8,6 +8,7 @@ so a model has one optimizer, one ``state_dict`` and one LR scheduler.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -37,7 +38,8 @@ from .functional import (
     adamw_step,
     lr_scale,
     matrix_parts,
-    muon_step,
+    merged_ns_batches,
+    muon_steps,
     ns_batches,
 )
 
@@ -169,6 +171,7 @@ class Muon(Optimizer):
         """Time the Triton kernel's tile sizes for this optimizer's NS batches now, eagerly: inside a
         ``torch.compile``'d or graph-captured step no timing is possible (single-process batches; sharded
         parameters' batches are tuned when first run eagerly, or take the default)."""
+        merged: dict[tuple[torch.device, torch.dtype], list] = defaultdict(list)  # muon_steps' shared batches
         for group in self.param_groups:
             if group["algorithm"] != "muon":
                 continue
@@ -177,6 +180,10 @@ class Muon(Optimizer):
                 if p.is_cuda and not is_sharded(p):
                     by_device.setdefault(p.device, []).append(tuple(p.shape))
             for device, shapes in by_device.items():
+                work = group["ns_dtype"] or default_ns_dtype(device, torch.float32)
+                if self.executor is None and group["method"] != "svd":
+                    merged[(device, work)].append((shapes, self._muon_options(group)))
+                    continue
                 batches = ns_batches(
                     shapes,
                     matrix_view=group["matrix_view"],
@@ -184,7 +191,9 @@ class Muon(Optimizer):
                     max_batch=group.get("max_batch"),
                     parts=getattr(self.executor, "parts", 1),
                 )
-                kernels.pretune(batches, group["ns_dtype"] or default_ns_dtype(device, torch.float32), device)
+                kernels.pretune(batches, work, device)
+        for (device, work), calls in merged.items():
+            kernels.pretune(merged_ns_batches(calls, work), work, device)
 
     # ------------------------------------------------------------------ groups and validation
 
@@ -343,16 +352,20 @@ class Muon(Optimizer):
                 )
 
         self._stats.clear()  # mutate, not rebind: torch.compile cannot trace attribute assignment here
+        pending = []  # Muon groups run together at the end: same-shape matrices of different groups share NS batches
         for gi, (group, params, grads) in enumerate(gathered):
             if group["algorithm"] == "adamw":
                 self._adamw_group(group, params, grads)
             else:
-                self._muon_group(group, params, grads, self._stats.setdefault(gi, {}) if self.diagnostics else None)
+                stats = self._stats.setdefault(gi, {}) if self.diagnostics else None
+                pending.extend(self._muon_group(group, params, grads, stats))
+        muon_steps(pending)
         return loss
 
     def _muon_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
-    ) -> None:
+    ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]:
+        """Steps the group's sharded parameters (and ZeRO-1 rows) now; returns the ``muon_steps`` call for the rest."""
         bufs = []
         rows_only = self._shard_state()
         for p in params:
@@ -390,15 +403,8 @@ class Muon(Optimizer):
                 stats=stats,
                 counter=self._sharded_bytes,
             )
-            return
-        muon_step(
-            params,
-            grads,
-            bufs,
-            **self._muon_options(group),
-            executor=self.executor,
-            stats=stats,
-        )
+            return []
+        return [(params, grads, bufs, {**self._muon_options(group), "executor": self.executor, "stats": stats})]
 
     @staticmethod
     def _muon_options(group: dict[str, Any]) -> dict[str, Any]:
