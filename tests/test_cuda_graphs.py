@@ -169,3 +169,92 @@ def test_optimizer_step_with_graphs_equals_eager():
     assert len(cuda_graphs.cache) >= 2
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _EffectGraph:
+    """A stand-in for a captured side-effecting sequence: replaying runs it again on the static scalars."""
+
+    def __init__(self, fn, scalars):
+        self.fn, self.scalars, self.replays = fn, scalars, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn(self.scalars)
+
+
+def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch):
+    """Eager until a slot's addresses repeat, then captured and replayed with each call's scalars; new addresses
+    run eagerly again; a slot that keeps moving stops being captured after max_captures."""
+    captured = []
+
+    def fake_capture(fn, n, device):
+        scalars = torch.zeros(n)
+        entry = Graphed(scalars, scalars, _EffectGraph(fn, scalars), nbytes=0)
+        captured.append(entry)
+        return entry
+
+    monkeypatch.setattr(cuda_graphs, "_capture_effect", fake_capture)
+    replays = cuda_graphs.Replays(max_captures=2)
+    seen = []
+
+    def run(addresses, value, slot="s"):
+        replays.run(slot, addresses, [value, -value], lambda s: seen.append(s.tolist()), torch.device("cpu"), 0,
+                    replaces="ns graph")  # fmt: skip
+
+    cuda_graphs.cache.get("ns graph", 0, lambda: _entry(1))
+    run("A", 1.0)  # eager
+    assert seen == [[1.0, -1.0]] and not captured and cuda_graphs.cache.peek("ns graph") is not None
+    run("A", 2.0)  # same addresses again: captured (the graph it replaces dropped), replayed with this call's values
+    assert cuda_graphs.cache.peek("ns graph") is None
+    run("A", 3.0)  # replayed
+    assert len(captured) == 1 and captured[0].graph.replays == 2
+    assert seen[1:] == [[2.0, -2.0], [3.0, -3.0]]
+    run("B", 4.0)  # moved: eager, no capture
+    assert len(captured) == 1 and captured[0].graph.replays == 2 and seen[-1] == [4.0, -4.0]
+    run("B", 5.0)  # repeated: the slot's second capture
+    run("A", 6.0)  # A's graph is still cached: replayed
+    assert len(captured) == 2 and captured[0].graph.replays == 3 and seen[-1] == [6.0, -6.0]
+    run("C", 7.0)
+    run("C", 8.0)  # would be a third capture of slot "s": over max_captures, eager
+    assert len(captured) == 2 and seen[-2:] == [[7.0, -7.0], [8.0, -8.0]]
+    run("C", 9.0, slot="t")  # another slot has its own count
+    run("C", 9.5, slot="t")
+    assert len(captured) == 3
+
+
+@cuda
+@pytest.mark.parametrize("method,ns_dtype", [("newton_schulz", torch.bfloat16), ("gram", torch.float16)])
+def test_whole_batch_replays_follow_schedules_and_moved_gradients(method, ns_dtype):
+    """The fused step's whole-batch graphs: lr, weight decay and momentum change every step (read from device
+    memory), gradients stay in place for some steps and are reallocated for others; every step equals the
+    same step with graphs off, and graphs were replayed."""
+    kernels.set_mode("triton")  # the symmetric-product kernel eagerly and captured alike (same kernels both ways)
+
+    def run(graphs):
+        cuda_graphs.set_cuda_graphs(graphs)
+        cuda_graphs.cache.clear()
+        torch.manual_seed(0)
+        shapes = [(96, 32), (32, 96), (96, 32), (32, 32), (3 * 32, 32)]
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        groups = [dict(params=params[:4], weight_decay=0.01), dict(params=params[4:], split=3, momentum=0.9)]
+        opt = muonkit.Muon(groups, lr=0.02, method=method, ns_dtype=ns_dtype)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        replays = 0
+        for t in range(8):
+            for g in opt.param_groups:
+                g["momentum"] = min(0.95, 0.85 + 0.02 * t)
+            for i, p in enumerate(params):
+                new = torch.randn(p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(t * 10 + i))
+                if p.grad is None or t in (5,):  # step 5: gradients reallocated (elsewhere: a new slot)
+                    p.grad = new.clone()
+                else:
+                    p.grad.copy_(new)
+            opt.step()
+            sched.step()
+            replays += sum(isinstance(k, tuple) and k[0] == "replay" for k in cuda_graphs.cache._entries)
+        return [p.detach().clone() for p in params], replays
+
+    (eager, _), (graphed, replays) = run(False), run(True)
+    assert replays > 0
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

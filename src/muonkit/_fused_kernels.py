@@ -74,10 +74,13 @@ def load_gb(g_ptr, b_ptr, offs, mask, B_T: tl.constexpr):
 def momentum_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu,
-    NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr,
-    BC: tl.constexpr,
+    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu, S,
+    NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, FROM_S: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
+    if FROM_S:  # hyper-parameters read from device memory (a captured graph replays with new values)
+        w = tl.load(S + 2)
+        mu = tl.load(S + 3)
     s = tl.program_id(1)
     g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
@@ -109,9 +112,12 @@ def norms_kernel(P, D, T, norm_scale, eps, BLOCK: tl.constexpr, ITERS: tl.conste
 def normalise_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    D, row0, O, sob, sor, soc, R, C, tiles_c, mu,
-    NESTEROV: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    D, row0, O, sob, sor, soc, R, C, tiles_c, mu, S,
+    NESTEROV: tl.constexpr, FROM_S: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
+    if FROM_S:
+        mu = tl.load(S + 3)
     s = tl.program_id(1)
     g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
@@ -125,9 +131,13 @@ def normalise_kernel(
 @triton.jit
 def update_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
-    row0, O, sob, sor, soc, R, C, tiles_c, scale, decay,
-    P_T: tl.constexpr, U_T: tl.constexpr, DECAY: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    row0, O, sob, sor, soc, R, C, tiles_c, scale, decay, S,
+    P_T: tl.constexpr, U_T: tl.constexpr, DECAY: tl.constexpr, FROM_S: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
+    if FROM_S:
+        scale = tl.load(S)
+        decay = tl.load(S + 1)
     s = tl.program_id(1)
     p_ptr = pick(s, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15).to(tl.pointer_type(P_T))
     rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)

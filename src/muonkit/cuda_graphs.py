@@ -27,7 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphCache", "Graphed", "cache", "cuda_graphs_enabled", "graphable", "graphable_on", "set_cuda_graphs"]
+__all__ = [
+    "GraphCache",
+    "Graphed",
+    "Replays",
+    "cache",
+    "cuda_graphs_enabled",
+    "graphable",
+    "graphable_on",
+    "replays",
+    "set_cuda_graphs",
+]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -88,6 +98,12 @@ class GraphCache:
     def clear(self) -> None:
         self._entries.clear()
         self._failed.clear()
+        if self is cache:
+            replays.clear()
+
+    def discard(self, key: Hashable) -> None:
+        """Drop the graph for ``key``, if cached."""
+        self._entries.pop(key, None)
 
     def peek(self, key: Hashable) -> Graphed | None:
         """The cached graph for ``key`` if there is one (marked as used), without building it."""
@@ -123,8 +139,63 @@ class GraphCache:
             self._entries.popitem(last=False)
 
 
+class Replays:
+    """Whole side-effecting sequences (a fused Muon batch: momentum, NS, update) replayed from CUDA graphs.
+
+    Such a sequence reads and writes tensors at fixed addresses (gradients, momentum buffers, parameters) and
+    takes its changing numbers (learning rate, momentum) from a small device tensor, ``scalars``. It cannot be
+    warmed up by running it on a copy, so :meth:`run` runs it eagerly until it sees the same ``slot`` (what
+    the sequence computes) with the same ``addresses`` twice in a row; then it captures it (the eager run
+    before compiled and tuned every kernel) and from then on replays it while the addresses stay. Where the
+    addresses change from step to step (gradients reallocated elsewhere), every call runs eagerly; after
+    ``max_captures`` captures of one slot it stops capturing that slot.
+    """
+
+    def __init__(self, max_captures: int = 8) -> None:
+        self.max_captures = max_captures
+        self._last: dict[Hashable, Hashable] = {}
+        self._captures: dict[Hashable, int] = {}
+
+    def clear(self) -> None:
+        self._last.clear()
+        self._captures.clear()
+
+    def run(self, slot: Hashable, addresses: Hashable, values: list[float], fn: Callable[[Tensor], Any],
+            device: torch.device, estimate: int, replaces: Hashable = None) -> None:  # fmt: skip
+        """``fn(scalars)`` with ``scalars`` a float32 tensor of ``values`` on ``device``: replayed, captured or
+        eager (see the class). ``estimate``: bytes the graph's memory pool will take, for the cache's bound;
+        ``replaces``: the key of a cached graph that a capture makes unnecessary (dropped to free its memory)."""
+        host = torch.tensor(values, dtype=torch.float32)
+        key = ("replay", slot, addresses)
+        entry = cache.peek(key)
+        if entry is None and self._last.get(slot) == addresses and self._captures.get(slot, 0) < self.max_captures:
+            self._captures[slot] = self._captures.get(slot, 0) + 1
+            if replaces is not None:
+                cache.discard(replaces)
+            entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device))
+        self._last[slot] = addresses
+        if entry is None:
+            scalars = torch.empty(len(values), dtype=torch.float32, device=device)
+            scalars.copy_(host, non_blocking=True)  # pageable source: staged at once, no sync
+            fn(scalars)
+            return
+        entry.input.copy_(host, non_blocking=True)
+        entry.graph.replay()
+
+
+def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
+    scalars = torch.zeros(n, dtype=torch.float32, device=device)
+    reserved = torch.cuda.memory_reserved(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(scalars)
+    grown = max(0, torch.cuda.memory_reserved(device) - reserved)
+    return Graphed(scalars, scalars, graph, scalars.nbytes + grown)
+
+
 _enabled = os.environ.get("MUONKIT_CUDA_GRAPHS", "1") not in ("0", "false", "off")
 cache = GraphCache()
+replays = Replays()
 
 
 def set_cuda_graphs(enabled: bool, max_bytes: int | None = None) -> None:

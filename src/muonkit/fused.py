@@ -95,8 +95,12 @@ class Matrices:
         return self.tensors[self.owners[0]].dtype  # every matrix of one batch has one dtype
 
     def addresses(self) -> list[int]:
-        t = self.tensors
-        return [t[o].data_ptr() + k * t[o].element_size() for o, k in zip(self.owners, self.offsets)]
+        base: dict[int, int] = {}  # one data_ptr() per owning tensor (a fused QKV tensor holds three matrices)
+        for o in self.owners:
+            if o not in base:
+                base[o] = self.tensors[o].data_ptr()
+        size = self.tensors[self.owners[0]].element_size() if self.owners else 0
+        return [base[o] + k * size for o, k in zip(self.owners, self.offsets)]
 
     def views(self) -> list[Tensor]:
         """The matrices as tensor views (the torch reference and tests)."""
@@ -114,10 +118,11 @@ def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
     device = tensors[0].device
     if device.type != "cuda":
         return False
-    for t in tensors:
-        if t.device != device or t.dtype not in DTYPES or t.layout != torch.strided or not t.is_contiguous():
+    index, grad = tensors[0].get_device(), torch.is_grad_enabled()
+    for t in tensors:  # cheap checks first: this runs every step, over every tensor
+        if not (t.is_cuda and t.get_device() == index and t.dtype in DTYPES and t.is_contiguous()):
             return False
-        if t.requires_grad and torch.is_grad_enabled():
+        if t.layout != torch.strided or (grad and t.requires_grad):
             return False
     if torch.compiler.is_compiling():
         return _compile_ok
@@ -125,10 +130,14 @@ def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
 
 
 def momentum_normalise(
-    grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float
-) -> None:
+    grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float,
+    scalars: Tensor | None = None,
+) -> None:  # fmt: skip
     """Advance the momentum buffers in place and write ``u_i / (norm_scale ||u_i||_F + eps)`` into ``out[i]``
-    (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly)."""
+    (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly).
+
+    ``scalars``: a float32 CUDA tensor ``[scale, decay, 1 - momentum, momentum]`` to read the momentum from
+    instead (eager only: what a captured CUDA graph replays with new values; see :func:`scaled_update`)."""
     if len(grads) == 0:
         return
     if torch.compiler.is_compiling():
@@ -137,12 +146,18 @@ def momentum_normalise(
             out, momentum, nesterov, norm_scale, eps,
         )  # fmt: skip
         return
-    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps)
+    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars)
 
 
-def scaled_update(params: Matrices, O: Tensor, *, scale: float, decay: float, update_dtype: torch.dtype) -> None:
+def scaled_update(
+    params: Matrices, O: Tensor, *, scale: float, decay: float, update_dtype: torch.dtype,
+    scalars: Tensor | None = None,
+) -> None:  # fmt: skip
     """``p_i <- p_i * decay - scale * O[i]`` with the torch path's roundings (the scaled update is rounded to
-    ``update_dtype``, then to the parameter's dtype). ``O`` is ``(b, rows, cols)`` with any strides."""
+    ``update_dtype``, then to the parameter's dtype). ``O`` is ``(b, rows, cols)`` with any strides.
+
+    ``scalars`` (eager only): read ``scale`` and ``decay`` from this float32 tensor ``[scale, decay, ...]``
+    instead; ``decay`` must still say whether there is weight decay (``decay != 1``)."""
     if len(params) == 0:
         return
     if torch.compiler.is_compiling():
@@ -150,7 +165,7 @@ def scaled_update(params: Matrices, O: Tensor, *, scale: float, decay: float, up
             params.tensors, params.owners, params.offsets, O, scale, decay, _DTYPE_CODES[update_dtype]
         )
         return
-    _build().scaled_update(params, O, scale, decay, update_dtype)
+    _build().scaled_update(params, O, scale, decay, update_dtype, scalars)
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -192,22 +207,25 @@ def _build() -> Any:
         return launches
 
     def momentum_normalise(
-        grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float
-    ) -> None:
+        grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float,
+        scalars: Tensor | None = None,
+    ) -> None:  # fmt: skip
         R, C = grads.rows, grads.cols
         b = len(grads)
         br, bc, tiles_c, T = grid(R, C, out.stride(-1) != 1)
         partial = torch.empty((b, T), dtype=torch.float64, device=out.device)
         denom = torch.empty((b,), dtype=torch.float32, device=out.device)
-        types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc)
+        types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc,
+                     FROM_S=scalars is not None)  # fmt: skip
+        s = denom if scalars is None else scalars  # any tensor when unused
         launches = slots(grads.addresses(), bufs.addresses())
         dense = out if out.is_contiguous() else out.mT  # the (b, R, C) or (b, C, R) block the NS products read
         in_place = out.dtype == torch.bfloat16 and dense.is_contiguous()
         strides = (out.stride(0), out.stride(1), out.stride(2))
         for row0, n, args in launches:
             K.momentum_kernel[(T, n)](
-                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, WRITE_U=in_place,
-                **types,
+                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s,
+                WRITE_U=in_place, **types,
             )  # fmt: skip
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
         if in_place:  # bf16 (float32's range): u was written unnormalised; divide it where it lies
@@ -215,15 +233,20 @@ def _build() -> Any:
             K.scale_kernel[(triton.cdiv(R * C, block), b)](dense, denom, R * C, BLOCK=block, num_warps=4)
             return
         for row0, n, args in launches:
-            K.normalise_kernel[(T, n)](*args, denom, row0, out, *strides, R, C, tiles_c, momentum, **types)
+            K.normalise_kernel[(T, n)](*args, denom, row0, out, *strides, R, C, tiles_c, momentum, s, **types)
 
-    def scaled_update(params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype) -> None:
+    def scaled_update(
+        params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype,
+        scalars: Tensor | None = None,
+    ) -> None:  # fmt: skip
         R, C = params.rows, params.cols
         br, bc, tiles_c, T = grid(R, C, O.stride(-1) != 1)
-        types = dict(P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc)
+        types = dict(P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc,
+                     FROM_S=scalars is not None)  # fmt: skip
+        s = O if scalars is None else scalars
         for row0, n, args in slots(params.addresses()):
             K.update_kernel[(T, n)](
-                *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, **types
+                *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, s, **types
             )
 
     _register()

@@ -28,6 +28,7 @@ from .reference import polar_svd
 __all__ = [
     "METHODS",
     "default_ns_dtype",
+    "filled_graph_key",
     "orthogonalize",
     "orthogonalize_batch",
     "orthogonalize_filled",
@@ -269,6 +270,15 @@ def orthogonalize_filled(
         raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
     call = _NSCall.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
     return call.filled(fill, shape, ns_dtype, device)
+
+
+def filled_graph_key(
+    shape: tuple[int, int, int], rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, device: torch.device,
+    method: str = "newton_schulz", restarts: Sequence[int] = GRAM_RESTARTS,
+) -> tuple:  # fmt: skip
+    """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
+    current stream)."""
+    return _NSCall.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True).key(shape, ns_dtype, device)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import fused
+from .. import cuda_graphs, fused, kernels
 from ..coefficients import CoefficientSpec, as_preset
-from ..newton_schulz import default_ns_dtype, orthogonalize, orthogonalize_filled, orthogonalize_stack
+from ..newton_schulz import (
+    default_ns_dtype,
+    filled_graph_key,
+    orthogonalize,
+    orthogonalize_filled,
+    orthogonalize_stack,
+)
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -125,6 +131,19 @@ def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
     if u.ndim > 2 and matrix_view == "flatten":
         u = u.reshape(u.shape[0], -1)
     return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
+
+
+def _offsets_of(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
+    """``matrix_offsets``, remembered per (shape, view, split) (the fused step asks every step)."""
+    if torch.compiler.is_compiling():  # traced once anyway; no cache lookups in the graph
+        return matrix_offsets(shape, matrix_view, split)
+    key = tuple(split) if isinstance(split, list | tuple) else split
+    return _offsets_cached(tuple(shape), matrix_view, key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _offsets_cached(shape: tuple[int, ...], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
+    return matrix_offsets(shape, matrix_view, split)
 
 
 def matrix_offsets(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
@@ -417,7 +436,7 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
         preset = as_preset(opts["coefficients"])
         per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for o, p in enumerate(params):
-            for r, c, offsets in matrix_offsets(p.shape, opts["matrix_view"], opts["split"]):
+            for r, c, offsets in _offsets_of(p.shape, opts["matrix_view"], opts["split"]):
                 if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
                     per_shape[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
         device = params[0].device
@@ -457,42 +476,82 @@ def merged_ns_batches(
     return batches
 
 
+@dataclass
+class _Segment:
+    """The run of one ``_Sub`` inside a merged NS batch, from row ``first`` on."""
+
+    sub: _Sub
+    first: int
+    grads: fused.Matrices
+    bufs: fused.Matrices
+    params: fused.Matrices
+    scale: float
+    decay: float
+
+
 def _fused_ns_batch(
     entries: list[tuple[_Sub, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple, method: str,
     device: torch.device,
 ) -> None:  # fmt: skip
-    """One merged NS batch: ``entries`` are (sub, owner, offset), consecutive per sub."""
-    segments: list[tuple[_Sub, int, list[int], list[int]]] = []  # (sub, first row of the batch, owners, offsets)
+    """One merged NS batch: ``entries`` are (sub, owner, offset), consecutive per sub.
+
+    In eager mode on CUDA the whole batch (momentum kernels, NS products, update kernels) is replayed from a
+    CUDA graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of
+    dozens, with the learning rate, weight decay and momentum read from device memory so that schedules
+    change them without a new capture."""
+    runs: list[tuple[_Sub, int, list[int], list[int]]] = []  # (sub, first row of the batch, owners, offsets)
     for i, (sub, o, k) in enumerate(entries):
-        if not segments or segments[-1][0] is not sub:
-            segments.append((sub, i, [], []))
-        segments[-1][2].append(o)
-        segments[-1][3].append(k)
+        if not runs or runs[-1][0] is not sub:
+            runs.append((sub, i, [], []))
+        runs[-1][2].append(o)
+        runs[-1][3].append(k)
+    segments = []
+    for sub, first, owners, offsets in runs:
+        opts, r, c = sub.options, sub.rows, sub.cols
+        g, b, p = (fused.Matrices(ts, owners, offsets, r, c) for ts in (sub.grads, sub.bufs, sub.params))
+        scale = lr_scale(opts["adjust_lr"], opts["lr"], (r, c))
+        segments.append(_Segment(sub, first, g, b, p, scale, 1 - opts["lr"] * opts["weight_decay"]))
 
-    def rows_of(X: Tensor, sub: _Sub, first: int, count: int) -> Tensor:
-        part = X[first : first + count]
-        return part.mT if sub.rows > sub.cols else part
+    def rows_of(X: Tensor, seg: _Segment) -> Tensor:
+        part = X[seg.first : seg.first + len(seg.params)]
+        return part.mT if seg.sub.rows > seg.sub.cols else part
 
-    def fill(X: Tensor) -> None:
-        for sub, first, owners, offsets in segments:
-            opts = sub.options
-            fused.momentum_normalise(
-                fused.Matrices(sub.grads, owners, offsets, sub.rows, sub.cols),
-                fused.Matrices(sub.bufs, owners, offsets, sub.rows, sub.cols),
-                rows_of(X, sub, first, len(owners)),
-                momentum=opts["momentum"], nesterov=opts["nesterov"], norm_scale=sub.norm_scale, eps=opts["eps"],
-            )  # fmt: skip
+    def run(scalars: Tensor | None) -> None:
+        """The batch; ``scalars``: per segment ``[scale, decay, 1 - momentum, momentum]`` on the device, or
+        ``None`` for kernel arguments."""
+        here = [None if scalars is None else scalars[4 * j : 4 * j + 4] for j in range(len(segments))]
 
-    O = orthogonalize_filled(fill, (len(entries), m, n), schedule, work, device, method)
-    for sub, first, owners, offsets in segments:
-        opts = sub.options
-        scale = lr_scale(opts["adjust_lr"], opts["lr"], (sub.rows, sub.cols))
-        part = rows_of(O, sub, first, len(owners))
-        pm = fused.Matrices(sub.params, owners, offsets, sub.rows, sub.cols)
-        decay = 1 - opts["lr"] * opts["weight_decay"]
-        fused.scaled_update(pm, part, scale=scale, decay=decay, update_dtype=sub.buf_dtype)
-        if sub.stats is not None:
-            _record_stats(sub.stats, part, scale)
+        def fill(X: Tensor) -> None:
+            for seg, s in zip(segments, here):
+                opts = seg.sub.options
+                fused.momentum_normalise(
+                    seg.grads, seg.bufs, rows_of(X, seg), momentum=opts["momentum"], nesterov=opts["nesterov"],
+                    norm_scale=seg.sub.norm_scale, eps=opts["eps"], scalars=s,
+                )  # fmt: skip
+
+        O = orthogonalize_filled(fill, (len(entries), m, n), schedule, work, device, method)
+        for seg, s in zip(segments, here):
+            part = rows_of(O, seg)
+            fused.scaled_update(
+                seg.params, part, scale=seg.scale, decay=seg.decay, update_dtype=seg.sub.buf_dtype, scalars=s
+            )
+            if seg.sub.stats is not None:
+                _record_stats(seg.sub.stats, part, seg.scale)
+
+    if not cuda_graphs.graphable_on(device) or any(seg.sub.stats is not None for seg in segments):
+        run(None)
+        return
+    slot = (device, cuda_graphs.stream_key(device), m, n, work, schedule, method, kernels.get_mode(), tuple(
+        (seg.sub.rows, seg.sub.cols, seg.grads.dtype, seg.bufs.dtype, seg.params.dtype, seg.sub.buf_dtype,
+         seg.sub.options["nesterov"], seg.sub.norm_scale, seg.sub.options["eps"], seg.decay != 1.0, len(seg.params))
+        for seg in segments
+    ))  # fmt: skip
+    addresses = tuple(a for seg in segments for mats in (seg.grads, seg.bufs, seg.params) for a in mats.addresses())
+    values = [v for seg in segments for mu in [seg.sub.options["momentum"]] for v in (seg.scale, seg.decay, 1 - mu, mu)]
+    itemsize = torch.empty((), dtype=work).element_size()
+    estimate = 4 * len(entries) * (m * n + m * m) * itemsize  # NS input, X, A, P and the next X
+    ns_graph = filled_graph_key((len(entries), m, n), schedule, work, device, method)  # not needed once captured
+    cuda_graphs.replays.run(slot, addresses, values, run, device, estimate, replaces=ns_graph)
 
 
 def adamw_step(
