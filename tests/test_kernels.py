@@ -45,6 +45,33 @@ def test_sym_product_fallback_formula():
     assert torch.allclose(kernels.sym_product(X, 2.0, 0.5, Y), 2 * X @ X.mT + 0.5 * Y)
     eye = torch.eye(5, dtype=torch.float64)
     assert torch.allclose(kernels.sym_product(X, 2.0, 0.5, Y, diag=3.0), 2 * X @ X.mT + 0.5 * Y + 3 * eye)
+    A = Y  # symmetric; polynomials in it commute, so A (A A) is symmetric
+    assert torch.allclose(kernels.sym_product(A, 2.0, W=A @ A), 2 * A @ A @ A)
+    assert torch.allclose(kernels.sym_product(A, 2.0, 0.5, Y, diag=1.0, W=A), 2 * A @ A + 0.5 * Y + torch.eye(5))
+
+
+def _commuting_pair(b, m, dtype, device):
+    """Two symmetric matrices that commute (polynomials in one), scaled to entries of order 1."""
+    gen = torch.Generator(device=device).manual_seed(4)
+    X = torch.randn(b, m, 2 * m, device=device, generator=gen, dtype=torch.float64) / (2 * m) ** 0.5
+    R = X @ X.mT / 4
+    P = 1.5 * torch.eye(m, device=device, dtype=torch.float64) - R + 0.5 * R @ R
+    return P.to(dtype), R.to(dtype)
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_sym_product_with_a_second_factor():
+    """``P R`` for commuting symmetric P, R (Gram NS's updates) on the Triton kernel: one triangle, mirrored.
+    (Not on Triton's CPU interpreter: its loop over a runtime ``tl.cdiv`` fails there, Triton 3.6.)"""
+    if not kernels.triton_applies(torch.empty(1, 8, 8, device="cuda", dtype=torch.float16)):
+        pytest.skip("no Triton or an older GPU")
+    P, R = _commuting_pair(2, 160, torch.float16, "cuda")  # 160 rows: two 128-row tiles, a ragged edge
+    kernels.set_mode("triton")
+    out = kernels.sym_product(P, W=R)
+    ref = P.double() @ R.double()
+    assert torch.equal(out, out.mT)
+    assert (out.double() - ref).abs().max() < 2e-3 * ref.abs().max()
 
 
 @pytest.mark.gpu

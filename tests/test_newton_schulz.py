@@ -193,6 +193,27 @@ def test_gram_half_precision_error_close_to_plain():
         assert gram < limit * plain + 1e-3, (dtype, gram, plain)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_gram_on_cuda_with_each_kernel_mode(mode):
+    """Gram NS on a GPU, its symmetric products on cuBLAS or on the Triton kernel (X X^T, the polynomial and the
+    Q and R updates): as accurate as plain NS in the same precision (as above)."""
+    from muonkit import kernels
+
+    G = torch.randn(4, 256, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ref = orthogonalize(G.double(), "jordan", dtype=torch.float64)
+    before = kernels.get_mode()
+    kernels.set_mode(mode)
+    try:
+        for dtype, limit in ((torch.bfloat16, 2.5), (torch.float16, 3.0)):
+            rel = lambda O: ((O.double() - ref).norm() / ref.norm()).item()
+            plain = rel(orthogonalize(G, "jordan", dtype=dtype))
+            gram = rel(orthogonalize(G, "jordan", dtype=dtype, method="gram"))
+            assert gram < limit * plain + 1e-3, (dtype, gram, plain)
+    finally:
+        kernels.set_mode(before)
+
+
 def test_gradients_flow_through_orthogonalize():
     """Autograd through NS (float64, CPU): the analytic gradient matches finite differences."""
     G = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)

@@ -72,6 +72,8 @@ def capture(fn: Callable[[Tensor], Tensor], example: Tensor, warmup: Callable[[]
         for _ in range(2):
             fn(static)
     torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
     reserved = torch.cuda.memory_reserved(device)  # what the graph's private pool adds is counted below
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -185,6 +187,8 @@ class Replays:
 
 def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
     scalars = torch.zeros(n, dtype=torch.float32, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -1,5 +1,8 @@
 """Symmetric products for Newton-Schulz: ``alpha X X^T + beta Y + diag I``, one triangle computed and mirrored.
 
+Also ``X W^T`` where the caller knows the product is symmetric (Gram NS multiplies polynomials of one
+symmetric matrix, which commute).
+
 Both symmetric products of an NS step have this form: ``A = X X^T`` and the step's polynomial
 ``a I + b A + c A A`` (``A`` is symmetric, so ``A A = A A^T``). A Triton kernel computes only the tiles on
 and above the diagonal (``T (T + 1) / 2`` of ``T^2`` tiles) and writes each off-diagonal tile twice, once
@@ -108,6 +111,8 @@ def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
                 continue
             A = sym_product(X)
             sym_product(A, alpha=1.0, beta=1.0, Y=A, diag=1.0)
+            if m != n:  # Gram NS: m x m products of polynomials in A (the updates of Q and R)
+                sym_product(A, W=A)
         taken += 1
     return taken
 
@@ -161,23 +166,29 @@ def use_kernel(X: Tensor, has_y: bool = False) -> bool:
     return False
 
 
-def sym_product(X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None, diag: float = 0.0) -> Tensor:
-    """``alpha X X^T + beta Y + diag I`` for a batch ``X`` of shape ``(b, m, k)``; ``Y`` (``(b, m, m)``) must be
-    symmetric.
+def sym_product(
+    X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None, diag: float = 0.0,
+    W: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``alpha X W^T + beta Y + diag I`` for a batch ``X`` of shape ``(b, m, k)``, ``W = X`` unless given; ``Y``
+    (``(b, m, m)``) must be symmetric, and so must ``X W^T`` (e.g. ``W`` symmetric and commuting with ``X``:
+    two polynomials in one symmetric matrix, as in Gram Newton-Schulz).
 
     The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
     written twice), on the torch path up to rounding.
     """
-    if use_kernel(X, Y is not None) and (Y is None or Y.dtype == X.dtype):
+    same = (Y is None or Y.dtype == X.dtype) and (W is None or (W.dtype == X.dtype and W.shape == X.shape))
+    if use_kernel(X, Y is not None) and same:
         if torch.compiler.is_compiling():
-            return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag)
-        return _launch(X, alpha, beta, Y, diag)
+            return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag, W)
+        return _launch(X, alpha, beta, Y, diag, W)
+    right = (X if W is None else W).mT
     if Y is None:
-        out = X @ X.mT
+        out = X @ right
         if alpha != 1.0:
             out.mul_(alpha)
     else:
-        out = torch.baddbmm(Y, X, X.mT, beta=beta, alpha=alpha)
+        out = torch.baddbmm(Y, X, right, beta=beta, alpha=alpha)
     if diag:
         out.diagonal(dim1=-2, dim2=-1).add_(diag)
     return out
@@ -248,10 +259,10 @@ def _build() -> Any:
 
     @triton.jit
     def sym_product_kernel(
-        X, Y, C, M, K,
-        sxb, sxm, sxk, syb, sym, syn, scb, scm, scn,
+        X, W, Y, C, M, K,
+        sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
-        HAS_Y: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
         # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
@@ -263,9 +274,8 @@ def _build() -> Any:
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BM + tl.arange(0, BM)
         rk = tl.arange(0, BK)
-        xb = X + b * sxb
-        a_ptr = xb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
-        b_ptr = xb + rn[:, None] * sxm + rk[None, :] * sxk  # X[rn, k], loaded along k and transposed in SMEM
+        a_ptr = X + b * sxb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
+        b_ptr = W + b * swb + rn[:, None] * swm + rk[None, :] * swk  # W[rn, k] (W = X for X X^T), transposed in SMEM
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             kk = k * BK + rk
@@ -273,7 +283,10 @@ def _build() -> Any:
             bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
             acc += tl.dot(a, tl.trans(bn))
             a_ptr += BK * sxk
-            b_ptr += BK * sxk
+            b_ptr += BK * swk
+        if HAS_W:  # noqa: SIM102 - a constexpr test apart: no code at all without W
+            if ti == tj:  # X W^T is symmetric in exact arithmetic only: make the diagonal tile so in floating point
+                acc = 0.5 * (acc + tl.trans(acc))
         acc = acc * alpha
         mask = (rm[:, None] < M) & (rn[None, :] < M)
         if HAS_Y:
@@ -322,10 +335,13 @@ def _build() -> Any:
         config = triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
         return triton.autotune(configs=[config], key=[])(sym_product_kernel)
 
-    def launch(wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
+    def launch(
+        wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None
+    ) -> Tensor:
         """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile."""
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
+        w = X if W is None else (W if W.stride(-1) == 1 else W.contiguous())
         bsz, m, k = X.shape
         C = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
         if bsz == 0 or m == 0:
@@ -336,16 +352,18 @@ def _build() -> Any:
             bm, bk, warps, stages = cfg
             tiles = triton.cdiv(m, bm)
             args = (
-                X, y, C, m, k,
-                X.stride(0), X.stride(1), X.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                X, w, y, C, m, k,
+                X.stride(0), X.stride(1), X.stride(2), w.stride(0), w.stride(1), w.stride(2),
+                y.stride(0), y.stride(1), y.stride(2),
                 C.stride(0), C.stride(1), C.stride(2),
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
+            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None)
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
-                wrap(_fixed(cfg))[grid](*args, HAS_Y=Y is not None)
+                wrap(_fixed(cfg))[grid](*args, **flags)
             else:
-                sym_product_kernel[grid](*args, HAS_Y=Y is not None, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
+                sym_product_kernel[grid](*args, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
         run(_tune(run, (bsz, m, k, Y is not None, X.dtype)))
         return C
@@ -358,10 +376,10 @@ def _build() -> Any:
         @triton_op(
             "muonkit::sym_product",
             mutates_args=(),
-            schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag) -> Tensor",
+            schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag, Tensor? W=None) -> Tensor",
         )
-        def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float) -> Tensor:
-            return launch(wrap_triton, X, alpha, beta, Y, diag)
+        def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None) -> Tensor:
+            return launch(wrap_triton, X, alpha, beta, Y, diag, W)
 
         _compile_ok = torch.cuda.is_available() and _capability(torch.device("cuda")) >= 8
     except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch

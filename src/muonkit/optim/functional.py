@@ -434,6 +434,7 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
     merged: dict[tuple, list[tuple[_Sub, int, int]]] = defaultdict(list)
     for params, grads, bufs, opts in calls:
         preset = as_preset(opts["coefficients"])
+        schedule = tuple(tuple(r) for r in preset.schedule(opts["ns_steps"]))
         per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for o, p in enumerate(params):
             for r, c, offsets in _offsets_of(p.shape, opts["matrix_view"], opts["split"]):
@@ -443,16 +444,15 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
         for (r, c, _, _, buf_dtype), mats in per_shape.items():
             work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
             sub = _Sub(opts, params, grads, bufs, r, c, preset.norm_scale, buf_dtype, opts.get("stats"))
-            merged[(*_merge_key(r, c, work, opts), device)].extend((sub, o, k) for o, k in mats)
+            merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((sub, o, k) for o, k in mats)
     for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
         chunk = max_batch or len(entries)
         for start in range(0, len(entries), chunk):
             _fused_ns_batch(entries[start : start + chunk], m, n, work, schedule, method, device)
 
 
-def _merge_key(rows: int, cols: int, work: torch.dtype, opts: dict[str, Any]) -> tuple:
+def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
     """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, max_batch)``."""
-    schedule = tuple(tuple(r) for r in as_preset(opts["coefficients"]).schedule(opts["ns_steps"]))
     return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], opts["max_batch"])
 
 
@@ -465,10 +465,11 @@ def merged_ns_batches(
     counts: dict[tuple, int] = defaultdict(int)
     for shapes, options in calls:
         opts = {**_STEP_DEFAULTS, **options}
+        schedule = tuple(tuple(r) for r in as_preset(opts["coefficients"]).schedule(opts["ns_steps"]))
         for shape in shapes:
             for r, c, offsets in matrix_offsets(shape, opts["matrix_view"], opts["split"]):
                 if r and c:
-                    counts[_merge_key(r, c, work, opts)] += len(offsets)
+                    counts[_merge_key(r, c, work, schedule, opts)] += len(offsets)
     batches = []
     for (m, n, _, _, _, max_batch), count in counts.items():
         chunk = max_batch or count
