@@ -221,6 +221,18 @@ def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch)
     run("C", 9.5, slot="t")
     assert len(captured) == 3
 
+    def failing(fn, n, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "_capture_effect", failing)
+    cuda_graphs.cache.get("ns graph", 0, lambda: _entry(1))
+    run("D", 10.0, slot="u")
+    run("D", 11.0, slot="u")  # the capture fails: eager, remembered
+    cuda_graphs.cache.get("ns graph", 0, lambda: _entry(1))  # the eager run's NS graph, cached again
+    run("D", 12.0, slot="u")  # not tried again, so that graph is left alone
+    assert seen[-3:] == [[10.0, -10.0], [11.0, -11.0], [12.0, -12.0]]
+    assert replays._captures["u"] == 1 and cuda_graphs.cache.peek("ns graph") is not None
+
 
 @cuda
 @pytest.mark.parametrize("method,ns_dtype", [("newton_schulz", torch.bfloat16), ("gram", torch.float16)])

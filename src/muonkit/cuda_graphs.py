@@ -170,7 +170,8 @@ class Replays:
         host = torch.tensor(values, dtype=torch.float32)
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
-        if entry is None and self._last.get(slot) == addresses and self._captures.get(slot, 0) < self.max_captures:
+        repeated = self._last.get(slot) == addresses and key not in cache._failed
+        if entry is None and repeated and self._captures.get(slot, 0) < self.max_captures:
             self._captures[slot] = self._captures.get(slot, 0) + 1
             if replaces is not None:
                 cache.discard(replaces)
