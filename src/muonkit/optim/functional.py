@@ -549,8 +549,7 @@ def _fused_ns_batch(
     ))  # fmt: skip
     addresses = tuple(a for seg in segments for mats in (seg.grads, seg.bufs, seg.params) for a in mats.addresses())
     values = [v for seg in segments for mu in [seg.sub.options["momentum"]] for v in (seg.scale, seg.decay, 1 - mu, mu)]
-    itemsize = torch.empty((), dtype=work).element_size()
-    estimate = 4 * len(entries) * (m * n + m * m) * itemsize  # NS input, X, A, P and the next X
+    estimate = 4 * len(entries) * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
     ns_graph = filled_graph_key((len(entries), m, n), schedule, work, device, method)  # not needed once captured
     cuda_graphs.replays.run(slot, addresses, values, run, device, estimate, replaces=ns_graph)
 
