@@ -72,9 +72,15 @@ def capture(fn: Callable[[Tensor], Tensor], example: Tensor, warmup: Callable[[]
         for _ in range(2):
             fn(static)
     torch.cuda.current_stream(device).wait_stream(side)
+    return _capture_on(fn, static)
+
+
+def _capture_on(fn: Callable[[Tensor], Any], static: Tensor) -> Graphed:
+    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew."""
+    device = static.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
-    reserved = torch.cuda.memory_reserved(device)  # what the graph's private pool adds is counted below
+    reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = fn(static)
@@ -102,6 +108,10 @@ class GraphCache:
         self._failed.clear()
         if self is cache:
             replays.clear()
+
+    def failed(self, key: Hashable) -> bool:
+        """Whether capturing ``key``'s graph failed before (its calls run eagerly)."""
+        return key in self._failed
 
     def discard(self, key: Hashable) -> None:
         """Drop the graph for ``key``, if cached."""
@@ -170,7 +180,7 @@ class Replays:
         host = torch.tensor(values, dtype=torch.float32)
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
-        repeated = self._last.get(slot) == addresses and key not in cache._failed
+        repeated = self._last.get(slot) == addresses and not cache.failed(key)
         if entry is None and repeated and self._captures.get(slot, 0) < self.max_captures:
             self._captures[slot] = self._captures.get(slot, 0) + 1
             if replaces is not None:
@@ -187,15 +197,8 @@ class Replays:
 
 
 def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
-    scalars = torch.zeros(n, dtype=torch.float32, device=device)
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
-    reserved = torch.cuda.memory_reserved(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(scalars)
-    grown = max(0, torch.cuda.memory_reserved(device) - reserved)
-    return Graphed(scalars, scalars, graph, scalars.nbytes + grown)
+    """``fn(scalars)`` captured, with ``scalars`` a static float32 tensor of ``n`` values (the graph's input)."""
+    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device))
 
 
 _enabled = os.environ.get("MUONKIT_CUDA_GRAPHS", "1") not in ("0", "false", "off")

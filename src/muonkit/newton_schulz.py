@@ -280,8 +280,7 @@ def orthogonalize_filled(
     ``fresh=False`` semantics: on a cached CUDA graph, ``fill`` writes straight into its static input."""
     if shape[-2] > shape[-1]:
         raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
-    call = _NSCall.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
-    return call.filled(fill, shape, ns_dtype, device)
+    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
 
 
 def filled_graph_key(
@@ -290,7 +289,7 @@ def filled_graph_key(
 ) -> tuple:  # fmt: skip
     """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
     current stream)."""
-    return _NSCall.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True).key(shape, ns_dtype, device)
+    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).key(shape, ns_dtype, device)
 
 
 @dataclass(frozen=True)
@@ -310,6 +309,12 @@ class _NSCall:
            method: str, restarts: Sequence[int], prenormalised: bool = False) -> _NSCall:  # fmt: skip
         rows_ = tuple(tuple(float(c) for c in r) for r in rows)
         return cls(rows_, norm_scale, eps, ns_dtype, method, tuple(restarts), prenormalised)
+
+    @classmethod
+    def prenormalised_call(cls, rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, method: str,
+                           restarts: Sequence[int]) -> _NSCall:  # fmt: skip
+        """The call ``orthogonalize_filled`` makes: input already normalised in ``ns_dtype``, ``m <= n``."""
+        return cls.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
 
     def key(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple:
         """The graph-cache key of this call on an input of ``shape``, ``dtype`` on ``device`` (current stream)."""

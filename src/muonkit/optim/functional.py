@@ -419,7 +419,6 @@ class _Sub:
     cols: int
     norm_scale: float
     buf_dtype: torch.dtype
-    stats: dict[str, list[Tensor]] | None
 
 
 def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
@@ -443,7 +442,7 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
         device = params[0].device
         for (r, c, _, _, buf_dtype), mats in per_shape.items():
             work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
-            sub = _Sub(opts, params, grads, bufs, r, c, preset.norm_scale, buf_dtype, opts.get("stats"))
+            sub = _Sub(opts, params, grads, bufs, r, c, preset.norm_scale, buf_dtype)
             merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((sub, o, k) for o, k in mats)
     for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
         chunk = max_batch or len(entries)
@@ -536,10 +535,10 @@ def _fused_ns_batch(
             fused.scaled_update(
                 seg.params, part, scale=seg.scale, decay=seg.decay, update_dtype=seg.sub.buf_dtype, scalars=s
             )
-            if seg.sub.stats is not None:
-                _record_stats(seg.sub.stats, part, seg.scale)
+            if seg.sub.options["stats"] is not None:
+                _record_stats(seg.sub.options["stats"], part, seg.scale)
 
-    if not cuda_graphs.graphable_on(device) or any(seg.sub.stats is not None for seg in segments):
+    if not cuda_graphs.graphable_on(device) or any(seg.sub.options["stats"] is not None for seg in segments):
         run(None)
         return
     slot = (device, cuda_graphs.stream_key(device), m, n, work, schedule, method, kernels.get_mode(), tuple(
