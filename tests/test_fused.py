@@ -232,6 +232,54 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
     assert sorted(batches) == sorted(planned * len(grads))  # what the fused steps ran
 
 
+def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatch, tmp_path):
+    """The fused step plans its batches once per structure: lr, momentum and weight decay changing every step
+    (as schedules do) reuse the plan and still give the torch path's result; a change of structure (weight decay
+    switched on, another ``split`` or ``ns_steps``, the coefficient file rewritten) makes a new plan."""
+    import os
+
+    import muonkit
+    from muonkit.coefficients import as_preset
+
+    torch.manual_seed(5)
+    preset = tmp_path / "p.json"
+    preset.write_text(as_preset("jordan").to_json())
+    params0 = [[torch.randn(s, device=DEVICE) for s in g] for g in [[(48, 16)], [(16, 48), (16, 16)]]]
+    grads = [[[torch.randn(p.shape, device=DEVICE) for p in g] for g in params0] for _ in range(6)]
+    # per step: (lr, momentum, weight decay) of group 1, and what else changes before that step
+    schedule = [(0.02, 0.9, 0.0, None), (0.015, 0.93, 0.0, None), (0.01, 0.95, 0.1, "decay on"),
+                (0.008, 0.95, 0.2, None), (0.006, 0.95, 0.2, "ns_steps"), (0.004, 0.95, 0.2, "coefficients")]  # fmt: skip
+    results, plans = [], []
+    for use in (False, True):
+        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+        monkeypatch.setattr(functional, "_PLANS", type(functional._PLANS)())
+        preset.write_text(as_preset("jordan").to_json())
+        ps = [[torch.nn.Parameter(p.clone()) for p in g] for g in params0]
+        opt = muonkit.Muon([dict(params=ps[0], split=3), dict(params=ps[1], coefficients=str(preset))],
+                           ns_dtype=torch.float32)  # fmt: skip
+        counts = []
+        for (lr, mu, wd, change), step_grads in zip(schedule, grads):
+            group = opt.param_groups[1]
+            group.update(lr=lr, momentum=mu, weight_decay=wd)
+            if change == "ns_steps":
+                group["ns_steps"] = 4
+            elif change == "coefficients":  # the file's preset changes: read again, and planned again
+                preset.write_text(as_preset("polar_express").to_json())
+                os.utime(preset, ns=(os.stat(preset).st_mtime_ns + 10**9,) * 2)
+            for g, gg in zip(ps, step_grads):
+                for p, gp in zip(g, gg):
+                    p.grad = gp.clone()
+            opt.step()
+            counts.append(len(functional._PLANS))
+        plans.append(counts)
+        flat = [p for g in ps for p in g]
+        results.append([p.detach() for p in flat] + [opt.state[p]["momentum_buffer"] for p in flat])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert plans[0] == [0] * len(schedule)  # the torch path plans nothing
+    assert plans[1] == [1, 1, 2, 2, 3, 4]  # new plans exactly where the structure changed
+
+
 def test_applies_only_where_the_kernels_can_run():
     p = torch.randn(8, 8)
     assert not fused.applies([p], torch.float32)  # CPU

@@ -12,12 +12,13 @@ AdamW (Loshchilov & Hutter 2019), written to match torch.optim.AdamW step for st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -131,19 +132,6 @@ def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
     if u.ndim > 2 and matrix_view == "flatten":
         u = u.reshape(u.shape[0], -1)
     return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
-
-
-def _offsets_of(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
-    """``matrix_offsets``, remembered per (shape, view, split) (the fused step asks every step)."""
-    if torch.compiler.is_compiling():  # traced once anyway; no cache lookups in the graph
-        return matrix_offsets(shape, matrix_view, split)
-    key = tuple(split) if isinstance(split, list | tuple) else split
-    return _offsets_cached(tuple(shape), matrix_view, key)
-
-
-@functools.lru_cache(maxsize=4096)
-def _offsets_cached(shape: tuple[int, ...], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
-    return matrix_offsets(shape, matrix_view, split)
 
 
 def matrix_offsets(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
@@ -408,17 +396,215 @@ def _fused_step_applies(
 
 
 @dataclass
-class _Sub:
-    """The matrices of one (parameter group, shape, dtypes) inside a merged NS batch."""
+class _Run:
+    """The matrices of one call and one (rows, cols, dtypes) inside a merged NS batch, rows ``first`` on."""
 
-    options: dict[str, Any]
-    params: Sequence[Tensor]
-    grads: Sequence[Tensor]
-    bufs: Sequence[Tensor]
+    call: int  # index of the call (parameter group) in ``muon_steps``' calls
+    first: int
     rows: int
     cols: int
+    owners: list[int]  # per matrix: index of its tensor in the call's lists
+    offsets: list[int]  # per matrix: element offset inside that tensor
+    distinct: list[int]  # the owners, each once (one data_ptr per owning tensor)
     norm_scale: float
     buf_dtype: torch.dtype
+    nesterov: bool
+    eps: float
+
+
+@dataclass
+class _Batch:
+    """One merged NS batch of a step plan, with what its CUDA-graph replay needs, computed once."""
+
+    runs: list[_Run]
+    size: int
+    m: int
+    n: int
+    work: torch.dtype
+    schedule: tuple
+    method: str
+    device: torch.device
+    slot: tuple = ()  # what the batch computes (``cuda_graphs.replays``' slot), apart from the tensors' addresses
+    estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
+    ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
+
+
+class _StepPlan:
+    """What ``_fused_muon_steps`` works out from the structure of its calls alone (shapes and dtypes of the
+    tensors; options other than lr, momentum and weight decay): the merged NS batches, where each matrix lies,
+    the CUDA-graph slot of each batch. A training loop repeats one structure, so the plan is made once and
+    each step only reads the tensors' addresses and the current numbers (``_plan_for`` keeps the plans)."""
+
+    def __init__(self, calls: Sequence[StepCall], streams: dict[torch.device, tuple[int, int]] | None) -> None:
+        merged: dict[tuple, list[tuple[int, _Run, int, int]]] = defaultdict(list)
+        for j, (params, grads, bufs, opts) in enumerate(calls):
+            preset = as_preset(opts["coefficients"])  # the structure's key has this preset (same rows)
+            schedule = tuple(tuple(r) for r in preset.schedule(opts["ns_steps"]))
+            per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+            for o, p in enumerate(params):
+                for r, c, offsets in matrix_offsets(p.shape, opts["matrix_view"], opts["split"]):
+                    if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
+                        per_shape[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
+            device = params[0].device
+            for (r, c, _, _, buf_dtype), mats in per_shape.items():
+                work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
+                run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"])
+                merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
+        self.batches: list[_Batch] = []
+        for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
+            chunk = max_batch or len(entries)
+            for start in range(0, len(entries), chunk):
+                self.batches.append(self._batch(entries[start : start + chunk], m, n, work, schedule, method, device))
+        if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
+            for batch in self.batches:
+                self._graph_keys(batch, calls, streams[batch.device])
+
+    @staticmethod
+    def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
+               method: str, device: torch.device) -> _Batch:  # fmt: skip
+        """One batch from ``entries`` (call, run template, owner, offset), consecutive per run."""
+        runs: list[_Run] = []
+        last = None
+        for i, (_, template, o, k) in enumerate(entries):
+            if template is not last:  # a new (call, shape, dtypes) starts
+                runs.append(dataclasses.replace(template, first=i, owners=[], offsets=[], distinct=[]))
+                last = template
+            run = runs[-1]
+            run.owners.append(o)
+            run.offsets.append(k)
+            if not run.distinct or run.distinct[-1] != o:
+                run.distinct.append(o)
+        return _Batch(runs, len(entries), m, n, work, schedule, method, device)
+
+    @staticmethod
+    def _graph_keys(batch: _Batch, calls: Sequence[StepCall], stream: tuple[int, int]) -> None:
+        b, m, n, work, device = batch.size, batch.m, batch.n, batch.work, batch.device
+        tensors = [(run, calls[run.call]) for run in batch.runs]
+        batch.slot = (device, stream, m, n, work, batch.schedule, batch.method, kernels.get_mode(), tuple(
+            (run.rows, run.cols, call[1][run.owners[0]].dtype, call[2][run.owners[0]].dtype,
+             call[0][run.owners[0]].dtype, run.buf_dtype, run.nesterov, run.norm_scale, run.eps,
+             _decays(call[3]), tuple(run.owners), tuple(run.offsets))
+            for run, call in tensors
+        ))  # fmt: skip
+        batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
+        batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
+
+    def run(self, calls: Sequence[StepCall]) -> None:
+        """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers."""
+        pointers: dict[int, list[list[int]]] = {}
+        for batch in self.batches:
+            numbers = []  # per run: (scale, decay, momentum)
+            for run in batch.runs:
+                opts = calls[run.call][3]
+                scale = lr_scale(opts["adjust_lr"], opts["lr"], (run.rows, run.cols))
+                numbers.append((scale, 1 - opts["lr"] * opts["weight_decay"], opts["momentum"]))
+            stats = [calls[run.call][3]["stats"] for run in batch.runs]
+            step = functools.partial(_run_batch, batch, calls, numbers, stats)
+            if not batch.slot or not cuda_graphs.graphable_on(batch.device) or any(s is not None for s in stats):
+                step(None)
+                continue
+            addresses = []
+            for run in batch.runs:
+                if run.call not in pointers:
+                    pointers[run.call] = [[t.data_ptr() for t in ts] for ts in calls[run.call][:3]]
+                for ptrs in pointers[run.call]:
+                    addresses += [ptrs[o] for o in run.distinct]
+            values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
+            cuda_graphs.replays.run(
+                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
+            )
+
+
+def _decays(opts: dict[str, Any]) -> bool:
+    """Whether the step has weight decay (a kernel argument, so part of a plan's structure)."""
+    return 1 - opts["lr"] * opts["weight_decay"] != 1.0
+
+
+class _Live(NamedTuple):
+    """One run of a batch in this step: its matrices in the current tensors and its current numbers."""
+
+    run: _Run
+    grads: fused.Matrices
+    bufs: fused.Matrices
+    params: fused.Matrices
+    scalars: Tensor | None  # this run's [scale, decay, 1 - momentum, momentum] on the device, or None
+    scale: float
+    decay: float
+    momentum: float
+    stats: dict[str, list[Tensor]] | None
+
+
+def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[float, float, float]],
+               stats: list[dict | None], scalars: Tensor | None) -> None:  # fmt: skip
+    """The kernels of one merged batch: per run a momentum pass writing its slice of the NS input, the NS
+    products, per run an update pass. ``scalars``: per run ``[scale, decay, 1 - momentum, momentum]`` on the
+    device (what a captured graph reads), or ``None`` for plain kernel arguments."""
+    live = []
+    for j, run in enumerate(batch.runs):
+        params, grads, bufs, _ = calls[run.call]
+        g, b, p = (fused.Matrices(ts, run.owners, run.offsets, run.rows, run.cols) for ts in (grads, bufs, params))
+        part = None if scalars is None else scalars[4 * j : 4 * j + 4]
+        live.append(_Live(run, g, b, p, part, *numbers[j], stats[j]))
+
+    def rows_of(X: Tensor, run: _Run) -> Tensor:
+        part = X[run.first : run.first + len(run.owners)]
+        return part.mT if run.rows > run.cols else part
+
+    def fill(X: Tensor) -> None:
+        for r in live:
+            fused.momentum_normalise(
+                r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
+                norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars,
+            )  # fmt: skip
+
+    shape = (batch.size, batch.m, batch.n)
+    O = orthogonalize_filled(fill, shape, batch.schedule, batch.work, batch.device, batch.method)
+    for r in live:
+        part = rows_of(O, r.run)
+        fused.scaled_update(
+            r.params, part, scale=r.scale, decay=r.decay, update_dtype=r.run.buf_dtype, scalars=r.scalars
+        )
+        if r.stats is not None:
+            _record_stats(r.stats, part, r.scale)
+
+
+_PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of recently seen structures
+_MAX_PLANS = 32
+
+
+def _plan_for(calls: Sequence[StepCall]) -> _StepPlan:
+    """The step plan of ``calls``' structure: remembered (a few dozen, least recently used dropped), except under
+    ``torch.compile`` (traced once anyway) or where an option cannot be a dictionary key."""
+    if torch.compiler.is_compiling():
+        return _StepPlan(calls, None)
+    devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
+    streams = (
+        {d: cuda_graphs.stream_key(d) for d in devices} if cuda_graphs.graphable_on(calls[0][0][0].device) else None
+    )
+    key: Hashable = (None if streams is None else tuple(streams.items()), kernels.get_mode(), tuple(
+        (_structure(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
+         ps[0].device)
+        for ps, gs, bs, opts in calls
+    ))  # fmt: skip
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option (a custom coefficient object): plan every step
+        return _StepPlan(calls, streams)
+    if plan is None:
+        plan = _PLANS[key] = _StepPlan(calls, streams)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _structure(opts: dict[str, Any]) -> tuple:
+    """The options a step plan depends on (lr, momentum, weight decay and ``adjust_lr`` are read every step).
+    The coefficients as their ``Preset``: a saved ``.json`` preset is re-read when the file changes."""
+    split = tuple(opts["split"]) if isinstance(opts["split"], list | tuple) else opts["split"]
+    return (opts["nesterov"], as_preset(opts["coefficients"]), opts["ns_steps"], opts["eps"], opts["ns_dtype"],
+            opts["method"], opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
 def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
@@ -427,27 +613,15 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
     splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
     their group's other hyper-parameters and whichever way round they stand (``3072 x 768`` and ``768 x 3072``
     share a batch; the momentum kernel writes the transposed ones transposed). Per batch: one momentum pass per
-    (call, shape) writes its slice of the normalised NS input, the NS products run once (a cached CUDA graph
-    where allowed), one update pass per (call, shape) applies weight decay and its scaled slice. Same
-    arithmetic per matrix as the torch path."""
-    merged: dict[tuple, list[tuple[_Sub, int, int]]] = defaultdict(list)
-    for params, grads, bufs, opts in calls:
-        preset = as_preset(opts["coefficients"])
-        schedule = tuple(tuple(r) for r in preset.schedule(opts["ns_steps"]))
-        per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for o, p in enumerate(params):
-            for r, c, offsets in _offsets_of(p.shape, opts["matrix_view"], opts["split"]):
-                if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
-                    per_shape[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
-        device = params[0].device
-        for (r, c, _, _, buf_dtype), mats in per_shape.items():
-            work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
-            sub = _Sub(opts, params, grads, bufs, r, c, preset.norm_scale, buf_dtype)
-            merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((sub, o, k) for o, k in mats)
-    for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
-        chunk = max_batch or len(entries)
-        for start in range(0, len(entries), chunk):
-            _fused_ns_batch(entries[start : start + chunk], m, n, work, schedule, method, device)
+    (call, shape) writes its slice of the normalised NS input, the NS products run once, one update pass per
+    (call, shape) applies weight decay and its scaled slice. Same arithmetic per matrix as the torch path.
+
+    In eager mode on CUDA a whole batch (momentum kernels, NS products, update kernels) is replayed from a CUDA
+    graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of dozens, with
+    the learning rate, weight decay and momentum read from device memory so that schedules change them without
+    a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
+    work per step is reading addresses and numbers."""
+    _plan_for(calls).run(calls)
 
 
 def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
@@ -474,83 +648,6 @@ def merged_ns_batches(
         chunk = max_batch or count
         batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
     return batches
-
-
-@dataclass
-class _Segment:
-    """The run of one ``_Sub`` inside a merged NS batch, from row ``first`` on."""
-
-    sub: _Sub
-    first: int
-    grads: fused.Matrices
-    bufs: fused.Matrices
-    params: fused.Matrices
-    scale: float
-    decay: float
-
-
-def _fused_ns_batch(
-    entries: list[tuple[_Sub, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple, method: str,
-    device: torch.device,
-) -> None:  # fmt: skip
-    """One merged NS batch: ``entries`` are (sub, owner, offset), consecutive per sub.
-
-    In eager mode on CUDA the whole batch (momentum kernels, NS products, update kernels) is replayed from a
-    CUDA graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of
-    dozens, with the learning rate, weight decay and momentum read from device memory so that schedules
-    change them without a new capture."""
-    runs: list[tuple[_Sub, int, list[int], list[int]]] = []  # (sub, first row of the batch, owners, offsets)
-    for i, (sub, o, k) in enumerate(entries):
-        if not runs or runs[-1][0] is not sub:
-            runs.append((sub, i, [], []))
-        runs[-1][2].append(o)
-        runs[-1][3].append(k)
-    segments = []
-    for sub, first, owners, offsets in runs:
-        opts, r, c = sub.options, sub.rows, sub.cols
-        g, b, p = (fused.Matrices(ts, owners, offsets, r, c) for ts in (sub.grads, sub.bufs, sub.params))
-        scale = lr_scale(opts["adjust_lr"], opts["lr"], (r, c))
-        segments.append(_Segment(sub, first, g, b, p, scale, 1 - opts["lr"] * opts["weight_decay"]))
-
-    def rows_of(X: Tensor, seg: _Segment) -> Tensor:
-        part = X[seg.first : seg.first + len(seg.params)]
-        return part.mT if seg.sub.rows > seg.sub.cols else part
-
-    def run(scalars: Tensor | None) -> None:
-        """The batch; ``scalars``: per segment ``[scale, decay, 1 - momentum, momentum]`` on the device, or
-        ``None`` for kernel arguments."""
-        here = [None if scalars is None else scalars[4 * j : 4 * j + 4] for j in range(len(segments))]
-
-        def fill(X: Tensor) -> None:
-            for seg, s in zip(segments, here):
-                opts = seg.sub.options
-                fused.momentum_normalise(
-                    seg.grads, seg.bufs, rows_of(X, seg), momentum=opts["momentum"], nesterov=opts["nesterov"],
-                    norm_scale=seg.sub.norm_scale, eps=opts["eps"], scalars=s,
-                )  # fmt: skip
-
-        O = orthogonalize_filled(fill, (len(entries), m, n), schedule, work, device, method)
-        for seg, s in zip(segments, here):
-            part = rows_of(O, seg)
-            fused.scaled_update(
-                seg.params, part, scale=seg.scale, decay=seg.decay, update_dtype=seg.sub.buf_dtype, scalars=s
-            )
-            if seg.sub.options["stats"] is not None:
-                _record_stats(seg.sub.options["stats"], part, seg.scale)
-
-    if not cuda_graphs.graphable_on(device) or any(seg.sub.options["stats"] is not None for seg in segments):
-        run(None)
-        return
-    slot = (device, cuda_graphs.stream_key(device), m, n, work, schedule, method, kernels.get_mode(), tuple(
-        (seg.sub.rows, seg.sub.cols, seg.grads.dtype, seg.bufs.dtype, seg.params.dtype, seg.sub.buf_dtype,
-         seg.sub.options["nesterov"], seg.sub.norm_scale, seg.sub.options["eps"], seg.decay != 1.0, len(seg.params))
-        for seg in segments
-    ))  # fmt: skip
-    addresses = tuple(a for seg in segments for mats in (seg.grads, seg.bufs, seg.params) for a in mats.addresses())
-    values = [v for seg in segments for mu in [seg.sub.options["momentum"]] for v in (seg.scale, seg.decay, 1 - mu, mu)]
-    estimate = 4 * len(entries) * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
-    ns_graph = filled_graph_key((len(entries), m, n), schedule, work, device, method)  # not needed once captured
-    cuda_graphs.replays.run(slot, addresses, values, run, device, estimate, replaces=ns_graph)
 
 
 def adamw_step(
