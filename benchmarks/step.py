@@ -8,7 +8,8 @@ fp32 parameters and gradients. Per implementation: ms per step, median of steps 
 back as a training loop runs them ("pipelined"); on CUDA the peak memory a steady-state step allocates beyond
 parameters, gradients and optimizer state, and the memory muonkit's cached CUDA graphs hold; and the first
 step's error against float64 NS (``first_step_error``). muonkit splits the fused QKV into three matrices as
-practised; ``muonkit-nosplit`` does the same work as the others.
+practised; ``muonkit-nosplit`` and ``muonkit-gram-nosplit`` (``Muon(params)``'s default: no split) orthogonalize
+the same matrices as the others.
 
     python benchmarks/step.py --sets gpt2-small,1b --out benchmarks/results/step_h100.json
     python benchmarks/step.py --sets demo-small,gpt2-small --out benchmarks/results/step_cpu.json   # CPU
@@ -75,6 +76,7 @@ def optimizers(
         "muonkit-nonfinite-check": lambda: muonkit.Muon(groups()),
         "muonkit-gram": lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
+        "muonkit-gram-nosplit": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
@@ -85,6 +87,11 @@ def optimizers(
         )
         opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
         opts["muonkit [graphs off]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
+        # the NS batches' graphs replayed one after the other on one stream (default: two streams)
+        opts["muonkit-gram [one stream]"] = lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore")
+        # bf16: the NS input divided by its norm in a pass of its own (default: inside the first products)
+        opts["muonkit-gram [no fold]"] = lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore")
+        opts["muonkit [no fold]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
         # Gram NS in float16: the gram-newton-schulz package's choice, as accurate as plain NS in bf16
         opts["muonkit-gram [fp16]"] = lambda: muonkit.Muon(
             groups(), method="gram", ns_dtype=torch.float16, nonfinite="ignore"
@@ -187,6 +194,8 @@ def main() -> None:
         for name, make in opts.items():
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
             muonkit.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
+            muonkit.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
+            muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.fused.set_fused("[fused off]" not in name)
             muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()

@@ -54,6 +54,23 @@ def test_cache_builds_once_and_drops_least_recently_used_past_its_bound():
     assert built[-1] == "b"  # rebuilt after it was dropped
 
 
+def test_graphs_that_do_not_fit_together_stop_taking_turns():
+    """Two graphs that each fit but not together, asked for in turn (two NS batches of one step): each is
+    dropped for the other at most twice, then the one dropped twice runs eagerly and the other stays."""
+    cache = GraphCache(max_bytes=100)
+    built = []
+
+    def build(name):
+        return lambda: built.append(name) or _entry(60)
+
+    for _ in range(6):
+        for name in ("a", "b"):
+            cache.get(name, 60, build(name))
+    assert built == ["a", "b", "a", "b"]  # a was dropped twice (for b): no third capture of a
+    assert cache.get("b", 60, build("b")) is not None and cache.get("a", 60, build("a")) is None
+    assert cache.failed("a") and not cache.failed("b") and len(built) == 4
+
+
 def test_cache_runs_eagerly_what_does_not_fit_or_failed_to_capture():
     cache = GraphCache(max_bytes=100)
     calls = []
@@ -235,12 +252,17 @@ def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch)
 
 
 @cuda
+@pytest.mark.parametrize("concurrent", [True, False])
 @pytest.mark.parametrize("method,ns_dtype", [("newton_schulz", torch.bfloat16), ("gram", torch.float16)])
-def test_whole_batch_replays_follow_schedules_and_moved_gradients(method, ns_dtype):
+def test_whole_batch_replays_follow_schedules_and_moved_gradients(method, ns_dtype, concurrent, monkeypatch):
     """The fused step's whole-batch graphs: lr, weight decay and momentum change every step (read from device
     memory), gradients stay in place for some steps and are reallocated for others; every step equals the
-    same step with graphs off, and graphs were replayed."""
+    same step with graphs off, and graphs were replayed (the two NS batches on two streams, or one)."""
     kernels.set_mode("triton")  # the symmetric-product kernel eagerly and captured alike (same kernels both ways)
+    monkeypatch.setattr(cuda_graphs, "_concurrent", concurrent)
+    sides = []
+    real_side = cuda_graphs.side_stream
+    monkeypatch.setattr(cuda_graphs, "side_stream", lambda d: sides.append(d) or real_side(d))
 
     def run(graphs):
         cuda_graphs.set_cuda_graphs(graphs)
@@ -268,5 +290,6 @@ def test_whole_batch_replays_follow_schedules_and_moved_gradients(method, ns_dty
 
     (eager, _), (graphed, replays) = run(False), run(True)
     assert replays > 0
+    assert bool(sides) == concurrent  # a side stream only when concurrent (and then on the graphed steps)
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -232,6 +232,41 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
     assert sorted(batches) == sorted(planned * len(grads))  # what the fused steps ran
 
 
+@pytest.mark.parametrize("method", ["newton_schulz", "gram"])
+def test_bf16_steps_fold_the_normalisation_into_the_products(launchers, monkeypatch, method):
+    """bf16 NS on the fused path: the momentum kernel writes the input undivided and the NS products divide
+    (``unnormalised=True``; not with eps = 0). The updates agree with the torch path (which divides first) to
+    bf16 accuracy."""
+    from muonkit import newton_schulz
+
+    seen = []
+    real = newton_schulz.orthogonalize_filled
+
+    def recording(*args, unnormalised=False, **kw):
+        seen.append(unnormalised)
+        return real(*args, unnormalised=unnormalised, **kw)
+
+    monkeypatch.setattr(functional, "orthogonalize_filled", recording)
+    base = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, coefficients="jordan", ns_steps=5,
+                adjust_lr="original", ns_dtype=torch.bfloat16, method=method)  # fmt: skip
+    for eps in (1e-7, 0.0):
+        deltas = []
+        for use in (False, True):
+            monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+            ps = [p.clone() for p in _params()]
+            start = [p.clone() for p in ps]
+            bufs = [torch.zeros_like(p) for p in ps]
+            for step in range(3):
+                gen = torch.Generator(DEVICE).manual_seed(step)
+                grads = [torch.randn(p.shape, device=DEVICE, generator=gen) * 10.0 ** (i - 3) for i, p in enumerate(ps)]
+                functional.muon_step(ps, grads, bufs, eps=eps, **base)
+            deltas.append([p - p0 for p, p0 in zip(ps, start)])
+        for a, b in zip(*deltas):
+            assert (a - b).norm() <= 2e-2 * b.norm()
+        assert seen and all(s == (eps > 0) for s in seen)
+        seen.clear()
+
+
 def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatch, tmp_path):
     """The fused step plans its batches once per structure: lr, momentum and weight decay changing every step
     (as schedules do) reuse the plan and still give the torch path's result; a change of structure (weight decay
@@ -247,8 +282,8 @@ def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatc
     params0 = [[torch.randn(s, device=DEVICE) for s in g] for g in [[(48, 16)], [(16, 48), (16, 16)]]]
     grads = [[[torch.randn(p.shape, device=DEVICE) for p in g] for g in params0] for _ in range(6)]
     # per step: (lr, momentum, weight decay) of group 1, and what else changes before that step
-    schedule = [(0.02, 0.9, 0.0, None), (0.015, 0.93, 0.0, None), (0.01, 0.95, 0.1, "decay on"),
-                (0.008, 0.95, 0.2, None), (0.006, 0.95, 0.2, "ns_steps"), (0.004, 0.95, 0.2, "coefficients")]  # fmt: skip
+    schedule = [(0.02, 0.9, 0.0, None), (0.015, 0.93, 0.0, None), (0.01, 0.95, 0.1, "decay on"), (0.008, 0.95, 0.2,
+                None), (0.006, 0.95, 0.2, "ns_steps"), (0.004, 0.95, 0.2, "coefficients")]  # fmt: skip
     results, plans = [], []
     for use in (False, True):
         monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)

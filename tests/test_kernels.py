@@ -50,6 +50,38 @@ def test_sym_product_fallback_formula():
     assert torch.allclose(kernels.sym_product(A, 2.0, 0.5, Y, diag=1.0, W=A), 2 * A @ A + 0.5 * Y + torch.eye(5))
 
 
+def test_sym_product_divisor_on_the_torch_path_and_its_checks():
+    X = torch.randn(3, 5, 7, dtype=torch.float32)
+    d = torch.tensor([0.5, 2.0, 3.0])
+    Y = X @ X.mT
+    assert torch.allclose(kernels.sym_product(X, divisor=d, power=2), X @ X.mT / d.view(-1, 1, 1) ** 2)
+    poly = kernels.sym_product(Y, 2.0, 0.5, Y, diag=1.0, divisor=d)
+    assert torch.allclose(poly, (2 * Y @ Y + 0.5 * Y + torch.eye(5)) / d.view(-1, 1, 1), rtol=1e-5)
+    with pytest.raises(ValueError, match="divisor"):
+        kernels.sym_product(X, divisor=d, power=3)
+    with pytest.raises(ValueError, match="divisor"):
+        kernels.sym_product(X, divisor=d[:2])
+
+
+@pytest.mark.gpu
+@cuda
+def test_triton_sym_product_divisor():
+    """The kernel's float32 epilogue divides each matrix's result by its divisor (or its square)."""
+    if not kernels.triton_applies(torch.empty(1, 8, 8, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no Triton or an older GPU")
+    kernels.set_mode("triton")
+    X = torch.randn(3, 256, 512, device="cuda", dtype=torch.bfloat16)
+    d = torch.tensor([20.0, 0.5, 3.0], device="cuda")
+    ref = (X.double() @ X.double().mT) / d.double().view(-1, 1, 1) ** 2
+    out = kernels.sym_product(X, divisor=d, power=2)
+    assert torch.equal(out, out.mT)
+    assert ((out.double() - ref).abs().amax(dim=(1, 2)) < 1e-2 * ref.abs().amax(dim=(1, 2))).all()
+    A = (X @ X.mT / 512).contiguous()
+    ref = (1.5 * A.double() @ A.double() - 0.5 * A.double() + torch.eye(256, device="cuda")) / d.double().view(-1, 1, 1)
+    out = kernels.sym_product(A, alpha=1.5, beta=-0.5, Y=A, diag=1.0, divisor=d)
+    assert ((out.double() - ref).abs().amax(dim=(1, 2)) < 1e-2 * ref.abs().amax(dim=(1, 2))).all()
+
+
 def _commuting_pair(b, m, dtype, device):
     """Two symmetric matrices that commute (polynomials in one), scaled to entries of order 1."""
     gen = torch.Generator(device=device).manual_seed(4)

@@ -183,6 +183,25 @@ def test_gram_equals_plain_newton_schulz_in_float64(name, shape, restarts):
     assert (gram - plain).abs().max() < 1e-11
 
 
+@pytest.mark.parametrize("method,restarts", [("newton_schulz", ()), ("gram", (2,)), ("gram", (1, 3)), ("gram", ())])
+@pytest.mark.parametrize("name", ["jordan", "polar_express", "cubic"])
+def test_unnormalised_input_with_divisors_equals_dividing_first(method, restarts, name):
+    """NS on ``X / d`` given undivided ``X`` and ``d`` (the fused step's bf16 path folds ``d`` into the products):
+    the same result as dividing first, for every schedule form (quintic, cubic) and restart placement."""
+    from muonkit.newton_schulz import _iterate
+
+    rows = [(1.5, -0.5)] * 5 if name == "cubic" else C.as_preset(name).schedule(5)
+    torch.manual_seed(1)
+    X = torch.randn(3, 16, 40, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 50.0], dtype=torch.float64).view(
+        -1, 1, 1
+    )
+    d = torch.linalg.matrix_norm(X).float() * 1.01 + 1e-7
+    expected = _iterate(X / d.double().view(-1, 1, 1), rows, method, restarts)
+    got = _iterate(X.clone(), rows, method, restarts, divisor=d)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    assert _iterate(X.clone(), [], method, restarts, divisor=d).allclose(X / d.double().view(-1, 1, 1))
+
+
 def test_gram_half_precision_error_close_to_plain():
     G = torch.randn(4, 64, 256)
     ref = orthogonalize(G.double(), "polar_express")

@@ -131,22 +131,28 @@ def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
 
 def momentum_normalise(
     grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float,
-    scalars: Tensor | None = None,
+    scalars: Tensor | None = None, denom: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Advance the momentum buffers in place and write ``u_i / (norm_scale ||u_i||_F + eps)`` into ``out[i]``
     (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly).
 
     ``scalars``: a float32 CUDA tensor ``[scale, decay, 1 - momentum, momentum]`` to read the momentum from
-    instead (eager only: what a captured CUDA graph replays with new values; see :func:`scaled_update`)."""
+    instead (eager only: what a captured CUDA graph replays with new values; see :func:`scaled_update`).
+
+    ``denom`` (eager only, ``out`` in bfloat16 or float32): write ``u_i`` itself into ``out[i]`` and its divisor
+    ``norm_scale ||u_i||_F + eps`` into ``denom[i]`` (float32, ``(b,)``) instead: for
+    ``orthogonalize_filled(..., unnormalised=True)``, which divides inside the NS products."""
     if len(grads) == 0:
         return
+    if denom is not None and (out.dtype not in (torch.bfloat16, torch.float32) or denom.shape != (len(grads),)):
+        raise ValueError(f"denom needs a bf16/float32 output and shape ({len(grads)},), got {out.dtype}, {denom.shape}")
     if torch.compiler.is_compiling():
         torch.ops.muonkit.momentum_normalise(
             grads.tensors, grads.owners, grads.offsets, bufs.tensors, bufs.owners, bufs.offsets,
             out, momentum, nesterov, norm_scale, eps,
         )  # fmt: skip
         return
-    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars)
+    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars, denom)
 
 
 def scaled_update(
@@ -208,19 +214,19 @@ def _build() -> Any:
 
     def momentum_normalise(
         grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float,
-        scalars: Tensor | None = None,
+        scalars: Tensor | None = None, divisors: Tensor | None = None,
     ) -> None:  # fmt: skip
         R, C = grads.rows, grads.cols
         b = len(grads)
         br, bc, tiles_c, T = grid(R, C, out.stride(-1) != 1)
         partial = torch.empty((b, T), dtype=torch.float64, device=out.device)
-        denom = torch.empty((b,), dtype=torch.float32, device=out.device)
+        denom = torch.empty((b,), dtype=torch.float32, device=out.device) if divisors is None else divisors
         types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc,
                      FROM_S=scalars is not None)  # fmt: skip
         s = denom if scalars is None else scalars  # any tensor when unused
         launches = slots(grads.addresses(), bufs.addresses())
         dense = out if out.is_contiguous() else out.mT  # the (b, R, C) or (b, C, R) block the NS products read
-        in_place = out.dtype == torch.bfloat16 and dense.is_contiguous()
+        in_place = (out.dtype == torch.bfloat16 and dense.is_contiguous()) or divisors is not None
         strides = (out.stride(0), out.stride(1), out.stride(2))
         for row0, n, args in launches:
             K.momentum_kernel[(T, n)](
@@ -228,6 +234,8 @@ def _build() -> Any:
                 WRITE_U=in_place, **types,
             )  # fmt: skip
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
+        if divisors is not None:  # the NS products divide
+            return
         if in_place:  # bf16 (float32's range): u was written unnormalised; divide it where it lies
             block = 2048
             K.scale_kernel[(triton.cdiv(R * C, block), b)](dense, denom, R * C, BLOCK=block, num_warps=4)

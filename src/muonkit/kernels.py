@@ -168,20 +168,25 @@ def use_kernel(X: Tensor, has_y: bool = False) -> bool:
 
 def sym_product(
     X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None, diag: float = 0.0,
-    W: Tensor | None = None,
+    W: Tensor | None = None, divisor: Tensor | None = None, power: int = 1,
 ) -> Tensor:  # fmt: skip
-    """``alpha X W^T + beta Y + diag I`` for a batch ``X`` of shape ``(b, m, k)``, ``W = X`` unless given; ``Y``
-    (``(b, m, m)``) must be symmetric, and so must ``X W^T`` (e.g. ``W`` symmetric and commuting with ``X``:
-    two polynomials in one symmetric matrix, as in Gram Newton-Schulz).
+    """``(alpha X W^T + beta Y + diag I) / divisor**power`` for a batch ``X`` of shape ``(b, m, k)``, ``W = X``
+    unless given; ``Y`` (``(b, m, m)``) must be symmetric, and so must ``X W^T`` (e.g. ``W`` symmetric and
+    commuting with ``X``: two polynomials in one symmetric matrix, as in Gram Newton-Schulz). ``divisor``:
+    ``None`` or one float32 number per matrix (``(b,)``), applied in the float32 epilogue with ``power`` 1 or 2
+    (NS on an unnormalised input: ``X X^T / d^2`` is the normalised input's Gram matrix).
 
     The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
     written twice), on the torch path up to rounding.
     """
+    if divisor is not None and (power not in (1, 2) or divisor.shape != (X.shape[0],)):
+        raise ValueError(f"divisor must have shape ({X.shape[0]},) and power be 1 or 2, got {divisor.shape}, {power}")
     same = (Y is None or Y.dtype == X.dtype) and (W is None or (W.dtype == X.dtype and W.shape == X.shape))
     if use_kernel(X, Y is not None) and same:
-        if torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
+            return _launch(X, alpha, beta, Y, diag, W, divisor, power)
+        if divisor is None:
             return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag, W)
-        return _launch(X, alpha, beta, Y, diag, W)
     right = (X if W is None else W).mT
     if Y is None:
         out = X @ right
@@ -191,6 +196,10 @@ def sym_product(
         out = torch.baddbmm(Y, X, right, beta=beta, alpha=alpha)
     if diag:
         out.diagonal(dim1=-2, dim2=-1).add_(diag)
+    if divisor is not None:
+        work = torch.promote_types(out.dtype, torch.float32)  # float32 for half inputs, as the kernel
+        d = divisor.view(-1, 1, 1).to(work)
+        out = (out.to(work) / (d * d if power == 2 else d)).to(out.dtype)
     return out
 
 
@@ -259,10 +268,10 @@ def _build() -> Any:
 
     @triton.jit
     def sym_product_kernel(
-        X, W, Y, C, M, K,
+        X, W, Y, C, S, M, K,
         sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
-        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, S_POW: tl.constexpr,
     ):  # fmt: skip
         # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
@@ -293,6 +302,11 @@ def _build() -> Any:
             y = tl.load(Y + b * syb + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0)
             acc += beta * y.to(tl.float32)
         acc += tl.where(rm[:, None] == rn[None, :], diag, 0.0)
+        if S_POW != 0:  # divided by this matrix's S[b] (S_POW = 1) or its square (2), in float32
+            inv = 1.0 / tl.load(S + b)
+            if S_POW == 2:
+                inv = inv * inv
+            acc = acc * inv
         out = acc.to(C.dtype.element_ty)
         cb = C + b * scb
         tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
@@ -336,9 +350,11 @@ def _build() -> Any:
         return triton.autotune(configs=[config], key=[])(sym_product_kernel)
 
     def launch(
-        wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None
-    ) -> Tensor:
-        """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile."""
+        wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None,
+        S: Tensor | None = None, power: int = 1,
+    ) -> Tensor:  # fmt: skip
+        """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile;
+        ``S``: per-matrix float32 divisors (eager only), applied ``power`` times."""
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
         w = X if W is None else (W if W.stride(-1) == 1 else W.contiguous())
@@ -352,14 +368,14 @@ def _build() -> Any:
             bm, bk, warps, stages = cfg
             tiles = triton.cdiv(m, bm)
             args = (
-                X, w, y, C, m, k,
+                X, w, y, C, C if S is None else S, m, k,
                 X.stride(0), X.stride(1), X.stride(2), w.stride(0), w.stride(1), w.stride(2),
                 y.stride(0), y.stride(1), y.stride(2),
                 C.stride(0), C.stride(1), C.stride(2),
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
-            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None)
+            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power)
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, **flags)
             else:

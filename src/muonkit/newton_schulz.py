@@ -102,31 +102,55 @@ def _times(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
     return torch.baddbmm(M, Z, M, beta=a, alpha=s)
 
 
-def _times_symmetric(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
+def _times_symmetric(M: Tensor, poly: tuple[Tensor, float, float], divisor: Tensor | None = None) -> Tensor:
     """``(a I + s Z) M`` for a symmetric ``M`` that commutes with ``Z`` (both polynomials in one symmetric matrix),
     so that the product is symmetric: where the Triton polynomial made ``Z`` the whole factor, one triangle of it
     on the symmetric-product kernel (exactly symmetric), else matmuls. Measured on an H100 (GPT-2-small step,
     bf16, ``benchmarks/step.py``): the first step's error against float64 NS fell from 1.52e-2 (cuBLAS for
-    these products) to 1.04e-2, the plain-NS level (1.00e-2), at about the same speed."""
+    these products) to 1.04e-2, the plain-NS level (1.00e-2), at about the same speed. ``divisor``: the result
+    divided by it, per matrix (in the kernel's epilogue where it runs)."""
     Z, a, s = poly
     if a == 0 and s == 1 and kernels.use_kernel(Z):
-        return kernels.sym_product(Z, W=M)
-    return _times(M, poly)
+        return kernels.sym_product(Z, W=M, divisor=divisor)
+    return _divided(_times(M, poly), divisor)
 
 
-def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
+def _divided(X: Tensor, divisor: Tensor | None) -> Tensor:
+    """``X / divisor`` per matrix, in place (computed in float32, rounded once to X's dtype)."""
+    return X if divisor is None else X.div_(divisor.view(-1, 1, 1))
+
+
+def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor) -> Tensor:
+    """One NS step on ``X / divisor`` (per matrix) for an unnormalised ``X``, without dividing ``X``: the Gram
+    matrix comes out of the product divided by ``divisor^2``, and where the Triton kernel makes the whole
+    polynomial ``P``, it comes out divided by ``divisor``, so ``(P / d) X`` is the step's result. Saves the
+    pass that divides the input (measured on an H100: ``benchmarks/step.py``)."""
+    A = kernels.sym_product(X, divisor=divisor, power=2)
+    a, *higher = coefs
+    if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
+        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a, divisor=divisor) @ X
+    return _divided(_times(X, _polynomial(A, coefs)), divisor)
+
+
+def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], divisor: Tensor | None = None) -> Tensor:
     """Apply one odd polynomial per row to the singular values of each matrix of ``X`` (b, m, n), m <= n.
 
     Per step, with ``A = X X^T``: ``X = (a I + b A + c A^2 + ...) X``, i.e. ``p(s) = a s + b s^3 + c s^5 + ...``
-    on every singular value ``s``.
+    on every singular value ``s``. ``divisor``: ``X`` is unnormalised and the input is ``X / divisor``.
     """
+    if divisor is not None:
+        if not rows:
+            return _divided(X, divisor)
+        X, rows = _first_step_unnormalised(X, rows[0], divisor), rows[1:]
     for coefs in rows:
         A = kernels.sym_product(X)  # X X^T (the Triton kernel where it applies)
         X = _times(X, _polynomial(A, coefs))
     return X
 
 
-def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Sequence[int]) -> Tensor:
+def _gram_newton_schulz(
+    X: Tensor, rows: Sequence[Sequence[float]], restarts: Sequence[int], divisor: Tensor | None = None
+) -> Tensor:
     """The same polynomials as ``_newton_schulz``, iterated on the small Gram matrix (Dao-AILab's Gram NS).
 
     Every step multiplies X on the left by ``P = a I + b R + c R^2 + ...`` with ``R = X X^T``; since P is a
@@ -134,28 +158,35 @@ def _gram_newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], restarts: Se
     accumulated on ``m x m`` matrices. X (``m x n``) is touched only to form R, at each restart
     (``X = Q X``, ``R = X X^T``, which bounds half-precision drift in R) and at the end. Per step this
     costs about ``8 m^3`` FLOPs instead of ``4 m^2 n + 2 m^3``: a saving once ``n`` is about ``2 m`` or more.
+
+    ``divisor``: ``X`` is unnormalised and the input is ``X / divisor`` (per matrix): R comes out of its product
+    divided by ``divisor^2``, and the Q that next multiplies this X (before the first restart or at the end)
+    divided by ``divisor``, so X itself is never divided.
     """
-    R = kernels.sym_product(X)
+    R = kernels.sym_product(X, divisor=divisor, power=2)
     Q: Tensor | None = None
     last = len(rows) - 1
     for i, coefs in enumerate(rows):
         if i in restarts and i > 0 and Q is not None:
             X = Q @ X
             R = kernels.sym_product(X)
-            Q = None
+            Q, divisor = None, None
         poly = _polynomial(R, coefs)
+        meets_x = i == last or i + 1 in restarts  # this Q multiplies X next
+        d = divisor if meets_x else None
         if Q is None:
             Z, a, s = poly
             if a == 0 and s == 1:
-                Q = Z  # already P, a fresh tensor (the Triton polynomial)
+                Q = Z if d is None else _divided(Z.clone(), d)  # P (the Triton polynomial; Z is used below)
             else:
                 Q = Z * s  # a copy: Z may be R itself (cubics) and is used again below
                 Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
+                _divided(Q, d)
         else:
-            Q = _times_symmetric(Q, poly)  # Q = P Q
+            Q = _times_symmetric(Q, poly, d)  # Q = P Q
         if i < last and i + 1 not in restarts:
             R = _times_symmetric(_times_symmetric(R, poly), poly)  # P P R
-    return X if Q is None else Q @ X
+    return _divided(X, divisor) if Q is None else Q @ X
 
 
 def orthogonalize(
@@ -267,19 +298,30 @@ def orthogonalize_stack(
 
 
 def orthogonalize_filled(
-    fill: Callable[[Tensor], object],
+    fill: Callable[..., object],
     shape: tuple[int, int, int],
     rows: Sequence[Sequence[float]],
     ns_dtype: torch.dtype,
     device: torch.device,
     method: str = "newton_schulz",
     restarts: Sequence[int] = GRAM_RESTARTS,
+    unnormalised: bool = False,
 ) -> Tensor:
     """NS on a ``(b, m, n)`` batch, ``m <= n``, that ``fill(X)`` writes into ``X`` (``ns_dtype``) already
     normalised (every singular value in ``(0, 1]``; the fused momentum kernel does that). Returned with
-    ``fresh=False`` semantics: on a cached CUDA graph, ``fill`` writes straight into its static input."""
+    ``fresh=False`` semantics: on a cached CUDA graph, ``fill`` writes straight into its static input.
+
+    ``unnormalised``: ``fill(X, d)`` writes the input undivided into ``X`` and each matrix's divisor into ``d``
+    (float32, ``(b,)``); NS works on ``X / d`` without a pass that divides ``X`` (the divisors go into the
+    first products' float32 epilogues). For ``ns_dtype`` with float32's range (bf16, float32), and inside a
+    captured sequence or where graphs are off: no cached NS graph is used."""
     if shape[-2] > shape[-1]:
         raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
+    if unnormalised:
+        X = torch.empty(shape, dtype=ns_dtype, device=device)
+        d = torch.empty(shape[0], dtype=torch.float32, device=device)
+        fill(X, d)
+        return _iterate(X, rows, method, restarts, d)
     return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
 
 
@@ -375,8 +417,11 @@ def _orthogonalize_eager(
     return X.mT if transposed else X
 
 
-def _iterate(X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Sequence[int]) -> Tensor:
-    """The NS iterations on a normalised batch ``X`` (``m <= n``): Gram NS for rectangular matrices when asked."""
+def _iterate(
+    X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Sequence[int], divisor: Tensor | None = None
+) -> Tensor:
+    """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
+    dividing ``X``: Gram NS for rectangular matrices when asked."""
     if method == "gram" and X.shape[-2] != X.shape[-1]:
-        return _gram_newton_schulz(X, rows, tuple(restarts))
-    return _newton_schulz(X, rows)
+        return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
+    return _newton_schulz(X, rows, divisor)

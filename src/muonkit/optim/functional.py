@@ -12,6 +12,7 @@ AdamW (Loshchilov & Hutter 2019), written to match torch.optim.AdamW step for st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -455,6 +456,7 @@ class _StepPlan:
             chunk = max_batch or len(entries)
             for start in range(0, len(entries), chunk):
                 self.batches.append(self._batch(entries[start : start + chunk], m, n, work, schedule, method, device))
+        self.one_device = len({batch.device for batch in self.batches}) == 1
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
                 self._graph_keys(batch, calls, streams[batch.device])
@@ -490,9 +492,19 @@ class _StepPlan:
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
 
     def run(self, calls: Sequence[StepCall]) -> None:
-        """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers."""
+        """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
+
+        Where two or more batches replay captured graphs on one device, every second batch replays on a side
+        stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave tails overlap the
+        other's products (the batches touch disjoint memory); the current stream waits for it at the end."""
         pointers: dict[int, list[list[int]]] = {}
-        for batch in self.batches:
+        side = None
+        if len(self.batches) > 1 and self.one_device and cuda_graphs.concurrent_batches():
+            device = self.batches[0].device
+            if cuda_graphs.graphable_on(device):
+                side = cuda_graphs.side_stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+        for i, batch in enumerate(self.batches):
             numbers = []  # per run: (scale, decay, momentum)
             for run in batch.runs:
                 opts = calls[run.call][3]
@@ -511,8 +523,11 @@ class _StepPlan:
                     addresses += [ptrs[o] for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
             cuda_graphs.replays.run(
-                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
-            )
+                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
+                stream=side if i % 2 else None,
+            )  # fmt: skip
+        if side is not None:
+            torch.cuda.current_stream(self.batches[0].device).wait_stream(side)
 
 
 def _decays(opts: dict[str, Any]) -> bool:
@@ -550,15 +565,29 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
         part = X[run.first : run.first + len(run.owners)]
         return part.mT if run.rows > run.cols else part
 
-    def fill(X: Tensor) -> None:
+    def fill(X: Tensor, d: Tensor | None = None) -> None:
         for r in live:
             fused.momentum_normalise(
                 r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
                 norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars,
+                denom=None if d is None else d[r.run.first : r.run.first + len(r.run.owners)],
             )  # fmt: skip
 
+    # bf16 input inside a captured batch (or with graphs off): written undivided, the NS products divide (one pass
+    # over the input fewer). Not with eps = 0: an undivided input of tiny entries could underflow in X X^T.
+    unnormalised = (
+        _FOLD_NORMALISATION
+        and batch.work == torch.bfloat16
+        and all(r.run.eps > 0 for r in live)
+        and (scalars is not None or not cuda_graphs.graphable_on(batch.device))
+        and not torch.compiler.is_compiling()
+    )
     shape = (batch.size, batch.m, batch.n)
-    O = orthogonalize_filled(fill, shape, batch.schedule, batch.work, batch.device, batch.method)
+    # a batch headed for capture (scalars given) runs eagerly first: there choose kernels as the capture will
+    with kernels.capture_warmup() if unnormalised and scalars is not None else contextlib.nullcontext():
+        O = orthogonalize_filled(
+            fill, shape, batch.schedule, batch.work, batch.device, batch.method, unnormalised=unnormalised
+        )
     for r in live:
         part = rows_of(O, r.run)
         fused.scaled_update(
@@ -568,6 +597,7 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
             _record_stats(r.stats, part, r.scale)
 
 
+_FOLD_NORMALISATION = True  # bf16 fused steps: the NS products divide by the norms (benchmarks turn it off to compare)
 _PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of recently seen structures
 _MAX_PLANS = 32
 
