@@ -234,6 +234,7 @@ def frobenius_norms(G: Tensor) -> Tensor:
 # among these four for every batch, X X^T and step polynomial alike.
 CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, tuple[int, int, int, int]] = {}  # tuned choice per (batch, M, K, has Y, dtype)
+_EVEN = os.environ.get("MUONKIT_SYM_EVEN", "1") != "0"  # unmasked loads where the tiles divide the matrix
 
 
 def _default_config(m: int, k: int, has_y: bool) -> tuple[int, int, int, int]:
@@ -272,6 +273,7 @@ def _build() -> Any:
         sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
         HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, S_POW: tl.constexpr,
+        EVEN: tl.constexpr,
     ):  # fmt: skip
         # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
@@ -287,9 +289,13 @@ def _build() -> Any:
         b_ptr = W + b * swb + rn[:, None] * swm + rk[None, :] * swk  # W[rn, k] (W = X for X X^T), transposed in SMEM
         acc = tl.zeros((BM, BM), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
-            kk = k * BK + rk
-            a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
+            if EVEN:  # whole tiles only (M % BM == 0, K % BK == 0): no masks
+                a = tl.load(a_ptr)
+                bn = tl.load(b_ptr)
+            else:
+                kk = k * BK + rk
+                a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
             acc += tl.dot(a, tl.trans(bn))
             a_ptr += BK * sxk
             b_ptr += BK * swk
@@ -375,7 +381,8 @@ def _build() -> Any:
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
-            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power)
+            even = _EVEN and m % bm == 0 and k % bk == 0
+            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even)
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, **flags)
             else:
