@@ -226,6 +226,12 @@ def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch)
     run("A", 3.0)  # replayed
     assert len(captured) == 1 and captured[0].graph.replays == 2
     assert seen[1:] == [[2.0, -2.0], [3.0, -3.0]]
+    captured[0].input.fill_(0.5)  # unchanged values are not copied again: the input keeps what it holds
+    run("A", 3.0)
+    assert seen[-1] == [0.5, 0.5] and captured[0].values == [3.0, -3.0]
+    captured[0].input.copy_(torch.tensor([3.0, -3.0]))
+    captured[0].graph.replays -= 1
+    del seen[-1]
     run("B", 4.0)  # moved: eager, no capture
     assert len(captured) == 1 and captured[0].graph.replays == 2 and seen[-1] == [4.0, -4.0]
     run("B", 5.0)  # repeated: the slot's second capture
