@@ -65,15 +65,18 @@ def _full_state(model):
 def _worker(rank, world, port, out, task):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a CPU mesh, stated: without one, fully_shard takes the accelerator's device type (CUDA where there is one)
+    mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
     model = Net()
     for module in (model.qkv, model.kv, model.fc, model.fc2, model.head):
-        fully_shard(module)
-    fully_shard(model)
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {}
     opt = _optimizer(model, **kw)
     first, steps = 0, STEPS
