@@ -135,7 +135,8 @@ class GraphCache:
         size alone exceeds the bound or the capture failed before. Graphs that do not fit together take turns
         at most twice each: a graph already dropped twice for room is not captured again while it would
         need room (its calls run eagerly), so that a working set larger than the bound does not recapture
-        every step (measured on an H100: a 1B-parameter step went from 60 to 105 ms that way)."""
+        every step (measured on an H100: the 1B-parameter set's step without the QKV split took 105 ms that
+        way, 55.7 ms with this rule)."""
         entry = self.peek(key)
         if entry is not None:
             return entry

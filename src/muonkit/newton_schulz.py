@@ -89,9 +89,19 @@ def _polynomial(A: Tensor, coefs: Sequence[float]) -> tuple[Tensor, float, float
     a, *higher = coefs
     if len(higher) == 1:
         return A, a, higher[0]
-    if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
-        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a), 0.0, 1.0
+    P = _kernel_polynomial(A, coefs)
+    if P is not None:
+        return P, 0.0, 1.0
     return _poly_in_gram(A, higher), a, 1.0
+
+
+def _kernel_polynomial(A: Tensor, coefs: Sequence[float], divisor: Tensor | None = None) -> Tensor | None:
+    """The whole quintic polynomial ``(c A A + b A + a I) / divisor`` in one symmetric-product kernel call, where
+    the Triton kernel takes it; ``None`` elsewhere (other degrees, or no kernel)."""
+    a, *higher = coefs
+    if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
+        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a, divisor=divisor)
+    return None
 
 
 def _times(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
@@ -127,9 +137,9 @@ def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor)
     pass that divides the input (H100, GPT-2-small step back to back: 3.14 -> 3.00 ms plain, 2.86 -> 2.72 Gram,
     ``benchmarks/results/step_h100_fold_ab.json``)."""
     A = kernels.sym_product(X, divisor=divisor, power=2)
-    a, *higher = coefs
-    if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
-        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a, divisor=divisor) @ X
+    P = _kernel_polynomial(A, coefs, divisor)
+    if P is not None:
+        return P @ X
     return _divided(_times(X, _polynomial(A, coefs)), divisor)
 
 
