@@ -11,13 +11,17 @@ three Triton kernels per batch of same-shape matrices (plus a tiny one that turn
    precision it also writes ``u`` itself, in bf16, into the batch the NS products read (transposed there
    when the matrix has more rows than columns);
 2. ``norms``: per matrix, the partial sums into ``norm_scale ||u||_F + eps`` (float32, as the torch path rounds it);
-3. bf16: ``scale`` divides that batch by the denominators in place. Other precisions (float16's range could
-   not hold an unnormalised gradient): ``normalise`` forms ``u`` again from ``g`` and the new ``buf``
-   (recomputing costs less than writing and reading it back) and writes ``u / denominator`` once;
+3. bf16: with ``denom`` given (the fused step inside a captured batch, or with graphs off) nothing more: the
+   denominators go to the NS products, which divide in their epilogues (``orthogonalize_filled(...,
+   unnormalised=True)``); otherwise ``scale`` divides that batch by them in place. Other precisions
+   (float16's range could not hold an unnormalised gradient): ``normalise`` forms ``u`` again from ``g`` and
+   the new ``buf`` (recomputing costs less than writing and reading it back) and writes ``u / denominator``
+   once;
 4. ``update``: ``p <- p (1 - lr wd) - scale O`` from the NS output ``O``, with the torch path's roundings.
 
 Bytes through memory for float32 gradients, state and parameters (4 bytes each) per entry: bf16 NS input
-14 + 4 + 10 = 28 (float16: 12 + 10 + 10 = 32), against about 68 for the torch path. The kernels read each
+14 + 10 = 24 with ``denom`` (14 + 4 + 10 = 28 with the in-place division; float16: 12 + 10 + 10 = 32), against
+about 68 for the torch path. The kernels read each
 matrix through its own address (no stacked copy of the gradients): up to ``SLOTS`` addresses travel in one
 launch as plain integer arguments, so a launch is a fixed sequence of arguments that CUDA graphs capture and
 ``torch.compile`` calls as an opaque custom op (``torch.ops.muonkit.momentum_normalise`` /
@@ -25,10 +29,10 @@ launch as plain integer arguments, so a launch is a fixed sequence of arguments 
 
 The arithmetic follows ``torch.lerp`` (small weight: ``a + w (b - a)``, else ``b - (b - a)(1 - w)``) and the
 torch path's casts, so results agree with it to rounding (the norm's float64 partial sums are grouped
-differently; a bf16 NS input is rounded twice, ``u`` then ``u / denominator``, where the torch path rounds
-once: at most one bf16 unit in the last place apart). Used by :func:`muonkit.optim.functional.muon_step` where
-:func:`applies` holds; everything else takes the torch path. The environment variable ``MUONKIT_FUSED=0`` (or
-:func:`set_fused`) turns it off.
+differently; with the in-place division a bf16 NS input is rounded twice, ``u`` then ``u / denominator``,
+where the torch path rounds once: at most one bf16 unit in the last place apart). Used by
+:func:`muonkit.optim.functional.muon_step` where :func:`applies` holds; everything else takes the torch path.
+The environment variable ``MUONKIT_FUSED=0`` (or :func:`set_fused`) turns it off.
 """
 
 from __future__ import annotations
