@@ -240,3 +240,14 @@ def test_frobenius_norm_kernel_keeps_tiny_and_huge_float32():
     torch.testing.assert_close(
         kernels.frobenius_norms(strided), torch.linalg.vector_norm(strided.double(), dim=(-2, -1), keepdim=True)
     )
+
+
+def test_environment_switches_share_one_reading(monkeypatch):
+    """MUONKIT_FUSED, MUONKIT_CUDA_GRAPHS, MUONKIT_CONCURRENT_BATCHES and MUONKIT_SYM_EVEN: on unless 0/false/off."""
+    from muonkit._env import switch
+
+    monkeypatch.delenv("MUONKIT_X", raising=False)
+    assert switch("MUONKIT_X")
+    for value, on in (("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("MUONKIT_X", value)
+        assert switch("MUONKIT_X") is on

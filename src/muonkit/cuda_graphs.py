@@ -18,7 +18,6 @@ share buffers; concurrent calls from several threads on one stream are not suppo
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._env import switch
 
 __all__ = [
     "GraphCache",
@@ -220,8 +221,8 @@ def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -
     return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device))
 
 
-_enabled = os.environ.get("MUONKIT_CUDA_GRAPHS", "1") not in ("0", "false", "off")
-_concurrent = os.environ.get("MUONKIT_CONCURRENT_BATCHES", "1") not in ("0", "false", "off")
+_enabled = switch("MUONKIT_CUDA_GRAPHS")
+_concurrent = switch("MUONKIT_CONCURRENT_BATCHES")
 cache = GraphCache()
 replays = Replays()
 _side: dict[torch.device, torch.cuda.Stream] = {}

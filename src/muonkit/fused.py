@@ -38,7 +38,6 @@ The environment variable ``MUONKIT_FUSED=0`` (or :func:`set_fused`) turns it off
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -46,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from ._env import switch
 
 __all__ = [
     "SLOTS",
@@ -60,7 +60,7 @@ __all__ = [
 
 SLOTS = 16  # matrix addresses per launch (kernel arguments)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_enabled = os.environ.get("MUONKIT_FUSED", "1") not in ("0", "false", "off")
+_enabled = switch("MUONKIT_FUSED")
 _compile_ok = False  # the custom ops are registered (torch.compile calls them)
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._env import switch
+
 __all__ = [
     "AUTO_EAGER_MIN_WORK",
     "AUTO_MIN_ROWS",
@@ -234,7 +236,7 @@ def frobenius_norms(G: Tensor) -> Tensor:
 # among these four for every batch, X X^T and step polynomial alike.
 CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, tuple[int, int, int, int]] = {}  # tuned choice per (batch, M, K, has Y, dtype)
-_EVEN = os.environ.get("MUONKIT_SYM_EVEN", "1") != "0"  # unmasked loads where the tiles divide the matrix
+_EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the matrix
 
 
 def _default_config(m: int, k: int, has_y: bool) -> tuple[int, int, int, int]:
