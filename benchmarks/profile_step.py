@@ -146,7 +146,8 @@ def main() -> None:
                     "default:newton_schulz:torch,default:newton_schulz:triton,"
                     "reduce-overhead:newton_schulz:torch,reduce-overhead:newton_schulz:triton,"
                     "reduce-overhead:gram:triton",
-                    help="comma-separated compile-mode:method:kernel-mode[:fp16][:nofused] step variants; compile-mode "
+                    help="comma-separated compile-mode:method:kernel-mode[:flag...] variants (flags: fp16, nofused, "
+                         "nosplit, onestream); compile-mode "
                          "'eager' replays cached CUDA graphs of the NS calls, 'eager-nographs' does not")  # fmt: skip
     ap.add_argument("--skip-ns", action="store_true")
     ap.add_argument("--out", default="profile_step.json")
@@ -187,13 +188,16 @@ def main() -> None:
     params = make_params(layers, shapes, dev)
     result["profile"] = {}
     for variant in args.variants.split(","):
-        compile_mode, method, kmode, *rest = variant.split(":")  # optional 4th field: "fp16" or "nofused"
+        # optional further fields: "fp16", "nofused", "nosplit" (the fused QKV whole), "onestream" (no side stream)
+        compile_mode, method, kmode, *rest = variant.split(":")
         kernels.set_mode(kmode)
+        muonkit.cuda_graphs.set_concurrent_batches("onestream" not in rest)
         muonkit.fused.set_fused("nofused" not in rest)
         ns_dtype = torch.float16 if "fp16" in rest else None
         muonkit.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")
         try:
-            opt = muonkit.Muon(split_groups(params), nonfinite="ignore", method=method, ns_dtype=ns_dtype)
+            groups = params if "nosplit" in rest else split_groups(params)
+            opt = muonkit.Muon(groups, nonfinite="ignore", method=method, ns_dtype=ns_dtype)
             opt.step()
             fn = opt.step if compile_mode.startswith("eager") else torch.compile(opt.step, mode=compile_mode)
             rec = profile(fn)

@@ -52,6 +52,14 @@ def _round_bf16_to_nearest(mp):
     mp.setattr(interp.InterpreterBuilder, "cast_impl", rounded)
 
 
+def _force_fused(monkeypatch, use: bool) -> None:
+    """Steps take the fused path (``use``; on the CPU its kernels run in the interpreter) or the torch path, with no
+    plan remembered from before (a remembered plan is run without asking ``_fused_step_applies`` again)."""
+    monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: use)
+    monkeypatch.setattr(functional, "_PLANS", type(functional._PLANS)())
+    monkeypatch.setattr(functional, "_REMEMBERED", [])
+
+
 def _mats(tensors, rows, cols, parts):
     """Matrices of shape (rows, cols) taken as ``parts = [(tensor index, first row), ...]`` of 2-D tensors."""
     return fused.Matrices(tensors, [o for o, _ in parts], [r0 * cols for _, r0 in parts], rows, cols)
@@ -163,7 +171,7 @@ def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
         params = _params()
     results = []
     for use in (False, True):
-        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+        _force_fused(monkeypatch, use)
         ps = [p.clone() for p in params]
         bufs = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
         stats: dict = {}
@@ -205,7 +213,7 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
     monkeypatch.setattr(functional, "orthogonalize_filled", counting)
     results = []
     for use in (False, True):
-        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+        _force_fused(monkeypatch, use)
         batches.clear()
         ps = [[torch.nn.Parameter(p.clone()) for p in g] for g in params0]
         groups = [dict(params=g, max_batch=max_batch, **o) for g, o in zip(ps, options)]
@@ -252,7 +260,7 @@ def test_bf16_steps_fold_the_normalisation_into_the_products(launchers, monkeypa
     for eps in (1e-7, 0.0):
         deltas = []
         for use in (False, True):
-            monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
+            _force_fused(monkeypatch, use)
             ps = [p.clone() for p in _params()]
             start = [p.clone() for p in ps]
             bufs = [torch.zeros_like(p) for p in ps]
@@ -286,8 +294,7 @@ def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatc
                 None), (0.006, 0.95, 0.2, "ns_steps"), (0.004, 0.95, 0.2, "coefficients")]  # fmt: skip
     results, plans = [], []
     for use in (False, True):
-        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=use: use)
-        monkeypatch.setattr(functional, "_PLANS", type(functional._PLANS)())
+        _force_fused(monkeypatch, use)
         preset.write_text(as_preset("jordan").to_json())
         ps = [[torch.nn.Parameter(p.clone()) for p in g] for g in params0]
         opt = muonkit.Muon([dict(params=ps[0], split=3), dict(params=ps[1], coefficients=str(preset))],
@@ -313,6 +320,116 @@ def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert plans[0] == [0] * len(schedule)  # the torch path plans nothing
     assert plans[1] == [1, 1, 2, 2, 3, 4]  # new plans exactly where the structure changed
+
+
+def test_remembered_plans_run_only_while_tensors_and_options_match(launchers, monkeypatch):
+    """After a fused step, a step whose options and tensors match runs the remembered plan without asking
+    ``_fused_step_applies`` again; a new learning rate keeps it; a gradient with other strides (same shape) or a
+    structure change (``ns_steps``) sends the step through the full path again, which here sends the non-contiguous
+    gradient to the torch path. Every step equals a torch-path run."""
+    import muonkit
+
+    torch.manual_seed(7)
+    params0 = [torch.randn(s, device=DEVICE) for s in [(48, 16), (16, 48), (16, 16)]]
+    grads = [[torch.randn(p.shape, device=DEVICE) for p in params0] for _ in range(6)]
+    results, asked = [], []
+    for use in (False, True):
+        _force_fused(monkeypatch, use)
+        calls = []
+
+        def applies(params, grads_, bufs, ns_dtype, use=use, calls=calls):
+            calls.append(1)
+            return use and all(g.is_contiguous() for g in grads_)
+
+        monkeypatch.setattr(functional, "_fused_step_applies", applies)
+        ps = [torch.nn.Parameter(p.clone()) for p in params0]
+        opt = muonkit.Muon(ps, ns_dtype=torch.float32)
+        counts = []
+        for k, step_grads in enumerate(grads):
+            opt.param_groups[0]["lr"] = 0.02 / (k + 1)
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+            if k == 3:  # the same values and shape, transposed strides: not what the plan was made for
+                ps[2].grad = step_grads[2].t().contiguous().t()
+            if k == 5:
+                opt.param_groups[0]["ns_steps"] = 4
+            opt.step()
+            counts.append(len(calls))
+        asked.append(counts)
+        results.append([p.detach().clone() for p in ps] + [opt.state[p]["momentum_buffer"] for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert asked[0] == [1, 2, 3, 4, 5, 6]  # the torch path is never remembered
+    assert asked[1] == [1, 1, 1, 2, 2, 3]  # asked at the first step, the strided gradient, the new ns_steps
+
+
+def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
+    """Where torch's tensor guards are missing, every step takes the full path (and still matches the torch path)."""
+    import muonkit
+    from muonkit.optim import _guards
+
+    monkeypatch.setattr(_guards, "available", lambda: False)
+    results = []
+    for use in (False, True):
+        _force_fused(monkeypatch, use)
+        torch.manual_seed(8)
+        ps = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(32, 16), (16, 16)]]
+        opt = muonkit.Muon(ps, ns_dtype=torch.float32)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert functional._REMEMBERED == []
+        results.append([p.detach() for p in ps])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_guards_tell_apart_what_plans_depend_on():
+    """The guard a remembered plan keeps: true for tensors with the same metadata (any values, any addresses),
+    false for another dtype, shape, stride, layout, device or requires_grad."""
+    from muonkit.optim import _guards
+
+    assert _guards.available()  # the torch this project supports has them; the fallback is tested above
+    ts = [torch.randn(6, 4), torch.zeros(4, 4, dtype=torch.bfloat16)]
+    guard = _guards.tensor_guard(ts)
+    assert guard.check(torch.ones(6, 4), torch.ones(4, 4, dtype=torch.bfloat16))
+    others = [torch.ones(6, 4, dtype=torch.float64), torch.ones(4, 6).t(), torch.ones(4, 6),
+              torch.ones(6, 4).to_sparse(), torch.ones(6, 4, requires_grad=True), torch.ones(12, 4)[::2]]  # fmt: skip
+    if CUDA:
+        others.append(torch.ones(6, 4, device="cuda"))
+    for other in others:
+        assert not guard.check(other, ts[1]), other
+    assert not guard.check(ts[0], ts[1].float())
+
+
+def test_state_key_follows_switches_structure_and_grad_mode():
+    """What besides tensor metadata decides a remembered plan: options other than lr/momentum/weight decay,
+    the kernel switches and grad mode."""
+    from muonkit import kernels
+
+    p = [torch.randn(8, 4)]
+    opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+            coefficients="jordan", ns_steps=5, adjust_lr="original", eps=1e-7)}  # fmt: skip
+    key = functional._state_key([(p, p, p, opts)])
+    assert key == functional._state_key([(p, p, p, {**opts, "lr": 0.5, "momentum": 0.5})])
+    for change in (dict(ns_steps=4), dict(nesterov=False), dict(weight_decay=0.1), dict(coefficients="polar_express"),
+                   dict(method="gram"), dict(eps=0.0), dict(split=2), dict(max_batch=3)):  # fmt: skip
+        assert functional._state_key([(p, p, p, {**opts, **change})]) != key, change
+    with torch.no_grad():  # as in Muon.step
+        quiet = functional._state_key([(p, p, p, opts)])
+    with torch.enable_grad():
+        assert functional._state_key([(p, p, p, opts)]) != quiet
+    kernels.set_mode("torch")
+    try:
+        assert functional._state_key([(p, p, p, opts)]) != key
+    finally:
+        kernels.set_mode("auto")
+    fused.set_fused(False)
+    try:
+        assert functional._state_key([(p, p, p, opts)]) != key
+    finally:
+        fused.set_fused(True)
 
 
 def test_applies_only_where_the_kernels_can_run():

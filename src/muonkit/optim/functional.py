@@ -33,6 +33,7 @@ from ..newton_schulz import (
     orthogonalize_filled,
     orthogonalize_stack,
 )
+from . import _guards
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -329,6 +330,20 @@ def muon_step(
         )  # fmt: skip
         _fused_muon_steps([(params, grads, momentum_buffers, options)])
         return
+    _torch_muon_step(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        coefficients=coefficients, ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
+        matrix_view=matrix_view, split=split, max_batch=max_batch, executor=executor, stats=stats,
+    )  # fmt: skip
+
+
+def _torch_muon_step(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
+    momentum: float, nesterov: bool, weight_decay: float, coefficients: CoefficientSpec, ns_steps: int | None,
+    adjust_lr: AdjustLR, eps: float, ns_dtype: torch.dtype | None, method: str, matrix_view: str, split: SplitSpec,
+    max_batch: int | None, executor: Executor | None, stats: dict[str, list[Tensor]] | None,
+) -> None:  # fmt: skip
+    """``muon_step`` through torch ops (any device and dtype; NS jobs run by ``executor``)."""
     updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
     # One contiguous output per parameter (so the reshaped/split views alias it, whatever the
     # parameter's memory format), filled part by part from batched NS results.
@@ -367,12 +382,22 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     ``768 x 3072`` matrices (NS works on the transpose of the first). Fewer, larger batches keep the GPU
     busier (measured on an H100 for GPT-2 small's four NS batches merged into two:
     ``benchmarks/results/batch_merge_h100.json``).
+
+    When every call takes the fused path, the step's plan is remembered with a guard over its tensors' metadata
+    (``_guards``); a later step whose options and tensors match runs the plan without checking each tensor
+    again in Python (``_remembered_plan``).
     """
+    full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
+    if not full:
+        return
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        plan = _remembered_plan(full)
+        if plan is not None:
+            plan.run(full)
+            return
     fused_calls = []
-    for params, grads, bufs, options in calls:
-        opts = {**_STEP_DEFAULTS, **options}
-        if not params:
-            continue
+    for params, grads, bufs, opts in full:
         if (
             opts["executor"] is None
             and opts["method"] != "svd"
@@ -380,9 +405,12 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
         ):
             fused_calls.append((params, grads, bufs, opts))
         else:
-            muon_step(params, grads, bufs, **opts)
+            _torch_muon_step(params, grads, bufs, **opts)
     if fused_calls:
-        _fused_muon_steps(fused_calls)
+        plan = _plan_for(fused_calls)
+        plan.run(fused_calls)
+        if len(fused_calls) == len(full) and not compiling:
+            _remember(full, plan)
 
 
 def _fused_step_applies(
@@ -497,7 +525,6 @@ class _StepPlan:
         Where two or more batches replay captured graphs on one device, every second batch replays on a side
         stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave tails overlap the
         other's products (the batches touch disjoint memory); the current stream waits for it at the end."""
-        pointers: dict[int, list[list[int]]] = {}
         side = None
         if len(self.batches) > 1 and self.one_device and cuda_graphs.concurrent_batches():
             device = self.batches[0].device
@@ -516,11 +543,9 @@ class _StepPlan:
                 step(None)
                 continue
             addresses = []
-            for run in batch.runs:
-                if run.call not in pointers:
-                    pointers[run.call] = [[t.data_ptr() for t in ts] for ts in calls[run.call][:3]]
-                for ptrs in pointers[run.call]:
-                    addresses += [ptrs[o] for o in run.distinct]
+            for run in batch.runs:  # read per batch, so that the first batch replays before the rest are read
+                for ts in calls[run.call][:3]:
+                    addresses += [ts[o].data_ptr() for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
             cuda_graphs.replays.run(
                 batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
@@ -652,6 +677,63 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
     a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
     work per step is reading addresses and numbers."""
     _plan_for(calls).run(calls)
+
+
+class _Remembered(NamedTuple):
+    """A plan with what must hold for a step to run it unchecked: the state key and a guard over the tensors."""
+
+    state: tuple
+    guard: Any
+    plan: _StepPlan
+
+
+_REMEMBERED: list[_Remembered] = []  # most recent first
+_MAX_REMEMBERED = 4
+
+
+def _state_key(calls: Sequence[StepCall]) -> tuple | None:
+    """Everything apart from the tensors' metadata that decides whether the fused path takes ``calls`` and which
+    plan it makes: switches, kernel mode, grad mode, each device's current stream, each call's structure and
+    length. ``None`` where an option cannot be compared as a key."""
+    devices = dict.fromkeys(call[0][0].device for call in calls)
+    streams = tuple((d, cuda_graphs.stream_key(d)) for d in devices if cuda_graphs.graphable_on(d))
+    key = (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), streams, tuple(
+        (len(ps), len(gs), len(bs), opts["executor"] is None, _structure(opts), _decays(opts))
+        for ps, gs, bs, opts in calls
+    ))  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _tensors(calls: Sequence[StepCall]) -> list[Tensor]:
+    return [t for ps, gs, bs, _ in calls for ts in (ps, gs, bs) for t in ts]
+
+
+def _remembered_plan(calls: Sequence[StepCall]) -> _StepPlan | None:
+    """The plan of an earlier fused step that ``calls`` match (same state key; every tensor with the same dtype,
+    device, shape, strides, layout and ``requires_grad``), else ``None``."""
+    if not _REMEMBERED:
+        return None
+    state = _state_key(calls)
+    for i, entry in enumerate(_REMEMBERED):
+        if entry.state == state and entry.guard.check(*_tensors(calls)):
+            if i:
+                _REMEMBERED.insert(0, _REMEMBERED.pop(i))
+            return entry.plan
+    return None
+
+
+def _remember(calls: Sequence[StepCall], plan: _StepPlan) -> None:
+    """Keep ``plan`` for later steps that match ``calls`` (where torch's tensor guards exist here)."""
+    state = _state_key(calls)
+    guard = None if state is None else _guards.tensor_guard(_tensors(calls))
+    if guard is None:
+        return
+    _REMEMBERED.insert(0, _Remembered(state, guard, plan))
+    del _REMEMBERED[_MAX_REMEMBERED:]
 
 
 def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
