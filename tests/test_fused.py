@@ -73,18 +73,21 @@ def _reference_pre(g_views, b_views, momentum, nesterov, norm_scale, eps, ns_dty
 
 
 @pytest.mark.parametrize(
-    "g_dtype,b_dtype,ns_dtype,nesterov,transposed",
+    "g_dtype,b_dtype,ns_dtype,nesterov,transposed,shape",
     [
-        (torch.float32, torch.float32, torch.float32, True, False),
-        (torch.float32, torch.float32, torch.bfloat16, True, True),
-        (torch.float32, torch.float32, torch.float16, False, False),
-        (torch.bfloat16, torch.float32, torch.bfloat16, True, False),
-        (torch.bfloat16, torch.bfloat16, torch.bfloat16, True, True),
+        (torch.float32, torch.float32, torch.float32, True, False, (40, 24)),
+        (torch.float32, torch.float32, torch.bfloat16, True, True, (40, 24)),
+        (torch.float32, torch.float32, torch.float16, False, False, (40, 24)),
+        (torch.bfloat16, torch.float32, torch.bfloat16, True, False, (40, 24)),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, True, True, (40, 24)),
+        # wide rows: 32 x 128 tiles as they are, 16 x 256 written transposed
+        (torch.float32, torch.float32, torch.bfloat16, True, True, (20, 300)),
+        (torch.float32, torch.float32, torch.bfloat16, True, False, (20, 300)),
     ],
 )
-def test_momentum_normalise_matches_torch(launchers, g_dtype, b_dtype, ns_dtype, nesterov, transposed):
+def test_momentum_normalise_matches_torch(launchers, g_dtype, b_dtype, ns_dtype, nesterov, transposed, shape):
     torch.manual_seed(0)
-    rows, cols = 40, 24  # several tiles per matrix, ragged edges
+    rows, cols = shape  # several tiles per matrix, ragged edges
     # 18 matrices (two slot groups): 3 parts of one fused tensor, 15 separate tensors
     shapes = [(3 * rows, cols)] + [(rows, cols)] * 15
     grads = [torch.randn(s, device=DEVICE).to(g_dtype) for s in shapes]
@@ -430,6 +433,29 @@ def test_state_key_follows_switches_structure_and_grad_mode():
         assert functional._state_key([(p, p, p, opts)]) != key
     finally:
         fused.set_fused(True)
+
+
+def test_plans_balance_batches_over_two_lanes():
+    """GPT-2 small without the QKV split: the largest batch (24 x 768 x 3072) on one stream, the other two
+    (12 x 768 x 2304, 12 x 768 x 768) on the other, largest first (alternating lanes in the order of the
+    parameters would put the 2304 and 3072 batches on one stream)."""
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
+    ps = [torch.empty(s, device="meta") for s in shapes]
+    opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+            coefficients="jordan", ns_steps=5, adjust_lr="original", eps=1e-7, ns_dtype=torch.bfloat16)}  # fmt: skip
+    for method in ("gram", "newton_schulz"):
+        plan = functional._StepPlan([(ps, ps, ps, {**opts, "method": method})], None)
+        got = [(b.size, b.m, b.n, b.lane) for b in plan.batches]
+        assert got == [(24, 768, 3072, 0), (12, 768, 2304, 1), (12, 768, 768, 1)], (method, got)
+
+
+def test_graph_keys_hash_once_and_equal_their_tuples():
+    from muonkit import cuda_graphs
+
+    parts = (1, (2, (3, 4)), "x")
+    key = cuda_graphs.Key(parts)
+    assert key == parts and hash(key) == hash(parts) and {parts: 1}[key] == 1
+    assert {key: 2}[parts] == 2 and key != cuda_graphs.Key((1, (2, (3, 5)), "x"))
 
 
 def test_applies_only_where_the_kernels_can_run():

@@ -31,6 +31,7 @@ from ._env import switch
 __all__ = [
     "GraphCache",
     "Graphed",
+    "Key",
     "Replays",
     "cache",
     "concurrent_batches",
@@ -91,6 +92,21 @@ def _capture_on(fn: Callable[[Tensor], Any], static: Tensor) -> Graphed:
         output = fn(static)
     grown = max(0, torch.cuda.memory_reserved(device) - reserved)
     return Graphed(static, output, graph, static.nbytes + grown)
+
+
+class Key(tuple):
+    """A tuple whose hash is computed once: a key looked up several times every step (``Replays.run``) whose
+    nested parts (a batch's matrix locations) would otherwise be hashed again at each lookup."""
+
+    _hash: int
+
+    def __new__(cls, items: Any) -> Key:
+        self = super().__new__(cls, items)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 class GraphCache:

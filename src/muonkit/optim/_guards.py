@@ -24,7 +24,8 @@ __all__ = ["available", "tensor_guard"]
 def _make(tensors: Sequence[Tensor]) -> Any:
     from torch._C._dynamo.guards import TensorGuards
 
-    return TensorGuards(
+    guards: Any = TensorGuards  # its stub types the per-tensor size lists as single sizes
+    return guards(
         *tensors,
         dynamic_dims_sizes=[list(t.shape) for t in tensors],
         dynamic_dims_strides=[list(t.stride()) for t in tensors],

@@ -456,6 +456,20 @@ class _Batch:
     slot: tuple = ()  # what the batch computes (``cuda_graphs.replays``' slot), apart from the tensors' addresses
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
+    lane: int = 0  # 0: the current stream, 1: the side stream (where batches run concurrently)
+
+
+def _batch_cost(batch: _Batch) -> float:
+    """A rough GPU time of one batch, in multiply-adds: the NS products (symmetric ones counted half, Gram NS per
+    ``_gram_newton_schulz``'s docstring with one restart) plus the element-wise passes over its matrices at about
+    130 multiply-adds per byte moved (an H100's ~400 TFLOP/s on these products against ~3 TB/s), 24 bytes per
+    entry (fp32 gradient, buffer and parameter). Only compared between batches, to balance streams."""
+    b, m, n, steps = batch.size, batch.m, batch.n, len(batch.schedule)
+    if batch.method == "gram" and m < n:
+        products = 6 * m * m * n + 3 * steps * m**3
+    else:
+        products = steps * (3 * m * m * n + m**3)
+    return b * (products + 130 * 24 * m * n)
 
 
 class _StepPlan:
@@ -485,9 +499,21 @@ class _StepPlan:
             for start in range(0, len(entries), chunk):
                 self.batches.append(self._batch(entries[start : start + chunk], m, n, work, schedule, method, device))
         self.one_device = len({batch.device for batch in self.batches}) == 1
+        self._balance()
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
                 self._graph_keys(batch, calls, streams[batch.device])
+
+    def _balance(self) -> None:
+        """Order the batches largest first and give each the lane (stream) with less work so far, so that two
+        concurrent lanes finish together (``run``). GPT-2 small without the QKV split has batches of 24 x 768 x
+        3072, 12 x 768 x 2304 and 12 x 768 x 768: alternating lanes put the first two on one stream."""
+        cost = {id(batch): _batch_cost(batch) for batch in self.batches}
+        self.batches.sort(key=lambda batch: -cost[id(batch)])
+        loads = [0.0, 0.0]
+        for batch in self.batches:
+            batch.lane = loads.index(min(loads))
+            loads[batch.lane] += cost[id(batch)]
 
     @staticmethod
     def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
@@ -510,28 +536,31 @@ class _StepPlan:
     def _graph_keys(batch: _Batch, calls: Sequence[StepCall], stream: tuple[int, int]) -> None:
         b, m, n, work, device = batch.size, batch.m, batch.n, batch.work, batch.device
         tensors = [(run, calls[run.call]) for run in batch.runs]
-        batch.slot = (device, stream, m, n, work, batch.schedule, batch.method, kernels.get_mode(), tuple(
+        runs = tuple(
             (run.rows, run.cols, call[1][run.owners[0]].dtype, call[2][run.owners[0]].dtype,
              call[0][run.owners[0]].dtype, run.buf_dtype, run.nesterov, run.norm_scale, run.eps,
              _decays(call[3]), tuple(run.owners), tuple(run.offsets))
             for run, call in tensors
-        ))  # fmt: skip
+        )  # fmt: skip
+        mode = kernels.get_mode()
+        batch.slot = cuda_graphs.Key((device, stream, m, n, work, batch.schedule, batch.method, mode, runs))
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
 
     def run(self, calls: Sequence[StepCall]) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
 
-        Where two or more batches replay captured graphs on one device, every second batch replays on a side
-        stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave tails overlap the
-        other's products (the batches touch disjoint memory); the current stream waits for it at the end."""
+        Where two or more batches replay captured graphs on one device, the batches of lane 1 (``_balance``)
+        replay on a side stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave
+        tails overlap the other's products (the batches touch disjoint memory); the current stream waits for it
+        at the end."""
         side = None
         if len(self.batches) > 1 and self.one_device and cuda_graphs.concurrent_batches():
             device = self.batches[0].device
             if cuda_graphs.graphable_on(device):
                 side = cuda_graphs.side_stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
-        for i, batch in enumerate(self.batches):
+        for batch in self.batches:
             numbers = []  # per run: (scale, decay, momentum)
             for run in batch.runs:
                 opts = calls[run.call][3]
@@ -549,7 +578,7 @@ class _StepPlan:
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
             cuda_graphs.replays.run(
                 batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
-                stream=side if i % 2 else None,
+                stream=side if batch.lane else None,
             )  # fmt: skip
         if side is not None:
             torch.cuda.current_stream(self.batches[0].device).wait_stream(side)
@@ -729,7 +758,9 @@ def _remembered_plan(calls: Sequence[StepCall]) -> _StepPlan | None:
 def _remember(calls: Sequence[StepCall], plan: _StepPlan) -> None:
     """Keep ``plan`` for later steps that match ``calls`` (where torch's tensor guards exist here)."""
     state = _state_key(calls)
-    guard = None if state is None else _guards.tensor_guard(_tensors(calls))
+    if state is None:
+        return
+    guard = _guards.tensor_guard(_tensors(calls))
     if guard is None:
         return
     _REMEMBERED.insert(0, _Remembered(state, guard, plan))
