@@ -34,6 +34,7 @@ __all__ = [
     "Key",
     "Replays",
     "cache",
+    "capture_stream",
     "concurrent_batches",
     "cuda_graphs_enabled",
     "graphable",
@@ -81,14 +82,15 @@ def capture(fn: Callable[[Tensor], Tensor], example: Tensor, warmup: Callable[[]
     return _capture_on(fn, static)
 
 
-def _capture_on(fn: Callable[[Tensor], Any], static: Tensor) -> Graphed:
-    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew."""
+def _capture_on(fn: Callable[[Tensor], Any], static: Tensor, stream: torch.cuda.Stream | None = None) -> Graphed:
+    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew;
+    captured on ``stream`` (default: torch's capture stream, see :func:`capture_stream`)."""
     device = static.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         output = fn(static)
     grown = max(0, torch.cuda.memory_reserved(device) - reserved)
     return Graphed(static, output, graph, static.nbytes + grown)
@@ -205,12 +207,14 @@ class Replays:
 
     def run(self, slot: Hashable, addresses: Hashable, values: list[float], fn: Callable[[Tensor], Any],
             device: torch.device, estimate: int, replaces: Hashable = None,
-            stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
+            stream: torch.cuda.Stream | None = None, lane: int = 0) -> None:  # fmt: skip
         """``fn(scalars)`` with ``scalars`` a float32 tensor of ``values`` on ``device``: replayed, captured or
         eager (see the class). ``estimate``: bytes the graph's memory pool will take, for the cache's bound;
         ``replaces``: the key of a cached graph that a capture makes unnecessary (dropped to free its memory);
         ``stream``: replay on this stream instead of the current one (the caller orders it with the rest;
-        eager and capturing calls run on the current stream)."""
+        eager and capturing calls run on the current stream); ``lane``: the graph is captured on
+        ``capture_stream(device, lane)``, so that graphs of different lanes can replay concurrently. The slot
+        must tell lanes apart (a graph is bound to its lane's workspaces)."""
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
         repeated = self._last.get(slot) == addresses and not cache.failed(key)
@@ -218,7 +222,7 @@ class Replays:
             self._captures[slot] = self._captures.get(slot, 0) + 1
             if replaces is not None:
                 cache.discard(replaces)
-            entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device))
+            entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, lane))
         self._last[slot] = addresses
         if entry is None:
             scalars = torch.empty(len(values), dtype=torch.float32, device=device)
@@ -232,9 +236,30 @@ class Replays:
             entry.graph.replay()
 
 
-def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
-    """``fn(scalars)`` captured, with ``scalars`` a static float32 tensor of ``n`` values (the graph's input)."""
-    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device))
+def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device, lane: int = 0) -> Graphed:
+    """``fn(scalars)`` captured on ``lane``'s capture stream, with ``scalars`` a static float32 tensor of ``n``
+    values (the graph's input)."""
+    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device), capture_stream(device, lane))
+
+
+_capture_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device, lane: int) -> torch.cuda.Stream | None:
+    """The stream graphs of ``lane`` are captured on: ``None`` (torch's own capture stream) for lane 0, a stream
+    of its own for each other lane.
+
+    cuBLAS keeps one workspace per (handle, stream), and a graph captured on a stream bakes that stream's
+    workspace into its matrix products; graphs captured on one stream and then replayed at the same time on
+    two streams share it, a race. Measured on an H100 before this (GPT-2 small, Gram NS, two lanes, graphs all
+    captured on torch's stream): the attention-output matrices turned NaN after about 10 steps, and plain-NS
+    results differed from run to run. Each lane captured on its own stream gets its own workspace."""
+    if lane == 0:
+        return None
+    key = (device, lane)
+    if key not in _capture_streams:
+        _capture_streams[key] = torch.cuda.Stream(device)
+    return _capture_streams[key]
 
 
 _enabled = switch("MUONKIT_CUDA_GRAPHS")

@@ -543,7 +543,7 @@ class _StepPlan:
             for run, call in tensors
         )  # fmt: skip
         mode = kernels.get_mode()
-        batch.slot = cuda_graphs.Key((device, stream, m, n, work, batch.schedule, batch.method, mode, runs))
+        batch.slot = cuda_graphs.Key((device, stream, batch.lane, m, n, work, batch.schedule, batch.method, mode, runs))
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
 
@@ -578,7 +578,7 @@ class _StepPlan:
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
             cuda_graphs.replays.run(
                 batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
-                stream=side if batch.lane else None,
+                stream=side if batch.lane else None, lane=batch.lane,
             )  # fmt: skip
         if side is not None:
             torch.cuda.current_stream(self.batches[0].device).wait_stream(side)
