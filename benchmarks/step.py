@@ -216,6 +216,10 @@ def main() -> None:
                 extra_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
             ms = time_ms(opt.step, device, warmup=2, reps=args.reps)
             ms_pipelined = time_ms_pipelined(opt.step, device, warmup=1, reps=args.reps)
+            # dozens of steps later: a wrong step (a race, say) shows up as non-finite parameters here
+            finite = all(bool(torch.isfinite(p).all()) for p in params)
+            if not finite:
+                print(f"WARNING: {name}: non-finite parameters after the timed steps")
             state_mb = (
                 sum(
                     t.numel() * t.element_size()
@@ -235,6 +239,7 @@ def main() -> None:
                     "ms": ms,
                     "ms_pipelined": ms_pipelined,
                     "err_vs_ns_float64": err,
+                    "finite_after_timing": finite,
                     "state_mb": state_mb,
                     "step_extra_mb": extra_mb,
                     "graph_cache_mb": muonkit.cuda_graphs.cache.nbytes / 2**20,
