@@ -555,9 +555,10 @@ class _StepPlan:
         tails overlap the other's products (the batches touch disjoint memory); the current stream waits for it
         at the end."""
         side = None
+        graphable = {device: cuda_graphs.graphable_on(device) for device in {batch.device for batch in self.batches}}
         if len(self.batches) > 1 and self.one_device and cuda_graphs.concurrent_batches():
             device = self.batches[0].device
-            if cuda_graphs.graphable_on(device):
+            if graphable[device]:
                 side = cuda_graphs.side_stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
         for batch in self.batches:
@@ -568,7 +569,7 @@ class _StepPlan:
                 numbers.append((scale, 1 - opts["lr"] * opts["weight_decay"], opts["momentum"]))
             stats = [calls[run.call][3]["stats"] for run in batch.runs]
             step = functools.partial(_run_batch, batch, calls, numbers, stats)
-            if not batch.slot or not cuda_graphs.graphable_on(batch.device) or any(s is not None for s in stats):
+            if not batch.slot or not graphable[batch.device] or any(s is not None for s in stats):
                 step(None)
                 continue
             addresses = []
