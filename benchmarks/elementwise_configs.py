@@ -16,24 +16,13 @@ from typing import Any
 import torch
 import triton
 from _common import environment, time_ms, write_json
+from profile_step import graphed
 
 from muonkit import _fused_kernels as K
 from muonkit import fused
 
 CONFIGS = [(32, 128, 4), (32, 128, 8), (64, 128, 8), (16, 256, 4), (32, 256, 8), (64, 64, 4), (64, 64, 8),
            (128, 64, 8), (64, 128, 4), (128, 128, 8)]  # fmt: skip
-
-
-def graphed(fn: Any) -> Any:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def measure(R: int, C: int, transposed: bool, b: int, config: tuple[int, int, int]) -> dict[str, Any]:
