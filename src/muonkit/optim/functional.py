@@ -390,9 +390,10 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
     if not full:
         return
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        plan = _remembered_plan(full)
+    # what besides tensor metadata a remembered plan depends on; None: no plan is remembered or looked up
+    state = None if torch.compiler.is_compiling() or not _guards.available() else _state_key(full)
+    if state is not None:
+        plan = _remembered_plan(full, state)
         if plan is not None:
             plan.run(full)
             return
@@ -407,10 +408,9 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
         else:
             _torch_muon_step(params, grads, bufs, **opts)
     if fused_calls:
-        plan = _plan_for(fused_calls)
-        plan.run(fused_calls)
-        if len(fused_calls) == len(full) and not compiling:
-            _remember(full, plan)
+        plan = _fused_muon_steps(fused_calls)
+        if state is not None and len(fused_calls) == len(full):
+            _remember(full, state, plan)
 
 
 def _fused_step_applies(
@@ -662,10 +662,7 @@ def _plan_for(calls: Sequence[StepCall]) -> _StepPlan:
     ``torch.compile`` (traced once anyway) or where an option cannot be a dictionary key."""
     if torch.compiler.is_compiling():
         return _StepPlan(calls, None)
-    devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
-    streams = (
-        {d: cuda_graphs.stream_key(d) for d in devices} if cuda_graphs.graphable_on(calls[0][0][0].device) else None
-    )
+    streams = _streams(calls)
     key: Hashable = (None if streams is None else tuple(streams.items()), kernels.get_mode(), tuple(
         (_structure(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
          ps[0].device)
@@ -684,6 +681,14 @@ def _plan_for(calls: Sequence[StepCall]) -> _StepPlan:
     return plan
 
 
+def _streams(calls: Sequence[StepCall]) -> dict[torch.device, tuple[int, int]] | None:
+    """Each device's current stream (``cuda_graphs.stream_key``), where graphs may be replayed now; else ``None``."""
+    if not cuda_graphs.graphable_on(calls[0][0][0].device):
+        return None
+    devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
+    return {d: cuda_graphs.stream_key(d) for d in devices}
+
+
 def _structure(opts: dict[str, Any]) -> tuple:
     """The options a step plan depends on (lr, momentum, weight decay and ``adjust_lr`` are read every step).
     The coefficients as their ``Preset``: a saved ``.json`` preset is re-read when the file changes."""
@@ -692,7 +697,7 @@ def _structure(opts: dict[str, Any]) -> tuple:
             opts["method"], opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
-def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
+def _fused_muon_steps(calls: Sequence[StepCall]) -> _StepPlan:
     """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
     shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
     splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
@@ -705,8 +710,10 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> None:
     graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of dozens, with
     the learning rate, weight decay and momentum read from device memory so that schedules change them without
     a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
-    work per step is reading addresses and numbers."""
-    _plan_for(calls).run(calls)
+    work per step is reading addresses and numbers. Returns that plan."""
+    plan = _plan_for(calls)
+    plan.run(calls)
+    return plan
 
 
 class _Remembered(NamedTuple):
@@ -725,9 +732,9 @@ def _state_key(calls: Sequence[StepCall]) -> tuple | None:
     """Everything apart from the tensors' metadata that decides whether the fused path takes ``calls`` and which
     plan it makes: switches, kernel mode, grad mode, each device's current stream, each call's structure and
     length. ``None`` where an option cannot be compared as a key."""
-    devices = dict.fromkeys(call[0][0].device for call in calls)
-    streams = tuple((d, cuda_graphs.stream_key(d)) for d in devices if cuda_graphs.graphable_on(d))
-    key = (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), streams, tuple(
+    streams = _streams(calls)
+    stream_items = None if streams is None else tuple(streams.items())
+    key = (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), stream_items, tuple(
         (len(ps), len(gs), len(bs), opts["executor"] is None, _structure(opts), _decays(opts))
         for ps, gs, bs, opts in calls
     ))  # fmt: skip
@@ -742,12 +749,9 @@ def _tensors(calls: Sequence[StepCall]) -> list[Tensor]:
     return [t for ps, gs, bs, _ in calls for ts in (ps, gs, bs) for t in ts]
 
 
-def _remembered_plan(calls: Sequence[StepCall]) -> _StepPlan | None:
-    """The plan of an earlier fused step that ``calls`` match (same state key; every tensor with the same dtype,
-    device, shape, strides, layout and ``requires_grad``), else ``None``."""
-    if not _REMEMBERED:
-        return None
-    state = _state_key(calls)
+def _remembered_plan(calls: Sequence[StepCall], state: tuple) -> _StepPlan | None:
+    """The plan of an earlier fused step that ``calls`` match (the same ``state``, their ``_state_key``; every
+    tensor with the same dtype, device, shape, strides, layout and ``requires_grad``), else ``None``."""
     for i, entry in enumerate(_REMEMBERED):
         if entry.state == state and entry.guard.check(*_tensors(calls)):
             if i:
@@ -756,11 +760,8 @@ def _remembered_plan(calls: Sequence[StepCall]) -> _StepPlan | None:
     return None
 
 
-def _remember(calls: Sequence[StepCall], plan: _StepPlan) -> None:
-    """Keep ``plan`` for later steps that match ``calls`` (where torch's tensor guards exist here)."""
-    state = _state_key(calls)
-    if state is None:
-        return
+def _remember(calls: Sequence[StepCall], state: tuple, plan: _StepPlan) -> None:
+    """Keep ``plan`` for later steps that match ``calls`` and ``state`` (their ``_state_key``)."""
     guard = _guards.tensor_guard(_tensors(calls))
     if guard is None:
         return
