@@ -64,9 +64,10 @@ def timed_parts(reps_out: dict[str, list[float]]) -> list[tuple[Any, str, Any]]:
     what to restore."""
     from muonkit.optim import functional, muon
 
-    targets = [(muon.Muon, "_gather"), (muon.Muon, "_muon_group"), (functional, "_fused_step_applies"),
-               (functional, "_plan_for"), (functional, "_remembered_plan"), (functional, "_state_key"),
-               (functional, "_tensors"), (functional._StepPlan, "run"), (muon, "muon_steps")]  # fmt: skip
+    targets = [(muon.Muon, "_gather"), (muon.Muon, "_muon_group"), (muon.Muon, "_step_again"),
+               (functional, "_fused_step_applies"), (functional, "_plan_for"), (functional, "_remembered_plan"),
+               (functional, "_state_key"), (functional, "_same_environment"), (functional, "_tensors"),
+               (functional._StepPlan, "run"), (muon, "_muon_steps")]  # fmt: skip
     saved = []
     for owner, name in targets:
         original = getattr(owner, name)

@@ -366,6 +366,105 @@ def test_remembered_plans_run_only_while_tensors_and_options_match(launchers, mo
     assert asked[1] == [1, 1, 1, 2, 2, 3]  # asked at the first step, the strided gradient, the new ns_steps
 
 
+def _repeat_run(monkeypatch, repeat: bool):
+    """Steps of a Muon optimizer (a Muon group, an AdamW group) through the fused path, with ``Muon._step_again``
+    on or off, and between steps the changes a training loop makes (or a user might). Returns the parameters and
+    states after every step and, per step, whether the step took the full path (``_gather`` ran)."""
+    import muonkit
+    from muonkit.optim import muon as muon_module
+
+    _force_fused(monkeypatch, True)
+    if not repeat:
+        monkeypatch.setattr(muon_module.Muon, "_repeatable", lambda self, *args: None)
+    full = []
+    gather = muon_module.Muon._gather
+    monkeypatch.setattr(muon_module.Muon, "_gather", lambda self: full.append(1) or gather(self))
+    torch.manual_seed(11)
+    hidden = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(24, 16), (16, 24), (16, 16)]]
+    other = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(16,), (10, 16)]]
+    opt = muonkit.Muon([dict(params=hidden, coefficients=[[3.4445, -4.775, 2.0315]] * 5),
+                        dict(params=other, algorithm="adamw")], ns_dtype=torch.float32)  # fmt: skip
+    snapshot = None
+    out, took_full = [], []
+    for k in range(14):
+        for p in hidden + other:
+            p.grad = torch.randn(p.shape, device=DEVICE)  # new gradient tensors each step (zero_grad to None)
+        opt.param_groups[0]["lr"] = 0.02 / (k + 1)  # a schedule: kept by the repeat
+        if k == 3:  # the same values, transposed strides: the guard refuses
+            hidden[2].grad = hidden[2].grad.t().contiguous().t()
+        if k == 4:  # the momentum buffer replaced (not in place): the repeat reads the new one
+            opt.state[hidden[0]]["momentum_buffer"] = torch.zeros_like(hidden[0])
+        if k == 5:  # a coefficient row changed in place: a structure change
+            opt.param_groups[0]["coefficients"][4] = [3.0, -3.2, 1.2]
+        if k == 6:
+            hidden[1].grad = None  # a parameter without a gradient: the full path (the step skips it)
+        if k == 8:
+            opt.param_groups[0]["weight_decay"] = 0.1  # weight decay switched on: structure
+        if k == 9:
+            snapshot = opt.state_dict()
+        if k == 11:
+            opt.load_state_dict(snapshot)  # new state mapping and group dicts
+        if k == 12:
+            opt.param_groups[1]["lr"] = 1e-3  # an AdamW number: read every step
+        full_before = len(full)
+        opt.step()
+        took_full.append(len(full) > full_before)
+        out.append(
+            [t.detach().clone() for t in hidden + other]
+            + [t.clone() for p in hidden + other for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        )
+    return out, took_full
+
+
+def test_repeated_muon_steps_skip_the_per_parameter_work_and_match_the_full_step(launchers, monkeypatch):
+    """``Muon._step_again``: after a step that ran whole through a remembered plan, the next steps run it without
+    ``_gather``/``_muon_group`` while the optimizer's groups, options and state mapping stay and the plan's guard
+    passes; every change that could make the plan wrong sends the step through the full path. Each step's result
+    equals the full path's."""
+    with_repeat, took_full = _repeat_run(monkeypatch, True)
+    without, always_full = _repeat_run(monkeypatch, False)
+    for a, b in zip(with_repeat, without):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert all(always_full)
+    # full at the first step (nothing recorded yet), at the strided gradient and the step after it (recorded
+    # with the strides of the step before), the in-place coefficient change, the missing gradient and the step
+    # after it (a step is recorded only where every parameter has a gradient), weight decay switched on, the
+    # loaded state
+    assert [k for k, f in enumerate(took_full) if f] == [0, 3, 4, 5, 6, 7, 8, 11], took_full
+
+
+def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(launchers, monkeypatch):
+    """A repeated step with a NaN gradient raises the full step's error naming the parameter, changing nothing;
+    a sparse gradient in an AdamW group (its layout was checked when gathered) gets the full step's error."""
+    import muonkit
+
+    _force_fused(monkeypatch, True)
+    hidden = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(24, 16), (16, 16)]]
+    emb = torch.nn.Parameter(torch.randn(10, 16, device=DEVICE))
+    opt = muonkit.Muon([dict(params=hidden, param_names=["a", "b"]), dict(params=[emb], param_names=["emb"], algorithm="adamw")],
+                       ns_dtype=torch.float32)  # fmt: skip
+    for _ in range(2):
+        for p in [*hidden, emb]:
+            p.grad = torch.randn(p.shape, device=DEVICE)
+        opt.step()
+    assert opt._repeat is not None
+    before = [t.detach().clone() for t in [*hidden, emb]] + [opt.state[p]["momentum_buffer"].clone() for p in hidden]
+    hidden[1].grad[0, 0] = float("nan")
+    with pytest.raises(muonkit.NonFiniteGradientError, match="'b'"):
+        opt.step()
+    after = [t.detach() for t in [*hidden, emb]] + [opt.state[p]["momentum_buffer"] for p in hidden]
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+    hidden[1].grad = torch.randn(hidden[1].shape, device=DEVICE)
+    opt.step()  # the full step again, then recorded again
+    assert opt._repeat is not None
+    emb.grad = emb.grad.to_sparse()
+    with pytest.raises(ValueError, match="sparse gradient"):
+        opt.step()
+
+
 def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
     """Where torch's tensor guards are missing, every step takes the full path (and still matches the torch path)."""
     import muonkit

@@ -173,6 +173,11 @@ def _resolve_cached(spec: object) -> Preset:
     )
 
 
+def is_file_spec(spec: Any) -> bool:
+    """Whether ``spec`` names a saved ``.json`` preset (read again by :func:`as_preset` whenever the file changes)."""
+    return isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json") and spec not in _PRESETS)
+
+
 def as_preset(spec: CoefficientSpec) -> Preset:
     """Turn a preset name, a ``Preset``, a saved ``.json`` preset, one row or a sequence of rows into a ``Preset``.
 
@@ -180,9 +185,9 @@ def as_preset(spec: CoefficientSpec) -> Preset:
     """
     if isinstance(spec, Preset):
         return spec
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".json") and spec not in _PRESETS):
+    if isinstance(spec, Path) or is_file_spec(spec):
         # The optimizer resolves its coefficients every step: read a saved preset once per file version.
-        path = Path(spec).resolve()
+        path = Path(spec).resolve()  # type: ignore[arg-type]  # a str here (is_file_spec)
         try:
             version = path.stat().st_mtime_ns
         except FileNotFoundError:

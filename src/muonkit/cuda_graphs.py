@@ -289,6 +289,18 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side[device]
 
 
+_forks: dict[torch.device, torch.cuda.Event] = {}
+
+
+def fork_event(device: torch.device) -> torch.cuda.Event:
+    """An event of ``device``, made once and recorded again each step: where the side stream starts from (it waits
+    for the event before its first batch). Each step records it before its first launch and the side stream
+    waits on it before any later record, so one event serves every step."""
+    if device not in _forks:
+        _forks[device] = torch.cuda.Event()
+    return _forks[device]
+
+
 def set_cuda_graphs(enabled: bool, max_bytes: int | None = None) -> None:
     """Turn graph replay of eager NS calls on or off, and optionally set the cache's size bound in bytes.
 
@@ -323,7 +335,14 @@ def graphable(x: Tensor) -> bool:
     return graphable_on(x.device) and not (x.requires_grad and torch.is_grad_enabled())
 
 
+_current_stream = getattr(torch._C, "_cuda_getCurrentStream", None)  # (stream id, device index, device type)
+
+
 def stream_key(device: torch.device) -> tuple[int, int]:
-    """What identifies the current stream of ``device`` in a cache key."""
+    """What identifies the current stream of ``device`` in a cache key. Read without making a ``torch.cuda.Stream``
+    where torch lets us (a step asks for it before its first launch)."""
+    if _current_stream is not None and device.index is not None:
+        stream_id, index, _ = _current_stream(device.index)
+        return (index, stream_id)
     stream = torch.cuda.current_stream(device)
     return (stream.device_index, stream.stream_id)

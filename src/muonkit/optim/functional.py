@@ -387,16 +387,22 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     (``_guards``); a later step whose options and tensors match runs the plan without checking each tensor
     again in Python (``_remembered_plan``).
     """
+    _muon_steps(calls)
+
+
+def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
+    """``muon_steps``; returns the remembered plan the step ran or made (``None`` where none applies), which a
+    caller that knows the next step's structure is the same may run again with ``_run_remembered``."""
     full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
     if not full:
-        return
+        return None
     # what besides tensor metadata a remembered plan depends on; None: no plan is remembered or looked up
     state = None if torch.compiler.is_compiling() or not _guards.available() else _state_key(full)
     if state is not None:
-        plan = _remembered_plan(full, state)
-        if plan is not None:
-            plan.run(full)
-            return
+        entry = _remembered_plan(full, state)
+        if entry is not None:
+            entry.plan.run(full)
+            return entry
     fused_calls = []
     for params, grads, bufs, opts in full:
         if (
@@ -410,7 +416,8 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     if fused_calls:
         plan = _fused_muon_steps(fused_calls)
         if state is not None and len(fused_calls) == len(full):
-            _remember(full, state, plan)
+            return _remember(full, state, plan)
+    return None
 
 
 def _fused_step_applies(
@@ -498,7 +505,8 @@ class _StepPlan:
             chunk = max_batch or len(entries)
             for start in range(0, len(entries), chunk):
                 self.batches.append(self._batch(entries[start : start + chunk], m, n, work, schedule, method, device))
-        self.one_device = len({batch.device for batch in self.batches}) == 1
+        self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
+        self.one_device = len(self.devices) == 1
         self._balance()
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
@@ -554,13 +562,21 @@ class _StepPlan:
         replay on a side stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave
         tails overlap the other's products (the batches touch disjoint memory); the current stream waits for it
         at the end."""
+        device = self.devices[0]  # a plan has at least one batch (muon_steps drops empty calls)
+        if self.one_device:
+            graphable = dict.fromkeys(self.devices, cuda_graphs.graphable_on(device))
+        else:
+            graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
+        if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
+            graphable = dict.fromkeys(self.devices, False)
+        if len(self.batches) > 1 and self.one_device and graphable[device] and cuda_graphs.concurrent_batches():
+            # the side stream starts where the current one is now (before this step's first launch); it waits
+            # for that mark when its first batch comes, so the marking costs the first launch little
+            fork = cuda_graphs.fork_event(device)
+            fork.record(torch.cuda.current_stream(device))
+        else:
+            fork = None
         side = None
-        graphable = {device: cuda_graphs.graphable_on(device) for device in {batch.device for batch in self.batches}}
-        if len(self.batches) > 1 and self.one_device and cuda_graphs.concurrent_batches():
-            device = self.batches[0].device
-            if graphable[device]:
-                side = cuda_graphs.side_stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
         for batch in self.batches:
             numbers = []  # per run: (scale, decay, momentum)
             for run in batch.runs:
@@ -569,7 +585,7 @@ class _StepPlan:
                 numbers.append((scale, 1 - opts["lr"] * opts["weight_decay"], opts["momentum"]))
             stats = [calls[run.call][3]["stats"] for run in batch.runs]
             step = functools.partial(_run_batch, batch, calls, numbers, stats)
-            if not batch.slot or not graphable[batch.device] or any(s is not None for s in stats):
+            if not batch.slot or not graphable[batch.device]:
                 step(None)
                 continue
             addresses = []
@@ -577,12 +593,15 @@ class _StepPlan:
                 for ts in calls[run.call][:3]:
                     addresses += [ts[o].data_ptr() for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
+            if batch.lane and fork is not None and side is None:
+                side = cuda_graphs.side_stream(batch.device)
+                side.wait_event(fork)
             cuda_graphs.replays.run(
                 batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
                 stream=side if batch.lane else None, lane=batch.lane,
             )  # fmt: skip
         if side is not None:
-            torch.cuda.current_stream(self.batches[0].device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _decays(opts: dict[str, Any]) -> bool:
@@ -717,7 +736,8 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> _StepPlan:
 
 
 class _Remembered(NamedTuple):
-    """A plan with what must hold for a step to run it unchecked: the state key and a guard over the tensors."""
+    """A plan with what must hold for a step to run it unchecked: the state key (its first item the environment,
+    ``_environment``) and a guard over the tensors."""
 
     state: tuple
     guard: Any
@@ -728,13 +748,19 @@ _REMEMBERED: list[_Remembered] = []  # most recent first
 _MAX_REMEMBERED = 4
 
 
+def _environment(calls: Sequence[StepCall]) -> tuple:
+    """What a step plan depends on apart from the calls themselves: the fused and kernel switches, grad mode and
+    each device's current stream (``None`` where graphs may not be replayed now)."""
+    streams = _streams(calls)
+    return (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(),
+            None if streams is None else tuple(streams.items()))  # fmt: skip
+
+
 def _state_key(calls: Sequence[StepCall]) -> tuple | None:
     """Everything apart from the tensors' metadata that decides whether the fused path takes ``calls`` and which
-    plan it makes: switches, kernel mode, grad mode, each device's current stream, each call's structure and
-    length. ``None`` where an option cannot be compared as a key."""
-    streams = _streams(calls)
-    stream_items = None if streams is None else tuple(streams.items())
-    key = (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), stream_items, tuple(
+    plan it makes: the environment (``_environment``), each call's structure and length. ``None`` where an
+    option cannot be compared as a key."""
+    key = (_environment(calls), tuple(
         (len(ps), len(gs), len(bs), opts["executor"] is None, _structure(opts), _decays(opts))
         for ps, gs, bs, opts in calls
     ))  # fmt: skip
@@ -749,24 +775,35 @@ def _tensors(calls: Sequence[StepCall]) -> list[Tensor]:
     return [t for ps, gs, bs, _ in calls for ts in (ps, gs, bs) for t in ts]
 
 
-def _remembered_plan(calls: Sequence[StepCall], state: tuple) -> _StepPlan | None:
-    """The plan of an earlier fused step that ``calls`` match (the same ``state``, their ``_state_key``; every
-    tensor with the same dtype, device, shape, strides, layout and ``requires_grad``), else ``None``."""
+def _remembered_plan(calls: Sequence[StepCall], state: tuple) -> _Remembered | None:
+    """The remembered plan of an earlier fused step that ``calls`` match (the same ``state``, their
+    ``_state_key``; every tensor with the same dtype, device, shape, strides, layout and ``requires_grad``),
+    else ``None``."""
     for i, entry in enumerate(_REMEMBERED):
         if entry.state == state and entry.guard.check(*_tensors(calls)):
             if i:
                 _REMEMBERED.insert(0, _REMEMBERED.pop(i))
-            return entry.plan
+            return entry
     return None
 
 
-def _remember(calls: Sequence[StepCall], state: tuple, plan: _StepPlan) -> None:
-    """Keep ``plan`` for later steps that match ``calls`` and ``state`` (their ``_state_key``)."""
+def _remember(calls: Sequence[StepCall], state: tuple, plan: _StepPlan) -> _Remembered | None:
+    """Keep ``plan`` for later steps that match ``calls`` and ``state`` (their ``_state_key``); returns what is
+    kept (``None`` where torch has no tensor guards)."""
     guard = _guards.tensor_guard(_tensors(calls))
     if guard is None:
-        return
-    _REMEMBERED.insert(0, _Remembered(state, guard, plan))
+        return None
+    entry = _Remembered(state, guard, plan)
+    _REMEMBERED.insert(0, entry)
     del _REMEMBERED[_MAX_REMEMBERED:]
+    return entry
+
+
+def _same_environment(entry: _Remembered, calls: Sequence[StepCall]) -> bool:
+    """Whether the environment (``_environment``) of ``calls`` is the one ``entry``'s plan was made in. With the
+    rest of the state key the same and every tensor's metadata unchanged (what ``_remembered_plan`` checks, and
+    ``Muon._step_again`` checks its own way), the plan may run ``calls``."""
+    return _environment(calls) == entry.state[0]
 
 
 def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:

@@ -7,18 +7,20 @@ so a model has one optimizer, one ``state_dict`` and one LR scheduler.
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from itertools import chain
-from typing import Any
+from itertools import chain, repeat
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import fused, kernels
-from ..coefficients import CoefficientSpec, as_preset
+from ..coefficients import CoefficientSpec, as_preset, is_file_spec
 from ..distributed import (
     any_rank,
     gather_rows,
@@ -30,16 +32,21 @@ from ..distributed import (
     zero_muon_step,
 )
 from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype
+from . import _guards
 from .functional import (
+    _STEP_DEFAULTS,
     ADJUST_LR_MODES,
     MATRIX_VIEWS,
     AdjustLR,
     Executor,
+    _decays,
+    _muon_steps,
+    _Remembered,
+    _same_environment,
     adamw_step,
     lr_scale,
     matrix_parts,
     merged_ns_batches,
-    muon_steps,
     ns_batches,
 )
 
@@ -51,6 +58,42 @@ ALGORITHMS = ("muon", "adamw")
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf and the optimizer's ``nonfinite`` policy is ``"raise"``."""
+
+
+# The options of a Muon group a step's plan depends on (lr, momentum and weight decay are read every step).
+_STRUCTURE = ("algorithm", "nesterov", "coefficients", "ns_steps", "adjust_lr", "eps", "ns_dtype", "method",
+              "matrix_view", "split", "max_batch", "momentum_dtype")  # fmt: skip
+_READ = {"muon": operator.itemgetter(*_STRUCTURE), "adamw": operator.itemgetter("algorithm")}
+_grad = operator.attrgetter("grad")
+_momentum_buffer = operator.itemgetter("momentum_buffer")
+
+
+class _Repeat(NamedTuple):
+    """A step that ran whole through one remembered fused plan (``functional._Remembered``), with what must hold
+    for a later step to run that plan again straight away (``Muon._step_again``): the same state mapping, the
+    same group dicts holding the same parameters with the same structural options, every parameter with a
+    gradient. The plan's own guard then checks every tensor's metadata and the current streams."""
+
+    state: Any  # ``self.state`` (``load_state_dict`` replaces it)
+    groups: list[dict[str, Any]]
+    params: list[list[Tensor]]  # a copy of each group's parameter list
+    options: list[tuple[Any, tuple]]  # per group: a reader of its structural options (``_STRUCTURE``;
+    # AdamW groups: the algorithm) and a copy of what it read
+    flat: list[Tensor]  # the Muon groups' parameters, then the AdamW groups'
+    muon: int  # how many of ``flat`` are Muon parameters
+    calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
+    adamw: list[tuple[int, int, int]]  # per AdamW group: start, end in flat, group index
+    guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``functional._Remembered``'s own
+    # guard covers the same Muon tensors; the AdamW gradients' dtypes and layouts were checked when gathered)
+    entry: _Remembered
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of an option value (or a tuple of them, each copied) that later in-place changes to the original do
+    not reach; other values as they are (a callable ``adjust_lr`` stays itself, so that it compares equal)."""
+    if isinstance(value, tuple):
+        return tuple(_snapshot(v) for v in value)
+    return copy.deepcopy(value) if isinstance(value, list | dict | set) else value
 
 
 class Muon(Optimizer):
@@ -137,6 +180,7 @@ class Muon(Optimizer):
         self._sharded_bytes = [0]
         self.diagnostics = diagnostics
         self._stats: dict[int, dict[str, list[Tensor]]] = {}
+        self._repeat: _Repeat | None = None
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -210,6 +254,7 @@ class Muon(Optimizer):
         else:
             super().add_param_group(param_group)
         self._validate_group(param_group, len(self.param_groups) - 1)
+        self._repeat = None
 
     @staticmethod
     def _param_name(group: dict[str, Any], gi: int, i: int) -> str:
@@ -333,6 +378,10 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        repeat_ = getattr(self, "_repeat", None)  # absent on an optimizer unpickled by torch's __setstate__
+        if repeat_ is not None and self._step_again(repeat_):
+            return loss
+        self._repeat = None
         gathered = self._gather()
         if self.nonfinite != "ignore":
             bad = self._nonfinite_names(gathered)
@@ -359,8 +408,101 @@ class Muon(Optimizer):
             else:
                 stats = self._stats.setdefault(gi, {}) if self.diagnostics else None
                 pending.extend(self._muon_group(group, params, grads, stats))
-        muon_steps(pending)
+        entry = _muon_steps(pending)
+        if entry is not None:
+            self._repeat = self._repeatable(gathered, pending, entry)
         return loss
+
+    def _repeatable(
+        self, gathered: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], pending: list, entry: _Remembered
+    ) -> _Repeat | None:
+        """What lets the next step skip ``_gather`` and ``_muon_group`` (``_Repeat``), after a step whose Muon
+        groups all ran through ``entry``; ``None`` where that cannot be: a parameter without a gradient, sharded
+        or executor-driven steps, diagnostics, a coefficient file (read again when it changes)."""
+        if self.executor is not None or self.diagnostics or torch.compiler.is_compiling():
+            return None
+        muon = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "muon"]
+        adamw = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "adamw"]
+        if len(pending) != len(muon):  # sharded parameters or ZeRO rows took their own path
+            return None
+        flat: list[Tensor] = []
+        calls = []
+        for (gi, group, ps), (call_params, _, _, opts) in zip(muon, pending):
+            if len(call_params) != len(ps) or is_file_spec(group["coefficients"]):
+                return None
+            if ps:  # muon_steps drops empty calls
+                options = {**_STEP_DEFAULTS, **opts}
+                calls.append((len(flat), len(flat) + len(ps), gi, options, _decays(options)))
+                flat += ps
+        n_muon = len(flat)
+        spans = []
+        for gi, _, ps in adamw:
+            spans.append((len(flat), len(flat) + len(ps), gi))
+            flat += ps
+        if any(len(ps) != len(group["params"]) for group, ps, _ in gathered):
+            return None  # a parameter without a gradient
+        grads: list[Tensor] = [p.grad for p in flat]  # type: ignore[misc]  # all present (checked above)
+        bufs = [self.state[p]["momentum_buffer"] for p in flat[:n_muon]]
+        guard = _guards.tensor_guard([*flat[:n_muon], *grads, *bufs])
+        if guard is None:
+            return None
+        try:
+            structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
+        except KeyError:  # an option missing (max_batch may be): no repeat
+            return None
+        return _Repeat(
+            self.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
+            n_muon, calls, spans, guard, entry,
+        )  # fmt: skip
+
+    def _step_again(self, rec: _Repeat) -> bool:
+        """The step of ``rec`` again with the current gradients, numbers and momentum buffers, where everything
+        ``rec`` records still holds and the plan's guard passes; else nothing is changed and ``False``.
+        The same result as the full step (``_gather``, ``_muon_group``, ``muon_steps``), with the host work of
+        reading every gradient's checks and every option left out. The Muon groups run before the AdamW groups
+        (the full step has them the other way round; they touch different tensors)."""
+        if self.state is not rec.state or self.diagnostics or self.executor is not None:
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        groups = self.param_groups
+        if len(groups) != len(rec.groups):
+            return False
+        for group, known, params, options in zip(groups, rec.groups, rec.params, rec.options):
+            ps = group["params"]
+            if group is not known or len(ps) != len(params) or not all(map(operator.is_, ps, params)):
+                return False
+            read, values = options
+            try:
+                if read(group) != values:
+                    return False
+            except KeyError:
+                return False
+        grads = list(map(_grad, rec.flat))
+        if not all(map(operator.is_not, grads, repeat(None))):
+            return False
+        muon = rec.flat[: rec.muon]
+        try:
+            bufs = list(map(_momentum_buffer, map(self.state.__getitem__, muon)))
+        except KeyError:
+            return False
+        if not rec.guard.check(*muon, *grads, *bufs):
+            return False
+        calls = []
+        for start, end, gi, opts, decays in rec.calls:
+            group = groups[gi]
+            opts["lr"], opts["momentum"], opts["weight_decay"] = group["lr"], group["momentum"], group["weight_decay"]
+            if _decays(opts) != decays:
+                return False
+            calls.append((rec.flat[start:end], grads[start:end], bufs[start:end], opts))
+        if not _same_environment(rec.entry, calls):
+            return False
+        if self.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
+            return False  # the full step raises or skips, and says which parameter
+        rec.entry.plan.run(calls)
+        for start, end, gi in rec.adamw:
+            self._adamw_group(groups[gi], rec.flat[start:end], grads[start:end])
+        return True
 
     def _muon_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
@@ -510,6 +652,7 @@ class Muon(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("muonkit", {})
+        self._repeat = None
         super().load_state_dict(state_dict)
         # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
         # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
