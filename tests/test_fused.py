@@ -443,8 +443,8 @@ def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(l
     _force_fused(monkeypatch, True)
     hidden = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(24, 16), (16, 16)]]
     emb = torch.nn.Parameter(torch.randn(10, 16, device=DEVICE))
-    opt = muonkit.Muon([dict(params=hidden, param_names=["a", "b"]), dict(params=[emb], param_names=["emb"], algorithm="adamw")],
-                       ns_dtype=torch.float32)  # fmt: skip
+    groups = [dict(params=hidden, param_names=["a", "b"]), dict(params=[emb], param_names=["emb"], algorithm="adamw")]
+    opt = muonkit.Muon(groups, ns_dtype=torch.float32)
     for _ in range(2):
         for p in [*hidden, emb]:
             p.grad = torch.randn(p.shape, device=DEVICE)
@@ -505,6 +505,10 @@ def test_tensor_guards_tell_apart_what_plans_depend_on():
     assert not guard.check(ts[0], ts[1].float())
 
 
+def _key(calls):
+    return functional._state_key(calls, functional._streams(calls))
+
+
 def test_state_key_follows_switches_structure_and_grad_mode():
     """What besides tensor metadata decides a remembered plan: options other than lr/momentum/weight decay,
     the kernel switches and grad mode."""
@@ -513,23 +517,23 @@ def test_state_key_follows_switches_structure_and_grad_mode():
     p = [torch.randn(8, 4)]
     opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
             coefficients="jordan", ns_steps=5, adjust_lr="original", eps=1e-7)}  # fmt: skip
-    key = functional._state_key([(p, p, p, opts)])
-    assert key == functional._state_key([(p, p, p, {**opts, "lr": 0.5, "momentum": 0.5})])
+    key = _key([(p, p, p, opts)])
+    assert key == _key([(p, p, p, {**opts, "lr": 0.5, "momentum": 0.5})])
     for change in (dict(ns_steps=4), dict(nesterov=False), dict(weight_decay=0.1), dict(coefficients="polar_express"),
                    dict(method="gram"), dict(eps=0.0), dict(split=2), dict(max_batch=3)):  # fmt: skip
-        assert functional._state_key([(p, p, p, {**opts, **change})]) != key, change
+        assert _key([(p, p, p, {**opts, **change})]) != key, change
     with torch.no_grad():  # as in Muon.step
-        quiet = functional._state_key([(p, p, p, opts)])
+        quiet = _key([(p, p, p, opts)])
     with torch.enable_grad():
-        assert functional._state_key([(p, p, p, opts)]) != quiet
+        assert _key([(p, p, p, opts)]) != quiet
     kernels.set_mode("torch")
     try:
-        assert functional._state_key([(p, p, p, opts)]) != key
+        assert _key([(p, p, p, opts)]) != key
     finally:
         kernels.set_mode("auto")
     fused.set_fused(False)
     try:
-        assert functional._state_key([(p, p, p, opts)]) != key
+        assert _key([(p, p, p, opts)]) != key
     finally:
         fused.set_fused(True)
 

@@ -420,3 +420,57 @@ def test_gram_method_and_max_batch_match_default_step(kwargs):
     _step_together([(base, a), (other, b)], 3)
     for p, q in zip(base, other):
         assert torch.allclose(p, q, atol=1e-11, rtol=0)
+
+
+def test_step_hooks_profiler_range_and_subclasses_work_as_in_torch_optim():
+    """Muon.step skips torch.optim's step wrapper only where it has nothing to do: the optimizer's and the global
+    step hooks still run once each, in torch's order, a pre-hook can replace the arguments, the profiler still
+    records ``Optimizer.step#Muon.step``, and a subclass's own step (which torch wraps) runs the hooks once."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def model_opt(cls=Muon):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(8, 4))
+        w.grad = torch.randn(8, 4)
+        return w, cls([w])
+
+    w, opt = model_opt()
+    calls = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", len(args)))),
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", len(args)))),
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: calls.append(("global pre", len(args)))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("global post", len(args)))),
+    ]
+    try:
+        before = w.detach().clone()
+        opt.step()
+        assert calls == [("global pre", 1), ("pre", 1), ("post", 1), ("global post", 1)]
+        assert not torch.equal(before, w.detach())
+        calls.clear()
+        assert opt.step(lambda: torch.tensor(3.0)) == 3.0
+        assert calls == [("global pre", 2), ("pre", 2), ("post", 2), ("global post", 2)]
+    finally:
+        for h in handles:
+            h.remove()
+    calls.clear()
+    opt.step()
+    assert calls == []  # removed: the plain step
+    replaced = opt.register_step_pre_hook(lambda o, args, kwargs: ((o, lambda: torch.tensor(7.0)), {}))
+    assert opt.step() == 7.0  # the pre-hook's arguments are the ones the step gets
+    replaced.remove()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#Muon.step" for e in prof.events())
+
+    class Logged(Muon):
+        def step(self, closure=None):
+            calls.append("sub")
+            return super().step(closure)
+
+    _, sub = model_opt(Logged)
+    sub.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    calls.clear()
+    sub.step()
+    assert calls == ["pre", "sub"]

@@ -217,12 +217,13 @@ class Replays:
         must tell lanes apart (a graph is bound to its lane's workspaces)."""
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
-        repeated = self._last.get(slot) == addresses and not cache.failed(key)
-        if entry is None and repeated and self._captures.get(slot, 0) < self.max_captures:
-            self._captures[slot] = self._captures.get(slot, 0) + 1
-            if replaces is not None:
-                cache.discard(replaces)
-            entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, lane))
+        if entry is None:
+            repeated = self._last.get(slot) == addresses and not cache.failed(key)
+            if repeated and self._captures.get(slot, 0) < self.max_captures:
+                self._captures[slot] = self._captures.get(slot, 0) + 1
+                if replaces is not None:
+                    cache.discard(replaces)
+                entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, lane))
         self._last[slot] = addresses
         if entry is None:
             scalars = torch.empty(len(values), dtype=torch.float32, device=device)

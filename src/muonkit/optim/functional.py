@@ -396,12 +396,13 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
     full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
     if not full:
         return None
+    streams = _streams(full)
     # what besides tensor metadata a remembered plan depends on; None: no plan is remembered or looked up
-    state = None if torch.compiler.is_compiling() or not _guards.available() else _state_key(full)
+    state = None if torch.compiler.is_compiling() or not _guards.available() else _state_key(full, streams)
     if state is not None:
         entry = _remembered_plan(full, state)
         if entry is not None:
-            entry.plan.run(full)
+            entry.plan.run(full, streams)
             return entry
     fused_calls = []
     for params, grads, bufs, opts in full:
@@ -414,7 +415,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
         else:
             _torch_muon_step(params, grads, bufs, **opts)
     if fused_calls:
-        plan = _fused_muon_steps(fused_calls)
+        plan = _fused_muon_steps(fused_calls, streams)
         if state is not None and len(fused_calls) == len(full):
             return _remember(full, state, plan)
     return None
@@ -485,7 +486,7 @@ class _StepPlan:
     the CUDA-graph slot of each batch. A training loop repeats one structure, so the plan is made once and
     each step only reads the tensors' addresses and the current numbers (``_plan_for`` keeps the plans)."""
 
-    def __init__(self, calls: Sequence[StepCall], streams: dict[torch.device, tuple[int, int]] | None) -> None:
+    def __init__(self, calls: Sequence[StepCall], streams: Streams | None) -> None:
         merged: dict[tuple, list[tuple[int, _Run, int, int]]] = defaultdict(list)
         for j, (params, grads, bufs, opts) in enumerate(calls):
             preset = as_preset(opts["coefficients"])  # the structure's key has this preset (same rows)
@@ -510,7 +511,8 @@ class _StepPlan:
         self._balance()
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
-                self._graph_keys(batch, calls, streams[batch.device])
+                stream = streams[batch.device]
+                self._graph_keys(batch, calls, (stream.device_index, stream.stream_id))
 
     def _balance(self) -> None:
         """Order the batches largest first and give each the lane (stream) with less work so far, so that two
@@ -555,8 +557,9 @@ class _StepPlan:
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
 
-    def run(self, calls: Sequence[StepCall]) -> None:
+    def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
+        ``streams``: ``_streams(calls)`` where the caller has read it.
 
         Where two or more batches replay captured graphs on one device, the batches of lane 1 (``_balance``)
         replay on a side stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave
@@ -573,7 +576,7 @@ class _StepPlan:
             # the side stream starts where the current one is now (before this step's first launch); it waits
             # for that mark when its first batch comes, so the marking costs the first launch little
             fork = cuda_graphs.fork_event(device)
-            fork.record(torch.cuda.current_stream(device))
+            fork.record(streams[device] if streams is not None else torch.cuda.current_stream(device))
         else:
             fork = None
         side = None
@@ -676,13 +679,13 @@ _PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of re
 _MAX_PLANS = 32
 
 
-def _plan_for(calls: Sequence[StepCall]) -> _StepPlan:
-    """The step plan of ``calls``' structure: remembered (a few dozen, least recently used dropped), except under
-    ``torch.compile`` (traced once anyway) or where an option cannot be a dictionary key."""
+def _plan_for(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
+    """The step plan of ``calls``' structure with ``streams`` current (``_streams``): remembered (a few dozen,
+    least recently used dropped), except under ``torch.compile`` (traced once anyway) or where an option cannot
+    be a dictionary key."""
     if torch.compiler.is_compiling():
         return _StepPlan(calls, None)
-    streams = _streams(calls)
-    key: Hashable = (None if streams is None else tuple(streams.items()), kernels.get_mode(), tuple(
+    key: Hashable = (_stream_ids(streams), kernels.get_mode(), tuple(
         (_structure(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
          ps[0].device)
         for ps, gs, bs, opts in calls
@@ -700,12 +703,21 @@ def _plan_for(calls: Sequence[StepCall]) -> _StepPlan:
     return plan
 
 
-def _streams(calls: Sequence[StepCall]) -> dict[torch.device, tuple[int, int]] | None:
-    """Each device's current stream (``cuda_graphs.stream_key``), where graphs may be replayed now; else ``None``."""
+Streams = dict[torch.device, torch.cuda.Stream]
+
+
+def _streams(calls: Sequence[StepCall]) -> Streams | None:
+    """Each device's current stream, where graphs may be replayed now; else ``None``. Read once per step (a step
+    needs it for its plan's key and to start the side stream from; each read costs some microseconds)."""
     if not cuda_graphs.graphable_on(calls[0][0][0].device):
         return None
     devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
-    return {d: cuda_graphs.stream_key(d) for d in devices}
+    return {d: torch.cuda.current_stream(d) for d in devices}
+
+
+def _stream_ids(streams: Streams | None) -> tuple | None:
+    """``streams`` as a key: per device, ``(device index, stream id)`` (``cuda_graphs.stream_key``'s form)."""
+    return None if streams is None else tuple((d, (s.device_index, s.stream_id)) for d, s in streams.items())
 
 
 def _structure(opts: dict[str, Any]) -> tuple:
@@ -716,7 +728,7 @@ def _structure(opts: dict[str, Any]) -> tuple:
             opts["method"], opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
-def _fused_muon_steps(calls: Sequence[StepCall]) -> _StepPlan:
+def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None = None) -> _StepPlan:
     """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
     shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
     splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
@@ -729,9 +741,12 @@ def _fused_muon_steps(calls: Sequence[StepCall]) -> _StepPlan:
     graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of dozens, with
     the learning rate, weight decay and momentum read from device memory so that schedules change them without
     a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
-    work per step is reading addresses and numbers. Returns that plan."""
-    plan = _plan_for(calls)
-    plan.run(calls)
+    work per step is reading addresses and numbers. ``streams``: ``_streams(calls)`` where the caller has it.
+    Returns that plan."""
+    if streams is None:
+        streams = _streams(calls)
+    plan = _plan_for(calls, streams)
+    plan.run(calls, streams)
     return plan
 
 
@@ -748,19 +763,17 @@ _REMEMBERED: list[_Remembered] = []  # most recent first
 _MAX_REMEMBERED = 4
 
 
-def _environment(calls: Sequence[StepCall]) -> tuple:
+def _environment(streams: Streams | None) -> tuple:
     """What a step plan depends on apart from the calls themselves: the fused and kernel switches, grad mode and
-    each device's current stream (``None`` where graphs may not be replayed now)."""
-    streams = _streams(calls)
-    return (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(),
-            None if streams is None else tuple(streams.items()))  # fmt: skip
+    each device's current stream (``_streams``: ``None`` where graphs may not be replayed now)."""
+    return (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), _stream_ids(streams))
 
 
-def _state_key(calls: Sequence[StepCall]) -> tuple | None:
+def _state_key(calls: Sequence[StepCall], streams: Streams | None) -> tuple | None:
     """Everything apart from the tensors' metadata that decides whether the fused path takes ``calls`` and which
     plan it makes: the environment (``_environment``), each call's structure and length. ``None`` where an
     option cannot be compared as a key."""
-    key = (_environment(calls), tuple(
+    key = (_environment(streams), tuple(
         (len(ps), len(gs), len(bs), opts["executor"] is None, _structure(opts), _decays(opts))
         for ps, gs, bs, opts in calls
     ))  # fmt: skip
@@ -799,11 +812,11 @@ def _remember(calls: Sequence[StepCall], state: tuple, plan: _StepPlan) -> _Reme
     return entry
 
 
-def _same_environment(entry: _Remembered, calls: Sequence[StepCall]) -> bool:
-    """Whether the environment (``_environment``) of ``calls`` is the one ``entry``'s plan was made in. With the
-    rest of the state key the same and every tensor's metadata unchanged (what ``_remembered_plan`` checks, and
-    ``Muon._step_again`` checks its own way), the plan may run ``calls``."""
-    return _environment(calls) == entry.state[0]
+def _same_environment(entry: _Remembered, streams: Streams | None) -> bool:
+    """Whether the environment (``_environment``) is the one ``entry``'s plan was made in. With the rest of the
+    state key the same and every tensor's metadata unchanged (what ``_remembered_plan`` checks, and
+    ``Muon._step_again`` checks its own way), the plan may run its calls."""
+    return _environment(streams) == entry.state[0]
 
 
 def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:

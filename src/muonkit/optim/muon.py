@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 from .. import fused, kernels
 from ..coefficients import CoefficientSpec, as_preset, is_file_spec
@@ -43,6 +44,7 @@ from .functional import (
     _muon_steps,
     _Remembered,
     _same_environment,
+    _streams,
     adamw_step,
     lr_scale,
     matrix_parts,
@@ -85,6 +87,8 @@ class _Repeat(NamedTuple):
     adamw: list[tuple[int, int, int]]  # per AdamW group: start, end in flat, group index
     guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``functional._Remembered``'s own
     # guard covers the same Muon tensors; the AdamW gradients' dtypes and layouts were checked when gathered)
+    bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
+    light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)
     entry: _Remembered
 
 
@@ -370,18 +374,33 @@ class Muon(Optimizer):
                     names.append(self._param_name(group, gi, index[id(p)]))
         return names
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step. Returns the closure's loss when a closure is given."""
+        """One optimizer step. Returns the closure's loss when a closure is given.
+
+        Step hooks (``register_step_pre_hook``/``register_step_post_hook``, the global ones of ``torch.optim``)
+        and the profiler's ``Optimizer.step#Muon.step`` range work as for any ``torch.optim`` optimizer: where
+        one is registered or a profiler records, the step goes through ``torch.optim``'s own wrapper; where none
+        is, it skips that wrapper's work (measured on an H100's host: tens of microseconds before the step's
+        first launch, which a step timed alone waits for)."""
+        if _wrapper_needed(self) and type(self).step is Muon.step:  # (a subclass's own step has torch's wrapper)
+            return _hooked_step(self) if closure is None else _hooked_step(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # tells torch.optim not to wrap it (see above)
+
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        repeat_ = getattr(self, "_repeat", None)  # absent on an optimizer unpickled by torch's __setstate__
-        if repeat_ is not None and self._step_again(repeat_):
-            return loss
-        self._repeat = None
+        compiling = torch.compiler.is_compiling()  # traced: no repeat (and no attribute assignment)
+        if not compiling:
+            repeat_ = getattr(self, "_repeat", None)  # absent on an optimizer unpickled by torch's __setstate__
+            if repeat_ is not None and self._step_again(repeat_):
+                return loss
+            self._repeat = None
         gathered = self._gather()
         if self.nonfinite != "ignore":
             bad = self._nonfinite_names(gathered)
@@ -408,8 +427,8 @@ class Muon(Optimizer):
             else:
                 stats = self._stats.setdefault(gi, {}) if self.diagnostics else None
                 pending.extend(self._muon_group(group, params, grads, stats))
-        entry = _muon_steps(pending)
-        if entry is not None:
+        entry = _muon_steps(pending)  # None under torch.compile
+        if entry is not None and not compiling:
             self._repeat = self._repeatable(gathered, pending, entry)
         return loss
 
@@ -419,7 +438,7 @@ class Muon(Optimizer):
         """What lets the next step skip ``_gather`` and ``_muon_group`` (``_Repeat``), after a step whose Muon
         groups all ran through ``entry``; ``None`` where that cannot be: a parameter without a gradient, sharded
         or executor-driven steps, diagnostics, a coefficient file (read again when it changes)."""
-        if self.executor is not None or self.diagnostics or torch.compiler.is_compiling():
+        if self.executor is not None or self.diagnostics:
             return None
         muon = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "muon"]
         adamw = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "adamw"]
@@ -444,7 +463,8 @@ class Muon(Optimizer):
         grads: list[Tensor] = [p.grad for p in flat]  # type: ignore[misc]  # all present (checked above)
         bufs = [self.state[p]["momentum_buffer"] for p in flat[:n_muon]]
         guard = _guards.tensor_guard([*flat[:n_muon], *grads, *bufs])
-        if guard is None:
+        light = _guards.tensor_guard([*flat[:n_muon], *grads])
+        if guard is None or light is None:
             return None
         try:
             structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
@@ -452,7 +472,7 @@ class Muon(Optimizer):
             return None
         return _Repeat(
             self.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-            n_muon, calls, spans, guard, entry,
+            n_muon, calls, spans, guard, bufs, light, entry,
         )  # fmt: skip
 
     def _step_again(self, rec: _Repeat) -> bool:
@@ -462,8 +482,6 @@ class Muon(Optimizer):
         reading every gradient's checks and every option left out. The Muon groups run before the AdamW groups
         (the full step has them the other way round; they touch different tensors)."""
         if self.state is not rec.state or self.diagnostics or self.executor is not None:
-            return False
-        if torch.compiler.is_compiling():
             return False
         groups = self.param_groups
         if len(groups) != len(rec.groups):
@@ -486,7 +504,10 @@ class Muon(Optimizer):
             bufs = list(map(_momentum_buffer, map(self.state.__getitem__, muon)))
         except KeyError:
             return False
-        if not rec.guard.check(*muon, *grads, *bufs):
+        if all(map(operator.is_, bufs, rec.bufs)):
+            if not rec.light.check(*muon, *grads):
+                return False
+        elif not rec.guard.check(*muon, *grads, *bufs):
             return False
         calls = []
         for start, end, gi, opts, decays in rec.calls:
@@ -495,11 +516,12 @@ class Muon(Optimizer):
             if _decays(opts) != decays:
                 return False
             calls.append((rec.flat[start:end], grads[start:end], bufs[start:end], opts))
-        if not _same_environment(rec.entry, calls):
+        streams = _streams(calls)
+        if not _same_environment(rec.entry, streams):
             return False
         if self.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
             return False  # the full step raises or skips, and says which parameter
-        rec.entry.plan.run(calls)
+        rec.entry.plan.run(calls, streams)
         for start, end, gi in rec.adamw:
             self._adamw_group(groups[gi], rec.flat[start:end], grads[start:end])
         return True
@@ -699,6 +721,22 @@ def _static(*tensors: Tensor) -> None:
 def _meta(p: Tensor) -> Tensor:
     """A storage-free stand-in with ``p``'s global shape (for shape checks that must not touch DTensors)."""
     return torch.empty(p.shape, device="meta")
+
+
+_hooked_step = Optimizer.profile_hook_step(Muon._step)  # torch.optim's wrapper: hooks, profiler range
+_HOOKS = tuple(getattr(_torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
+               "_global_optimizer_post_hooks"))  # fmt: skip
+_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
+
+
+def _wrapper_needed(opt: Muon) -> bool:
+    """Whether ``torch.optim``'s step wrapper has work to do: a step hook is registered, a profiler records, or
+    torch.compile traces (it traces the wrapper as for other optimizers). Where torch lacks what this reads,
+    always."""
+    if _profiling is None or any(h is None for h in _HOOKS) or torch.compiler.is_compiling():
+        return True
+    pre, post = getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None)
+    return pre is None or post is None or bool(pre or post or _HOOKS[0] or _HOOKS[1] or _profiling())
 
 
 def _is_nonneg(x: Any) -> bool:
