@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
     ap.add_argument("--method", default="newton_schulz")
     ap.add_argument("--nosplit", action="store_true")
+    ap.add_argument("--max-batch", type=int, default=None, help="Muon's max_batch (NS batches of at most this many)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--detail", action="store_true", help="also the host time of each stage of the step (wrapped)")
     ap.add_argument("--out", default=None)
@@ -96,7 +97,8 @@ def main() -> None:
     device = torch.device("cuda")
     layers, shapes = SETS[args.set]
     params = make_params(layers, shapes, device)
-    opt = muonkit.Muon(params if args.nosplit else split_groups(params), method=args.method, nonfinite="ignore")
+    opt = muonkit.Muon(params if args.nosplit else split_groups(params), method=args.method, nonfinite="ignore",
+                       max_batch=args.max_batch)  # fmt: skip
     for _ in range(5):
         opt.step()
     result = breakdown(opt, args.reps)
@@ -114,7 +116,7 @@ def main() -> None:
         print(f"{k:<20} {v:8.3f}")
     if args.out:
         write_json(args.out, {"environment": environment(device), "set": args.set, "method": args.method,
-                              "nosplit": args.nosplit, **result})  # fmt: skip
+                              "nosplit": args.nosplit, "max_batch": args.max_batch, **result})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -332,3 +332,18 @@ def test_concurrent_lanes_match_one_stream_exactly_at_gpt2_sizes(method):
     assert all(torch.isfinite(p).all() for p in two)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@cuda
+def test_current_stream_follows_stream_switches_and_is_made_once():
+    """``cuda_graphs.current_stream`` equals ``torch.cuda.current_stream`` inside and outside ``torch.cuda.stream``
+    blocks (side streams, another device's default), and hands back the same object for the same stream."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream(dev)
+    assert cuda_graphs.current_stream(dev) == torch.cuda.current_stream(dev)
+    first = cuda_graphs.current_stream(dev)
+    with torch.cuda.stream(side):
+        assert cuda_graphs.current_stream(dev) == side
+        assert cuda_graphs.stream_key(dev) == (side.device_index, side.stream_id)
+    assert cuda_graphs.current_stream(dev) is first
+    assert cuda_graphs.stream_key(dev) == (first.device_index, first.stream_id)

@@ -575,8 +575,9 @@ class _StepPlan:
         if len(self.batches) > 1 and self.one_device and graphable[device] and cuda_graphs.concurrent_batches():
             # the side stream starts where the current one is now (before this step's first launch); it waits
             # for that mark when its first batch comes, so the marking costs the first launch little
-            fork = cuda_graphs.fork_event(device)
-            fork.record(streams[device] if streams is not None else torch.cuda.current_stream(device))
+            current = streams[device] if streams is not None else cuda_graphs.current_stream(device)
+            fork = cuda_graphs.step_event(device, "fork")
+            fork.record(current)
         else:
             fork = None
         side = None
@@ -604,7 +605,9 @@ class _StepPlan:
                 stream=side if batch.lane else None, lane=batch.lane,
             )  # fmt: skip
         if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
+            join = cuda_graphs.step_event(device, "join")
+            join.record(side)
+            current.wait_event(join)
 
 
 def _decays(opts: dict[str, Any]) -> bool:
@@ -712,7 +715,7 @@ def _streams(calls: Sequence[StepCall]) -> Streams | None:
     if not cuda_graphs.graphable_on(calls[0][0][0].device):
         return None
     devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
-    return {d: torch.cuda.current_stream(d) for d in devices}
+    return {d: cuda_graphs.current_stream(d) for d in devices}
 
 
 def _stream_ids(streams: Streams | None) -> tuple | None:
