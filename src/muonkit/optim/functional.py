@@ -392,7 +392,7 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
 
 def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
     """``muon_steps``; returns the remembered plan the step ran or made (``None`` where none applies), which a
-    caller that knows the next step's structure is the same may run again with ``_run_remembered``."""
+    caller that knows the next step's structure is the same may run again (``Muon._step_again``)."""
     full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
     if not full:
         return None

@@ -74,7 +74,8 @@ class _Repeat(NamedTuple):
     """A step that ran whole through one remembered fused plan (``functional._Remembered``), with what must hold
     for a later step to run that plan again straight away (``Muon._step_again``): the same state mapping, the
     same group dicts holding the same parameters with the same structural options, every parameter with a
-    gradient. The plan's own guard then checks every tensor's metadata and the current streams."""
+    gradient. ``guard`` (or ``light``) then checks the tensors' metadata, ``functional._same_environment`` the
+    switches and current streams, as ``functional._remembered_plan`` would."""
 
     state: Any  # ``self.state`` (``load_state_dict`` replaces it)
     groups: list[dict[str, Any]]
