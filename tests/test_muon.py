@@ -474,3 +474,31 @@ def test_step_hooks_profiler_range_and_subclasses_work_as_in_torch_optim():
     calls.clear()
     sub.step()
     assert calls == ["pre", "sub"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused path, which repeats plans)")
+def test_a_training_loop_repeats_its_steps_on_cuda(monkeypatch):
+    """A real loop (GPT with Muon and AdamW groups, QKV split, backward, ``zero_grad()`` setting gradients to None,
+    a learning-rate schedule) takes the full step only at its first step; then every step repeats the plan
+    (``Muon._step_again``) and the loss still falls."""
+    from muonkit.optim import muon as muon_module
+    from muonkit.train import GPT, SIZES
+
+    full = []
+    gather = muon_module.Muon._gather
+    monkeypatch.setattr(muon_module.Muon, "_gather", lambda self: full.append(1) or gather(self))
+    torch.manual_seed(0)
+    model = GPT(SIZES["tiny"]).cuda()
+    opt = Muon(muonkit.param_groups(model, split={"*.qkv.weight": 3}), lr=0.02, adamw_lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + 0.05 * k))
+    data = torch.randint(0, 256, (8, 65), device="cuda")
+    losses = []
+    for _ in range(12):
+        loss = model(data[:, :-1], data[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        losses.append(float(loss))
+    assert len(full) == 1, len(full)
+    assert losses[-1] < losses[0]
