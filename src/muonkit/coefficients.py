@@ -185,7 +185,7 @@ def as_preset(spec: CoefficientSpec) -> Preset:
     """
     if isinstance(spec, Preset):
         return spec
-    if isinstance(spec, Path) or is_file_spec(spec):
+    if isinstance(spec, Path) or is_file_spec(spec):  # (the isinstance test again: it tells mypy what remains)
         # The optimizer resolves its coefficients every step: read a saved preset once per file version.
         path = Path(spec).resolve()  # type: ignore[arg-type]  # a str here (is_file_spec)
         try:

@@ -358,7 +358,11 @@ def current_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def stream_id(stream: torch.cuda.Stream) -> tuple[int, int]:
+    """What identifies ``stream`` in a cache key."""
+    return (stream.device_index, stream.stream_id)
+
+
 def stream_key(device: torch.device) -> tuple[int, int]:
     """What identifies the current stream of ``device`` in a cache key."""
-    stream = current_stream(device)
-    return (stream.device_index, stream.stream_id)
+    return stream_id(current_stream(device))

@@ -328,7 +328,8 @@ def muon_step(
             ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
             matrix_view=matrix_view, split=split, max_batch=max_batch, stats=stats,
         )  # fmt: skip
-        _fused_muon_steps([(params, grads, momentum_buffers, options)])
+        calls = [(params, grads, momentum_buffers, options)]
+        _fused_muon_steps(calls, _streams(calls))
         return
     _torch_muon_step(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -511,8 +512,7 @@ class _StepPlan:
         self._balance()
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
-                stream = streams[batch.device]
-                self._graph_keys(batch, calls, (stream.device_index, stream.stream_id))
+                self._graph_keys(batch, calls, cuda_graphs.stream_id(streams[batch.device]))
 
     def _balance(self) -> None:
         """Order the batches largest first and give each the lane (stream) with less work so far, so that two
@@ -719,8 +719,8 @@ def _streams(calls: Sequence[StepCall]) -> Streams | None:
 
 
 def _stream_ids(streams: Streams | None) -> tuple | None:
-    """``streams`` as a key: per device, ``(device index, stream id)`` (``cuda_graphs.stream_key``'s form)."""
-    return None if streams is None else tuple((d, (s.device_index, s.stream_id)) for d, s in streams.items())
+    """``streams`` as a key: per device, ``cuda_graphs.stream_id`` of its stream."""
+    return None if streams is None else tuple((d, cuda_graphs.stream_id(s)) for d, s in streams.items())
 
 
 def _structure(opts: dict[str, Any]) -> tuple:
@@ -731,7 +731,7 @@ def _structure(opts: dict[str, Any]) -> tuple:
             opts["method"], opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
-def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None = None) -> _StepPlan:
+def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
     """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
     shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
     splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
@@ -744,10 +744,8 @@ def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None = None)
     graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of dozens, with
     the learning rate, weight decay and momentum read from device memory so that schedules change them without
     a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
-    work per step is reading addresses and numbers. ``streams``: ``_streams(calls)`` where the caller has it.
-    Returns that plan."""
-    if streams is None:
-        streams = _streams(calls)
+    work per step is reading addresses and numbers. ``streams``: ``_streams(calls)`` (read once per step by the
+    caller). Returns that plan."""
     plan = _plan_for(calls, streams)
     plan.run(calls, streams)
     return plan

@@ -445,24 +445,27 @@ class Muon(Optimizer):
         adamw = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "adamw"]
         if len(pending) != len(muon):  # sharded parameters or ZeRO rows took their own path
             return None
+        if any(len(ps) != len(group["params"]) for group, ps, _ in gathered):
+            return None  # a parameter without a gradient
         flat: list[Tensor] = []
+        grads: list[Tensor] = []
+        bufs: list[Tensor] = []
         calls = []
-        for (gi, group, ps), (call_params, _, _, opts) in zip(muon, pending):
+        for (gi, group, ps), (call_params, call_grads, call_bufs, opts) in zip(muon, pending):
             if len(call_params) != len(ps) or is_file_spec(group["coefficients"]):
                 return None
             if ps:  # muon_steps drops empty calls
                 options = {**_STEP_DEFAULTS, **opts}
                 calls.append((len(flat), len(flat) + len(ps), gi, options, _decays(options)))
-                flat += ps
+                flat += call_params
+                grads += call_grads
+                bufs += call_bufs
         n_muon = len(flat)
         spans = []
         for gi, _, ps in adamw:
             spans.append((len(flat), len(flat) + len(ps), gi))
             flat += ps
-        if any(len(ps) != len(group["params"]) for group, ps, _ in gathered):
-            return None  # a parameter without a gradient
-        grads: list[Tensor] = [p.grad for p in flat]  # type: ignore[misc]  # all present (checked above)
-        bufs = [self.state[p]["momentum_buffer"] for p in flat[:n_muon]]
+            grads += gathered[gi][2]
         guard = _guards.tensor_guard([*flat[:n_muon], *grads, *bufs])
         light = _guards.tensor_guard([*flat[:n_muon], *grads])
         if guard is None or light is None:
