@@ -29,6 +29,7 @@ __all__ = [
     "METHODS",
     "default_ns_dtype",
     "filled_graph_key",
+    "gram_restarts",
     "orthogonalize",
     "orthogonalize_batch",
     "orthogonalize_filled",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 METHODS = ("newton_schulz", "gram", "svd")
-GRAM_RESTARTS = (2,)
+Restarts = Sequence[int] | None
 _NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -49,6 +50,42 @@ def default_ns_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dt
     if device.type == "cuda":
         return torch.bfloat16
     return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def gram_restarts(steps: int) -> tuple[int, ...]:
+    """Gram NS's default restart positions for a schedule of ``steps`` steps (``restarts=None``).
+
+    A restart re-forms ``X = Q X`` and ``R = X X^T`` before that step: R's rounding errors in half precision
+    (negative eigenvalues below the rounding level grow by about ``a^2`` per step) start again from zero.
+    Chosen by ``benchmarks/gram_restarts.py --sweep`` (H100, bf16, ``4 x 768 x 3072`` and ``4 x 1024 x 2048``;
+    Jordan's and Polar Express's coefficients; Gaussian, log-spread (singular values over [1e-4, 1]) and
+    low-rank inputs; score: the worst ratio of the error against float64 to plain NS's in bf16): the one
+    restart with the best score for 3 to 6 steps ((2,) for 3 steps, (3,) for 4-6; five steps: 1.81-1.84 against
+    10.4-12.0 for Dao-AILab's (2,), at the same cost), and two from 7 steps ((3, 5): 1.32-2.04 for 7 and 8; one
+    restart reached 19-10^9 there); every second step after step 3 beyond that. Two restarts ((2, 4): 1.24-1.42
+    at 5 steps) are more accurate still and cost one more ``m x n`` product pair.
+    """
+    if steps <= 2:
+        return ()
+    if steps == 3:
+        return (2,)
+    if steps <= 6:
+        return (3,)
+    return tuple(range(3, steps, 2))
+
+
+def _restart_positions(restarts: Restarts, steps: int) -> tuple[int, ...]:
+    """``restarts`` checked against a schedule of ``steps`` steps (``None``: :func:`gram_restarts`)."""
+    if restarts is None:
+        return gram_restarts(steps)
+    positions = tuple(restarts)
+    for r in positions:
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 < r < steps:
+            raise ValueError(
+                f"restarts must be step indices between 1 and {steps - 1} (the schedule has {steps} steps), "
+                f"got {positions}"
+            )
+    return tuple(sorted(set(positions)))
 
 
 def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: torch.dtype) -> Tensor:
@@ -208,7 +245,7 @@ def orthogonalize(
     method: str = "newton_schulz",
     dtype: torch.dtype | None = None,
     eps: float = 1e-7,
-    restarts: Sequence[int] = GRAM_RESTARTS,
+    restarts: Restarts = None,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of every matrix in ``G``.
 
@@ -223,9 +260,11 @@ def orthogonalize(
         dtype: precision of the NS matrix products. ``None``: bfloat16 on CUDA, float32 elsewhere
             (float64 input stays float64). Normalisation is always done in at least float32.
         eps: added to the Frobenius norm before dividing (a zero matrix maps to zero).
-        restarts: ``method="gram"`` only: steps before which X is re-formed and R recomputed (default (2,),
-            as in Dao-AILab's gram-newton-schulz). Measured on a 2-core CPU (8 x 256 x 1024 Gaussian,
-            polar_express, relative error vs float64): bf16 1.2% plain, 2.2% gram; fp16 0.2% / 0.4%.
+        restarts: ``method="gram"`` only: the steps (1 to ``steps - 1``) before which X is re-formed and R
+            recomputed. ``None``: :func:`gram_restarts` of the step count ((3,) for 5 steps, chosen by
+            measurement; Dao-AILab's gram-newton-schulz uses (2,), which was up to 12x less accurate than
+            plain NS on ill-conditioned inputs in bf16, ``benchmarks/results/gram_restarts_sweep_h100.json``).
+            Checked for every method: a position outside the schedule raises ``ValueError``.
 
     Returns:
         A tensor of ``G``'s shape and dtype.
@@ -267,7 +306,7 @@ def orthogonalize_batch(
     eps: float,
     ns_dtype: torch.dtype,
     method: str = "newton_schulz",
-    restarts: Sequence[int] = GRAM_RESTARTS,
+    restarts: Restarts = None,
     *,
     fresh: bool = True,
 ) -> Tensor:
@@ -290,7 +329,7 @@ def orthogonalize_stack(
     eps: float,
     ns_dtype: torch.dtype,
     method: str = "newton_schulz",
-    restarts: Sequence[int] = GRAM_RESTARTS,
+    restarts: Restarts = None,
 ) -> Tensor:
     """``orthogonalize_batch(torch.stack(parts))`` for same-shape ``parts`` (``(..., m, n)`` each), returned as
     ``(b, m, n)`` with ``fresh=False`` semantics. When a cached CUDA graph replays the call, the parts are
@@ -315,7 +354,7 @@ def orthogonalize_filled(
     ns_dtype: torch.dtype,
     device: torch.device,
     method: str = "newton_schulz",
-    restarts: Sequence[int] = GRAM_RESTARTS,
+    restarts: Restarts = None,
     unnormalised: bool = False,
 ) -> Tensor:
     """NS on a ``(b, m, n)`` batch, ``m <= n``, that ``fill(X)`` writes into ``X`` (``ns_dtype``) already
@@ -331,14 +370,15 @@ def orthogonalize_filled(
     if unnormalised:
         X = torch.empty(shape, dtype=ns_dtype, device=device)
         d = torch.empty(shape[0], dtype=torch.float32, device=device)
+        positions = _restart_positions(restarts, len(rows))
         fill(X, d)
-        return _iterate(X, rows, method, restarts, d)
+        return _iterate(X, rows, method, positions, d)
     return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
 
 
 def filled_graph_key(
     shape: tuple[int, int, int], rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, device: torch.device,
-    method: str = "newton_schulz", restarts: Sequence[int] = GRAM_RESTARTS,
+    method: str = "newton_schulz", restarts: Restarts = None,
 ) -> tuple:  # fmt: skip
     """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
     current stream)."""
@@ -359,13 +399,13 @@ class _NSCall:
 
     @classmethod
     def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
-           method: str, restarts: Sequence[int], prenormalised: bool = False) -> _NSCall:  # fmt: skip
+           method: str, restarts: Restarts, prenormalised: bool = False) -> _NSCall:  # fmt: skip
         rows_ = tuple(tuple(float(c) for c in r) for r in rows)
-        return cls(rows_, norm_scale, eps, ns_dtype, method, tuple(restarts), prenormalised)
+        return cls(rows_, norm_scale, eps, ns_dtype, method, _restart_positions(restarts, len(rows_)), prenormalised)
 
     @classmethod
     def prenormalised_call(cls, rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, method: str,
-                           restarts: Sequence[int]) -> _NSCall:  # fmt: skip
+                           restarts: Restarts) -> _NSCall:  # fmt: skip
         """The call ``orthogonalize_filled`` makes: input already normalised in ``ns_dtype``, ``m <= n``."""
         return cls.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
 
@@ -429,10 +469,11 @@ def _orthogonalize_eager(
 
 
 def _iterate(
-    X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Sequence[int], divisor: Tensor | None = None
+    X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Restarts, divisor: Tensor | None = None
 ) -> Tensor:
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
     dividing ``X``: Gram NS for rectangular matrices when asked."""
     if method == "gram" and X.shape[-2] != X.shape[-1]:
-        return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
+        positions = gram_restarts(len(rows)) if restarts is None else tuple(restarts)  # checked by the callers
+        return _gram_newton_schulz(X, rows, positions, divisor)
     return _newton_schulz(X, rows, divisor)
