@@ -26,7 +26,14 @@ import torch
 from _common import competitors, environment, sync, time_ms, time_ms_pipelined, write_json
 
 import muonkit
-from muonkit import kernels
+from muonkit import kernels, newton_schulz
+
+default_restarts = newton_schulz.gram_restarts
+
+
+def dao_restarts(steps: int) -> tuple[int, ...]:  # a stand-in for gram_restarts
+    return (2,)
+
 
 SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
@@ -77,6 +84,8 @@ def optimizers(
         "muonkit-gram": lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
         "muonkit-gram-nosplit": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
+        # Gram NS with Dao-AILab's restart before step 2 (muonkit's default for 5 steps: before step 3)
+        "muonkit-gram-nosplit [restart 2]": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
@@ -112,6 +121,33 @@ def optimizers(
         params, lr=1e-3, fused=fused or None, foreach=None if fused else True
     )
     return opts
+
+
+def ill_conditioned_grads(params: list[torch.nn.Parameter], seed: int = 0) -> list[torch.Tensor]:
+    """Gradients of the parameters' shapes with singular values log-spaced over [1e-7, 1e-3] (a decaying
+    spectrum, as gradients have; the Gaussian ones the timing uses have a flat one)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for p in params:
+        rows, cols = p.shape
+        k = min(rows, cols)
+        U, _ = torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64).to(p.device))
+        V, _ = torch.linalg.qr(torch.randn(cols, k, generator=gen, dtype=torch.float64).to(p.device))
+        s = torch.logspace(-7, -3, k, dtype=torch.float64, device=p.device)
+        out.append(((U * s[torch.randperm(k, generator=gen).to(p.device)]) @ V.mT).to(p.dtype))
+    return out
+
+
+def with_grads(params: list[torch.nn.Parameter], grads: list[torch.Tensor], fn: Callable[[], float]) -> float:
+    """``fn()`` with the parameters' gradients replaced by ``grads`` (the originals put back after)."""
+    saved = [p.grad for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    try:
+        return fn()
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
 
 
 def first_step_error(make: Callable[[], Any], params: list[torch.nn.Parameter], split_qkv: bool) -> float:
@@ -181,6 +217,7 @@ def main() -> None:
     env = environment(device)
     print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}")
     rows: list[dict[str, Any]] = []
+    ill: dict[str, list[torch.Tensor]] = {}
     for set_name in args.sets.split(","):
         if set_name == "demo-small":
             params, opts = demo_small_optimizers(device)
@@ -197,11 +234,16 @@ def main() -> None:
             muonkit.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
             muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.fused.set_fused("[fused off]" not in name)
+            newton_schulz.gram_restarts = dao_restarts if "[restart 2]" in name else default_restarts
             muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()
-            err = None
+            err = err_ill = None
             if set_name in SETS and "compile" not in name and not name.startswith("AdamW"):
-                err = first_step_error(make, params, split_qkv=name.startswith("muonkit") and "nosplit" not in name)
+                split = name.startswith("muonkit") and "nosplit" not in name
+                err = first_step_error(make, params, split_qkv=split)
+                if set_name not in ill:
+                    ill[set_name] = ill_conditioned_grads(params)
+                err_ill = with_grads(params, ill[set_name], functools.partial(first_step_error, make, params, split))
                 muonkit.cuda_graphs.cache.clear()
             opt = make()
             opt.step()  # creates state
@@ -239,6 +281,7 @@ def main() -> None:
                     "ms": ms,
                     "ms_pipelined": ms_pipelined,
                     "err_vs_ns_float64": err,
+                    "err_ill_conditioned": err_ill,
                     "finite_after_timing": finite,
                     "state_mb": state_mb,
                     "step_extra_mb": extra_mb,
@@ -251,7 +294,7 @@ def main() -> None:
         del params
     print(
         f"\n{'set':<11} {'impl':<34} {'ms/step':>9} {'pipelined':>9} {'x muonkit':>9} {'x AdamW':>8} {'state MB':>9} "
-        f"{'step extra MB':>13} {'graphs MB':>9} {'err vs fp64 NS':>14}"
+        f"{'step extra MB':>13} {'graphs MB':>9} {'err vs fp64 NS':>14} {'err, ill-cond.':>14}"
     )
     for r in rows:
         same = [x for x in rows if x["set"] == r["set"]]
@@ -261,9 +304,10 @@ def main() -> None:
         extra = f"{r['step_extra_mb']:.0f}" if r["step_extra_mb"] is not None else "-"
         state = f"{r['state_mb']:.0f}" if r["state_mb"] is not None else "-"
         err = f"{r['err_vs_ns_float64']:.2e}" if r.get("err_vs_ns_float64") is not None else "-"
+        err_ill = f"{r['err_ill_conditioned']:.2e}" if r.get("err_ill_conditioned") is not None else "-"
         print(
             f"{r['set']:<11} {r['impl']:<34} {r['ms']:>9.2f} {r['ms_pipelined']:>9.2f} {r['ms_over_muonkit']:>9.2f} "
-            f"{r['ms_over_adamw']:>8.2f} {state:>9} {extra:>13} {r['graph_cache_mb']:>9.0f} {err:>14}"
+            f"{r['ms_over_adamw']:>8.2f} {state:>9} {extra:>13} {r['graph_cache_mb']:>9.0f} {err:>14} {err_ill:>14}"
         )
     write_json(args.out, {"environment": env, "rows": rows})
 
