@@ -62,7 +62,7 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     low-rank inputs; score: the worst ratio of the error against float64 to plain NS's in bf16): the one
     restart with the best score for 3 to 6 steps ((2,) for 3 steps, (3,) for 4-6; five steps: 1.81-1.84 against
     10.4-12.0 for Dao-AILab's (2,), at the same cost), and two from 7 steps ((3, 5): 1.32-2.04 for 7 and 8; one
-    restart reached 19-10^9 there); every second step after step 3 beyond that. Two restarts ((2, 4): 1.24-1.42
+    restart reached 19-1.2e9 there); every second step after step 3 beyond that. Two restarts ((2, 4): 1.24-1.42
     at 5 steps) are more accurate still and cost one more ``m x n`` product pair.
     """
     if steps <= 2:
@@ -469,11 +469,11 @@ def _orthogonalize_eager(
 
 
 def _iterate(
-    X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Restarts, divisor: Tensor | None = None
+    X: Tensor, rows: Sequence[Sequence[float]], method: str, restarts: Sequence[int], divisor: Tensor | None = None
 ) -> Tensor:
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
-    dividing ``X``: Gram NS for rectangular matrices when asked."""
+    dividing ``X``: Gram NS for rectangular matrices when asked (``restarts``: the positions, as
+    ``_restart_positions`` resolved and checked them)."""
     if method == "gram" and X.shape[-2] != X.shape[-1]:
-        positions = gram_restarts(len(rows)) if restarts is None else tuple(restarts)  # checked by the callers
-        return _gram_newton_schulz(X, rows, positions, divisor)
+        return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
     return _newton_schulz(X, rows, divisor)
