@@ -127,6 +127,38 @@ def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("cfg", kernels.CONFIGS, ids=str)
+def test_every_tile_configuration_computes_the_same_products(cfg, monkeypatch):
+    """Each configuration the tuner may choose, square or wide tiles, forced: on matrices smaller than a tile,
+    ending inside a tile, spanning an odd number of 128-row tiles and dividing evenly, X X^T, the step
+    polynomial, a product with a second factor and a divisor are exactly symmetric and close to float64."""
+    if not kernels.triton_applies(torch.empty(1, 8, 8, device="cuda", dtype=torch.float16)):
+        pytest.skip("no Triton or an older GPU")
+    monkeypatch.setattr(kernels, "CONFIGS", (cfg,))
+    monkeypatch.setattr(kernels, "_best", {})
+    kernels.set_mode("triton")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for b, m, k in [(2, 100, 64), (3, 384, 200), (2, 640, 320), (1, 768, 1536), (2, 300, 1000)]:
+        X = (torch.randn(b, m, k, device="cuda", generator=gen, dtype=torch.float64) / k**0.5).half()
+        d = torch.rand(b, device="cuda", generator=gen) + 0.5
+        A = kernels.sym_product(X, divisor=d, power=2)
+        ref = X.double() @ X.double().mT / d.double().view(-1, 1, 1) ** 2
+        assert torch.equal(A, A.mT)
+        assert (A.double() - ref).abs().max() < 2e-3 * ref.abs().max(), (b, m, k)
+        B = kernels.sym_product(A, alpha=-4.775, beta=3.4445, Y=A, diag=1.5)
+        Ad = A.double()
+        ref = 3.4445 * Ad - 4.775 * Ad @ Ad + 1.5 * torch.eye(m, device="cuda", dtype=torch.float64)
+        assert torch.equal(B, B.mT)
+        assert (B.double() - ref).abs().max() < 2e-3 * ref.abs().max(), (b, m, k)
+        C = kernels.sym_product(B, W=A)  # B is a polynomial in A: B A is symmetric
+        ref = B.double() @ Ad
+        assert torch.equal(C, C.mT)
+        assert (C.double() - ref).abs().max() < 2e-3 * ref.abs().max(), (b, m, k)
+    assert set(kernels._best.values()) == {cfg}
+
+
+@pytest.mark.gpu
+@cuda
 def test_triton_kernel_runs_inside_torch_compile():
     X = torch.randn(4, 384, 1024, device="cuda", dtype=torch.bfloat16) / 32
     if not kernels.triton_applies(X):
