@@ -1,8 +1,7 @@
 """Every tile configuration of the Triton symmetric-product kernel, timed on the NS batches of a model.
 
-The kernel's tuner tries only ``kernels.CONFIGS``; this sweeps a wider grid (BM, BN, BK, warps, stages;
-BN = BM square tiles, BN = 2 BM wide ones) to show how far that short list is from the best the kernel can
-do, per batch shape:
+The kernel's tuner tries only ``kernels.CONFIGS``; this sweeps a wider grid (BM, BK, warps, stages) to show
+how far that short list is from the best the kernel can do, per batch shape:
 
     python benchmarks/kernel_configs.py --out benchmarks/results/kernel_configs_h100.json   # needs CUDA
     python benchmarks/kernel_configs.py --graphs --grid tuner --shapes 24x768x3072 --products xxt,poly,gram
@@ -28,13 +27,12 @@ from muonkit import kernels
 # NS batches of GPT-2 small (QKV split: 48 squares, 24 of 768 x 3072; not split: 12 of 768 x 2304) and of the
 # 1B set
 SHAPES = [(48, 768, 768), (24, 768, 3072), (12, 768, 2304), (12, 768, 768), (64, 2048, 2048), (32, 2048, 8192)]
-SQUARE = [
-    (bm, bm, bk, warps, stages)
-    for bm, bk, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4, 5))
-    if not (bm == 64 and warps == 8)  # 64 x 64 tiles on 8 warps: too little work per warp
+GRID = [
+    cfg
+    for cfg in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4, 5))
+    if not (cfg[0] == 64 and cfg[2] == 8)  # 64 x 64 tiles on 8 warps: too little work per warp
 ]
-WIDE = [(bm, 2 * bm, bk, 8, stages) for bm, bk, stages in itertools.product((64, 128), (32, 64), (2, 3, 4, 5))]
-GRIDS = {"all": SQUARE + WIDE, "square": SQUARE, "wide": WIDE, "tuner": None}  # tuner: kernels.CONFIGS
+GRIDS = {"all": GRID, "tuner": None}  # tuner: kernels.CONFIGS
 
 
 def graph_time_ms(fn: Any, reps: int) -> float:
@@ -99,7 +97,6 @@ def main() -> None:
             ok = {c: t for c, t in times.items() if t == t}
             best = min(ok, key=ok.__getitem__)
             listed = min((str(c) for c in kernels.CONFIGS), key=lambda c: ok.get(c, float("inf")))
-            square = min((str(c) for c in grid if c[0] == c[1] and str(c) in ok), key=ok.__getitem__, default=None)
             kernels._best.pop(key, None)
             row = {
                 "shape": [b, m, kk],
@@ -112,16 +109,13 @@ def main() -> None:
                 "best": best,
                 "best_ms": ok[best],
                 "best_tflops": macs / ok[best] / 1e9,  # the useful half: b m^2 k / 2 multiply-adds, 2 FLOPs each
-                "best_square": square,
-                "best_square_ms": ok.get(square) if square else None,
                 "best_of_configs": listed,
                 "best_of_configs_ms": ok.get(listed),
             }
             rows.append(row)
-            sq = f", best square {square} {ok[square]:.4f} ms" if square else ""
             print(
                 f"{b}x{m}x{kk} {product}: best {best} {ok[best]:.4f} ms "
-                f"({row['best_tflops']:.0f} TFLOP/s on the useful half){sq}, CONFIGS' best {listed} "
+                f"({row['best_tflops']:.0f} TFLOP/s on the useful half), CONFIGS' best {listed} "
                 f"{ok.get(listed, float('nan')):.4f} ms, cuBLAS full product {cublas:.4f} ms",
                 flush=True,
             )

@@ -64,7 +64,7 @@ def main() -> None:
             f"triton {row['ns_gram_triton_ms']:.3f} ms",
             flush=True,
         )
-    tuned = {str(k[:4]): v for k, v in kernels._best.items()}  # (batch, m, k, has Y) -> (BM, BN, BK, warps, stages)
+    tuned = {str(k[:4]): v for k, v in kernels._best.items()}  # (batch, m, k, has Y) -> (BM, BK, warps, stages)
     print("tuned tile configs:", tuned)
     write_json(args.out, {"environment": environment(device), "rows": rows, "tuned_configs": tuned})
 

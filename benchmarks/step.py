@@ -29,8 +29,6 @@ import muonkit
 from muonkit import kernels, newton_schulz
 
 default_restarts = newton_schulz.gram_restarts
-all_configs = kernels.CONFIGS
-square_configs = tuple(cfg for cfg in all_configs if cfg[0] == cfg[1])  # BM = BN
 
 
 def dao_restarts(steps: int) -> tuple[int, ...]:  # a stand-in for gram_restarts
@@ -88,8 +86,6 @@ def optimizers(
         "muonkit-gram-nosplit": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
         # Gram NS with Dao-AILab's restart before step 2 (muonkit's default for 5 steps: before step 3)
         "muonkit-gram-nosplit [restart 2]": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
-        # the symmetric-product kernel tuned over square tiles only (default: wide 128 x 256 tiles too)
-        "muonkit-gram-nosplit [square tiles]": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
@@ -239,8 +235,6 @@ def main() -> None:
             muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.fused.set_fused("[fused off]" not in name)
             newton_schulz.gram_restarts = dao_restarts if "[restart 2]" in name else default_restarts
-            kernels.CONFIGS = square_configs if "[square tiles]" in name else all_configs
-            kernels._best.clear()  # each row tunes the kernel's tiles over its own configurations
             muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()
             err = err_ill = None

@@ -125,11 +125,47 @@ def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
     assert (B.float() - ref_b).abs().max() < 2e-2 * ref_b.abs().max()
 
 
+def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
+    """A configuration whose shared memory the GPU lacks (Triton raises at its first launch) is skipped, not
+    fatal; none fitting is a clear error. CUDA events stand in for timing (CPU)."""
+    errors = pytest.importorskip("triton.runtime.errors")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(kernels, "_best", {})
+    ms = {(128, 64, 8, 3): 3.0, (128, 64, 8, 4): 2.0, (128, 64, 8, 5): 1.0, (128, 64, 4, 3): 2.5}
+    assert set(ms) == set(kernels.CONFIGS)
+    too_big = {(128, 64, 8, 5)}  # the fastest, were there room for it
+    last: list = []
+
+    def run(cfg):
+        if cfg in too_big:
+            raise errors.OutOfResources(160 * 1024, 100 * 1024, "shared memory")
+        last.append(cfg)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return ms[last[-1]]
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert kernels._tune(run, (1, 768, 768, True, torch.bfloat16)) == (128, 64, 8, 4)
+    too_big = set(ms)
+    with pytest.raises(RuntimeError, match="no tile configuration"):
+        kernels._tune(run, (2, 768, 768, True, torch.bfloat16))
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("cfg", kernels.CONFIGS, ids=str)
 def test_every_tile_configuration_computes_the_same_products(cfg, monkeypatch):
-    """Each configuration the tuner may choose, square or wide tiles, forced: on matrices smaller than a tile,
+    """Each configuration the tuner may choose, forced: on matrices smaller than a tile,
     ending inside a tile, spanning an odd number of 128-row tiles and dividing evenly, X X^T, the step
     polynomial, a product with a second factor and a divisor are exactly symmetric and close to float64."""
     if not kernels.triton_applies(torch.empty(1, 8, 8, device="cuda", dtype=torch.float16)):

@@ -231,16 +231,12 @@ def frobenius_norms(G: Tensor) -> Tensor:
     return torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float64)
 
 
-Config = tuple[int, int, int, int, int]  # (BM, BN, BK, num_warps, num_stages)
-# The tile configurations the tuner tries. A sweep of 40 square-tile configurations on an H100
-# (benchmarks/kernel_configs.py: GPT-2-small and 1B NS batches, 768-2048 rows) found the fastest of all among the
-# first four for every batch, X X^T and step polynomial alike. BN = 2 BM: wide tiles (128 x 256, the shape
-# cuBLAS uses on Hopper) read a quarter fewer bytes per multiply-add, at the cost of some entries below the
-# diagonal computed and dropped (1/8 more work at 768 rows, 1/17 at 2048).
-CONFIGS: tuple[Config, ...] = (
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 4, 3),
-    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
-)  # fmt: skip
+Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
+# The tile configurations the tuner tries. A sweep of 40 configurations on an H100 (benchmarks/kernel_configs.py:
+# GPT-2-small and 1B NS batches, 768-2048 rows) found the fastest of all among these four for every batch,
+# X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.5x slower
+# in every case (kernel_configs_h100_wide.json, commit 0674526).
+CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype)
 _EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the matrix
 
@@ -248,12 +244,13 @@ _EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the 
 def _default_config(m: int, k: int, has_y: bool) -> Config:
     """Without a timed choice (inside torch.compile or graph capture): the configuration with the smallest
     worst-case loss in that sweep (at most 7% for the polynomial, 8% for X X^T, against the best per shape)."""
-    return (128, 128, 64, 4, 3) if has_y else (128, 128, 64, 8, 3)
+    return (128, 64, 4, 3) if has_y else (128, 64, 8, 3)
 
 
 def _tune(run: Any, key: tuple) -> Config:
-    """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest; one
-    the GPU has not the shared memory or registers for is skipped."""
+    """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest. One
+    the GPU lacks the shared memory for (4-5 stages of 128 x 64 tiles need up to 160 KB; Hopper has 227 KB
+    per block, Ampere's A100 163 KB, consumer GPUs about 100 KB) is skipped."""
     if key in _best:
         return _best[key]
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
@@ -274,6 +271,8 @@ def _tune(run: Any, key: tuple) -> Config:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    if min(times) == float("inf"):
+        raise RuntimeError(f"no tile configuration of the symmetric-product kernel fits this GPU: {CONFIGS}")
     _best[key] = CONFIGS[min(range(len(CONFIGS)), key=times.__getitem__)]
     return _best[key]
 
@@ -287,29 +286,22 @@ def _build() -> Any:
         X, W, Y, C, S, M, K,
         sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
-        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        S_POW: tl.constexpr, EVEN: tl.constexpr,
+        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, S_POW: tl.constexpr,
+        EVEN: tl.constexpr,
     ):  # fmt: skip
+        # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        if BN == BM:  # square tiles (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
-            tj = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
-            tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)  # guard the float rounding
-            tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
-            ti = pid - tj * (tj + 1) // 2
-        else:  # BN = 2 BM: column tile tj meets the diagonal in row tiles up to 2 tj + 1; pid = tj (tj + 1) + ti
-            tj = ((tl.sqrt(4.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
-            tj = tl.where((tj + 1) * (tj + 2) <= pid, tj + 1, tj)
-            tj = tl.where(tj * (tj + 1) > pid, tj - 1, tj)
-            ti = pid - tj * (tj + 1)
-            if ti * BM >= M:  # past the last row (M not a multiple of BN)
-                return
+        tj = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
+        tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)  # guard the float rounding
+        tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+        ti = pid - tj * (tj + 1) // 2
         rm = ti * BM + tl.arange(0, BM)
-        rn = tj * BN + tl.arange(0, BN)
+        rn = tj * BM + tl.arange(0, BM)
         rk = tl.arange(0, BK)
         a_ptr = X + b * sxb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
         b_ptr = W + b * swb + rn[:, None] * swm + rk[None, :] * swk  # W[rn, k] (W = X for X X^T), transposed in SMEM
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.zeros((BM, BM), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BK)):
             if EVEN:  # whole tiles only (M % BM == 0, K % BK == 0): no masks
                 a = tl.load(a_ptr)
@@ -321,13 +313,11 @@ def _build() -> Any:
             acc += tl.dot(a, tl.trans(bn))
             a_ptr += BK * sxk
             b_ptr += BK * swk
-        if HAS_W and BN == BM:  # noqa: SIM102 - a constexpr test apart: no code at all without W
+        if HAS_W:  # noqa: SIM102 - a constexpr test apart: no code at all without W
             if ti == tj:  # X W^T is symmetric in exact arithmetic only: make the diagonal tile so in floating point
                 acc = 0.5 * (acc + tl.trans(acc))
         acc = acc * alpha
         mask = (rm[:, None] < M) & (rn[None, :] < M)
-        if BN != BM:  # a wide tile crosses the diagonal: its entries on and above it only, the rest mirrored
-            mask = mask & (rm[:, None] <= rn[None, :])
         if HAS_Y:
             y = tl.load(Y + b * syb + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0)
             acc += beta * y.to(tl.float32)
@@ -340,10 +330,7 @@ def _build() -> Any:
         out = acc.to(C.dtype.element_ty)
         cb = C + b * scb
         tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
-        if BN != BM:  # the strictly lower part, from the entries above the diagonal, stored row by row
-            mirror = (rn[:, None] < M) & (rm[None, :] < M) & (rm[None, :] < rn[:, None])
-            tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
-        elif ti != tj:  # the mirror tile, stored row by row (coalesced)
+        if ti != tj:  # the mirror tile, stored row by row (coalesced)
             mirror = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
@@ -378,8 +365,8 @@ def _build() -> Any:
         stages from its ``triton.Config`` (the form ``triton.autotune`` hands them over in); with a single
         config there is nothing for it to benchmark. Measured on an H100 (GPT-2-small step, compiled with
         reduce-overhead): 0.026 ms per polynomial call, against 0.032 ms in an eager step's CUDA graphs."""
-        bm, bn, bk, warps, stages = cfg
-        config = triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+        bm, bk, warps, stages = cfg
+        config = triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
         return triton.autotune(configs=[config], key=[])(sym_product_kernel)
 
     def launch(
@@ -398,7 +385,8 @@ def _build() -> Any:
         y = Y if Y is not None else C  # unused when HAS_Y is False
 
         def run(cfg: Config) -> None:
-            bm, bn, bk, warps, stages = cfg
+            bm, bk, warps, stages = cfg
+            tiles = triton.cdiv(m, bm)
             args = (
                 X, w, y, C, C if S is None else S, m, k,
                 X.stride(0), X.stride(1), X.stride(2), w.stride(0), w.stride(1), w.stride(2),
@@ -406,14 +394,13 @@ def _build() -> Any:
                 C.stride(0), C.stride(1), C.stride(2),
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
-            tiles = triton.cdiv(m, bn)  # column tiles; with bn = 2 bm, tile j meets row tiles 0 .. 2 j + 1
-            grid = (tiles * (tiles + 1) // (2 if bn == bm else 1), bsz)
-            even = _EVEN and m % bn == 0 and k % bk == 0
+            grid = (tiles * (tiles + 1) // 2, bsz)
+            even = _EVEN and m % bm == 0 and k % bk == 0
             flags = dict(HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even)
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, **flags)
             else:
-                sym_product_kernel[grid](*args, **flags, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                sym_product_kernel[grid](*args, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
         run(_tune(run, (bsz, m, k, Y is not None, X.dtype)))
         return C
