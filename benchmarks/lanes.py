@@ -1,15 +1,12 @@
-"""How the step's NS batches are laid on the two streams ("lanes"), and its effect on one GPT-2-small step.
+"""How the step's NS batches are cut and laid on the two streams ("lanes"): one GPT-2-small step per variant.
 
-The products of an NS batch are compute-bound and its momentum and update passes memory-bound; two lanes
-gain only where one lane's memory-bound pass meets the other's products. Variants, alternated over
-``--rounds`` rounds (a fresh optimizer, plan and CUDA graphs each time):
-
-- ``side order``: the side lane's batches largest first (as before) or smallest first
-  (``functional._SIDE_SMALLEST_FIRST``);
-- ``max_batch``: Muon's cap on a batch (``12`` splits GPT-2 small's 24 MLP matrices into two batches).
-
-Per variant: the median over rounds of ``alone_breakdown.breakdown``'s medians (GPU time from the first
-replay, the whole step synchronised before and after) and of the back-to-back time.
+The products of an NS batch are compute-heavy and its momentum and update passes memory-bound; two lanes
+gain only where one lane's memory-bound pass meets the other's products. Variants of Muon's ``max_batch``
+(``12`` splits GPT-2 small's 24 MLP matrices into two batches, so the lanes hold four), alternated over
+``--rounds`` rounds (a fresh optimizer, plan and CUDA graphs each time). Per variant: the median over rounds
+of ``alone_breakdown.breakdown``'s medians (GPU time from the first replay, the whole step synchronised
+before and after) and of the back-to-back time. (Commit 561b830 also tried the side lane's batches smallest
+first: no gain, ``lanes_h100_*.json``.)
 
     python benchmarks/lanes.py --method gram --nosplit --out lanes.json       # needs CUDA
 """
@@ -17,7 +14,6 @@ replay, the whole step synchronised before and after) and of the back-to-back ti
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 from typing import Any
 
@@ -31,9 +27,7 @@ from muonkit import cuda_graphs
 from muonkit.optim import functional
 
 
-def measure(params: list, nosplit: bool, method: str, max_batch: int | None, smallest_first: bool,
-            reps: int) -> dict[str, float]:  # fmt: skip
-    functional._SIDE_SMALLEST_FIRST = smallest_first
+def measure(params: list, nosplit: bool, method: str, max_batch: int | None, reps: int) -> dict[str, float]:
     functional._PLANS.clear()  # plans are shared by structure and remembered by state: make this variant's
     functional._REMEMBERED.clear()
     cuda_graphs.cache.clear()
@@ -62,28 +56,25 @@ def main() -> None:
     device = torch.device("cuda")
     layers, shapes = SETS[args.set]
     params = make_params(layers, shapes, device)
-    variants = list(itertools.product([int(x) or None for x in args.max_batches.split(",")], (False, True)))
-    runs: dict[tuple, list[dict[str, Any]]] = {v: [] for v in variants}
+    variants = [int(x) or None for x in args.max_batches.split(",")]
+    runs: dict[int | None, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for max_batch, smallest_first in variants:
-            res = measure(params, args.nosplit, args.method, max_batch, smallest_first, args.reps)
-            runs[(max_batch, smallest_first)].append(res)
-            print(f"round {r}: max_batch {max_batch}, side {'smallest' if smallest_first else 'largest'} first: "
-                  f"GPU after first {res['gpu_after_first_ms']:.3f} ms, alone {res['alone_ms']:.3f}, back to back "
-                  f"{res['back_to_back_ms']:.3f}; batches (b, m, n, lane) {res['batches']}", flush=True)  # fmt: skip
-    functional._SIDE_SMALLEST_FIRST = True
+        for max_batch in variants:
+            res = measure(params, args.nosplit, args.method, max_batch, args.reps)
+            runs[max_batch].append(res)
+            print(f"round {r}: max_batch {max_batch}: GPU after first {res['gpu_after_first_ms']:.3f} ms, alone "
+                  f"{res['alone_ms']:.3f}, back to back {res['back_to_back_ms']:.3f}; batches (b, m, n, lane) "
+                  f"{res['batches']}", flush=True)  # fmt: skip
     rows = []
     keys = ("gpu_after_first_ms", "alone_ms", "back_to_back_ms", "host_to_first_ms")
-    print(f"\n{'max_batch':>9} {'side order':<15} " + " ".join(f"{k:>19}" for k in keys))
-    for (max_batch, smallest_first), res in runs.items():
-        row = {"max_batch": max_batch, "side_smallest_first": smallest_first, "batches": res[0]["batches"],
-               "finite": all(x["finite"] for x in res)}  # fmt: skip
+    print(f"\n{'max_batch':>9} " + " ".join(f"{k:>19}" for k in keys))
+    for max_batch, res in runs.items():
+        row = {"max_batch": max_batch, "batches": res[0]["batches"], "finite": all(x["finite"] for x in res)}
         for k in keys:
             row[k] = statistics.median(x[k] for x in res)
             row[k + "_rounds"] = [x[k] for x in res]
         rows.append(row)
-        order = "smallest first" if smallest_first else "largest first"
-        print(f"{max_batch or '-':>9} {order:<15} " + " ".join(f"{row[k]:>19.3f}" for k in keys))
+        print(f"{max_batch or '-':>9} " + " ".join(f"{row[k]:>19.3f}" for k in keys))
     if args.out:
         write_json(args.out, {"environment": environment(device), "set": args.set, "method": args.method,
                               "nosplit": args.nosplit, "rows": rows})  # fmt: skip

@@ -524,10 +524,6 @@ class _StepPlan:
         for batch in self.batches:
             batch.lane = loads.index(min(loads))
             loads[batch.lane] += cost[id(batch)]
-        if _SIDE_SMALLEST_FIRST:
-            main = [batch for batch in self.batches if batch.lane == 0]
-            side = [batch for batch in self.batches if batch.lane == 1]
-            self.batches = main[:1] + side[::-1] + main[1:]
 
     @staticmethod
     def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
@@ -681,9 +677,6 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
             _record_stats(r.stats, part, r.scale)
 
 
-# The side lane runs its batches smallest first: it reaches its NS products while the main lane's first (largest)
-# batch is still in its memory-bound momentum pass, rather than starting with a momentum pass of its own.
-_SIDE_SMALLEST_FIRST = True
 _FOLD_NORMALISATION = True  # bf16 fused steps: the NS products divide by the norms (benchmarks turn it off to compare)
 _PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of recently seen structures
 _MAX_PLANS = 32
