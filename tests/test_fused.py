@@ -192,6 +192,36 @@ def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
         torch.testing.assert_close(torch.stack(s0[k]).max(), torch.stack(s1[k]).max(), rtol=1e-4, atol=1e-6)
 
 
+def test_gram_restarts_reach_the_fused_path(launchers, monkeypatch):
+    """``restarts`` on the fused path: the plan's NS call gets the positions (resolved: ``None`` becomes the
+    default placement), and the steps equal the torch path's, which orthogonalizes with them."""
+    seen = []
+    real = functional.orthogonalize_filled
+
+    def recording(*args, **kw):
+        seen.append((args[5], args[6]))  # method, restarts
+        return real(*args, **kw)
+
+    monkeypatch.setattr(functional, "orthogonalize_filled", recording)
+    base = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
+                adjust_lr="original", eps=1e-7, ns_dtype=torch.float32, method="gram")  # fmt: skip
+    for restarts, want in ((None, (3,)), ([2, 4], (2, 4)), ([1], (1,))):
+        results = []
+        for use in (False, True):
+            _force_fused(monkeypatch, use)
+            seen.clear()
+            ps = [p.clone() for p in _params()]
+            bufs = [torch.zeros_like(p) for p in ps]
+            for step in range(2):
+                gen = torch.Generator(DEVICE).manual_seed(step)
+                grads = [torch.randn(p.shape, device=DEVICE, generator=gen) for p in ps]
+                functional.muon_step(ps, grads, bufs, restarts=restarts, **base)
+            results.append(ps)
+        assert seen and all(r == want for method, r in seen if method == "gram"), (restarts, seen)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("max_batch", [None, 3])
 def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch, max_batch):
     """Muon groups with different hyper-parameters: on the fused path their same-shape matrices (either way round)

@@ -234,6 +234,24 @@ def test_low_precision_params_keep_fp32_momentum_across_load():
     assert buf.dtype == torch.float32 and torch.equal(buf, opt.state[p]["momentum_buffer"])
 
 
+def test_checkpoint_from_before_later_options_loads_and_steps():
+    """A state dict saved before ``max_batch`` and ``restarts`` existed (its groups lack them) loads, takes
+    their defaults and steps as the optimizer that saved it would (repeated steps included)."""
+    params = _params(SHAPES)
+    opt = Muon(params, ns_dtype=F64)
+    _step_together([(params, opt)], 2)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["max_batch"], group["restarts"]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    old = Muon(twins, ns_dtype=F64, method="gram", restarts=[2])  # options the checkpoint does not override
+    old.load_state_dict(sd)
+    assert old.param_groups[0]["restarts"] is None and old.param_groups[0]["max_batch"] is None
+    _step_together([(params, opt), (twins, old)], 3)
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
 def _one_step_update(p, grad, **group):
     start = p.detach().clone()
     opt = Muon(
@@ -337,6 +355,12 @@ def test_lr_scheduler_drives_both_algorithms():
         ({"algorithm": "adamw", "betas": (0.9, 1.0)}, "betas"),
         ({"eps": -1.0}, "eps"),
         ({"max_batch": 0}, "max_batch"),
+        ({"method": "gram", "restarts": [5]}, "between 1 and 4"),
+        ({"method": "gram", "restarts": [0]}, "between 1 and 4"),
+        ({"method": "gram", "restarts": [2.0]}, "restarts must be step indices"),
+        ({"method": "gram", "restarts": 3}, "list of step indices"),
+        ({"method": "gram", "ns_steps": 3, "restarts": [3]}, "between 1 and 2"),
+        ({"restarts": [2]}, "method='gram' only"),
     ],
 )
 def test_invalid_hyperparameters(group, match):
@@ -420,6 +444,35 @@ def test_gram_method_and_max_batch_match_default_step(kwargs):
     _step_together([(base, a), (other, b)], 3)
     for p, q in zip(base, other):
         assert torch.allclose(p, q, atol=1e-11, rtol=0)
+
+
+def test_gram_restarts_option_reaches_the_orthogonalization():
+    """``Muon(method="gram", restarts=...)`` orthogonalizes with those restart positions, on the torch path and
+    the fused one's plan alike (CPU: the torch path; the plan's batches by ``merged_ns_batches`` and its merge
+    key): each first update equals ``orthogonalize(..., restarts=...)`` of the same momentum, ``None`` equals
+    the default placement written out, and another placement gives another update (bf16, low rank)."""
+    from muonkit.optim.functional import _STEP_DEFAULTS, _merge_key
+
+    gen = torch.Generator().manual_seed(3)
+    low_rank = torch.randn(16, 2, generator=gen) @ torch.randn(2, 48, generator=gen)
+    updates = {}
+    for restarts in (None, (3,), (1,), (2, 4)):
+        p = nn.Parameter(torch.zeros(16, 48))
+        p.grad = low_rank.clone()
+        opt = Muon([p], lr=1.0, momentum=0.0, nesterov=False, adjust_lr=None, method="gram", restarts=restarts,
+                   ns_dtype=torch.bfloat16)  # fmt: skip
+        opt.step()
+        updates[restarts] = -p.detach().clone()
+        want = orthogonalize(low_rank, method="gram", restarts=restarts, dtype=torch.bfloat16)
+        assert torch.equal(updates[restarts], want.float()), restarts
+        assert opt.param_groups[0]["restarts"] == (None if restarts is None else list(restarts))
+    assert torch.equal(updates[None], updates[(3,)])  # the default for 5 steps
+    assert not torch.equal(updates[(1,)], updates[(3,)]) and not torch.equal(updates[(2, 4)], updates[(3,)])
+    # the fused path's batches: placements that differ are different NS problems; None and (3,) are one
+    schedule = tuple(tuple(r) for r in muonkit.coefficients.schedule("jordan"))
+    opts = {**_STEP_DEFAULTS, "method": "gram", "max_batch": None}
+    key = {r: _merge_key(16, 48, torch.bfloat16, schedule, {**opts, "restarts": r}) for r in (None, (3,), (2, 4))}
+    assert key[None] == key[(3,)] != key[(2, 4)]
 
 
 def test_step_hooks_profiler_range_and_subclasses_work_as_in_torch_optim():

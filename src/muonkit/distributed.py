@@ -67,6 +67,7 @@ NS_OPTIONS: dict[str, Any] = {  # muon_step's NS options and their defaults
     "eps": 1e-7,
     "ns_dtype": None,
     "method": "newton_schulz",
+    "restarts": None,
     "matrix_view": "flatten",
     "split": None,
     "max_batch": None,
@@ -348,7 +349,8 @@ def sharded_muon_step(
     ``comm_dtype`` (``None``: exact) is the dtype updates travel in to their owners; results travel back
     in the NS dtype when all of a parameter's parts share one lr scale (exact), else in the update dtype.
     ``counter[0]`` is increased by the bytes this rank sends. ``options`` are ``muon_step``'s NS options
-    (``coefficients``, ``ns_steps``, ``eps``, ``ns_dtype``, ``method``, ``matrix_view``, ``split``, ``max_batch``).
+    (``coefficients``, ``ns_steps``, ``eps``, ``ns_dtype``, ``method``, ``restarts``, ``matrix_view``, ``split``,
+    ``max_batch``).
     """
     if not params:
         return

@@ -27,6 +27,8 @@ from torch import Tensor
 from .. import cuda_graphs, fused, kernels
 from ..coefficients import CoefficientSpec, as_preset
 from ..newton_schulz import (
+    Restarts,
+    _restart_positions,
     default_ns_dtype,
     filled_graph_key,
     orthogonalize,
@@ -171,6 +173,7 @@ def ns_jobs(
     eps: float,
     ns_dtype: torch.dtype | None = None,
     method: str = "newton_schulz",
+    restarts: Restarts = None,
     matrix_view: str = "flatten",
     split: SplitSpec = None,
     max_batch: int | None = None,
@@ -203,7 +206,7 @@ def ns_jobs(
         if method == "svd":
             ortho = orthogonalize(torch.stack(srcs), method="svd")
         else:  # possibly a CUDA graph's static output: consumed below
-            ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method)
+            ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method, restarts)
             ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
@@ -302,6 +305,7 @@ def muon_step(
     eps: float,
     ns_dtype: torch.dtype | None = None,
     method: str = "newton_schulz",
+    restarts: Restarts = None,
     matrix_view: str = "flatten",
     split: SplitSpec = None,
     max_batch: int | None = None,
@@ -325,7 +329,7 @@ def muon_step(
     if executor is None and method != "svd" and _fused_step_applies(params, grads, momentum_buffers, ns_dtype):
         options = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, coefficients=coefficients,
-            ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
+            ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method, restarts=restarts,
             matrix_view=matrix_view, split=split, max_batch=max_batch, stats=stats,
         )  # fmt: skip
         calls = [(params, grads, momentum_buffers, options)]
@@ -334,15 +338,15 @@ def muon_step(
     _torch_muon_step(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         coefficients=coefficients, ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
-        matrix_view=matrix_view, split=split, max_batch=max_batch, executor=executor, stats=stats,
+        restarts=restarts, matrix_view=matrix_view, split=split, max_batch=max_batch, executor=executor, stats=stats,
     )  # fmt: skip
 
 
 def _torch_muon_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
     momentum: float, nesterov: bool, weight_decay: float, coefficients: CoefficientSpec, ns_steps: int | None,
-    adjust_lr: AdjustLR, eps: float, ns_dtype: torch.dtype | None, method: str, matrix_view: str, split: SplitSpec,
-    max_batch: int | None, executor: Executor | None, stats: dict[str, list[Tensor]] | None,
+    adjust_lr: AdjustLR, eps: float, ns_dtype: torch.dtype | None, method: str, restarts: Restarts, matrix_view: str,
+    split: SplitSpec, max_batch: int | None, executor: Executor | None, stats: dict[str, list[Tensor]] | None,
 ) -> None:  # fmt: skip
     """``muon_step`` through torch ops (any device and dtype; NS jobs run by ``executor``)."""
     updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
@@ -359,6 +363,7 @@ def _torch_muon_step(
         eps=eps,
         ns_dtype=ns_dtype,
         method=method,
+        restarts=restarts,
         matrix_view=matrix_view,
         split=split,
         max_batch=max_batch,
@@ -370,7 +375,14 @@ def _torch_muon_step(
 
 
 _STEP_DEFAULTS: dict[str, Any] = dict(
-    ns_dtype=None, method="newton_schulz", matrix_view="flatten", split=None, max_batch=None, executor=None, stats=None
+    ns_dtype=None,
+    method="newton_schulz",
+    restarts=None,
+    matrix_view="flatten",
+    split=None,
+    max_batch=None,
+    executor=None,
+    stats=None,
 )
 
 
@@ -466,6 +478,7 @@ class _Batch:
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
     lane: int = 0  # 0: the current stream, 1: the side stream (where batches run concurrently)
+    restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
 
 
 def _batch_cost(batch: _Batch) -> float:
@@ -503,10 +516,12 @@ class _StepPlan:
                 run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"])
                 merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
         self.batches: list[_Batch] = []
-        for (m, n, work, schedule, method, max_batch, device), entries in merged.items():
+        for (m, n, work, schedule, method, restarts, max_batch, device), entries in merged.items():
             chunk = max_batch or len(entries)
             for start in range(0, len(entries), chunk):
-                self.batches.append(self._batch(entries[start : start + chunk], m, n, work, schedule, method, device))
+                batch = self._batch(entries[start : start + chunk], m, n, work, schedule, method, device)
+                batch.restarts = restarts
+                self.batches.append(batch)
         self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
         self.one_device = len(self.devices) == 1
         self._balance()
@@ -553,9 +568,11 @@ class _StepPlan:
             for run, call in tensors
         )  # fmt: skip
         mode = kernels.get_mode()
-        batch.slot = cuda_graphs.Key((device, stream, batch.lane, m, n, work, batch.schedule, batch.method, mode, runs))
+        batch.slot = cuda_graphs.Key(
+            (device, stream, batch.lane, m, n, work, batch.schedule, batch.method, batch.restarts, mode, runs)
+        )
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
-        batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method)
+        batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method, batch.restarts)
 
     def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
@@ -665,9 +682,8 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
     shape = (batch.size, batch.m, batch.n)
     # a batch headed for capture (scalars given) runs eagerly first: there choose kernels as the capture will
     with kernels.capture_warmup() if unnormalised and scalars is not None else contextlib.nullcontext():
-        O = orthogonalize_filled(
-            fill, shape, batch.schedule, batch.work, batch.device, batch.method, unnormalised=unnormalised
-        )
+        O = orthogonalize_filled(fill, shape, batch.schedule, batch.work, batch.device, batch.method,
+                                 batch.restarts, unnormalised=unnormalised)  # fmt: skip
     for r in live:
         part = rows_of(O, r.run)
         fused.scaled_update(
@@ -727,8 +743,9 @@ def _structure(opts: dict[str, Any]) -> tuple:
     """The options a step plan depends on (lr, momentum, weight decay and ``adjust_lr`` are read every step).
     The coefficients as their ``Preset``: a saved ``.json`` preset is re-read when the file changes."""
     split = tuple(opts["split"]) if isinstance(opts["split"], list | tuple) else opts["split"]
+    restarts = None if opts["restarts"] is None else tuple(opts["restarts"])
     return (opts["nesterov"], as_preset(opts["coefficients"]), opts["ns_steps"], opts["eps"], opts["ns_dtype"],
-            opts["method"], opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
+            opts["method"], restarts, opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
 def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
@@ -821,8 +838,11 @@ def _same_environment(entry: _Remembered, streams: Streams | None) -> bool:
 
 
 def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
-    """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, max_batch)``."""
-    return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], opts["max_batch"])
+    """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, restart positions,
+    max_batch)``; the positions resolved (``None`` and the default placement written out share a batch), ``()``
+    where the method has none."""
+    restarts = _restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
+    return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], restarts, opts["max_batch"])
 
 
 def merged_ns_batches(
@@ -840,7 +860,7 @@ def merged_ns_batches(
                 if r and c:
                     counts[_merge_key(r, c, work, schedule, opts)] += len(offsets)
     batches = []
-    for (m, n, _, _, _, max_batch), count in counts.items():
+    for (m, n, *_, max_batch), count in counts.items():
         chunk = max_batch or count
         batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
     return batches

@@ -11,7 +11,7 @@ import copy
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, repeat
 from typing import Any, NamedTuple
 
@@ -32,7 +32,7 @@ from ..distributed import (
     sharded_muon_step,
     zero_muon_step,
 )
-from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype
+from ..newton_schulz import _NS_DTYPES, METHODS, _restart_positions, default_ns_dtype
 from . import _guards
 from .functional import (
     _STEP_DEFAULTS,
@@ -64,7 +64,8 @@ class NonFiniteGradientError(FloatingPointError):
 
 # The options of a Muon group a step's plan depends on (lr, momentum and weight decay are read every step).
 _STRUCTURE = ("algorithm", "nesterov", "coefficients", "ns_steps", "adjust_lr", "eps", "ns_dtype", "method",
-              "matrix_view", "split", "max_batch", "momentum_dtype")  # fmt: skip
+              "restarts", "matrix_view", "split", "max_batch", "momentum_dtype")  # fmt: skip
+_LATER_OPTIONS = {"max_batch": None, "restarts": None}  # Muon-group options added after the first release
 _READ = {"muon": operator.itemgetter(*_STRUCTURE), "adamw": operator.itemgetter("algorithm")}
 _grad = operator.attrgetter("grad")
 _momentum_buffer = operator.itemgetter("momentum_buffer")
@@ -120,6 +121,10 @@ class Muon(Optimizer):
         ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
         method: ``"newton_schulz"``, ``"gram"`` (Gram NS: fewer FLOPs for rectangular matrices) or
             ``"svd"`` (exact polar factor, for comparisons).
+        restarts: ``method="gram"`` only: the steps (1 to the schedule's length - 1) before which X is
+            re-formed and its Gram matrix recomputed; ``None`` (default): ``newton_schulz.gram_restarts``
+            of the step count ((3,) for 5 steps). ``(2, 4)`` is the most accurate placement measured for
+            5 steps, at two restarts' cost (see ``orthogonalize``).
         matrix_view: how a parameter with more than 2 dims becomes matrices: ``"flatten"`` (conv
             kernels, ``(out, in*kh*kw)``) or ``"batch"`` (leading dims index independent matrices).
         split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts; each part
@@ -161,6 +166,7 @@ class Muon(Optimizer):
         *,
         ns_dtype: torch.dtype | None = None,
         method: str = "newton_schulz",
+        restarts: Sequence[int] | None = None,
         matrix_view: str = "flatten",
         split: int | list[int] | None = None,
         momentum_dtype: torch.dtype | None = torch.float32,
@@ -204,6 +210,7 @@ class Muon(Optimizer):
             "eps": eps,
             "ns_dtype": ns_dtype,
             "method": method,
+            "restarts": None if restarts is None else list(restarts),
             "matrix_view": matrix_view,
             "split": split,
             "momentum_dtype": momentum_dtype,
@@ -309,6 +316,16 @@ class Muon(Optimizer):
             f"or a callable f(lr, (rows, cols)), got {adjust!r}",
         )
         check(group["method"] in METHODS, f"method must be one of {METHODS}, got {group['method']!r}")
+        restarts = group.get("restarts")
+        if restarts is not None:
+            check(group["method"] == "gram", f"restarts applies to method='gram' only, got method={group['method']!r}")
+            check(
+                isinstance(restarts, list | tuple), f"restarts must be None or a list of step indices, got {restarts!r}"
+            )
+            try:
+                _restart_positions(restarts, len(as_preset(group["coefficients"]).schedule(steps)))
+            except ValueError as err:
+                check(False, str(err))
         check(
             group["matrix_view"] in MATRIX_VIEWS,
             f"matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}",
@@ -587,6 +604,7 @@ class Muon(Optimizer):
             eps=group["eps"],
             ns_dtype=group["ns_dtype"],
             method=group["method"],
+            restarts=group.get("restarts"),
             matrix_view=group["matrix_view"],
             split=group["split"],
             max_batch=group.get("max_batch"),
@@ -680,6 +698,10 @@ class Muon(Optimizer):
         extra = state_dict.pop("muonkit", {})
         self._repeat = None
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before an option existed: the option's default
+            if group.get("algorithm", "muon") == "muon":
+                for key, value in _LATER_OPTIONS.items():
+                    group.setdefault(key, value)
         # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
         # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
