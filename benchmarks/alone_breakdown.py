@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from _common import environment, time_ms_pipelined, write_json
-from step import SETS, make_params, split_groups
+from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
 from muonkit import cuda_graphs
@@ -86,9 +86,7 @@ def timed_parts(reps_out: dict[str, list[float]]) -> list[tuple[Any, str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
-    ap.add_argument("--method", default="newton_schulz")
-    ap.add_argument("--nosplit", action="store_true")
+    add_set_arguments(ap)
     ap.add_argument("--max-batch", type=int, default=None, help="Muon's max_batch (NS batches of at most this many)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--detail", action="store_true", help="also the host time of each stage of the step (wrapped)")

@@ -15,7 +15,7 @@ import time
 
 import torch
 from _common import environment, write_json
-from step import SETS, make_params, split_groups
+from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
 
@@ -34,10 +34,8 @@ def host_ms(step: object, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
-    ap.add_argument("--method", default="newton_schulz")
+    add_set_arguments(ap)
     ap.add_argument("--fp16", action="store_true")
-    ap.add_argument("--nosplit", action="store_true", help="the fused QKV matrices whole (default: split in three)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from _common import environment, time_ms_pipelined, write_json
 from alone_breakdown import breakdown
-from step import SETS, make_params, split_groups
+from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
 from muonkit import cuda_graphs
@@ -45,9 +45,7 @@ def measure(params: list, nosplit: bool, method: str, max_batch: int | None, rep
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
-    ap.add_argument("--method", default="gram")
-    ap.add_argument("--nosplit", action="store_true")
+    add_set_arguments(ap, method="gram")
     ap.add_argument("--max-batches", default="0,12", help="Muon's max_batch per variant (0: none)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=30)

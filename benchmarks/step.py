@@ -66,6 +66,13 @@ def compiled_muonkit(groups: Callable[[], list], mode: str) -> Compiled:
     return Compiled(muonkit.Muon(groups(), nonfinite="ignore"), mode)
 
 
+def add_set_arguments(ap: Any, method: str = "newton_schulz") -> None:
+    """The options of the programs that time one step of a ``SETS`` entry: ``--set``, ``--method``, ``--nosplit``."""
+    ap.add_argument("--set", default="gpt2-small", choices=sorted(SETS))
+    ap.add_argument("--method", default=method)
+    ap.add_argument("--nosplit", action="store_true", help="the fused QKV matrices whole (default: split in three)")
+
+
 def split_groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
     """The fused QKV matrices (3n x n) split in three, the rest whole; fresh dicts on every call, since an
     optimizer writes its defaults into the group dicts it is given."""
