@@ -369,6 +369,14 @@ def test_invalid_hyperparameters(group, match):
         Muon([{"params": [p], **group}])
 
 
+def test_invalid_restarts_as_an_optimizer_default():
+    (p,) = _params([(6, 12)])
+    with pytest.raises(ValueError, match="list of step indices"):
+        Muon([p], method="gram", restarts=3)
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        Muon([p], method="gram", restarts=(2, 7))
+
+
 def test_vector_in_muon_group_points_at_param_groups():
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"'bias'.*param_groups"):

@@ -210,7 +210,7 @@ class Muon(Optimizer):
             "eps": eps,
             "ns_dtype": ns_dtype,
             "method": method,
-            "restarts": None if restarts is None else list(restarts),
+            "restarts": list(restarts) if isinstance(restarts, tuple | list) else restarts,  # checked per group
             "matrix_view": matrix_view,
             "split": split,
             "momentum_dtype": momentum_dtype,
