@@ -26,14 +26,7 @@ import torch
 from _common import competitors, environment, sync, time_ms, time_ms_pipelined, write_json
 
 import muonkit
-from muonkit import kernels, newton_schulz
-
-default_restarts = newton_schulz.gram_restarts
-
-
-def dao_restarts(steps: int) -> tuple[int, ...]:  # a stand-in for gram_restarts
-    return (2,)
-
+from muonkit import kernels
 
 SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
@@ -92,7 +85,9 @@ def optimizers(
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),
         "muonkit-gram-nosplit": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
         # Gram NS with Dao-AILab's restart before step 2 (muonkit's default for 5 steps: before step 3)
-        "muonkit-gram-nosplit [restart 2]": lambda: muonkit.Muon(params, method="gram", nonfinite="ignore"),
+        "muonkit-gram-nosplit [restart 2]": lambda: muonkit.Muon(
+            params, method="gram", restarts=[2], nonfinite="ignore"
+        ),
     }
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
@@ -241,7 +236,6 @@ def main() -> None:
             muonkit.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
             muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.fused.set_fused("[fused off]" not in name)
-            newton_schulz.gram_restarts = dao_restarts if "[restart 2]" in name else default_restarts
             muonkit.cuda_graphs.cache.clear()
             torch._dynamo.reset()
             err = err_ill = None

@@ -519,9 +519,9 @@ class _StepPlan:
         for (m, n, work, schedule, method, restarts, max_batch, device), entries in merged.items():
             chunk = max_batch or len(entries)
             for start in range(0, len(entries), chunk):
-                batch = self._batch(entries[start : start + chunk], m, n, work, schedule, method, device)
-                batch.restarts = restarts
-                self.batches.append(batch)
+                self.batches.append(
+                    self._batch(entries[start : start + chunk], m, n, work, schedule, method, restarts, device)
+                )
         self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
         self.one_device = len(self.devices) == 1
         self._balance()
@@ -542,7 +542,7 @@ class _StepPlan:
 
     @staticmethod
     def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
-               method: str, device: torch.device) -> _Batch:  # fmt: skip
+               method: str, restarts: tuple[int, ...], device: torch.device) -> _Batch:  # fmt: skip
         """One batch from ``entries`` (call, run template, owner, offset), consecutive per run."""
         runs: list[_Run] = []
         last = None
@@ -555,7 +555,7 @@ class _StepPlan:
             run.offsets.append(k)
             if not run.distinct or run.distinct[-1] != o:
                 run.distinct.append(o)
-        return _Batch(runs, len(entries), m, n, work, schedule, method, device)
+        return _Batch(runs, len(entries), m, n, work, schedule, method, device, restarts=restarts)
 
     @staticmethod
     def _graph_keys(batch: _Batch, calls: Sequence[StepCall], stream: tuple[int, int]) -> None:

@@ -489,7 +489,7 @@ class Muon(Optimizer):
             return None
         try:
             structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
-        except KeyError:  # an option missing (max_batch may be): no repeat
+        except KeyError:  # an option missing (a group dict edited by hand; load_state_dict fills later ones)
             return None
         return _Repeat(
             self.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
