@@ -234,7 +234,7 @@ def frobenius_norms(G: Tensor) -> Tensor:
 Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
 # The tile configurations the tuner tries. A sweep of 40 configurations on an H100 (benchmarks/kernel_configs.py:
 # GPT-2-small and 1B NS batches, 768-2048 rows) found the fastest of all among these four for every batch,
-# X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.5x slower
+# X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.6x slower
 # in every case (kernel_configs_h100_wide.json, commit 0674526).
 CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype)
