@@ -193,6 +193,111 @@ def test_every_tile_configuration_computes_the_same_products(cfg, monkeypatch):
     assert set(kernels._best.values()) == {cfg}
 
 
+def _upper_only(T: torch.Tensor, tile: int) -> torch.Tensor:
+    """``T`` with every entry outside the tiles on and above the diagonal replaced by NaN: what a consumer of
+    upper-tile storage must never read."""
+    r = torch.arange(T.shape[-1], device=T.device) // tile
+    return T.masked_fill(r[:, None] > r[None, :], float("nan"))
+
+
+def test_upper_inputs_on_the_torch_path_are_made_whole():
+    """Where the kernel does not run (CPU), ``upper_in`` inputs are mirrored from their upper triangle first,
+    so a result never depends on the unwritten tiles; ``upper_out`` results are whole there."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 6, 9, generator=gen, dtype=torch.float64)
+    A = X @ X.mT
+    A = (A + A.mT) / 2
+    P = 2.0 * A @ A - A + 0.5 * torch.eye(6, dtype=torch.float64)
+    U, V = _upper_only(A, 2), _upper_only(P, 2)
+    assert torch.allclose(kernels.sym_product(U, 2.0, -1.0, U, diag=0.5, upper_in=True), P)
+    assert torch.allclose(kernels.sym_product(V, W=U, upper_in=True, upper_out=True), P @ A)
+    assert torch.allclose(kernels.sym_product(X, upper_out=True), A)
+    with pytest.raises(ValueError, match="square"):
+        kernels.sym_product(X, upper_in=True)
+    assert not kernels.upper_chain(A)  # CPU: no kernel, no upper storage
+
+
+def test_tuner_gives_upper_storage_calls_only_upper_tile_sized_tiles(monkeypatch):
+    """A matrix stored in upper tiles is read right only with the tile size it was written with: calls with
+    ``upper_in`` or without the mirror choose among UPPER_TILE configurations; none left is a clear error."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(kernels, "_best", {})
+    monkeypatch.setattr(kernels, "CONFIGS", ((64, 64, 4, 3), (128, 64, 8, 3), (128, 256, 8, 3)))
+    tried: list = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return {(64, 64, 4, 3): 1.0, (128, 64, 8, 3): 2.0}.get(tried[-1], 3.0)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, False, True)) == (64, 64, 4, 3)
+    tried.clear()
+    assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, True, False)) == (128, 64, 8, 3)
+    assert set(tried) == {(128, 64, 8, 3)}  # (128, 256): a K step wider than the tile is not allowed either
+    assert kernels._tune(tried.append, (1, 768, 3072, False, torch.bfloat16, False, False)) == (128, 64, 8, 3)
+    monkeypatch.setattr(kernels, "CONFIGS", ((64, 64, 4, 3),))
+    with pytest.raises(RuntimeError, match="128 x 128 tiles"):
+        kernels._tune(tried.append, (2, 768, 768, True, torch.bfloat16, True, True))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cfg", [c for c in kernels.CONFIGS if c[0] == kernels.UPPER_TILE], ids=str)
+def test_upper_tile_storage_gives_the_same_bits(cfg, monkeypatch):
+    """Each UPPER_TILE configuration, forced: a product writing upper tiles only matches the whole product's
+    upper tiles bit for bit, and products reading upper tiles only (the others NaN, so any stray read shows)
+    match the whole products, on sizes smaller than a tile, ending inside one and dividing evenly."""
+    if not kernels.triton_applies(torch.empty(1, 8, 8, device="cuda", dtype=torch.float16)):
+        pytest.skip("no Triton or an older GPU")
+    monkeypatch.setattr(kernels, "CONFIGS", (cfg,))
+    monkeypatch.setattr(kernels, "_best", {})
+    kernels.set_mode("triton")
+    t = kernels.UPPER_TILE
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for b, m, k in [(2, 100, 64), (3, 300, 700), (2, 640, 640), (2, 768, 1536)]:
+        X = (torch.randn(b, m, k, device="cuda", generator=gen) / k**0.5).bfloat16()
+        A = kernels.sym_product(X)
+        blocks = ~_upper_only(torch.zeros(m, m, device="cuda"), t).isnan()
+        assert torch.equal(kernels.sym_product(X, upper_out=True)[:, blocks], A[:, blocks]), (b, m, k)
+        P = kernels.sym_product(A, alpha=2.03, beta=-4.77, Y=A, diag=3.44)
+        Pu = kernels.sym_product(_upper_only(A, t), alpha=2.03, beta=-4.77, Y=_upper_only(A, t), diag=3.44,
+                                 upper_in=True)  # fmt: skip
+        assert torch.equal(Pu, P), (b, m, k)
+        Q = kernels.sym_product(P, W=A)
+        Qu = kernels.sym_product(_upper_only(P, t), W=_upper_only(A, t), upper_in=True, upper_out=True)
+        assert torch.equal(Qu[:, blocks], Q[:, blocks]), (b, m, k)
+    assert set(kernels._best.values()) == {cfg}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("method", ["newton_schulz", "gram"])
+def test_ns_with_upper_tile_storage_gives_the_same_bits(method, monkeypatch):
+    """Plain and Gram NS with the m x m intermediates in upper tiles only give the same bits as with whole
+    matrices (the same sums in the same order), on the GPU's auto path, for shapes that take it and not."""
+    X = torch.randn(6, 768, 2304, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+    if not kernels.triton_applies(X.bfloat16()):
+        pytest.skip("no Triton or an older GPU")
+    kernels.set_mode("triton")
+    assert kernels.upper_chain(X[..., :768].bfloat16())
+    monkeypatch.setattr(kernels, "UPPER", False)
+    want = muonkit.orthogonalize(X, method=method)
+    monkeypatch.setattr(kernels, "UPPER", True)
+    assert torch.equal(muonkit.orthogonalize(X, method=method), want)
+    err = (want.double() - muonkit.orthogonalize(X, method="svd").double()).norm() / want.double().norm()
+    assert err < 0.3  # Jordan's coefficients end in about [0.7, 1.2]: not the polar factor, but near it
+
+
 @pytest.mark.gpu
 @cuda
 def test_triton_kernel_runs_inside_torch_compile():

@@ -42,6 +42,7 @@ __all__ = [
     "AUTO_XXT_MIN_ROWS",
     "CONFIGS",
     "MODES",
+    "UPPER_TILE",
     "capture_warmup",
     "frobenius_norms",
     "get_mode",
@@ -50,6 +51,7 @@ __all__ = [
     "set_mode",
     "sym_product",
     "triton_applies",
+    "upper_chain",
     "use_kernel",
 ]
 
@@ -170,7 +172,8 @@ def use_kernel(X: Tensor, has_y: bool = False) -> bool:
 
 def sym_product(
     X: Tensor, alpha: float = 1.0, beta: float = 0.0, Y: Tensor | None = None, diag: float = 0.0,
-    W: Tensor | None = None, divisor: Tensor | None = None, power: int = 1,
+    W: Tensor | None = None, divisor: Tensor | None = None, power: int = 1, upper_in: bool = False,
+    upper_out: bool = False,
 ) -> Tensor:  # fmt: skip
     """``(alpha X W^T + beta Y + diag I) / divisor**power`` for a batch ``X`` of shape ``(b, m, k)``, ``W = X``
     unless given; ``Y`` (``(b, m, m)``) must be symmetric, and so must ``X W^T`` (e.g. ``W`` symmetric and
@@ -180,15 +183,28 @@ def sym_product(
 
     The result is symmetric; on the Triton path it is exactly so (each off-diagonal tile is one value,
     written twice), on the torch path up to rounding.
+
+    Upper-tile storage, for chains of products of symmetric matrices (Gram NS): with ``upper_out`` the Triton
+    path writes only the ``UPPER_TILE``-sized tiles on and above the diagonal (the others keep whatever the
+    fresh tensor held), saving the mirror writes; with ``upper_in``, ``X``, ``W`` and ``Y`` (square,
+    symmetric) are read from those tiles only, half the bytes. A result stored so is only fit for another
+    ``upper_in`` call (see :func:`upper_chain`); the torch path makes its inputs whole first and returns
+    whole results.
     """
     if divisor is not None and (power not in (1, 2) or divisor.shape != (X.shape[0],)):
         raise ValueError(f"divisor must have shape ({X.shape[0]},) and power be 1 or 2, got {divisor.shape}, {power}")
+    if upper_in and X.shape[-1] != X.shape[-2]:
+        raise ValueError(f"upper_in needs square symmetric matrices, got {tuple(X.shape)}")
     same = (Y is None or Y.dtype == X.dtype) and (W is None or (W.dtype == X.dtype and W.shape == X.shape))
     if use_kernel(X, Y is not None) and same:
         if not torch.compiler.is_compiling():
-            return _launch(X, alpha, beta, Y, diag, W, divisor, power)
-        if divisor is None:
+            return _launch(X, alpha, beta, Y, diag, W, divisor, power, upper_in, not upper_out)
+        if divisor is None and not upper_in:
             return torch.ops.muonkit.sym_product(X, alpha, beta, Y, diag, W)
+    if upper_in:
+        X = _whole(X)
+        W = None if W is None else _whole(W)
+        Y = None if Y is None else _whole(Y)
     right = (X if W is None else W).mT
     if Y is None:
         out = X @ right
@@ -203,6 +219,21 @@ def sym_product(
         d = divisor.view(-1, 1, 1).to(work)
         out = (out.to(work) / (d * d if power == 2 else d)).to(out.dtype)
     return out
+
+
+def _whole(T: Tensor) -> Tensor:
+    """A symmetric matrix stored in upper tiles only, made whole (its upper triangle mirrored)."""
+    upper = torch.triu(T)
+    return upper + torch.triu(upper, diagonal=1).mT
+
+
+def upper_chain(X: Tensor) -> bool:
+    """Whether every ``(b, m, m)`` product of a chain on matrices shaped like ``X`` takes the Triton kernel
+    (step polynomials and ``X W^T`` alike), eagerly: then the chain may keep its intermediates in upper tiles
+    only (``sym_product(upper_in=..., upper_out=...)``)."""
+    if not UPPER or torch.compiler.is_compiling() or X.shape[-1] != X.shape[-2]:
+        return False
+    return use_kernel(X, has_y=True) and use_kernel(X)
 
 
 NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -237,8 +268,13 @@ Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
 # X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.6x slower
 # in every case (kernel_configs_h100_wide.json, commit 0674526).
 CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
-_best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype)
+_best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype, upper_in, mirror)
+# Upper-tile storage (Gram NS's m x m products, ``sym_product(upper=...)``): a matrix stored only in the BM x BM
+# tiles on and above the diagonal is read right only by a kernel with the same tile size, so every such call
+# takes tiles of this size (each entry of CONFIGS has them).
+UPPER_TILE = 128
 _EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the matrix
+UPPER = switch("MUONKIT_SYM_UPPER")  # upper-tile storage for chains of symmetric products (upper_chain)
 
 
 def _default_config(m: int, k: int, has_y: bool) -> Config:
@@ -250,15 +286,21 @@ def _default_config(m: int, k: int, has_y: bool) -> Config:
 def _tune(run: Any, key: tuple) -> Config:
     """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest. One
     the GPU lacks the shared memory for (4-5 stages of 128 x 64 tiles need up to 160 KB; Hopper has 227 KB
-    per block, Ampere's A100 163 KB, consumer GPUs about 100 KB) is skipped."""
+    per block, Ampere's A100 163 KB, consumer GPUs about 100 KB) is skipped. ``key``: (batch, M, K, has Y,
+    dtype[, upper_in, mirror]); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
     if key in _best:
         return _best[key]
+    upper = len(key) > 5 and (key[5] or not key[6])
+    configs = [c for c in CONFIGS if c[0] == UPPER_TILE and c[0] % c[1] == 0] if upper else list(CONFIGS)
+    if not configs:
+        raise RuntimeError(f"no configuration in CONFIGS has {UPPER_TILE} x {UPPER_TILE} tiles: {CONFIGS}")
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return _default_config(key[1], key[2], key[3])
+        default = _default_config(key[1], key[2], key[3])
+        return default if default in configs else configs[0]
     from triton.runtime.errors import OutOfResources
 
     times = []
-    for cfg in CONFIGS:
+    for cfg in configs:
         try:
             run(cfg)  # compile and warm up
         except OutOfResources:
@@ -272,8 +314,8 @@ def _tune(run: Any, key: tuple) -> Config:
         end.synchronize()
         times.append(start.elapsed_time(end))
     if min(times) == float("inf"):
-        raise RuntimeError(f"no tile configuration of the symmetric-product kernel fits this GPU: {CONFIGS}")
-    _best[key] = CONFIGS[min(range(len(CONFIGS)), key=times.__getitem__)]
+        raise RuntimeError(f"no tile configuration of the symmetric-product kernel fits this GPU: {configs}")
+    _best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
     return _best[key]
 
 
@@ -282,12 +324,39 @@ def _build() -> Any:
     import triton.language as tl
 
     @triton.jit
+    def k_range(
+        acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, lo, hi,
+        X_T: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+    ):  # fmt: skip
+        # acc += X[rm, lo:hi] W[rn, lo:hi]^T; X_T / W_T: that operand is a symmetric matrix of which only the
+        # tiles on and above the diagonal are stored, and this range lies below it: read X[k, rm] instead
+        rk = tl.arange(0, BK)
+        for k0 in range(lo, hi, BK):
+            kk = k0 + rk
+            if X_T:  # noqa: SIM108 - one pointer pattern per constexpr case
+                a_ptr = xb + kk[None, :] * sxm + rm[:, None] * sxk
+            else:
+                a_ptr = xb + rm[:, None] * sxm + kk[None, :] * sxk
+            if W_T:  # noqa: SIM108
+                b_ptr = wb + kk[None, :] * swm + rn[:, None] * swk
+            else:
+                b_ptr = wb + rn[:, None] * swm + kk[None, :] * swk  # W[rn, k], transposed in SMEM
+            if EVEN:  # whole tiles only (M % BM == 0, K % BK == 0): no masks
+                a = tl.load(a_ptr)
+                bn = tl.load(b_ptr)
+            else:
+                a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(a, tl.trans(bn))
+        return acc
+
+    @triton.jit
     def sym_product_kernel(
         X, W, Y, C, S, M, K,
         sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
         alpha, beta, diag,
         HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, S_POW: tl.constexpr,
-        EVEN: tl.constexpr,
+        EVEN: tl.constexpr, UPPER_IN: tl.constexpr, MIRROR: tl.constexpr,
     ):  # fmt: skip
         # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
         pid = tl.program_id(0)
@@ -298,21 +367,17 @@ def _build() -> Any:
         ti = pid - tj * (tj + 1) // 2
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BM + tl.arange(0, BM)
-        rk = tl.arange(0, BK)
-        a_ptr = X + b * sxb + rm[:, None] * sxm + rk[None, :] * sxk  # X[rm, k]
-        b_ptr = W + b * swb + rn[:, None] * swm + rk[None, :] * swk  # W[rn, k] (W = X for X X^T), transposed in SMEM
+        xb = X + b * sxb
+        wb = W + b * swb
         acc = tl.zeros((BM, BM), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            if EVEN:  # whole tiles only (M % BM == 0, K % BK == 0): no masks
-                a = tl.load(a_ptr)
-                bn = tl.load(b_ptr)
-            else:
-                kk = k * BK + rk
-                a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-                bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(a, tl.trans(bn))
-            a_ptr += BK * sxk
-            b_ptr += BK * swk
+        if UPPER_IN:
+            # X and W (K = M) symmetric, stored on and above the diagonal in BM x BM tiles (lower tiles unwritten):
+            # X[rm, k] is stored for k >= ti BM, W[rn, k] for k >= tj BM (ti <= tj); below that, read transposed
+            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, ti * BM, True, True, BK, EVEN)
+            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, ti * BM, tj * BM, False, True, BK, EVEN)
+            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, tj * BM, K, False, False, BK, EVEN)
+        else:
+            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, K, False, False, BK, EVEN)
         if HAS_W:  # noqa: SIM102 - a constexpr test apart: no code at all without W
             if ti == tj:  # X W^T is symmetric in exact arithmetic only: make the diagonal tile so in floating point
                 acc = 0.5 * (acc + tl.trans(acc))
@@ -330,7 +395,7 @@ def _build() -> Any:
         out = acc.to(C.dtype.element_ty)
         cb = C + b * scb
         tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
-        if ti != tj:  # the mirror tile, stored row by row (coalesced)
+        if MIRROR and ti != tj:  # the mirror tile, stored row by row (coalesced)
             mirror = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
@@ -371,10 +436,11 @@ def _build() -> Any:
 
     def launch(
         wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None,
-        S: Tensor | None = None, power: int = 1,
+        S: Tensor | None = None, power: int = 1, upper_in: bool = False, mirror: bool = True,
     ) -> Tensor:  # fmt: skip
         """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile;
-        ``S``: per-matrix float32 divisors (eager only), applied ``power`` times."""
+        ``S``: per-matrix float32 divisors (eager only), applied ``power`` times; ``upper_in``: X and W are
+        stored in upper tiles only (see :func:`sym_product`); ``mirror=False``: write the upper tiles only."""
         if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
             X = X.contiguous()
         w = X if W is None else (W if W.stride(-1) == 1 else W.contiguous())
@@ -396,13 +462,16 @@ def _build() -> Any:
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
             even = _EVEN and m % bm == 0 and k % bk == 0
-            flags = dict(HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even)
+            flags = dict(
+                HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even,
+                UPPER_IN=upper_in, MIRROR=mirror,
+            )  # fmt: skip
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, **flags)
             else:
                 sym_product_kernel[grid](*args, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
-        run(_tune(run, (bsz, m, k, Y is not None, X.dtype)))
+        run(_tune(run, (bsz, m, k, Y is not None, X.dtype, upper_in, mirror)))
         return C
 
     global _compile_ok, _launch

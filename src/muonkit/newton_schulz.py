@@ -114,7 +114,9 @@ def _poly_in_gram(A: Tensor, higher: Sequence[float]) -> Tensor:
     return B
 
 
-def _polynomial(A: Tensor, coefs: Sequence[float]) -> tuple[Tensor, float, float]:
+def _polynomial(
+    A: Tensor, coefs: Sequence[float], upper_in: bool = False, upper_out: bool = False
+) -> tuple[Tensor, float, float]:
     """``(Z, a, s)`` with ``a I + s Z = a I + b A + c A^2 + ...`` for ``coefs = (a, b, c, ...)``, A symmetric.
 
     For quintics where the Triton kernel applies, ``Z`` is the whole polynomial ``c A A^T + b A + a I``
@@ -122,23 +124,39 @@ def _polynomial(A: Tensor, coefs: Sequence[float]) -> tuple[Tensor, float, float
     ``bmm``. The torch path keeps ``a`` apart and adds it in the next product's float32 epilogue
     (``baddbmm``): folding it into a half-precision ``Z`` first rounds twice and was measured 1.5-2.5x
     less accurate in bf16 (2-core CPU, Jordan's quintic, 64-1024 columns).
+
+    ``upper_in`` / ``upper_out``: A / Z stored in upper tiles only (``kernels.sym_product``); only for
+    quintics on the kernel (``_upper_chain``).
     """
     a, *higher = coefs
     if len(higher) == 1:
         return A, a, higher[0]
-    P = _kernel_polynomial(A, coefs)
+    P = _kernel_polynomial(A, coefs, upper_in=upper_in, upper_out=upper_out)
     if P is not None:
         return P, 0.0, 1.0
     return _poly_in_gram(A, higher), a, 1.0
 
 
-def _kernel_polynomial(A: Tensor, coefs: Sequence[float], divisor: Tensor | None = None) -> Tensor | None:
+def _kernel_polynomial(
+    A: Tensor, coefs: Sequence[float], divisor: Tensor | None = None, upper_in: bool = False, upper_out: bool = False
+) -> Tensor | None:
     """The whole quintic polynomial ``(c A A + b A + a I) / divisor`` in one symmetric-product kernel call, where
-    the Triton kernel takes it; ``None`` elsewhere (other degrees, or no kernel)."""
+    the Triton kernel takes it; ``None`` elsewhere (other degrees, or no kernel). ``upper_in`` / ``upper_out``:
+    A / the result stored in upper tiles only (``kernels.sym_product``)."""
     a, *higher = coefs
     if len(higher) == 2 and kernels.use_kernel(A, has_y=True):
-        return kernels.sym_product(A, alpha=higher[1], beta=higher[0], Y=A, diag=a, divisor=divisor)
+        return kernels.sym_product(
+            A, alpha=higher[1], beta=higher[0], Y=A, diag=a, divisor=divisor, upper_in=upper_in, upper_out=upper_out
+        )
     return None
+
+
+def _upper_chain(X: Tensor, rows: Sequence[Sequence[float]]) -> bool:
+    """Whether NS on ``X`` (``(b, m, n)``, m <= n) may keep its ``m x m`` intermediates in upper tiles only:
+    quintic rows (the kernel makes the whole polynomial) and the kernel taking every ``m x m`` product. Saves
+    the mirror writes and half the reads of those products; the matrices that cuBLAS multiplies X by are
+    written whole."""
+    return all(len(r) == 3 for r in rows) and kernels.upper_chain(X[..., : X.shape[-2]])
 
 
 def _times(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
@@ -149,16 +167,20 @@ def _times(M: Tensor, poly: tuple[Tensor, float, float]) -> Tensor:
     return torch.baddbmm(M, Z, M, beta=a, alpha=s)
 
 
-def _times_symmetric(M: Tensor, poly: tuple[Tensor, float, float], divisor: Tensor | None = None) -> Tensor:
+def _times_symmetric(
+    M: Tensor, poly: tuple[Tensor, float, float], divisor: Tensor | None = None, upper: bool = False,
+    upper_out: bool = False,
+) -> Tensor:  # fmt: skip
     """``(a I + s Z) M`` for a symmetric ``M`` that commutes with ``Z`` (both polynomials in one symmetric matrix),
     so that the product is symmetric: where the Triton polynomial made ``Z`` the whole factor, one triangle of it
     on the symmetric-product kernel (exactly symmetric), else matmuls. Measured on an H100 (GPT-2-small step,
     bf16, ``benchmarks/step.py``): the first step's error against float64 NS fell from 1.52e-2 (cuBLAS for
     these products) to 1.04e-2, the plain-NS level (1.00e-2), at about the same speed. ``divisor``: the result
-    divided by it, per matrix (in the kernel's epilogue where it runs)."""
+    divided by it, per matrix (in the kernel's epilogue where it runs). ``upper``: Z and M are stored in upper
+    tiles only (``_upper_chain``), and with ``upper_out`` so may the result be."""
     Z, a, s = poly
     if a == 0 and s == 1 and kernels.use_kernel(Z):
-        return kernels.sym_product(Z, W=M, divisor=divisor)
+        return kernels.sym_product(Z, W=M, divisor=divisor, upper_in=upper, upper_out=upper_out)
     return _divided(_times(M, poly), divisor)
 
 
@@ -173,8 +195,9 @@ def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor)
     polynomial ``P``, it comes out divided by ``divisor``, so ``(P / d) X`` is the step's result. Saves the
     pass that divides the input (H100, GPT-2-small step back to back: 3.14 -> 3.00 ms plain, 2.86 -> 2.72 Gram,
     ``benchmarks/results/step_h100_fold_ab.json``)."""
-    A = kernels.sym_product(X, divisor=divisor, power=2)
-    P = _kernel_polynomial(A, coefs, divisor)
+    up = _upper_chain(X, [coefs])
+    A = kernels.sym_product(X, divisor=divisor, power=2, upper_out=up)
+    P = _kernel_polynomial(A, coefs, divisor, upper_in=up)
     if P is not None:
         return P @ X
     return _divided(_times(X, _polynomial(A, coefs)), divisor)
@@ -190,9 +213,10 @@ def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], divisor: Tensor |
         if not rows:
             return _divided(X, divisor)
         X, rows = _first_step_unnormalised(X, rows[0], divisor), rows[1:]
+    up = _upper_chain(X, rows)
     for coefs in rows:
-        A = kernels.sym_product(X)  # X X^T (the Triton kernel where it applies)
-        X = _times(X, _polynomial(A, coefs))
+        A = kernels.sym_product(X, upper_out=up)  # X X^T (the Triton kernel where it applies)
+        X = _times(X, _polynomial(A, coefs, upper_in=up))
     return X
 
 
@@ -210,17 +234,21 @@ def _gram_newton_schulz(
     ``divisor``: ``X`` is unnormalised and the input is ``X / divisor`` (per matrix): R comes out of its product
     divided by ``divisor^2``, and the Q that next multiplies this X (before the first restart or at the end)
     divided by ``divisor``, so X itself is never divided.
+
+    Where ``_upper_chain`` allows, the ``m x m`` matrices are stored in upper tiles only, except each Q that
+    multiplies X (by cuBLAS).
     """
-    R = kernels.sym_product(X, divisor=divisor, power=2)
+    up = _upper_chain(X, rows)
+    R = kernels.sym_product(X, divisor=divisor, power=2, upper_out=up)
     Q: Tensor | None = None
     last = len(rows) - 1
     for i, coefs in enumerate(rows):
         if i in restarts and i > 0 and Q is not None:
             X = Q @ X
-            R = kernels.sym_product(X)
+            R = kernels.sym_product(X, upper_out=up)
             Q, divisor = None, None
-        poly = _polynomial(R, coefs)
         meets_x = i == last or i + 1 in restarts  # this Q multiplies X next
+        poly = _polynomial(R, coefs, upper_in=up, upper_out=up and not (Q is None and meets_x))
         d = divisor if meets_x else None
         if Q is None:
             Z, a, s = poly
@@ -231,9 +259,9 @@ def _gram_newton_schulz(
                 Q.diagonal(dim1=-2, dim2=-1).add_(a)  # Q = P
                 _divided(Q, d)
         else:
-            Q = _times_symmetric(Q, poly, d)  # Q = P Q
+            Q = _times_symmetric(Q, poly, d, upper=up, upper_out=up and not meets_x)  # Q = P Q
         if i < last and i + 1 not in restarts:
-            R = _times_symmetric(_times_symmetric(R, poly), poly)  # P P R
+            R = _times_symmetric(_times_symmetric(R, poly, upper=up, upper_out=up), poly, upper=up, upper_out=up)
     return _divided(X, divisor) if Q is None else Q @ X
 
 
