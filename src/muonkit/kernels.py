@@ -70,6 +70,7 @@ _mode = os.environ.get("MUONKIT_KERNELS", "auto")
 _compile_ok = False  # the kernel is a torch custom op (torch.ops.muonkit.sym_product) torch.compile can trace
 _launch: Any = None  # eager launcher (no dispatcher: a custom op's eager call costs tens of microseconds)
 _norms: Any = None  # the Frobenius-norm kernel's launcher
+_sym_k_range: Any = None  # a Triton function the kernel calls (set by _build)
 _capture_warmup = False  # inside ``capture_warmup()``: eager calls decide as captured ones will
 if _mode not in MODES:  # pragma: no cover - environment misconfiguration
     raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
@@ -323,8 +324,12 @@ def _build() -> Any:
     import triton
     import triton.language as tl
 
+    # a module global, not a local of _build: torch.compile (Inductor) copies a user kernel together with the
+    # Triton functions it calls, and finds those among the kernel's globals only
+    global _sym_k_range
+
     @triton.jit
-    def k_range(
+    def _sym_k_range(
         acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, lo, hi,
         X_T: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
     ):  # fmt: skip
@@ -373,11 +378,11 @@ def _build() -> Any:
         if UPPER_IN:
             # X and W (K = M) symmetric, stored on and above the diagonal in BM x BM tiles (lower tiles unwritten):
             # X[rm, k] is stored for k >= ti BM, W[rn, k] for k >= tj BM (ti <= tj); below that, read transposed
-            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, ti * BM, True, True, BK, EVEN)
-            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, ti * BM, tj * BM, False, True, BK, EVEN)
-            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, tj * BM, K, False, False, BK, EVEN)
+            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, ti * BM, True, True, BK, EVEN)
+            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, ti * BM, tj * BM, False, True, BK, EVEN)
+            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, tj * BM, K, False, False, BK, EVEN)
         else:
-            acc = k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, K, False, False, BK, EVEN)
+            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, K, False, False, BK, EVEN)
         if HAS_W:  # noqa: SIM102 - a constexpr test apart: no code at all without W
             if ti == tj:  # X W^T is symmetric in exact arithmetic only: make the diagonal tile so in floating point
                 acc = 0.5 * (acc + tl.trans(acc))
