@@ -8,7 +8,9 @@ in the loads), half the bytes. This times, inside CUDA graphs (median of replays
 
 - each product kind of the chain (``R R`` polynomial, ``P W``, ``X X^T``) whole against upper;
 - plain and Gram NS over the GPT-2-small and 1B batches (Jordan's coefficients, 5 steps, default restarts),
-  with ``kernels.UPPER`` off and on, and checks that the two give the same bits.
+  with ``kernels.UPPER`` off and on, and checks that the two give the same bits;
+- for scale, the GPU's L2-to-SM read rate: a kernel rereading a 24 MB buffer (an L2-resident set, as a
+  24 x 768^2 bf16 operand is) past L1 (``.cg`` loads), and the same over a 1 GB buffer (HBM).
 
     python benchmarks/sym_upper.py --out benchmarks/results/sym_upper_h100.json     # needs CUDA
 """
@@ -35,11 +37,41 @@ def graph_ms(fn: Any, reps: int) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median"))
 
 
+def read_rate(mbytes: int, reps: int) -> float:
+    """TB/s of a kernel whose programs each read 8 KB blocks of a ``mbytes`` MB bf16 buffer, strided over it,
+    bypassing L1; about 1.7 GB read per launch."""
+    import triton.language as tl
+
+    @triton.jit
+    def reread(X, Out, NB, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        progs = tl.num_programs(0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(ITERS):
+            blk = ((pid + i * progs) % NB).to(tl.int64)
+            acc += tl.load(X + blk * BLOCK + tl.arange(0, BLOCK), cache_modifier=".cg").to(tl.float32)
+        tl.store(Out + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+    block, iters = 4096, 200
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    progs = 8 * sms
+    X = torch.ones(mbytes * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(progs * block, device="cuda")
+    nb = X.numel() // block
+
+    def fn() -> None:
+        reread[(progs,)](X, out, nb, ITERS=iters, BLOCK=block, num_warps=8)
+
+    ms = graph_ms(fn, reps)
+    return progs * iters * block * 2 / (ms * 1e-3) / 1e12
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default=None, help="e.g. 24x768x3072,12x768x2304")
     ap.add_argument("--reps", type=int, default=200, help="ms of replays per timing")
     ap.add_argument("--out", default="sym_upper.json")
+    ap.add_argument("--rates-only", action="store_true", help="only the L2 / HBM read rates")
     args = ap.parse_args()
     device = torch.device("cuda")
     batches = [tuple(map(int, s.split("x"))) for s in args.batches.split(",")] if args.batches else BATCHES
@@ -50,7 +82,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     products: list[dict[str, Any]] = []
     chains: list[dict[str, Any]] = []
-    for b, m, n in batches:
+    for b, m, n in [] if args.rates_only else batches:
         X = torch.randn(b, m, n, device=device, generator=gen).bfloat16()
         d = X.float().norm(dim=(1, 2)) + 1e-7
         R = kernels.sym_product(X, divisor=d, power=2)  # whole, exactly symmetric
@@ -92,8 +124,10 @@ def main() -> None:
                            "bitwise_equal": same, "max_abs_diff": diff})  # fmt: skip
             print(f"{b}x{m}x{n} {method:>13}: whole {ms[False]:.4f} ms, upper {ms[True]:.4f} ms "
                   f"({ms[False] / ms[True]:.2f}x), bitwise equal: {same} (max |diff| {diff:.1e})")  # fmt: skip
+    rates = {f"{mb}MB": read_rate(mb, args.reps) for mb in (24, 1024)}
+    print("read rate, TB/s: " + ", ".join(f"{k} buffer {v:.2f}" for k, v in rates.items()))
     write_json(args.out, {"environment": environment(device), "restarts": list(restarts),
-                          "products": products, "chains": chains})  # fmt: skip
+                          "products": products, "chains": chains, "read_tb_per_s": rates})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ def matrix_with_spectrum(m: int, n: int, sigmas, *, batch=(), seed: int = 0, dty
     return ((U * s) @ V.mT).to(dtype)
 
 
+def upper_only(T, tile: int):
+    """``T`` with every entry outside the ``tile x tile`` blocks on and above the diagonal replaced by NaN:
+    upper-tile storage (``kernels.sym_product(upper_out=True)``) as its consumers must take it, so that any
+    read of an unwritten entry shows."""
+    r = torch.arange(T.shape[-1], device=T.device) // tile
+    return T.masked_fill(r[:, None] > r[None, :], float("nan"))
+
+
 def scalar_phi(rows, x):
     """Compose the odd polynomials of ``rows`` on the scalars ``x`` (float64)."""
     x = np.asarray(x, dtype=np.float64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import muonkit
+from conftest import upper_only
 from muonkit import kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -193,13 +194,6 @@ def test_every_tile_configuration_computes_the_same_products(cfg, monkeypatch):
     assert set(kernels._best.values()) == {cfg}
 
 
-def _upper_only(T: torch.Tensor, tile: int) -> torch.Tensor:
-    """``T`` with every entry outside the tiles on and above the diagonal replaced by NaN: what a consumer of
-    upper-tile storage must never read."""
-    r = torch.arange(T.shape[-1], device=T.device) // tile
-    return T.masked_fill(r[:, None] > r[None, :], float("nan"))
-
-
 def test_upper_inputs_on_the_torch_path_are_made_whole():
     """Where the kernel does not run (CPU), ``upper_in`` inputs are mirrored from their upper triangle first,
     so a result never depends on the unwritten tiles; ``upper_out`` results are whole there."""
@@ -208,7 +202,7 @@ def test_upper_inputs_on_the_torch_path_are_made_whole():
     A = X @ X.mT
     A = (A + A.mT) / 2
     P = 2.0 * A @ A - A + 0.5 * torch.eye(6, dtype=torch.float64)
-    U, V = _upper_only(A, 2), _upper_only(P, 2)
+    U, V = upper_only(A, 2), upper_only(P, 2)
     assert torch.allclose(kernels.sym_product(U, 2.0, -1.0, U, diag=0.5, upper_in=True), P)
     assert torch.allclose(kernels.sym_product(V, W=U, upper_in=True, upper_out=True), P @ A)
     assert torch.allclose(kernels.sym_product(X, upper_out=True), A)
@@ -267,14 +261,14 @@ def test_upper_tile_storage_gives_the_same_bits(cfg, monkeypatch):
     for b, m, k in [(2, 100, 64), (3, 300, 700), (2, 640, 640), (2, 768, 1536)]:
         X = (torch.randn(b, m, k, device="cuda", generator=gen) / k**0.5).bfloat16()
         A = kernels.sym_product(X)
-        blocks = ~_upper_only(torch.zeros(m, m, device="cuda"), t).isnan()
+        blocks = ~upper_only(torch.zeros(m, m, device="cuda"), t).isnan()
         assert torch.equal(kernels.sym_product(X, upper_out=True)[:, blocks], A[:, blocks]), (b, m, k)
         P = kernels.sym_product(A, alpha=2.03, beta=-4.77, Y=A, diag=3.44)
-        Pu = kernels.sym_product(_upper_only(A, t), alpha=2.03, beta=-4.77, Y=_upper_only(A, t), diag=3.44,
+        Pu = kernels.sym_product(upper_only(A, t), alpha=2.03, beta=-4.77, Y=upper_only(A, t), diag=3.44,
                                  upper_in=True)  # fmt: skip
         assert torch.equal(Pu, P), (b, m, k)
         Q = kernels.sym_product(P, W=A)
-        Qu = kernels.sym_product(_upper_only(P, t), W=_upper_only(A, t), upper_in=True, upper_out=True)
+        Qu = kernels.sym_product(upper_only(P, t), W=upper_only(A, t), upper_in=True, upper_out=True)
         assert torch.equal(Qu[:, blocks], Q[:, blocks]), (b, m, k)
     assert set(kernels._best.values()) == {cfg}
 
@@ -371,6 +365,8 @@ def test_optimizer_tunes_its_batches_before_the_first_step():
     want = {(1, 512, 512, True), (1, 512, 1536, False), (1, 512, 512, False), (1, 2048, 2048, True),
             (1, 2048, 2048, False)}  # fmt: skip
     assert tuned == want
+    # and each on upper-tile storage as a CUDA-graph-captured step runs them: (upper_in, mirror)
+    assert {k[5:] for k in kernels._best} == {(False, True), (False, False), (True, False), (True, True)}
 
 
 @pytest.mark.gpu

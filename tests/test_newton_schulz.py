@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import matrix_with_spectrum, scalar_phi
+from conftest import matrix_with_spectrum, scalar_phi, upper_only
 from muonkit import coefficients as C
 from muonkit import orthogonalize, polar_svd
 from muonkit.newton_schulz import default_ns_dtype
@@ -200,6 +200,59 @@ def test_unnormalised_input_with_divisors_equals_dividing_first(method, restarts
     got = _iterate(X.clone(), rows, method, restarts, divisor=d)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
     assert _iterate(X.clone(), [], method, restarts, divisor=d).allclose(X / d.double().view(-1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "method,restarts,steps",
+    [
+        (method, restarts, steps)
+        for steps in (1, 2, 3, 5, 7)
+        for method, restarts in [("newton_schulz", None)]
+        + [("gram", r) for r in (None, (), (1,), (2,), (1, 2), (1, 3), (2, 4))]
+        if not restarts or max(restarts) < steps  # restarts inside the schedule
+    ],
+)
+def test_upper_tile_chain_gives_cublas_whole_matrices(method, restarts, steps, monkeypatch):
+    """The upper-tile chain's bookkeeping, on the CPU: a stand-in for the GPU kernel returns upper-tile results
+    with NaN in the unwritten tiles where asked (``upper_out``) and reads only the upper triangle where told
+    (``upper_in``). Every matrix that cuBLAS multiplies (Q X at a restart and at the end, P X) or that a
+    product reads whole must have been written whole, else NaN reaches the result; with and without divisors,
+    for every restart placement."""
+    from muonkit import kernels
+    from muonkit import newton_schulz as ns
+
+    positions = ns._restart_positions(restarts, steps) if method == "gram" else ()
+    tile = 4
+
+    def whole(T):
+        upper = torch.triu(T)
+        return upper + torch.triu(upper, diagonal=1).mT
+
+    def stand_in(X, alpha=1.0, beta=0.0, Y=None, diag=0.0, W=None, divisor=None, power=1, upper_in=False,
+                 upper_out=False):  # fmt: skip
+        if upper_in:
+            X, W, Y = whole(X), None if W is None else whole(W), None if Y is None else whole(Y)
+        for T in (X, W, Y):
+            assert T is None or not T.isnan().any(), "a product read a tile nobody wrote"
+        out = alpha * X @ (X if W is None else W).mT + diag * torch.eye(X.shape[-2], dtype=X.dtype)
+        if Y is not None:
+            out = out + beta * Y
+        if divisor is not None:
+            out = out / divisor.double().view(-1, 1, 1) ** power
+        return upper_only(out, tile) if upper_out else out
+
+    rows = C.as_preset("polar_express").schedule(steps)
+    X = torch.randn(3, 10, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    d = torch.linalg.matrix_norm(X).float() * 1.01
+    want = ns._iterate(X.clone(), rows, method, positions, divisor=d)
+    monkeypatch.setattr(kernels, "use_kernel", lambda X, has_y=False: True)
+    monkeypatch.setattr(kernels, "upper_chain", lambda X: True)
+    monkeypatch.setattr(kernels, "sym_product", stand_in)
+    for divisor in (d, None):
+        got = ns._iterate(X.clone() if divisor is not None else X / d.double().view(-1, 1, 1), rows, method,
+                          positions, divisor=divisor)  # fmt: skip
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_gram_restarts_default_follows_the_step_count():

@@ -118,6 +118,12 @@ def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
             sym_product(A, alpha=1.0, beta=1.0, Y=A, diag=1.0)
             if m != n:  # Gram NS: m x m products of polynomials in A (the updates of Q and R)
                 sym_product(A, W=A)
+            if upper_chain(A):  # the same products on upper-tile storage, written so or whole
+                sym_product(X, upper_out=True)
+                for whole in (False, True):
+                    sym_product(A, alpha=1.0, beta=1.0, Y=A, diag=1.0, upper_in=True, upper_out=not whole)
+                    if m != n:
+                        sym_product(A, W=A, upper_in=True, upper_out=not whole)
         taken += 1
     return taken
 
