@@ -126,21 +126,11 @@ def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
     assert (B.float() - ref_b).abs().max() < 2e-2 * ref_b.abs().max()
 
 
-def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
-    """A configuration whose shared memory the GPU lacks (Triton raises at its first launch) is skipped, not
-    fatal; none fitting is a clear error. CUDA events stand in for timing (CPU)."""
-    errors = pytest.importorskip("triton.runtime.errors")
+def _stand_in_timing(monkeypatch, ms_of):
+    """CPU stand-ins for the tuner's CUDA timing: no capture under way, no tuned shapes yet, and events whose
+    elapsed time is ``ms_of()`` (the milliseconds of the configuration run last)."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(kernels, "_best", {})
-    ms = {(128, 64, 8, 3): 3.0, (128, 64, 8, 4): 2.0, (128, 64, 8, 5): 1.0, (128, 64, 4, 3): 2.5}
-    assert set(ms) == set(kernels.CONFIGS)
-    too_big = {(128, 64, 8, 5)}  # the fastest, were there room for it
-    last: list = []
-
-    def run(cfg):
-        if cfg in too_big:
-            raise errors.OutOfResources(160 * 1024, 100 * 1024, "shared memory")
-        last.append(cfg)
 
     class Event:
         def __init__(self, enable_timing=False):
@@ -153,9 +143,26 @@ def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
             pass
 
         def elapsed_time(self, end):
-            return ms[last[-1]]
+            return ms_of()
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
+
+
+def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
+    """A configuration whose shared memory the GPU lacks (Triton raises at its first launch) is skipped, not
+    fatal; none fitting is a clear error. CUDA events stand in for timing (CPU)."""
+    errors = pytest.importorskip("triton.runtime.errors")
+    ms = {(128, 64, 8, 3): 3.0, (128, 64, 8, 4): 2.0, (128, 64, 8, 5): 1.0, (128, 64, 4, 3): 2.5}
+    assert set(ms) == set(kernels.CONFIGS)
+    too_big = {(128, 64, 8, 5)}  # the fastest, were there room for it
+    last: list = []
+
+    def run(cfg):
+        if cfg in too_big:
+            raise errors.OutOfResources(160 * 1024, 100 * 1024, "shared memory")
+        last.append(cfg)
+
+    _stand_in_timing(monkeypatch, lambda: ms[last[-1]])
     assert kernels._tune(run, (1, 768, 768, True, torch.bfloat16)) == (128, 64, 8, 4)
     too_big = set(ms)
     with pytest.raises(RuntimeError, match="no tile configuration"):
@@ -215,25 +222,9 @@ def test_tuner_gives_upper_storage_calls_only_upper_tile_sized_tiles(monkeypatch
     """A matrix stored in upper tiles is read right only with the tile size it was written with: calls with
     ``upper_in`` or without the mirror choose among UPPER_TILE configurations; none left is a clear error."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(kernels, "_best", {})
     monkeypatch.setattr(kernels, "CONFIGS", ((64, 64, 4, 3), (128, 64, 8, 3), (128, 256, 8, 3)))
     tried: list = []
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return {(64, 64, 4, 3): 1.0, (128, 64, 8, 3): 2.0}.get(tried[-1], 3.0)
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    _stand_in_timing(monkeypatch, lambda: {(64, 64, 4, 3): 1.0, (128, 64, 8, 3): 2.0}.get(tried[-1], 3.0))
     assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, False, True)) == (64, 64, 4, 3)
     tried.clear()
     assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, True, False)) == (128, 64, 8, 3)
