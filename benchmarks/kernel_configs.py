@@ -72,7 +72,7 @@ def main() -> None:
         cases = {"xxt": (X, k, {}), "poly": (A, m, dict(alpha=2.0, beta=-4.7, Y=A, diag=3.4)), "gram": (P, m, {"W": A})}
         for product in products:
             inp, kk, kw = cases[product]
-            key = (b, m, kk, product == "poly", torch.bfloat16)
+            key = (b, m, kk, product == "poly", torch.bfloat16, False, True)  # kernels._tune's key: whole storage
             full = kw.get("W", inp)
 
             def call(inp: torch.Tensor = inp, kw: dict = kw) -> torch.Tensor:
