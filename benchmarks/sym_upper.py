@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import triton
 from _common import environment, write_json
+from kernel_configs import graph_time_ms
 
 from muonkit import kernels, newton_schulz
 from muonkit.coefficients import as_preset
@@ -31,10 +32,10 @@ BATCHES = [(24, 768, 3072), (12, 768, 2304), (12, 768, 768), (48, 768, 768), (64
 
 
 def graph_ms(fn: Any, reps: int) -> float:
-    with kernels.capture_warmup():  # tile sizes timed for these shapes, as before a capture
+    """``kernel_configs.graph_time_ms`` after a first call that times tile sizes as before a capture."""
+    with kernels.capture_warmup():
         fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median"))
+    return graph_time_ms(fn, reps)
 
 
 def read_rate(mbytes: int, reps: int) -> float:

@@ -163,10 +163,10 @@ def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
         last.append(cfg)
 
     _stand_in_timing(monkeypatch, lambda: ms[last[-1]])
-    assert kernels._tune(run, (1, 768, 768, True, torch.bfloat16)) == (128, 64, 8, 4)
+    assert kernels._tune(run, (1, 768, 768, True, torch.bfloat16, False, True)) == (128, 64, 8, 4)
     too_big = set(ms)
     with pytest.raises(RuntimeError, match="no tile configuration"):
-        kernels._tune(run, (2, 768, 768, True, torch.bfloat16))
+        kernels._tune(run, (2, 768, 768, True, torch.bfloat16, False, True))
 
 
 @pytest.mark.gpu

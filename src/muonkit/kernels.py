@@ -276,9 +276,9 @@ Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
 # in every case (kernel_configs_h100_wide.json, commit 0674526).
 CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype, upper_in, mirror)
-# Upper-tile storage (Gram NS's m x m products, ``sym_product(upper=...)``): a matrix stored only in the BM x BM
-# tiles on and above the diagonal is read right only by a kernel with the same tile size, so every such call
-# takes tiles of this size (each entry of CONFIGS has them).
+# Upper-tile storage (NS's m x m products, ``sym_product(upper_in=..., upper_out=...)``): a matrix stored only
+# in the BM x BM tiles on and above the diagonal is read right only by a kernel with the same tile size, so
+# every such call takes tiles of this size (each entry of CONFIGS has them).
 UPPER_TILE = 128
 _EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the matrix
 UPPER = switch("MUONKIT_SYM_UPPER")  # upper-tile storage for chains of symmetric products (upper_chain)
@@ -294,10 +294,10 @@ def _tune(run: Any, key: tuple) -> Config:
     """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest. One
     the GPU lacks the shared memory for (4-5 stages of 128 x 64 tiles need up to 160 KB; Hopper has 227 KB
     per block, Ampere's A100 163 KB, consumer GPUs about 100 KB) is skipped. ``key``: (batch, M, K, has Y,
-    dtype[, upper_in, mirror]); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
+    dtype, upper_in, mirror); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
     if key in _best:
         return _best[key]
-    upper = len(key) > 5 and (key[5] or not key[6])
+    upper = key[5] or not key[6]
     configs = [c for c in CONFIGS if c[0] == UPPER_TILE and c[0] % c[1] == 0] if upper else list(CONFIGS)
     if not configs:
         raise RuntimeError(f"no configuration in CONFIGS has {UPPER_TILE} x {UPPER_TILE} tiles: {CONFIGS}")
