@@ -221,7 +221,7 @@ def test_upper_tile_chain_gives_cublas_whole_matrices(method, restarts, steps, m
     from muonkit import kernels
     from muonkit import newton_schulz as ns
 
-    positions = ns._restart_positions(restarts, steps) if method == "gram" else ()
+    positions = ns.restart_positions(restarts, steps) if method == "gram" else ()
     tile = 4
     whole = kernels._whole  # the torch path's own mirroring, taken before sym_product is replaced
 

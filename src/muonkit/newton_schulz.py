@@ -34,6 +34,7 @@ __all__ = [
     "orthogonalize_batch",
     "orthogonalize_filled",
     "orthogonalize_stack",
+    "restart_positions",
 ]
 
 METHODS = ("newton_schulz", "gram", "svd")
@@ -74,7 +75,7 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     return tuple(range(3, steps, 2))
 
 
-def _restart_positions(restarts: Restarts, steps: int) -> tuple[int, ...]:
+def restart_positions(restarts: Restarts, steps: int) -> tuple[int, ...]:
     """``restarts`` checked against a schedule of ``steps`` steps (``None``: :func:`gram_restarts`)."""
     if restarts is None:
         return gram_restarts(steps)
@@ -398,7 +399,7 @@ def orthogonalize_filled(
     if unnormalised:
         X = torch.empty(shape, dtype=ns_dtype, device=device)
         d = torch.empty(shape[0], dtype=torch.float32, device=device)
-        positions = _restart_positions(restarts, len(rows))
+        positions = restart_positions(restarts, len(rows))
         fill(X, d)
         return _iterate(X, rows, method, positions, d)
     return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
@@ -429,7 +430,7 @@ class _NSCall:
     def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
            method: str, restarts: Restarts, prenormalised: bool = False) -> _NSCall:  # fmt: skip
         rows_ = tuple(tuple(float(c) for c in r) for r in rows)
-        return cls(rows_, norm_scale, eps, ns_dtype, method, _restart_positions(restarts, len(rows_)), prenormalised)
+        return cls(rows_, norm_scale, eps, ns_dtype, method, restart_positions(restarts, len(rows_)), prenormalised)
 
     @classmethod
     def prenormalised_call(cls, rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, method: str,
@@ -501,7 +502,7 @@ def _iterate(
 ) -> Tensor:
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
     dividing ``X``: Gram NS for rectangular matrices when asked (``restarts``: the positions, as
-    ``_restart_positions`` resolved and checked them)."""
+    ``restart_positions`` resolved and checked them)."""
     if method == "gram" and X.shape[-2] != X.shape[-1]:
         return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
     return _newton_schulz(X, rows, divisor)

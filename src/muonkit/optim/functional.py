@@ -28,12 +28,12 @@ from .. import cuda_graphs, fused, kernels
 from ..coefficients import CoefficientSpec, as_preset
 from ..newton_schulz import (
     Restarts,
-    _restart_positions,
     default_ns_dtype,
     filled_graph_key,
     orthogonalize,
     orthogonalize_filled,
     orthogonalize_stack,
+    restart_positions,
 )
 from . import _guards
 
@@ -841,7 +841,7 @@ def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: d
     """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, restart positions,
     max_batch)``; the positions resolved (``None`` and the default placement written out share a batch), ``()``
     where the method has none."""
-    restarts = _restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
+    restarts = restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
     return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], restarts, opts["max_batch"])
 
 

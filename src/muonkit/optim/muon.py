@@ -32,7 +32,7 @@ from ..distributed import (
     sharded_muon_step,
     zero_muon_step,
 )
-from ..newton_schulz import _NS_DTYPES, METHODS, _restart_positions, default_ns_dtype
+from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype, restart_positions
 from . import _guards
 from .functional import (
     _STEP_DEFAULTS,
@@ -323,7 +323,7 @@ class Muon(Optimizer):
                 isinstance(restarts, list | tuple), f"restarts must be None or a list of step indices, got {restarts!r}"
             )
             try:
-                _restart_positions(restarts, len(as_preset(group["coefficients"]).schedule(steps)))
+                restart_positions(restarts, len(as_preset(group["coefficients"]).schedule(steps)))
             except ValueError as err:
                 check(False, str(err))
         check(
