@@ -43,11 +43,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def spawn(worker, world, tmp_path, task="train"):
-    """Run ``worker(rank, world, port, out, task)`` on ``world`` processes; return what each saved to out.rank{r}."""
-    out = str(tmp_path / "run")
-    mp.spawn(worker, args=(world, free_port(), out, task), nprocs=world, join=True)
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world)]
+def spawn(worker, world, out_dir, tasks):
+    """Run ``tasks`` one after another on ``world`` gloo processes that start once (each start costs seconds on a
+    2-core machine): ``worker(rank, world, out, task)`` runs one task in the initialised process group and returns
+    what the tests read. A task ``"name:source"`` is ``name`` reading the checkpoint that task ``source`` wrote in
+    ``out_dir`` (at any world size). Returns ``{task: [rank 0's result, rank 1's, ...]}``."""
+    mp.spawn(_run_tasks, args=(worker, world, free_port(), str(out_dir), list(tasks)), nprocs=world, join=True)
+    return {t: [torch.load(f"{out_dir}/{t}.w{world}.rank{r}", weights_only=False) for r in range(world)] for t in tasks}
+
+
+def _run_tasks(rank, worker, world, port, out_dir, tasks):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for task in tasks:
+        result = worker(rank, world, out_dir, task)
+        torch.save(result, f"{out_dir}/{task}.w{world}.rank{rank}")
+        dist.barrier()  # a task's checkpoint is whole before the next task (or world) reads it
+    finish()
 
 
 def finish():

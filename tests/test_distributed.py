@@ -1,14 +1,12 @@
 """Distributed Muon on CPU with the gloo backend: several processes via torch.multiprocessing."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, batch, finish, loss, single_run, spawn
+from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
 from muonkit.distributed import ReplicatedExecutor, assign_jobs, shard_rows
 
 
@@ -39,9 +37,9 @@ def _single(steps=STEPS):
     return single_run(Net, _optimizer, steps)
 
 
-def _worker(rank, world, port, out, task):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out, task):
+    """One task on this rank (see ``dist_helpers.spawn``): train (or save / resume) and return what tests read."""
+    task, _, source = task.partition(":")
     torch.manual_seed(0)
     model = Net()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -50,7 +48,7 @@ def _worker(rank, world, port, out, task):
     opt = _optimizer(model, executor)
     first, steps = 0, STEPS
     if task in ("resume", "zero-resume"):
-        ckpt = torch.load(out + ".ckpt", weights_only=False)
+        ckpt = torch.load(f"{out}/{source}.ckpt", weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         first = ckpt["step"]
@@ -82,13 +80,25 @@ def _worker(rank, world, port, out, task):
     if task in ("save", "zero-save"):
         opt_state = opt.state_dict()  # with shard_state a collective: every rank calls it
         if rank == 0:
-            torch.save({"model": model.state_dict(), "opt": opt_state, "step": steps}, out + ".ckpt")
-    torch.save(result, f"{out}.rank{rank}")
-    finish()
+            torch.save({"model": model.state_dict(), "opt": opt_state, "step": steps}, f"{out}/{task}.ckpt")
+    return result
 
 
-def _spawn(world, tmp_path, task="train"):
-    return spawn(_worker, world, tmp_path, task)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
+    rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoints."""
+    out = tmp_path_factory.mktemp("ddp")
+    runs = {2: spawn(_worker, 2, out, ["train", "zero", "zero-save", "save", "accumulate", "nan"])}
+    runs[3] = spawn(_worker, 3, out, ["train", "all_reduce", "zero", "zero-resume:zero-save", "resume:zero-save",
+                                      "resume:save"])  # fmt: skip
+    runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _single(STEPS)
 
 
 def test_bad_options_are_refused_before_anything_runs():
@@ -117,9 +127,8 @@ def test_assign_jobs_balances_and_is_deterministic():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_ddp_sharded_muon_equals_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path)
-    reference = _single(STEPS)
+def test_ddp_sharded_muon_equals_single_process(world, runs, reference):
+    results = runs[world]["train"]
     for r in results:
         for name, value in reference.items():
             assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), (world, name)
@@ -129,10 +138,8 @@ def test_ddp_sharded_muon_equals_single_process(world, tmp_path):
     assert (results[0]["bytes"] > 0) == (world > 1)
 
 
-def test_all_reduce_exchange_is_equal_and_all_gather_sends_less(tmp_path):
-    gathered = _spawn(3, tmp_path)
-    reduced = _spawn(3, tmp_path, task="all_reduce")
-    reference = _single(STEPS)
+def test_all_reduce_exchange_is_equal_and_all_gather_sends_less(runs, reference):
+    gathered, reduced = runs[3]["train"], runs[3]["all_reduce"]
     for name, value in reference.items():
         assert torch.allclose(reduced[2]["state"][name], value, atol=1e-6, rtol=0), name
     # ring all-reduce sends 2 (W-1)/W of the buffer, all-gather (W-1)/W (plus padding to the largest share)
@@ -140,9 +147,8 @@ def test_all_reduce_exchange_is_equal_and_all_gather_sends_less(tmp_path):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_zero1_state_sharding_equals_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path, task="zero")
-    reference = _single(STEPS)
+def test_zero1_state_sharding_equals_single_process(world, runs, reference):
+    results = runs[world]["zero"]
     for r in results:
         for name, value in reference.items():
             assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), (world, name)
@@ -151,33 +157,28 @@ def test_zero1_state_sharding_equals_single_process(world, tmp_path):
 
 
 @pytest.mark.parametrize("resume", ["zero-resume", "resume"])
-def test_zero1_checkpoint_at_two_ranks_resumes_at_three(resume, tmp_path):
+def test_zero1_checkpoint_at_two_ranks_resumes_at_three(resume, runs, reference):
     """The saved state holds whole buffers (gathered), so it loads with or without state sharding."""
-    _spawn(2, tmp_path, task="zero-save")
-    results = _spawn(3, tmp_path, task=resume)
-    reference = _single(STEPS)
+    results = runs[3][f"{resume}:zero-save"]
     for name, value in reference.items():
         assert torch.allclose(results[0]["state"][name], value, atol=1e-6, rtol=0), name
 
 
-def test_gradient_accumulation_with_no_sync(tmp_path):
+def test_gradient_accumulation_with_no_sync(runs, reference):
     """Micro-batches under DDP.no_sync, one optimizer step per batch: the same trajectory as one big batch."""
-    results = _spawn(2, tmp_path, task="accumulate")
-    reference = _single(STEPS)
+    results = runs[2]["accumulate"]
     for name, value in reference.items():
         assert torch.allclose(results[1]["state"][name], value, atol=1e-6, rtol=0), name
 
 
-def test_nan_on_one_rank_makes_every_rank_raise(tmp_path):
-    results = _spawn(2, tmp_path, task="nan")
+def test_nan_on_one_rank_makes_every_rank_raise(runs):
+    results = runs[2]["nan"]
     assert all("error" in r for r in results)
     assert "another rank" in results[0]["error"] and "'fc.weight'" in results[1]["error"]
 
 
 @pytest.mark.parametrize("resume_world", [3, 1])
-def test_save_at_two_ranks_resume_at_another_world_size(resume_world, tmp_path):
-    _spawn(2, tmp_path, task="save")
-    results = _spawn(resume_world, tmp_path, task="resume")
-    reference = _single(STEPS)
+def test_save_at_two_ranks_resume_at_another_world_size(resume_world, runs, reference):
+    results = runs[resume_world]["resume:save"]
     for name, value in reference.items():
         assert torch.allclose(results[0]["state"][name], value, atol=1e-6, rtol=0), name

@@ -6,15 +6,12 @@ single-process run, that a NaN on one rank stops every rank, and that a checkpoi
 ``torch.distributed.checkpoint`` at one world size continues the same trajectory at another.
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, batch, finish, loss, single_run, spawn
+from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
 from muonkit.distributed import shard_rows
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -62,14 +59,14 @@ def _full_state(model):
     }
 
 
-def _worker(rank, world, port, out, task):
+def _worker(rank, world, out, task):
+    """One task on this rank (see ``dist_helpers.spawn``): train (or save / resume) and return what tests read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    task, _, source = task.partition(":")
     # a CPU mesh, stated: without one, fully_shard takes the accelerator's device type (CUDA where there is one)
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
@@ -83,7 +80,7 @@ def _worker(rank, world, port, out, task):
     if task == "resume":
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=out + ".dcp")
+        dcp.load(state, checkpoint_id=f"{out}/{source}.dcp")
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         first = 2
     if task == "save":
@@ -110,17 +107,28 @@ def _worker(rank, world, port, out, task):
         result["error"] = str(err)
     if task == "save":
         msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=out + ".dcp")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/{task}.dcp")
     result["state"] = _full_state(model)
     result["bytes"] = opt.bytes_communicated
     buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
     result["buffer_local_rows"] = None if buf is None else buf.to_local().shape[0]
-    torch.save(result, f"{out}.rank{rank}")
-    finish()
+    return result
 
 
-def _spawn(world, tmp_path, task="train"):
-    return spawn(_worker, world, tmp_path, task)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
+    rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoint."""
+    out = tmp_path_factory.mktemp("fsdp")
+    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan"])}
+    runs[3] = spawn(_worker, 3, out, ["train", "resume:save"])
+    runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _single(STEPS)
 
 
 def _assert_close(results, reference, atol):
@@ -138,29 +146,28 @@ def test_shard_rows_follow_torch_chunk():
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_fsdp2_muon_equals_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path)
-    _assert_close(results, _single(STEPS), atol=1e-6)
+def test_fsdp2_muon_equals_single_process(world, runs, reference):
+    results = runs[world]["train"]
+    _assert_close(results, reference, atol=1e-6)
     # the momentum is sharded like the weight (22 rows: chunks of 11 or 8), and ranks > 1 exchanged rows
     assert results[0]["buffer_local_rows"] == shard_rows(22, world)[0]
     assert (results[0]["bytes"] > 0) == (world > 1)
 
 
-def test_fsdp2_gradient_accumulation_without_sync(tmp_path):
+def test_fsdp2_gradient_accumulation_without_sync(runs, reference):
     """Micro-batches with set_requires_gradient_sync(False) (FSDP2's no_sync): the big-batch trajectory."""
-    results = _spawn(2, tmp_path, task="accumulate")
-    _assert_close(results, _single(STEPS), atol=1e-6)
+    _assert_close(runs[2]["accumulate"], reference, atol=1e-6)
 
 
-def test_fsdp2_bf16_comm_stays_close(tmp_path):
-    results = _spawn(2, tmp_path, task="bf16")
-    _assert_close(results, _single(STEPS), atol=2e-3)
-    exact = _spawn(2, tmp_path, task="train")
+def test_fsdp2_bf16_comm_stays_close(runs, reference):
+    results = runs[2]["bf16"]
+    _assert_close(results, reference, atol=2e-3)
+    exact = runs[2]["train"]
     assert results[0]["bytes"] < exact[0]["bytes"]  # updates travel to their owners in half the bytes
 
 
-def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(tmp_path):
-    results = _spawn(2, tmp_path, task="nan")
+def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(runs):
+    results = runs[2]["nan"]
     assert all("error" in r for r in results)
     assert "another rank" in results[0]["error"] and "'fc.weight'" in results[1]["error"]
     # nothing was updated: the weights still equal the untrained model
@@ -170,7 +177,5 @@ def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(tmp_path):
 
 
 @pytest.mark.parametrize("resume_world", [3, 1])
-def test_fsdp2_checkpoint_at_two_ranks_resumes_at_another_world_size(resume_world, tmp_path):
-    _spawn(2, tmp_path, task="save")
-    results = _spawn(resume_world, tmp_path, task="resume")
-    _assert_close(results, _single(STEPS), atol=1e-6)
+def test_fsdp2_checkpoint_at_two_ranks_resumes_at_another_world_size(resume_world, runs, reference):
+    _assert_close(runs[resume_world]["resume:save"], reference, atol=1e-6)

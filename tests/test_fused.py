@@ -6,6 +6,7 @@ their indexing, masking, slot selection and arithmetic are checked here too; on 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -119,6 +120,54 @@ def test_zero_gradient_with_zero_eps_stays_zero(launchers):
         momentum=0.95, nesterov=True, norm_scale=1.0, eps=0.0,
     )  # fmt: skip
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@functools.cache
+def _low_memory(addr: int, length: int) -> torch.Tensor | None:
+    """``length`` bytes mapped at ``addr`` as a uint8 tensor, or None where that address cannot be had
+    (``MAP_FIXED_NOREPLACE``: Linux >= 4.17, and nothing there yet). Kept mapped for the life of the process: a
+    failing test's traceback may still hold tensors on it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100000  # MAP_FIXED_NOREPLACE
+    got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if got != addr:
+        if got not in (None, ctypes.c_void_p(-1).value):  # an old kernel took the address as a hint only
+            libc.munmap(got, length)
+        return None
+    return torch.frombuffer((ctypes.c_uint8 * length).from_address(addr), dtype=torch.uint8)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors at chosen addresses: the interpreter's integer handling")
+@pytest.mark.parametrize("addr", [0x2000_0000, 0x9000_0000], ids=["below-2^31", "below-2^32"])
+def test_kernels_take_addresses_below_4gib(launchers, addr):
+    """Matrix addresses travel as integer arguments, which Triton types by value (i32 below 2^31) and its
+    interpreter stores in 4 bytes below 2^32; triton 3.9's interpreter then failed to cast them to pointers
+    (CPU tensors sit that low on a non-PIE Python's heap). Both kernels read and write such matrices correctly."""
+    rows, cols = 24, 40
+    raw = _low_memory(addr, 3 * 2 * rows * cols * 4)
+    if raw is None:
+        pytest.skip(f"cannot map memory at {addr:#x} here")
+    g, b, p = raw.view(torch.float32).view(3, 2 * rows, cols).unbind(0)
+    assert g.data_ptr() == addr
+    raw.view(torch.float32).copy_(torch.randn(raw.numel() // 4, generator=torch.Generator().manual_seed(3)))
+    parts = [(0, 0), (0, rows)]
+    gm, bm, pm = (_mats([t], rows, cols, parts) for t in (g, b, p))
+    ref_bufs, ref_X = _reference_pre(gm.views(), bm.views(), 0.9, True, 1.0, 1e-7, torch.float32)
+    out = torch.full((2, rows, cols), float("nan"))
+    fused.momentum_normalise(gm, bm, out, momentum=0.9, nesterov=True, norm_scale=1.0, eps=1e-7)
+    for nb, rb in zip(bm.views(), ref_bufs):
+        torch.testing.assert_close(nb, rb, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref_X, rtol=1e-5, atol=1e-6)
+    ref_p = [v - 0.5 * o for v, o in zip(pm.views(), out.unbind(0))]
+    fused.scaled_update(pm, out, scale=0.5, decay=1.0, update_dtype=torch.float32)
+    for got, want in zip(pm.views(), ref_p):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("p_dtype,decay,transposed", [(torch.float32, 1.0, False), (torch.float32, 0.99, True),

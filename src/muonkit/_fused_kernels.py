@@ -11,7 +11,11 @@ TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float1
 
 @triton.jit
 def pick(s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
-    # the address of slot s (SLOTS = 16 integer arguments: no table to upload, capturable as is)
+    # the address of slot s (SLOTS = 16 integer arguments: no table to upload, capturable as is), as the unsigned
+    # 64-bit integer an address is. Triton types an integer argument by its value (i32 below 2^31, else i64), and
+    # its interpreter keeps one below 2^32 in 4 bytes whatever the type says; from triton 3.9 the interpreter's
+    # int-to-pointer cast is a bitcast, which fails on those 4 bytes (CPU tensors below 4 GiB, as on a non-PIE
+    # Python's heap). A cast that changes signedness converts for real in both the interpreter and compiled code.
     a = tl.where(s == 1, a1, a0)
     a = tl.where(s == 2, a2, a)
     a = tl.where(s == 3, a3, a)
@@ -27,7 +31,7 @@ def pick(s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
     a = tl.where(s == 13, a13, a)
     a = tl.where(s == 14, a14, a)
     a = tl.where(s == 15, a15, a)
-    return a
+    return a.to(tl.uint64)
 
 
 @triton.jit
