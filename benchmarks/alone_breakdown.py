@@ -17,7 +17,7 @@ from _common import environment, time_ms_pipelined, write_json
 from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
-from muonkit import cuda_graphs
+from muonkit.accel import cuda_graphs
 
 
 def breakdown(opt: Any, reps: int) -> dict[str, float]:

@@ -54,7 +54,7 @@ def main() -> None:
                     orthogonalize_filled(functools.partial(_fill, src=src),
                                          tuple(src.shape), rows, dtype, device, method)  # fmt: skip
 
-            muonkit.cuda_graphs.cache.clear()
+            muonkit.accel.cuda_graphs.cache.clear()
             run()
             ms = time_ms(run, device, warmup=3, reps=args.reps)
             pipe = time_ms_pipelined(run, device, warmup=3, reps=args.reps)

@@ -18,8 +18,8 @@ import triton
 from _common import environment, time_ms, write_json
 from profile_step import graphed
 
-from muonkit import _fused_kernels as K
-from muonkit import fused
+from muonkit.accel import _fused_kernels as K
+from muonkit.accel import fused
 
 CONFIGS = [(32, 128, 4), (32, 128, 8), (64, 128, 8), (16, 256, 4), (32, 256, 8), (64, 64, 4), (64, 64, 8),
            (128, 64, 8), (64, 128, 4), (128, 128, 8)]  # fmt: skip

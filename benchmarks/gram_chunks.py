@@ -20,7 +20,8 @@ import torch
 import triton
 from _common import environment, write_json
 
-from muonkit import kernels, newton_schulz
+from muonkit import newton_schulz
+from muonkit.accel import kernels
 from muonkit.coefficients import as_preset
 
 BATCHES = [(24, 768, 3072), (12, 768, 2304), (64, 2048, 8192)]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from _common import environment, time_ms, write_json
 
-from muonkit import kernels
+from muonkit.accel import kernels
 
 # NS batches of GPT-2 small (QKV split: 48 squares, 24 of 768 x 3072; not split: 12 of 768 x 2304) and of the
 # 1B set

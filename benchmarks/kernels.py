@@ -16,7 +16,7 @@ import torch
 from _common import environment, time_ms, write_json
 
 import muonkit
-from muonkit import kernels
+from muonkit.accel import kernels
 
 SHAPES = [(8, 768, 768), (8, 768, 3072), (8, 1024, 4096), (1, 4096, 4096), (1, 4096, 14336), (1, 8192, 8192)]
 

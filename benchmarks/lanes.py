@@ -23,7 +23,7 @@ from alone_breakdown import breakdown
 from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
-from muonkit import cuda_graphs
+from muonkit.accel import cuda_graphs
 from muonkit.optim import functional
 
 

@@ -38,12 +38,12 @@ def without_graphs(fn: Any) -> Any:
     """``fn`` with muonkit's CUDA-graph replay of eager calls turned off while it runs."""
 
     def run(X: torch.Tensor) -> torch.Tensor:
-        before = muonkit.cuda_graphs.cuda_graphs_enabled()
-        muonkit.cuda_graphs.set_cuda_graphs(False)
+        before = muonkit.accel.cuda_graphs.cuda_graphs_enabled()
+        muonkit.accel.cuda_graphs.set_cuda_graphs(False)
         try:
             return fn(X)
         finally:
-            muonkit.cuda_graphs.set_cuda_graphs(before)
+            muonkit.accel.cuda_graphs.set_cuda_graphs(before)
 
     return run
 

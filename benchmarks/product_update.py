@@ -5,7 +5,7 @@ A Muon step ends every batch with ``O = Z X`` (``Z``: the accumulated ``m x m`` 
 Triton kernel computes a tile of ``Z X`` and applies it to the parameter tile in its epilogue (transposed
 where the parameter is stored ``n x m``): the bf16 ``O`` never goes through memory, and the parameter
 traffic of one tile overlaps the products of the others. Same arithmetic and roundings as
-``muonkit.fused.scaled_update`` on a bf16 ``O``. Times CUDA-graph replays (median) on the GPT-2-small
+``muonkit.accel.fused.scaled_update`` on a bf16 ``O``. Times CUDA-graph replays (median) on the GPT-2-small
 batches in their NS orientation, with half of each merged batch transposed as the step merges them.
 
     python benchmarks/product_update.py --out benchmarks/results/product_update_h100.json
@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from _common import environment, write_json
 
-from muonkit import fused
-from muonkit._fused_kernels import pick
+from muonkit.accel import fused
+from muonkit.accel._fused_kernels import pick
 
 
 @triton.jit

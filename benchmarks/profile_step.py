@@ -26,7 +26,7 @@ from _common import environment, matmul_peak_tflops, time_ms, write_json
 from step import SETS, make_params, split_groups
 
 import muonkit
-from muonkit import kernels
+from muonkit.accel import kernels
 from muonkit.coefficients import as_preset
 from muonkit.newton_schulz import orthogonalize_batch
 
@@ -117,8 +117,8 @@ def ns_reference(G: torch.Tensor, rows: list) -> torch.Tensor:
 
 
 def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-    graphs = muonkit.cuda_graphs.cuda_graphs_enabled()
-    muonkit.cuda_graphs.set_cuda_graphs(False)  # "eager" means eager here; the graph column captures itself
+    graphs = muonkit.accel.cuda_graphs.cuda_graphs_enabled()
+    muonkit.accel.cuda_graphs.set_cuda_graphs(False)  # "eager" means eager here; the graph column captures itself
     out = []
     for b, m, n in batches:
         G = torch.randn(b, m, n, device=dev)
@@ -135,7 +135,7 @@ def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]
                 print(f"  NS {b}x{m}x{n} {method:<14} {mode:<6} eager {rec['eager_ms']:.3f} ms  "
                       f"graph {rec['graph_ms']:.3f} ms  err {err:.4f}")  # fmt: skip
         kernels.set_mode("auto")
-    muonkit.cuda_graphs.set_cuda_graphs(graphs)
+    muonkit.accel.cuda_graphs.set_cuda_graphs(graphs)
     return out
 
 
@@ -191,10 +191,10 @@ def main() -> None:
         # optional further fields: "fp16", "nofused", "nosplit" (the fused QKV whole), "onestream" (no side stream)
         compile_mode, method, kmode, *rest = variant.split(":")
         kernels.set_mode(kmode)
-        muonkit.cuda_graphs.set_concurrent_batches("onestream" not in rest)
-        muonkit.fused.set_fused("nofused" not in rest)
+        muonkit.accel.cuda_graphs.set_concurrent_batches("onestream" not in rest)
+        muonkit.accel.fused.set_fused("nofused" not in rest)
         ns_dtype = torch.float16 if "fp16" in rest else None
-        muonkit.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")
+        muonkit.accel.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")
         try:
             groups = params if "nosplit" in rest else split_groups(params)
             opt = muonkit.Muon(groups, nonfinite="ignore", method=method, ns_dtype=ns_dtype)

@@ -26,7 +26,7 @@ import torch
 from _common import competitors, environment, sync, time_ms, time_ms_pipelined, write_json
 
 import muonkit
-from muonkit import kernels
+from muonkit.accel import kernels
 
 SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
@@ -50,7 +50,7 @@ class Compiled:
     def __init__(self, opt: torch.optim.Optimizer, mode: str) -> None:
         self.opt = opt
         opt.step()
-        muonkit.cuda_graphs.cache.clear()  # the eager step's graphs: not used by the compiled step
+        muonkit.accel.cuda_graphs.cache.clear()  # the eager step's graphs: not used by the compiled step
         self.step = torch.compile(opt.step, mode=mode)
         self.state = opt.state
 
@@ -232,11 +232,11 @@ def main() -> None:
             opts = {k: v for k, v in opts.items() if k in args.only.split(",")}
         for name, make in opts.items():
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
-            muonkit.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
-            muonkit.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
+            muonkit.accel.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
+            muonkit.accel.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
             muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
-            muonkit.fused.set_fused("[fused off]" not in name)
-            muonkit.cuda_graphs.cache.clear()
+            muonkit.accel.fused.set_fused("[fused off]" not in name)
+            muonkit.accel.cuda_graphs.cache.clear()
             torch._dynamo.reset()
             err = err_ill = None
             if set_name in SETS and "compile" not in name and not name.startswith("AdamW"):
@@ -245,7 +245,7 @@ def main() -> None:
                 if set_name not in ill:
                     ill[set_name] = ill_conditioned_grads(params)
                 err_ill = with_grads(params, ill[set_name], functools.partial(first_step_error, make, params, split))
-                muonkit.cuda_graphs.cache.clear()
+                muonkit.accel.cuda_graphs.cache.clear()
             opt = make()
             opt.step()  # creates state
             opt.step()  # muonkit: captures its whole-batch CUDA graphs (the first step ran eagerly)
@@ -286,7 +286,7 @@ def main() -> None:
                     "finite_after_timing": finite,
                     "state_mb": state_mb,
                     "step_extra_mb": extra_mb,
-                    "graph_cache_mb": muonkit.cuda_graphs.cache.nbytes / 2**20,
+                    "graph_cache_mb": muonkit.accel.cuda_graphs.cache.nbytes / 2**20,
                 }
             )
             del opt

@@ -70,7 +70,7 @@ def main() -> None:
             ms_b2b = time_ms_pipelined(fn, device, warmup=2, reps=args.reps)
             rows.append({"set": args.set, "method": method, "variant": name, "ms": ms, "ms_pipelined": ms_b2b})
             print(f"{args.set:<11} {method:<14} {name:<18} {ms:7.3f} ms alone {ms_b2b:7.3f} ms back to back")
-        muonkit.cuda_graphs.cache.clear()
+        muonkit.accel.cuda_graphs.cache.clear()
     write_json(args.out, {"environment": environment(device), "rows": rows})
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from _common import environment, write_json
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from muonkit import kernels
+from muonkit.accel import kernels
 
 
 @triton.jit

@@ -25,7 +25,8 @@ import triton
 from _common import environment, write_json
 from kernel_configs import graph_time_ms
 
-from muonkit import kernels, newton_schulz
+from muonkit import newton_schulz
+from muonkit.accel import kernels
 from muonkit.coefficients import as_preset
 
 BATCHES = [(24, 768, 3072), (12, 768, 2304), (12, 768, 768), (48, 768, 768), (64, 2048, 8192), (32, 2048, 2048)]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import muonkit
-from muonkit import cuda_graphs, kernels
-from muonkit.cuda_graphs import GraphCache, Graphed
+from muonkit.accel import cuda_graphs, kernels
+from muonkit.accel.cuda_graphs import GraphCache, Graphed
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from muonkit import fused
+from muonkit.accel import fused
 from muonkit.newton_schulz import _frobenius_normalise
 from muonkit.optim import functional
 
@@ -547,7 +547,7 @@ def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(l
 def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
     """Where torch's tensor guards are missing, every step takes the full path (and still matches the torch path)."""
     import muonkit
-    from muonkit.optim import _guards
+    from muonkit.accel import guards as _guards
 
     monkeypatch.setattr(_guards, "available", lambda: False)
     results = []
@@ -569,7 +569,7 @@ def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
 def test_tensor_guards_tell_apart_what_plans_depend_on():
     """The guard a remembered plan keeps: true for tensors with the same metadata (any values, any addresses),
     false for another dtype, shape, stride, layout, device or requires_grad."""
-    from muonkit.optim import _guards
+    from muonkit.accel import guards as _guards
 
     assert _guards.available()  # the torch this project supports has them; the fallback is tested above
     ts = [torch.randn(6, 4), torch.zeros(4, 4, dtype=torch.bfloat16)]
@@ -591,7 +591,7 @@ def _key(calls):
 def test_state_key_follows_switches_structure_and_grad_mode():
     """What besides tensor metadata decides a remembered plan: options other than lr/momentum/weight decay,
     the kernel switches and grad mode."""
-    from muonkit import kernels
+    from muonkit.accel import kernels
 
     p = [torch.randn(8, 4)]
     opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
@@ -632,7 +632,7 @@ def test_plans_balance_batches_over_two_lanes():
 
 
 def test_graph_keys_hash_once_and_equal_their_tuples():
-    from muonkit import cuda_graphs
+    from muonkit.accel import cuda_graphs
 
     parts = (1, (2, (3, 4)), "x")
     key = cuda_graphs.Key(parts)

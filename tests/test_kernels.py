@@ -5,7 +5,7 @@ import torch
 
 import muonkit
 from conftest import upper_only
-from muonkit import kernels
+from muonkit.accel import kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -402,12 +402,23 @@ def test_frobenius_norm_kernel_keeps_tiny_and_huge_float32():
     )
 
 
-def test_environment_switches_share_one_reading(monkeypatch):
-    """MUONKIT_FUSED, MUONKIT_CUDA_GRAPHS, MUONKIT_CONCURRENT_BATCHES and MUONKIT_SYM_EVEN: on unless 0/false/off."""
-    from muonkit._env import switch
+def test_one_switch_turns_every_acceleration_off_and_back(monkeypatch):
+    """``MUONKIT_ACCEL`` (on unless 0 / false / off) and ``accel.disabled()``, which restores what was set before."""
+    from muonkit import accel
+    from muonkit.accel import cuda_graphs, fused
 
-    monkeypatch.delenv("MUONKIT_X", raising=False)
-    assert switch("MUONKIT_X")
-    for value, on in (("0", False), ("false", False), ("off", False), ("1", True), ("yes", True)):
-        monkeypatch.setenv("MUONKIT_X", value)
-        assert switch("MUONKIT_X") is on
+    for value, on in ((None, True), ("0", False), ("false", False), ("OFF", False), ("1", True), ("yes", True)):
+        if value is None:
+            monkeypatch.delenv(accel.ENV, raising=False)
+        else:
+            monkeypatch.setenv(accel.ENV, value)
+        assert accel.from_env() is on, value
+    fused.set_fused(False)  # a finer setting made before is kept
+    try:
+        with accel.disabled():
+            assert kernels.get_mode() == "torch" and not fused.fused_enabled()
+            assert not cuda_graphs.cuda_graphs_enabled() and not cuda_graphs.concurrent_batches()
+            assert not kernels.prepare() and not fused.prepare()
+        assert kernels.get_mode() == "auto" and not fused.fused_enabled() and cuda_graphs.cuda_graphs_enabled()
+    finally:
+        fused.set_fused(True)

@@ -563,3 +563,33 @@ def test_a_training_loop_repeats_its_steps_on_cuda(monkeypatch):
         losses.append(float(loss))
     assert len(full) == 1, len(full)
     assert losses[-1] < losses[0]
+
+
+def test_accel_switch_is_checked_read_from_the_environment_at_construction_and_applied_in_step(monkeypatch):
+    """``Muon(accel=...)``: a bool or None; None reads MUONKIT_ACCEL when the optimizer is built (not later);
+    ``accel=False`` steps run with every acceleration off (``accel.disabled``), and on CPU give the same result."""
+    from muonkit import accel
+    from muonkit.accel import kernels
+    from muonkit.optim import functional
+
+    with pytest.raises(TypeError, match="accel"):
+        Muon([nn.Parameter(torch.zeros(4, 4))], accel="off")
+    monkeypatch.setenv(accel.ENV, "0")
+    built_off = Muon([nn.Parameter(torch.zeros(4, 4))])
+    monkeypatch.setenv(accel.ENV, "1")
+    assert built_off.accel is False and Muon([nn.Parameter(torch.zeros(4, 4))]).accel is True
+
+    seen = []
+    real = functional._fused_step_applies
+    monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: seen.append(kernels.get_mode()) or real(*a))
+    results = []
+    for on in (True, False):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(8, 6))
+        opt = Muon([w], accel=on)
+        for _ in range(2):
+            w.grad = torch.randn(8, 6)
+            opt.step()
+        results.append(w.detach().clone())
+    assert seen == ["auto", "auto", "torch", "torch"] and kernels.get_mode() == "auto"
+    assert torch.equal(results[0], results[1])

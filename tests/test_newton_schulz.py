@@ -218,8 +218,8 @@ def test_upper_tile_chain_gives_cublas_whole_matrices(method, restarts, steps, m
     (``upper_in``). Every matrix that cuBLAS multiplies (Q X at a restart and at the end, P X) or that a
     product reads whole must have been written whole, else NaN reaches the result; with and without divisors,
     for every restart placement."""
-    from muonkit import kernels
     from muonkit import newton_schulz as ns
+    from muonkit.accel import kernels
 
     positions = ns.restart_positions(restarts, steps) if method == "gram" else ()
     tile = 4
@@ -312,7 +312,7 @@ def test_gram_half_precision_error_close_to_plain():
 def test_gram_on_cuda_with_each_kernel_mode(mode):
     """Gram NS on a GPU, its symmetric products on cuBLAS or on the Triton kernel (X X^T, the polynomial and the
     Q and R updates): as accurate as plain NS in the same precision (as above)."""
-    from muonkit import kernels
+    from muonkit.accel import kernels
 
     G = torch.randn(4, 256, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     ref = orthogonalize(G.double(), "jordan", dtype=torch.float64)

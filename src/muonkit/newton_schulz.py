@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import cuda_graphs, kernels
+from .accel import cuda_graphs, kernels
 from .coefficients import CoefficientSpec, as_preset
 from .reference import polar_svd
 

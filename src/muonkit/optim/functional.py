@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import cuda_graphs, fused, kernels
+from ..accel import cuda_graphs, fused, kernels
+from ..accel import guards as _guards
 from ..coefficients import CoefficientSpec, as_preset
 from ..newton_schulz import (
     Restarts,
@@ -35,7 +36,6 @@ from ..newton_schulz import (
     orthogonalize_stack,
     restart_positions,
 )
-from . import _guards
 
 __all__ = [
     "ADJUST_LR_MODES",

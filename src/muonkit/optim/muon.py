@@ -20,20 +20,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim import optimizer as _torch_optimizer
 
-from .. import fused, kernels
+from .. import accel as _accel
+from ..accel import fused, kernels
+from ..accel import guards as _guards
 from ..coefficients import CoefficientSpec, as_preset, is_file_spec
-from ..distributed import (
-    any_rank,
-    gather_rows,
-    is_sharded,
-    local,
-    my_rows,
-    shard_rows,
-    sharded_muon_step,
-    zero_muon_step,
-)
 from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype, restart_positions
-from . import _guards
 from .functional import (
     _STEP_DEFAULTS,
     ADJUST_LR_MODES,
@@ -51,6 +42,7 @@ from .functional import (
     merged_ns_batches,
     ns_batches,
 )
+from .sharded import any_rank, gather_rows, is_sharded, local, my_rows, shard_rows, sharded_muon_step, zero_muon_step
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
@@ -150,6 +142,10 @@ class Muon(Optimizer):
             parameters, so ``torch.distributed.checkpoint`` saves and reshards it.
         comm_dtype: dtype in which sharded parameters' updates travel to their owners (``None``: exact;
             ``torch.bfloat16`` halves those bytes). Results come back in the NS dtype either way.
+        accel: CUDA acceleration (``muonkit.accel``: Triton kernels, fused element-wise passes, CUDA graphs, and
+            timing the kernel's tile sizes for this optimizer's shapes here, at construction). ``None`` (default):
+            on unless the environment variable ``MUONKIT_ACCEL`` is 0 / false / off, read now. ``False``: plain
+            torch, nothing tuned or captured. No effect on CPU parameters.
     """
 
     def __init__(
@@ -179,7 +175,11 @@ class Muon(Optimizer):
         executor: Executor | None = None,
         comm_dtype: torch.dtype | None = None,
         diagnostics: bool = False,
+        accel: bool | None = None,
     ) -> None:
+        if accel is not None and not isinstance(accel, bool):
+            raise TypeError(f"accel must be True, False or None (read MUONKIT_ACCEL), got {accel!r}")
+        self.accel = _accel.from_env() if accel is None else accel
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -218,6 +218,7 @@ class Muon(Optimizer):
         }
         super().__init__(params, defaults)
         on_cuda = any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"])
+        on_cuda = on_cuda and self.accel
         if on_cuda and kernels.prepare():  # register the Triton op now, so a torch.compile'd first step can use it
             self._pretune_kernels()
         if on_cuda:
@@ -406,8 +407,14 @@ class Muon(Optimizer):
 
     step.hooked = True  # type: ignore[attr-defined]  # tells torch.optim not to wrap it (see above)
 
-    @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.accel:
+            return self._run_step(closure)
+        with _accel.disabled():
+            return self._run_step(closure)
+
+    @torch.no_grad()
+    def _run_step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -10,8 +10,8 @@ What it costs: each cached graph keeps its static input and its private memory p
 tensors) allocated for as long as it stays cached. The cache is bounded by ``max_bytes`` (least recently
 used graphs are dropped first; a call whose graph alone would exceed the bound runs eagerly), and holds
 graphs only for the calls made so far. It is not used inside ``torch.compile``, under an enclosing graph
-capture, for inputs that need autograd, or when disabled (``set_cuda_graphs(False)`` or the environment
-variable ``MUONKIT_CUDA_GRAPHS=0``). Graphs are keyed by CUDA stream, so calls on different streams never
+capture, for inputs that need autograd, or when disabled (``muonkit.accel.disabled()``, ``Muon(accel=False)``,
+or ``set_cuda_graphs(False)`` alone). Graphs are keyed by CUDA stream, so calls on different streams never
 share buffers; concurrent calls from several threads on one stream are not supported.
 """
 
@@ -25,8 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from ._env import switch
 
 __all__ = [
     "GraphCache",
@@ -263,18 +261,17 @@ def capture_stream(device: torch.device, lane: int) -> torch.cuda.Stream | None:
     return _capture_streams[key]
 
 
-_enabled = switch("MUONKIT_CUDA_GRAPHS")
-_concurrent = switch("MUONKIT_CONCURRENT_BATCHES")
+_enabled = True
+_concurrent = True
 cache = GraphCache()
 replays = Replays()
 _side: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def set_concurrent_batches(enabled: bool) -> None:
-    """Whether a fused Muon step replays its NS batches' graphs on two streams (default on; the environment
-    variable ``MUONKIT_CONCURRENT_BATCHES=0`` starts it off). Results are the same either way: the batches
-    touch disjoint memory. Measured on an H100 (GPT-2 small, ``benchmarks/streams.py``): 3.56 -> 3.18 ms per
-    Gram NS step, 3.75 -> 3.46 plain."""
+    """Whether a fused Muon step replays its NS batches' graphs on two streams (default on). Results are the
+    same either way: the batches touch disjoint memory. Measured on an H100 (GPT-2 small,
+    ``benchmarks/streams.py``): 3.56 -> 3.18 ms per Gram NS step, 3.75 -> 3.46 plain."""
     global _concurrent
     _concurrent = bool(enabled)
 

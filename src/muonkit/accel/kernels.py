@@ -17,8 +17,8 @@ polynomial of matrices of at least ``AUTO_MIN_ROWS`` rows and for ``X X^T`` alon
 rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/sym_persistent.py``),
 and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its
 launch cost is hidden (measured on an H100, ``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can
-run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. The environment variable
-``MUONKIT_KERNELS`` sets the starting mode. Tile sizes: each new (batch, shape) is timed once over ``CONFIGS``
+run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. ``muonkit.accel.disabled()`` (or
+``Muon(accel=False)``) turns the kernels off. Tile sizes: each new (batch, shape) is timed once over ``CONFIGS``
 in eager mode and the fastest kept (``Muon`` does this for its own batches when it is built); inside
 ``torch.compile`` or graph capture an untimed shape takes a size-based default.
 """
@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from ._env import switch
 
 __all__ = [
     "AUTO_EAGER_MIN_WORK",
@@ -65,15 +62,13 @@ AUTO_XXT_MIN_ROWS = 512
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
 HALF = (torch.bfloat16, torch.float16)
 
-_mode = os.environ.get("MUONKIT_KERNELS", "auto")
+_mode = "auto"
 # Filled by _build(): plain globals, so that torch.compile reads them without tracing cached calls.
 _compile_ok = False  # the kernel is a torch custom op (torch.ops.muonkit.sym_product) torch.compile can trace
 _launch: Any = None  # eager launcher (no dispatcher: a custom op's eager call costs tens of microseconds)
 _norms: Any = None  # the Frobenius-norm kernel's launcher
 _sym_k_range: Any = None  # a Triton function the kernel calls (set by _build)
 _capture_warmup = False  # inside ``capture_warmup()``: eager calls decide as captured ones will
-if _mode not in MODES:  # pragma: no cover - environment misconfiguration
-    raise ValueError(f"MUONKIT_KERNELS must be one of {MODES}, got {_mode!r}")
 
 
 def set_mode(mode: str) -> None:
@@ -280,8 +275,8 @@ _best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype, 
 # in the BM x BM tiles on and above the diagonal is read right only by a kernel with the same tile size, so
 # every such call takes tiles of this size (each entry of CONFIGS has them).
 UPPER_TILE = 128
-_EVEN = switch("MUONKIT_SYM_EVEN")  # unmasked loads where the tiles divide the matrix
-UPPER = switch("MUONKIT_SYM_UPPER")  # upper-tile storage for chains of symmetric products (upper_chain)
+EVEN = True  # unmasked loads where the tiles divide the matrix (benchmarks turn it off to compare)
+UPPER = True  # upper-tile storage for chains of symmetric products (upper_chain; benchmarks turn it off)
 
 
 def _default_config(m: int, k: int, has_y: bool) -> Config:
@@ -472,7 +467,7 @@ def _build() -> Any:
                 float(alpha), float(beta), float(diag),
             )  # fmt: skip
             grid = (tiles * (tiles + 1) // 2, bsz)
-            even = _EVEN and m % bm == 0 and k % bk == 0
+            even = EVEN and m % bm == 0 and k % bk == 0
             flags = dict(
                 HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even,
                 UPPER_IN=upper_in, MIRROR=mirror,

@@ -32,7 +32,7 @@ torch path's casts, so results agree with it to rounding (the norm's float64 par
 differently; with the in-place division a bf16 NS input is rounded twice, ``u`` then ``u / denominator``,
 where the torch path rounds once: at most one bf16 unit in the last place apart). Used by
 :func:`muonkit.optim.functional.muon_step` where :func:`applies` holds; everything else takes the torch path.
-The environment variable ``MUONKIT_FUSED=0`` (or :func:`set_fused`) turns it off.
+``muonkit.accel.disabled()`` / ``Muon(accel=False)`` turn it off (:func:`set_fused` alone, for benchmarks).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from ._env import switch
 
 __all__ = [
     "SLOTS",
@@ -60,7 +59,7 @@ __all__ = [
 
 SLOTS = 16  # matrix addresses per launch (kernel arguments)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_enabled = switch("MUONKIT_FUSED")
+_enabled = True
 _compile_ok = False  # the custom ops are registered (torch.compile calls them)
 
 
