@@ -1,6 +1,6 @@
 """Bar charts of optimizer step times from benchmarks/step.py JSON (one chart, one panel per matrix set).
 
-python benchmarks/plot_step.py benchmarks/results/step_h100_graphs.json docs/img/step_h100.png
+python benchmarks/plot_step.py benchmarks/results/step_1b_h100.json docs/img/step_h100.png
 """
 
 from __future__ import annotations

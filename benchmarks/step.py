@@ -11,7 +11,7 @@ step's error against float64 NS (``first_step_error``). muonkit splits the fused
 practised; ``muonkit-nosplit`` and ``muonkit-gram-nosplit`` (``Muon(params)``'s default: no split) orthogonalize
 the same matrices as the others.
 
-    python benchmarks/step.py --sets gpt2-small,1b --out benchmarks/results/step_h100.json
+    python benchmarks/step.py --sets gpt2-small,1b --out benchmarks/results/step_gpt2-small_h100.json
     python benchmarks/step.py --sets demo-small,gpt2-small --out benchmarks/results/step_cpu.json   # CPU
 """
 

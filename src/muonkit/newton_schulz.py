@@ -58,7 +58,7 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
 
     A restart re-forms ``X = Q X`` and ``R = X X^T`` before that step: R's rounding errors in half precision
     (negative eigenvalues below the rounding level grow by about ``a^2`` per step) start again from zero.
-    Chosen by ``benchmarks/gram_restarts.py --sweep`` (H100, bf16, ``4 x 768 x 3072`` and ``4 x 1024 x 2048``;
+    Chosen by ``benchmarks/dev/gram_restarts.py --sweep`` (H100, bf16, ``4 x 768 x 3072`` and ``4 x 1024 x 2048``;
     Jordan's and Polar Express's coefficients; Gaussian, log-spread (singular values over [1e-4, 1]) and
     low-rank inputs; score: the worst ratio of the error against float64 to plain NS's in bf16): the one
     restart with the best score for 3 to 6 steps ((2,) for 3 steps, (3,) for 4-6; five steps: 1.81-1.84 against
@@ -195,7 +195,7 @@ def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor)
     matrix comes out of the product divided by ``divisor^2``, and where the Triton kernel makes the whole
     polynomial ``P``, it comes out divided by ``divisor``, so ``(P / d) X`` is the step's result. Saves the
     pass that divides the input (H100, GPT-2-small step back to back: 3.14 -> 3.00 ms plain, 2.86 -> 2.72 Gram,
-    ``benchmarks/results/step_h100_fold_ab.json``)."""
+    ``benchmarks/dev/results/step_fold_normalisation_ab_h100.json``)."""
     up = _upper_chain(X, [coefs])
     A = kernels.sym_product(X, divisor=divisor, power=2, upper_out=up)
     P = _kernel_polynomial(A, coefs, divisor, upper_in=up)
@@ -292,7 +292,8 @@ def orthogonalize(
         restarts: ``method="gram"`` only: the steps (1 to ``steps - 1``) before which X is re-formed and R
             recomputed. ``None``: :func:`gram_restarts` of the step count ((3,) for 5 steps, chosen by
             measurement; Dao-AILab's gram-newton-schulz uses (2,), which was up to 12x less accurate than
-            plain NS on ill-conditioned inputs in bf16, ``benchmarks/results/gram_restarts_sweep_h100.json``).
+            plain NS on ill-conditioned inputs in bf16, ``gram_restarts_sweep_768x3072_h100.json`` in
+            ``benchmarks/dev/results``).
             Checked for every method: a position outside the schedule raises ``ValueError``.
 
     Returns:

@@ -271,7 +271,7 @@ _side: dict[torch.device, torch.cuda.Stream] = {}
 def set_concurrent_batches(enabled: bool) -> None:
     """Whether a fused Muon step replays its NS batches' graphs on two streams (default on). Results are the
     same either way: the batches touch disjoint memory. Measured on an H100 (GPT-2 small,
-    ``benchmarks/streams.py``): 3.56 -> 3.18 ms per Gram NS step, 3.75 -> 3.46 plain."""
+    ``benchmarks/dev/streams.py``): 3.56 -> 3.18 ms per Gram NS step, 3.75 -> 3.46 plain."""
     global _concurrent
     _concurrent = bool(enabled)
 

@@ -197,7 +197,7 @@ def _build() -> Any:
         """``(BR, BC, tiles per row of tiles, tiles per matrix)``: row-major tiles of 4096 entries; square ones where
         the stacked side is transposed (its writes/reads go column-wise), except ``wide`` ones for the momentum pass
         (16 x 256 there: 2.33 -> 2.83 TB/s for 3072 x 768 matrices on an H100, 64 x 64 still best for the update
-        pass; ``benchmarks/results/elementwise_configs_h100.json``)."""
+        pass; ``benchmarks/dev/results/elementwise_configs_h100.json``)."""
         if transposed and not wide:
             br, bc = 64, 64
         else:

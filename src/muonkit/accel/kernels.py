@@ -14,9 +14,9 @@ capture it; on older torch the torch path is taken inside ``torch.compile``.
 
 Modes: ``"auto"`` (default) uses the kernel inside ``torch.compile`` or CUDA-graph capture for the step
 polynomial of matrices of at least ``AUTO_MIN_ROWS`` rows and for ``X X^T`` alone from ``AUTO_XXT_MIN_ROWS``
-rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/sym_persistent.py``),
+rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/dev/sym_persistent.py``),
 and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its
-launch cost is hidden (measured on an H100, ``benchmarks/kernels.py``); ``"triton"`` uses it wherever it can
+launch cost is hidden (measured on an H100, ``benchmarks/dev/kernels.py``); ``"triton"`` uses it wherever it can
 run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. ``muonkit.accel.disabled()`` (or
 ``Muon(accel=False)``) turns the kernels off. Tile sizes: each new (batch, shape) is timed once over ``CONFIGS``
 in eager mode and the fastest kept (``Muon`` does this for its own batches when it is built); inside
@@ -56,7 +56,7 @@ MODES = ("torch", "auto", "triton")
 AUTO_MIN_ROWS = 512  # auto mode: the step polynomial in compiled or CUDA-graph-captured calls from this many rows
 # auto mode: X X^T alone from this many rows. Timed inside CUDA graphs (as the eager step and torch.compile run
 # it), the kernel's half product beat cuBLAS's full one from 768 rows on an H100 (48 x 768^2: 0.065 vs 0.074 ms,
-# benchmarks/results/sym_persistent_h100.json; GPT-2-small step 4.1 vs 4.5 ms); timed launch by launch
+# benchmarks/dev/results/sym_persistent_h100.json; GPT-2-small step 4.1 vs 4.5 ms); timed launch by launch
 # (kernel_configs.py) cuBLAS had looked faster below 2048 rows.
 AUTO_XXT_MIN_ROWS = 512
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
@@ -265,10 +265,10 @@ def frobenius_norms(G: Tensor) -> Tensor:
 
 
 Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
-# The tile configurations the tuner tries. A sweep of 40 configurations on an H100 (benchmarks/kernel_configs.py:
+# The tile configurations the tuner tries. A sweep of 40 configurations on an H100 (benchmarks/dev/kernel_configs.py:
 # GPT-2-small and 1B NS batches, 768-2048 rows) found the fastest of all among these four for every batch,
 # X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.6x slower
-# in every case (kernel_configs_h100_wide.json, commit 0674526).
+# in every case (kernel_configs_wide_tiles_h100.json, commit 0674526).
 CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
 _best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype, upper_in, mirror)
 # Upper-tile storage (NS's m x m products, ``sym_product(upper_in=..., upper_out=...)``): a matrix stored only

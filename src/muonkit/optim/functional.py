@@ -394,7 +394,7 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     768 x 768 parts and another group's 768 x 768 matrices become one batch, and so do ``3072 x 768`` and
     ``768 x 3072`` matrices (NS works on the transpose of the first). Fewer, larger batches keep the GPU
     busier (measured on an H100 for GPT-2 small's four NS batches merged into two:
-    ``benchmarks/results/batch_merge_h100.json``).
+    ``benchmarks/dev/results/batch_merge_h100.json``).
 
     When every call takes the fused path, the step's plan is remembered with a guard over its tensors' metadata
     (``_guards``); a later step whose options and tensors match runs the plan without checking each tensor
