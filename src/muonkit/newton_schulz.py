@@ -27,6 +27,7 @@ from .reference import polar_svd
 
 __all__ = [
     "METHODS",
+    "NS_DTYPES",
     "default_ns_dtype",
     "filled_graph_key",
     "gram_restarts",
@@ -39,7 +40,7 @@ __all__ = [
 
 METHODS = ("newton_schulz", "gram", "svd")
 Restarts = Sequence[int] | None
-_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def default_ns_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
@@ -309,8 +310,8 @@ def orthogonalize(
         raise TypeError(f"orthogonalize needs a floating-point tensor, got {G.dtype}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if dtype is not None and dtype not in _NS_DTYPES:
-        raise ValueError(f"dtype must be one of {_NS_DTYPES} or None, got {dtype}")
+    if dtype is not None and dtype not in NS_DTYPES:
+        raise ValueError(f"dtype must be one of {NS_DTYPES} or None, got {dtype}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 

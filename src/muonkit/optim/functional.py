@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -36,6 +37,7 @@ from ..newton_schulz import (
     orthogonalize_stack,
     restart_positions,
 )
+from .options import ADJUST_LR_MODES, MATRIX_VIEWS, plan_key
 
 __all__ = [
     "ADJUST_LR_MODES",
@@ -59,8 +61,6 @@ __all__ = [
 ]
 
 AdjustLR = str | float | None | Callable[[float, tuple[int, int]], float]
-ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
-MATRIX_VIEWS = ("flatten", "batch")
 SplitSpec = int | Sequence[int] | None
 
 
@@ -374,16 +374,10 @@ def _torch_muon_step(
     apply_update(params, outputs, lr, weight_decay)
 
 
-_STEP_DEFAULTS: dict[str, Any] = dict(
-    ns_dtype=None,
-    method="newton_schulz",
-    restarts=None,
-    matrix_view="flatten",
-    split=None,
-    max_batch=None,
-    executor=None,
-    stats=None,
-)
+# muon_step's optional arguments and their defaults, for the calls of muon_steps that leave them out
+_STEP_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(muon_step).parameters.items() if p.default is not p.empty
+}
 
 
 def muon_steps(calls: Sequence[StepCall]) -> None:
@@ -705,7 +699,7 @@ def _plan_for(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
     if torch.compiler.is_compiling():
         return _StepPlan(calls, None)
     key: Hashable = (_stream_ids(streams), kernels.get_mode(), tuple(
-        (_structure(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
+        (plan_key(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
          ps[0].device)
         for ps, gs, bs, opts in calls
     ))  # fmt: skip
@@ -737,15 +731,6 @@ def _streams(calls: Sequence[StepCall]) -> Streams | None:
 def _stream_ids(streams: Streams | None) -> tuple | None:
     """``streams`` as a key: per device, ``cuda_graphs.stream_id`` of its stream."""
     return None if streams is None else tuple((d, cuda_graphs.stream_id(s)) for d, s in streams.items())
-
-
-def _structure(opts: dict[str, Any]) -> tuple:
-    """The options a step plan depends on (lr, momentum, weight decay and ``adjust_lr`` are read every step).
-    The coefficients as their ``Preset``: a saved ``.json`` preset is re-read when the file changes."""
-    split = tuple(opts["split"]) if isinstance(opts["split"], list | tuple) else opts["split"]
-    restarts = None if opts["restarts"] is None else tuple(opts["restarts"])
-    return (opts["nesterov"], as_preset(opts["coefficients"]), opts["ns_steps"], opts["eps"], opts["ns_dtype"],
-            opts["method"], restarts, opts["matrix_view"], split, opts["max_batch"])  # fmt: skip
 
 
 def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
@@ -792,7 +777,7 @@ def _state_key(calls: Sequence[StepCall], streams: Streams | None) -> tuple | No
     plan it makes: the environment (``_environment``), each call's structure and length. ``None`` where an
     option cannot be compared as a key."""
     key = (_environment(streams), tuple(
-        (len(ps), len(gs), len(bs), opts["executor"] is None, _structure(opts), _decays(opts))
+        (len(ps), len(gs), len(bs), opts["executor"] is None, plan_key(opts), _decays(opts))
         for ps, gs, bs, opts in calls
     ))  # fmt: skip
     try:

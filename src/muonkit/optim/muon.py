@@ -8,7 +8,6 @@ so a model has one optimizer, one ``state_dict`` and one LR scheduler.
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -23,12 +22,10 @@ from torch.optim import optimizer as _torch_optimizer
 from .. import accel as _accel
 from ..accel import fused, kernels
 from ..accel import guards as _guards
-from ..coefficients import CoefficientSpec, as_preset, is_file_spec
-from ..newton_schulz import _NS_DTYPES, METHODS, default_ns_dtype, restart_positions
+from ..coefficients import CoefficientSpec, is_file_spec
+from ..newton_schulz import default_ns_dtype
 from .functional import (
     _STEP_DEFAULTS,
-    ADJUST_LR_MODES,
-    MATRIX_VIEWS,
     AdjustLR,
     Executor,
     _decays,
@@ -42,6 +39,7 @@ from .functional import (
     merged_ns_batches,
     ns_batches,
 )
+from .options import DEFAULTS, REPEAT_KEY, group_errors
 from .sharded import any_rank, gather_rows, is_sharded, local, my_rows, shard_rows, sharded_muon_step, zero_muon_step
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
@@ -54,11 +52,9 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf and the optimizer's ``nonfinite`` policy is ``"raise"``."""
 
 
-# The options of a Muon group a step's plan depends on (lr, momentum and weight decay are read every step).
-_STRUCTURE = ("algorithm", "nesterov", "coefficients", "ns_steps", "adjust_lr", "eps", "ns_dtype", "method",
-              "restarts", "matrix_view", "split", "max_batch", "momentum_dtype")  # fmt: skip
-_LATER_OPTIONS = {"max_batch": None, "restarts": None}  # Muon-group options added after the first release
-_READ = {"muon": operator.itemgetter(*_STRUCTURE), "adamw": operator.itemgetter("algorithm")}
+# What a repeated step must find unchanged in a group (lr, momentum and weight decay are read every step)
+_READ = {"muon": operator.itemgetter(*REPEAT_KEY), "adamw": operator.itemgetter("algorithm")}
+_STEP_OPTIONS = tuple(name for name in DEFAULTS if name != "momentum_dtype")
 _grad = operator.attrgetter("grad")
 _momentum_buffer = operator.itemgetter("momentum_buffer")
 
@@ -281,65 +277,10 @@ class Muon(Optimizer):
             if not ok:
                 raise ValueError(f"param group {gi} ({group['algorithm']}): {message}")
 
-        check(_is_nonneg(group["lr"]), f"lr must be a finite number >= 0, got {group['lr']!r}")
-        check(
-            _is_nonneg(group["weight_decay"]),
-            f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}",
-        )
-        check(_is_nonneg(group["eps"]), f"eps must be a finite number >= 0, got {group['eps']!r}")
+        errors = group_errors(group)
+        check(not errors, "; ".join(errors))
         if group["algorithm"] == "adamw":
-            betas = group["betas"]
-            check(
-                len(betas) == 2 and all(_is_nonneg(b) and b < 1 for b in betas),
-                f"betas must be two numbers in [0, 1), got {betas!r}",
-            )
             return
-
-        check(
-            _is_nonneg(group["momentum"]) and group["momentum"] < 1,
-            f"momentum must be in [0, 1), got {group['momentum']!r}",
-        )
-        steps = group["ns_steps"]
-        check(
-            steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0),
-            f"ns_steps must be a non-negative int or None, got {steps!r}",
-        )
-        try:
-            as_preset(group["coefficients"])
-        except (TypeError, ValueError) as err:
-            check(False, str(err))
-        adjust = group["adjust_lr"]
-        numeric = isinstance(adjust, int | float) and not isinstance(adjust, bool)
-        check(
-            (numeric and adjust > 0 and math.isfinite(adjust))
-            or (not numeric and (adjust in ADJUST_LR_MODES or callable(adjust))),
-            f"adjust_lr must be one of {ADJUST_LR_MODES}, a scale factor > 0 (lr * f * sqrt(max(rows, cols))) "
-            f"or a callable f(lr, (rows, cols)), got {adjust!r}",
-        )
-        check(group["method"] in METHODS, f"method must be one of {METHODS}, got {group['method']!r}")
-        restarts = group.get("restarts")
-        if restarts is not None:
-            check(group["method"] == "gram", f"restarts applies to method='gram' only, got method={group['method']!r}")
-            check(
-                isinstance(restarts, list | tuple), f"restarts must be None or a list of step indices, got {restarts!r}"
-            )
-            try:
-                restart_positions(restarts, len(as_preset(group["coefficients"]).schedule(steps)))
-            except ValueError as err:
-                check(False, str(err))
-        check(
-            group["matrix_view"] in MATRIX_VIEWS,
-            f"matrix_view must be one of {MATRIX_VIEWS}, got {group['matrix_view']!r}",
-        )
-        mb = group.get("max_batch")
-        check(
-            mb is None or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1),
-            f"max_batch must be None or an int >= 1, got {mb!r}",
-        )
-        check(
-            group["ns_dtype"] is None or group["ns_dtype"] in _NS_DTYPES,
-            f"ns_dtype must be None or one of {_NS_DTYPES}, got {group['ns_dtype']!r}",
-        )
         for i, p in enumerate(group["params"]):
             name = self._param_name(group, gi, i)
             if p.ndim < 2:
@@ -600,22 +541,8 @@ class Muon(Optimizer):
 
     @staticmethod
     def _muon_options(group: dict[str, Any]) -> dict[str, Any]:
-        return dict(
-            lr=group["lr"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            coefficients=group["coefficients"],
-            ns_steps=group["ns_steps"],
-            adjust_lr=group["adjust_lr"],
-            eps=group["eps"],
-            ns_dtype=group["ns_dtype"],
-            method=group["method"],
-            restarts=group.get("restarts"),
-            matrix_view=group["matrix_view"],
-            split=group["split"],
-            max_batch=group.get("max_batch"),
-        )
+        """The group's options as the step functions take them (all but ``momentum_dtype``, used for state)."""
+        return {name: group[name] for name in _STEP_OPTIONS}
 
     def _shard_state(self) -> bool:
         return bool(getattr(self.executor, "shard_state", False)) and getattr(self.executor, "world_size", 1) > 1
@@ -707,7 +634,7 @@ class Muon(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: the option's default
             if group.get("algorithm", "muon") == "muon":
-                for key, value in _LATER_OPTIONS.items():
+                for key, value in DEFAULTS.items():
                     group.setdefault(key, value)
         # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
         # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
@@ -770,10 +697,3 @@ def _wrapper_needed(opt: Muon) -> bool:
         return True
     pre, post = getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None)
     return pre is None or post is None or bool(pre or post or _HOOKS[0] or _HOOKS[1] or _profiling())
-
-
-def _is_nonneg(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x)) and float(x) >= 0
-    except (TypeError, ValueError):
-        return False

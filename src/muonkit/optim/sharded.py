@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..newton_schulz import default_ns_dtype
 from .functional import apply_update, lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
+from .options import NS_OPTIONS
 
 __all__ = ["any_rank", "assign_jobs", "gather_rows", "is_sharded", "local", "my_rows", "shard_rows",
            "sharded_muon_step", "zero_muon_step"]  # fmt: skip
@@ -40,19 +41,6 @@ class RankGroup(Protocol):
     group: Any  # the torch.distributed process group (None: the world)
     rank: int
     world_size: int
-
-
-NS_OPTIONS: dict[str, Any] = {  # muon_step's NS options and their defaults
-    "coefficients": "jordan",
-    "ns_steps": None,
-    "eps": 1e-7,
-    "ns_dtype": None,
-    "method": "newton_schulz",
-    "restarts": None,
-    "matrix_view": "flatten",
-    "split": None,
-    "max_batch": None,
-}
 
 
 def assign_jobs(costs: list[float], world_size: int, load: list[float] | None = None) -> list[int]:
