@@ -97,7 +97,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, 
             if i >= args.warmup:
                 iters.append(iter_ms)
                 steps.append(step_ms)
-        final_loss = float(loss)
+        final_loss = float(loss.detach())
     finally:
         _setting(which, True)
     return {
@@ -116,16 +116,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--only", default=None, help="comma-separated variant names, run in that order")
     ap.add_argument("--out", default="train_loop.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    names = args.only.split(",") if args.only else list(VARIANTS)  # in the order given; a name may repeat
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     rows = [run(n, args, device) for n in names]
     base = next((r["ms_per_iteration"] for r in rows if r["variant"] == "muonkit (defaults)"), None)
     print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
-    print(f"{'variant':<22} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'piece buys':>10}")
+    print(f"{'variant':<22} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'off costs':>10}")
     for r in rows:
         buys = (
             ""
