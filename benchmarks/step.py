@@ -234,7 +234,7 @@ def main() -> None:
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
             muonkit.accel.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
             muonkit.accel.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
-            muonkit.optim.functional._FOLD_NORMALISATION = "[no fold]" not in name
+            muonkit.optim.plans._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.accel.fused.set_fused("[fused off]" not in name)
             muonkit.accel.cuda_graphs.cache.clear()
             torch._dynamo.reset()

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from muonkit.accel import fused
 from muonkit.newton_schulz import _frobenius_normalise
-from muonkit.optim import functional
+from muonkit.optim import functional, plans, stages
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -57,8 +57,8 @@ def _force_fused(monkeypatch, use: bool) -> None:
     """Steps take the fused path (``use``; on the CPU its kernels run in the interpreter) or the torch path, with no
     plan remembered from before (a remembered plan is run without asking ``_fused_step_applies`` again)."""
     monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: use)
-    monkeypatch.setattr(functional, "_PLANS", type(functional._PLANS)())
-    monkeypatch.setattr(functional, "_REMEMBERED", [])
+    monkeypatch.setattr(plans, "_PLANS", type(plans._PLANS)())
+    monkeypatch.setattr(plans, "_REMEMBERED", [])
 
 
 def _mats(tensors, rows, cols, parts):
@@ -68,7 +68,7 @@ def _mats(tensors, rows, cols, parts):
 
 def _reference_pre(g_views, b_views, momentum, nesterov, norm_scale, eps, ns_dtype):
     b_new = [b.clone() for b in b_views]
-    u = functional.momentum_update(g_views, b_new, momentum, nesterov)
+    u = stages.momentum_update(g_views, b_new, momentum, nesterov)
     X = _frobenius_normalise(torch.stack(u), norm_scale, eps, ns_dtype)
     return b_new, X
 
@@ -184,7 +184,7 @@ def test_scaled_update_matches_torch(launchers, p_dtype, decay, transposed):
     p = _mats(params, rows, cols, parts)
     ref = [v.clone() for v in p.views()]
     upd = [torch.mul(o, 0.37, out=torch.empty(o.shape, device=DEVICE)) for o in O.unbind(0)]  # as ns_jobs does
-    functional.apply_update(ref, upd, lr=1.0, weight_decay=1 - decay)
+    stages.apply_update(ref, upd, lr=1.0, weight_decay=1 - decay)
     fused.scaled_update(p, O, scale=0.37, decay=decay, update_dtype=torch.float32)
     # bfloat16 parameters: within one rounding (torch's CPU mul_ rounds the decay scalar to bfloat16 first)
     for got, want in zip(p.views(), ref):
@@ -245,13 +245,13 @@ def test_gram_restarts_reach_the_fused_path(launchers, monkeypatch):
     """``restarts`` on the fused path: the plan's NS call gets the positions (resolved: ``None`` becomes the
     default placement), and the steps equal the torch path's, which orthogonalizes with them."""
     seen = []
-    real = functional.orthogonalize_filled
+    real = plans.orthogonalize_filled
 
     def recording(*args, **kw):
         seen.append((args[5], args[6]))  # method, restarts
         return real(*args, **kw)
 
-    monkeypatch.setattr(functional, "orthogonalize_filled", recording)
+    monkeypatch.setattr(plans, "orthogonalize_filled", recording)
     base = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
                 adjust_lr="original", eps=1e-7, ns_dtype=torch.float32, method="gram")  # fmt: skip
     for restarts, want in ((None, (3,)), ([2, 4], (2, 4)), ([1], (1,))):
@@ -292,7 +292,7 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
         batches.append(shape)
         return real(fill, shape, *args, **kw)
 
-    monkeypatch.setattr(functional, "orthogonalize_filled", counting)
+    monkeypatch.setattr(plans, "orthogonalize_filled", counting)
     results = []
     for use in (False, True):
         _force_fused(monkeypatch, use)
@@ -315,7 +315,7 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
         torch.testing.assert_close(s0[k], s1[k], rtol=1e-4, atol=1e-6)
     base = dict(lr=1.0, momentum=0.9, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
                 adjust_lr=None, eps=1e-7, max_batch=max_batch)  # fmt: skip
-    planned = functional.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
+    planned = plans.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
     # 16 x 16: 3 QKV parts + 1 + 1; 16 x 48: 2 + 1 (48 x 16 ones transposed): two batches, or cut into threes
     assert sorted(planned) == ([(3, 16, 48), (5, 16, 16)] if max_batch is None else [(2, 16, 16), (3, 16, 16),
                                                                                       (3, 16, 48)])  # fmt: skip
@@ -336,7 +336,7 @@ def test_bf16_steps_fold_the_normalisation_into_the_products(launchers, monkeypa
         seen.append(unnormalised)
         return real(*args, unnormalised=unnormalised, **kw)
 
-    monkeypatch.setattr(functional, "orthogonalize_filled", recording)
+    monkeypatch.setattr(plans, "orthogonalize_filled", recording)
     base = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, coefficients="jordan", ns_steps=5,
                 adjust_lr="original", ns_dtype=torch.bfloat16, method=method)  # fmt: skip
     for eps in (1e-7, 0.0):
@@ -374,7 +374,7 @@ def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatc
     # per step: (lr, momentum, weight decay) of group 1, and what else changes before that step
     schedule = [(0.02, 0.9, 0.0, None), (0.015, 0.93, 0.0, None), (0.01, 0.95, 0.1, "decay on"), (0.008, 0.95, 0.2,
                 None), (0.006, 0.95, 0.2, "ns_steps"), (0.004, 0.95, 0.2, "coefficients")]  # fmt: skip
-    results, plans = [], []
+    results, plan_counts = [], []
     for use in (False, True):
         _force_fused(monkeypatch, use)
         preset.write_text(as_preset("jordan").to_json())
@@ -394,14 +394,14 @@ def test_step_plans_follow_schedules_and_structure_changes(launchers, monkeypatc
                 for p, gp in zip(g, gg):
                     p.grad = gp.clone()
             opt.step()
-            counts.append(len(functional._PLANS))
-        plans.append(counts)
+            counts.append(len(plans._PLANS))
+        plan_counts.append(counts)
         flat = [p for g in ps for p in g]
         results.append([p.detach() for p in flat] + [opt.state[p]["momentum_buffer"] for p in flat])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert plans[0] == [0] * len(schedule)  # the torch path plans nothing
-    assert plans[1] == [1, 1, 2, 2, 3, 4]  # new plans exactly where the structure changed
+    assert plan_counts[0] == [0] * len(schedule)  # the torch path plans nothing
+    assert plan_counts[1] == [1, 1, 2, 2, 3, 4]  # new plans exactly where the structure changed
 
 
 def test_remembered_plans_run_only_while_tensors_and_options_match(launchers, monkeypatch):
@@ -560,7 +560,7 @@ def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
             for p in ps:
                 p.grad = torch.randn_like(p)
             opt.step()
-        assert functional._REMEMBERED == []
+        assert plans._REMEMBERED == []
         results.append([p.detach() for p in ps])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -585,7 +585,7 @@ def test_tensor_guards_tell_apart_what_plans_depend_on():
 
 
 def _key(calls):
-    return functional._state_key(calls, functional._streams(calls))
+    return plans._state_key(calls, plans._streams(calls))
 
 
 def test_state_key_follows_switches_structure_and_grad_mode():
@@ -626,7 +626,7 @@ def test_plans_balance_batches_over_two_lanes():
     opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
             coefficients="jordan", ns_steps=5, adjust_lr="original", eps=1e-7, ns_dtype=torch.bfloat16)}  # fmt: skip
     for method in ("gram", "newton_schulz"):
-        plan = functional._StepPlan([(ps, ps, ps, {**opts, "method": method})], None)
+        plan = plans._StepPlan([(ps, ps, ps, {**opts, "method": method})], None)
         got = [(b.size, b.m, b.n, b.lane) for b in plan.batches]
         assert got == [(24, 768, 3072, 0), (12, 768, 2304, 1), (12, 768, 768, 1)], (method, got)
 
@@ -662,8 +662,8 @@ def test_applies_only_where_the_kernels_can_run():
 )  # fmt: skip
 def test_matrix_offsets_locate_every_matrix_of_matrix_parts(shape, view, split):
     t = torch.arange(float(torch.Size(shape).numel())).view(shape)
-    parts = functional.matrix_parts(t, view, split)
-    located = functional.matrix_offsets(shape, view, split)
+    parts = stages.matrix_parts(t, view, split)
+    located = stages.matrix_offsets(shape, view, split)
     assert len(located) == len(parts)
     for part, (r, c, offsets) in zip(parts, located):
         want = list(part.reshape(-1, r, c).unbind(0))

@@ -96,7 +96,7 @@ def test_diagnostics_without_sync_until_read():
 
 def test_sigma_max_estimate_reports_the_ns_band_edge():
     """Jordan's NS5 leaves singular values in roughly [0.7, 1.2]: the estimate sees the top of that band."""
-    from muonkit.optim.functional import _top_singular_value
+    from muonkit.optim.stages import _top_singular_value
 
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(4, 32, 64, generator=gen, dtype=torch.float64)

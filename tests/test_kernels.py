@@ -327,7 +327,7 @@ def test_auto_mode_uses_the_kernel_only_for_large_matrices():
 
 
 def test_ns_batches_match_the_jobs_a_step_makes():
-    from muonkit.optim.functional import ns_batches
+    from muonkit.optim.stages import ns_batches
 
     shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (768, 3072), (64, 8, 3, 3)]
     # (3072, 768) and (768, 3072) are separate batches: transposing costs more than a second call saves

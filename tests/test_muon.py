@@ -459,7 +459,8 @@ def test_gram_restarts_option_reaches_the_orthogonalization():
     the fused one's plan alike (CPU: the torch path; the plan's batches by ``merged_ns_batches`` and its merge
     key): each first update equals ``orthogonalize(..., restarts=...)`` of the same momentum, ``None`` equals
     the default placement written out, and another placement gives another update (bf16, low rank)."""
-    from muonkit.optim.functional import _STEP_DEFAULTS, _merge_key
+    from muonkit.optim.functional import _STEP_DEFAULTS
+    from muonkit.optim.plans import _merge_key
 
     gen = torch.Generator().manual_seed(3)
     low_rank = torch.randn(16, 2, generator=gen) @ torch.randn(2, 48, generator=gen)

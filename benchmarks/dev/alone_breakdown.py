@@ -63,12 +63,13 @@ def breakdown(opt: Any, reps: int) -> dict[str, float]:
 def timed_parts(reps_out: dict[str, list[float]]) -> list[tuple[Any, str, Any]]:
     """Wrap the step's host stages so each call adds its perf_counter milliseconds to ``reps_out[name]``; returns
     what to restore."""
-    from muonkit.optim import functional, muon
+    from muonkit.optim import functional, muon, plans
 
+    # each name patched where its callers look it up
     targets = [(muon.Muon, "_gather"), (muon.Muon, "_muon_group"), (muon.Muon, "_step_again"),
-               (functional, "_fused_step_applies"), (functional, "_plan_for"), (functional, "_remembered_plan"),
-               (functional, "_state_key"), (functional, "_same_environment"), (functional, "_tensors"),
-               (functional._StepPlan, "run"), (muon, "_muon_steps")]  # fmt: skip
+               (functional, "_fused_step_applies"), (plans, "_plan_for"), (functional, "_remembered_plan"),
+               (functional, "_state_key"), (muon, "_same_environment"), (plans, "_tensors"),
+               (plans._StepPlan, "run"), (muon, "_muon_steps")]  # fmt: skip
     saved = []
     for owner, name in targets:
         original = getattr(owner, name)

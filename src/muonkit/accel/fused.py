@@ -31,7 +31,8 @@ The arithmetic follows ``torch.lerp`` (small weight: ``a + w (b - a)``, else ``b
 torch path's casts, so results agree with it to rounding (the norm's float64 partial sums are grouped
 differently; with the in-place division a bf16 NS input is rounded twice, ``u`` then ``u / denominator``,
 where the torch path rounds once: at most one bf16 unit in the last place apart). Used by
-:func:`muonkit.optim.functional.muon_step` where :func:`applies` holds; everything else takes the torch path.
+:func:`muonkit.optim.functional.muon_step` (through ``muonkit.optim.plans``) where :func:`applies` holds;
+everything else takes the torch path.
 ``muonkit.accel.disabled()`` / ``Muon(accel=False)`` turn it off (:func:`set_fused` alone, for benchmarks).
 """
 

@@ -1,7 +1,7 @@
 """A fast test that tensors still have the metadata they had: torch's own tensor guards (``torch.compile`` checks its
 compiled code's inputs with them), in C++.
 
-A step plan (``functional._StepPlan``) and the fused kernels' eligibility depend on every tensor's dtype, device,
+A step plan (``optim.plans._StepPlan``) and the fused kernels' eligibility depend on every tensor's dtype, device,
 shape, strides, layout and ``requires_grad``. Reading these from Python costs about 0.1 us per attribute and tensor:
 for GPT-2 small's 144 tensors (parameters, gradients, momentum buffers) most of the host time before the step's
 first launch. One ``TensorGuards.check`` call tests them all (about 14 us for 144 tensors on a 2-core CPU, against

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim.functional import Job
 from ..optim.sharded import _pack, _unpack, any_rank, assign_jobs
+from ..optim.stages import Job
 
 __all__ = ["EXCHANGES", "ReplicatedExecutor", "is_distributed"]
 

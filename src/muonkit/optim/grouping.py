@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .functional import SplitSpec
+from .stages import SplitSpec
 
 __all__ = ["HEAD_NAMES", "ParamPlan", "classify", "describe", "param_groups"]
 

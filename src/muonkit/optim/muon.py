@@ -24,23 +24,11 @@ from ..accel import fused, kernels
 from ..accel import guards as _guards
 from ..coefficients import CoefficientSpec, is_file_spec
 from ..newton_schulz import default_ns_dtype
-from .functional import (
-    _STEP_DEFAULTS,
-    AdjustLR,
-    Executor,
-    _decays,
-    _muon_steps,
-    _Remembered,
-    _same_environment,
-    _streams,
-    adamw_step,
-    lr_scale,
-    matrix_parts,
-    merged_ns_batches,
-    ns_batches,
-)
+from .functional import _STEP_DEFAULTS, _muon_steps
 from .options import DEFAULTS, REPEAT_KEY, group_errors
+from .plans import _decays, _Remembered, _same_environment, _streams, merged_ns_batches
 from .sharded import any_rank, gather_rows, is_sharded, local, my_rows, shard_rows, sharded_muon_step, zero_muon_step
+from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts, ns_batches
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
@@ -60,11 +48,11 @@ _momentum_buffer = operator.itemgetter("momentum_buffer")
 
 
 class _Repeat(NamedTuple):
-    """A step that ran whole through one remembered fused plan (``functional._Remembered``), with what must hold
+    """A step that ran whole through one remembered fused plan (``plans._Remembered``), with what must hold
     for a later step to run that plan again straight away (``Muon._step_again``): the same state mapping, the
     same group dicts holding the same parameters with the same structural options, every parameter with a
-    gradient. ``guard`` (or ``light``) then checks the tensors' metadata, ``functional._same_environment`` the
-    switches and current streams, as ``functional._remembered_plan`` would."""
+    gradient. ``guard`` (or ``light``) then checks the tensors' metadata, ``plans._same_environment`` the
+    switches and current streams, as ``plans._remembered_plan`` would."""
 
     state: Any  # ``self.state`` (``load_state_dict`` replaces it)
     groups: list[dict[str, Any]]
@@ -75,7 +63,7 @@ class _Repeat(NamedTuple):
     muon: int  # how many of ``flat`` are Muon parameters
     calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
     adamw: list[tuple[int, int, int]]  # per AdamW group: start, end in flat, group index
-    guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``functional._Remembered``'s own
+    guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``plans._Remembered``'s own
     # guard covers the same Muon tensors; the AdamW gradients' dtypes and layouts were checked when gathered)
     bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
     light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)

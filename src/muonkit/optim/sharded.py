@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..newton_schulz import default_ns_dtype
-from .functional import apply_update, lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 from .options import NS_OPTIONS
+from .stages import apply_update, lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 
 __all__ = ["any_rank", "assign_jobs", "gather_rows", "is_sharded", "local", "my_rows", "shard_rows",
            "sharded_muon_step", "zero_muon_step"]  # fmt: skip

@@ -1,0 +1,454 @@
+"""Step plans: the fused CUDA path of ``muon_steps``, worked out once per step structure and remembered.
+
+A plan merges same-shape matrices of all calls (and transposes) into NS batches, places each matrix in its
+tensor, balances the batches over two streams and keys each batch's CUDA graphs; ``functional._muon_steps``
+runs it. Where every call took the fused path, the plan is remembered with a guard over its tensors' metadata
+(``accel.guards``), so that a later step with the same structure runs it without re-checking each tensor in
+Python. Plans and remembered entries are kept in small bounded caches (``_MAX_PLANS``, ``_MAX_REMEMBERED``).
+The arithmetic is that of ``stages`` (the torch path), in fewer passes: ``accel.fused`` for the element-wise
+stages, ``newton_schulz.orthogonalize_filled`` for the orthogonalization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections import OrderedDict, defaultdict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..accel import cuda_graphs, fused, kernels
+from ..accel import guards as _guards
+from ..coefficients import as_preset
+from ..newton_schulz import (
+    default_ns_dtype,
+    filled_graph_key,
+    orthogonalize_filled,
+    restart_positions,
+)
+from .options import NS_OPTIONS, plan_key
+from .stages import (
+    StepCall,
+    _record_stats,
+    lr_scale,
+    matrix_offsets,
+)
+
+__all__ = ["merged_ns_batches"]
+
+
+@dataclass
+class _Run:
+    """The matrices of one call and one (rows, cols, dtypes) inside a merged NS batch, rows ``first`` on."""
+
+    call: int  # index of the call (parameter group) in ``muon_steps``' calls
+    first: int
+    rows: int
+    cols: int
+    owners: list[int]  # per matrix: index of its tensor in the call's lists
+    offsets: list[int]  # per matrix: element offset inside that tensor
+    distinct: list[int]  # the owners, each once (one data_ptr per owning tensor)
+    norm_scale: float
+    buf_dtype: torch.dtype
+    nesterov: bool
+    eps: float
+
+
+@dataclass
+class _Batch:
+    """One merged NS batch of a step plan, with what its CUDA-graph replay needs, computed once."""
+
+    runs: list[_Run]
+    size: int
+    m: int
+    n: int
+    work: torch.dtype
+    schedule: tuple
+    method: str
+    device: torch.device
+    slot: tuple = ()  # what the batch computes (``cuda_graphs.replays``' slot), apart from the tensors' addresses
+    estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
+    ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
+    lane: int = 0  # 0: the current stream, 1: the side stream (where batches run concurrently)
+    restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
+
+
+def _batch_cost(batch: _Batch) -> float:
+    """A rough GPU time of one batch, in multiply-adds: the NS products (symmetric ones counted half, Gram NS per
+    ``_gram_newton_schulz``'s docstring with one restart) plus the element-wise passes over its matrices at about
+    130 multiply-adds per byte moved (an H100's ~400 TFLOP/s on these products against ~3 TB/s), 24 bytes per
+    entry (fp32 gradient, buffer and parameter). Only compared between batches, to balance streams."""
+    b, m, n, steps = batch.size, batch.m, batch.n, len(batch.schedule)
+    if batch.method == "gram" and m < n:
+        products = 6 * m * m * n + 3 * steps * m**3
+    else:
+        products = steps * (3 * m * m * n + m**3)
+    return b * (products + 130 * 24 * m * n)
+
+
+class _StepPlan:
+    """What ``_fused_muon_steps`` works out from the structure of its calls alone (shapes and dtypes of the
+    tensors; options other than lr, momentum and weight decay): the merged NS batches, where each matrix lies,
+    the CUDA-graph slot of each batch. A training loop repeats one structure, so the plan is made once and
+    each step only reads the tensors' addresses and the current numbers (``_plan_for`` keeps the plans)."""
+
+    def __init__(self, calls: Sequence[StepCall], streams: Streams | None) -> None:
+        merged: dict[tuple, list[tuple[int, _Run, int, int]]] = defaultdict(list)
+        for j, (params, grads, bufs, opts) in enumerate(calls):
+            preset = as_preset(opts["coefficients"])  # the structure's key has this preset (same rows)
+            schedule = tuple(tuple(r) for r in preset.schedule(opts["ns_steps"]))
+            per_shape: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+            for o, p in enumerate(params):
+                for r, c, offsets in matrix_offsets(p.shape, opts["matrix_view"], opts["split"]):
+                    if r and c:  # an empty matrix: nothing to update (and its buffer has no entries either)
+                        per_shape[(r, c, p.dtype, grads[o].dtype, bufs[o].dtype)].extend((o, k) for k in offsets)
+            device = params[0].device
+            for (r, c, _, _, buf_dtype), mats in per_shape.items():
+                work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
+                run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"])
+                merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
+        self.batches: list[_Batch] = []
+        for (m, n, work, schedule, method, restarts, max_batch, device), entries in merged.items():
+            chunk = max_batch or len(entries)
+            for start in range(0, len(entries), chunk):
+                self.batches.append(
+                    self._batch(entries[start : start + chunk], m, n, work, schedule, method, restarts, device)
+                )
+        self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
+        self.one_device = len(self.devices) == 1
+        self._balance()
+        if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
+            for batch in self.batches:
+                self._graph_keys(batch, calls, cuda_graphs.stream_id(streams[batch.device]))
+
+    def _balance(self) -> None:
+        """Order the batches largest first and give each the lane (stream) with less work so far, so that two
+        concurrent lanes finish together (``run``). GPT-2 small without the QKV split has batches of 24 x 768 x
+        3072, 12 x 768 x 2304 and 12 x 768 x 768: alternating lanes put the first two on one stream."""
+        cost = {id(batch): _batch_cost(batch) for batch in self.batches}
+        self.batches.sort(key=lambda batch: -cost[id(batch)])
+        loads = [0.0, 0.0]
+        for batch in self.batches:
+            batch.lane = loads.index(min(loads))
+            loads[batch.lane] += cost[id(batch)]
+
+    @staticmethod
+    def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
+               method: str, restarts: tuple[int, ...], device: torch.device) -> _Batch:  # fmt: skip
+        """One batch from ``entries`` (call, run template, owner, offset), consecutive per run."""
+        runs: list[_Run] = []
+        last = None
+        for i, (_, template, o, k) in enumerate(entries):
+            if template is not last:  # a new (call, shape, dtypes) starts
+                runs.append(dataclasses.replace(template, first=i, owners=[], offsets=[], distinct=[]))
+                last = template
+            run = runs[-1]
+            run.owners.append(o)
+            run.offsets.append(k)
+            if not run.distinct or run.distinct[-1] != o:
+                run.distinct.append(o)
+        return _Batch(runs, len(entries), m, n, work, schedule, method, device, restarts=restarts)
+
+    @staticmethod
+    def _graph_keys(batch: _Batch, calls: Sequence[StepCall], stream: tuple[int, int]) -> None:
+        b, m, n, work, device = batch.size, batch.m, batch.n, batch.work, batch.device
+        tensors = [(run, calls[run.call]) for run in batch.runs]
+        runs = tuple(
+            (run.rows, run.cols, call[1][run.owners[0]].dtype, call[2][run.owners[0]].dtype,
+             call[0][run.owners[0]].dtype, run.buf_dtype, run.nesterov, run.norm_scale, run.eps,
+             _decays(call[3]), tuple(run.owners), tuple(run.offsets))
+            for run, call in tensors
+        )  # fmt: skip
+        mode = kernels.get_mode()
+        batch.slot = cuda_graphs.Key(
+            (device, stream, batch.lane, m, n, work, batch.schedule, batch.method, batch.restarts, mode, runs)
+        )
+        batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
+        batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method, batch.restarts)
+
+    def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
+        """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
+        ``streams``: ``_streams(calls)`` where the caller has read it.
+
+        Where two or more batches replay captured graphs on one device, the batches of lane 1 (``_balance``)
+        replay on a side stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave
+        tails overlap the other's products (the batches touch disjoint memory); the current stream waits for it
+        at the end."""
+        device = self.devices[0]  # a plan has at least one batch (muon_steps drops empty calls)
+        if self.one_device:
+            graphable = dict.fromkeys(self.devices, cuda_graphs.graphable_on(device))
+        else:
+            graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
+        if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
+            graphable = dict.fromkeys(self.devices, False)
+        if len(self.batches) > 1 and self.one_device and graphable[device] and cuda_graphs.concurrent_batches():
+            # the side stream starts where the current one is now (before this step's first launch); it waits
+            # for that mark when its first batch comes, so the marking costs the first launch little
+            current = streams[device] if streams is not None else cuda_graphs.current_stream(device)
+            fork = cuda_graphs.step_event(device, "fork")
+            fork.record(current)
+        else:
+            fork = None
+        side = None
+        for batch in self.batches:
+            numbers = []  # per run: (scale, decay, momentum)
+            for run in batch.runs:
+                opts = calls[run.call][3]
+                scale = lr_scale(opts["adjust_lr"], opts["lr"], (run.rows, run.cols))
+                numbers.append((scale, 1 - opts["lr"] * opts["weight_decay"], opts["momentum"]))
+            stats = [calls[run.call][3]["stats"] for run in batch.runs]
+            step = functools.partial(_run_batch, batch, calls, numbers, stats)
+            if not batch.slot or not graphable[batch.device]:
+                step(None)
+                continue
+            addresses = []
+            for run in batch.runs:  # read per batch, so that the first batch replays before the rest are read
+                for ts in calls[run.call][:3]:
+                    addresses += [ts[o].data_ptr() for o in run.distinct]
+            values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
+            if batch.lane and fork is not None and side is None:
+                side = cuda_graphs.side_stream(batch.device)
+                side.wait_event(fork)
+            cuda_graphs.replays.run(
+                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
+                stream=side if batch.lane else None, lane=batch.lane,
+            )  # fmt: skip
+        if side is not None:
+            join = cuda_graphs.step_event(device, "join")
+            join.record(side)
+            current.wait_event(join)
+
+
+def _decays(opts: dict[str, Any]) -> bool:
+    """Whether the step has weight decay (a kernel argument, so part of a plan's structure)."""
+    return 1 - opts["lr"] * opts["weight_decay"] != 1.0
+
+
+class _Live(NamedTuple):
+    """One run of a batch in this step: its matrices in the current tensors and its current numbers."""
+
+    run: _Run
+    grads: fused.Matrices
+    bufs: fused.Matrices
+    params: fused.Matrices
+    scalars: Tensor | None  # this run's [scale, decay, 1 - momentum, momentum] on the device, or None
+    scale: float
+    decay: float
+    momentum: float
+    stats: dict[str, list[Tensor]] | None
+
+
+def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[float, float, float]],
+               stats: list[dict | None], scalars: Tensor | None) -> None:  # fmt: skip
+    """The kernels of one merged batch: per run a momentum pass writing its slice of the NS input, the NS
+    products, per run an update pass. ``scalars``: per run ``[scale, decay, 1 - momentum, momentum]`` on the
+    device (what a captured graph reads), or ``None`` for plain kernel arguments."""
+    live = []
+    for j, run in enumerate(batch.runs):
+        params, grads, bufs, _ = calls[run.call]
+        g, b, p = (fused.Matrices(ts, run.owners, run.offsets, run.rows, run.cols) for ts in (grads, bufs, params))
+        part = None if scalars is None else scalars[4 * j : 4 * j + 4]
+        live.append(_Live(run, g, b, p, part, *numbers[j], stats[j]))
+
+    def rows_of(X: Tensor, run: _Run) -> Tensor:
+        part = X[run.first : run.first + len(run.owners)]
+        return part.mT if run.rows > run.cols else part
+
+    def fill(X: Tensor, d: Tensor | None = None) -> None:
+        for r in live:
+            fused.momentum_normalise(
+                r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
+                norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars,
+                denom=None if d is None else d[r.run.first : r.run.first + len(r.run.owners)],
+            )  # fmt: skip
+
+    # bf16 input inside a captured batch (or with graphs off): written undivided, the NS products divide (one pass
+    # over the input fewer). Not with eps = 0: an undivided input of tiny entries could underflow in X X^T.
+    unnormalised = (
+        _FOLD_NORMALISATION
+        and batch.work == torch.bfloat16
+        and all(r.run.eps > 0 for r in live)
+        and (scalars is not None or not cuda_graphs.graphable_on(batch.device))
+        and not torch.compiler.is_compiling()
+    )
+    shape = (batch.size, batch.m, batch.n)
+    # a batch headed for capture (scalars given) runs eagerly first: there choose kernels as the capture will
+    with kernels.capture_warmup() if unnormalised and scalars is not None else contextlib.nullcontext():
+        O = orthogonalize_filled(fill, shape, batch.schedule, batch.work, batch.device, batch.method,
+                                 batch.restarts, unnormalised=unnormalised)  # fmt: skip
+    for r in live:
+        part = rows_of(O, r.run)
+        fused.scaled_update(
+            r.params, part, scale=r.scale, decay=r.decay, update_dtype=r.run.buf_dtype, scalars=r.scalars
+        )
+        if r.stats is not None:
+            _record_stats(r.stats, part, r.scale)
+
+
+_FOLD_NORMALISATION = True  # bf16 fused steps: the NS products divide by the norms (benchmarks turn it off to compare)
+_PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of recently seen structures
+_MAX_PLANS = 32
+
+
+def _plan_for(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
+    """The step plan of ``calls``' structure with ``streams`` current (``_streams``): remembered (a few dozen,
+    least recently used dropped), except under ``torch.compile`` (traced once anyway) or where an option cannot
+    be a dictionary key."""
+    if torch.compiler.is_compiling():
+        return _StepPlan(calls, None)
+    key: Hashable = (_stream_ids(streams), kernels.get_mode(), tuple(
+        (plan_key(opts), _decays(opts), tuple((p.shape, p.dtype, g.dtype, b.dtype) for p, g, b in zip(ps, gs, bs)),
+         ps[0].device)
+        for ps, gs, bs, opts in calls
+    ))  # fmt: skip
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable option (a custom coefficient object): plan every step
+        return _StepPlan(calls, streams)
+    if plan is None:
+        plan = _PLANS[key] = _StepPlan(calls, streams)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+Streams = dict[torch.device, torch.cuda.Stream]
+
+
+def _streams(calls: Sequence[StepCall]) -> Streams | None:
+    """Each device's current stream, where graphs may be replayed now; else ``None``. Read once per step (a step
+    needs it for its plan's key and to start the side stream from; each read costs some microseconds)."""
+    if not cuda_graphs.graphable_on(calls[0][0][0].device):
+        return None
+    devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
+    return {d: cuda_graphs.current_stream(d) for d in devices}
+
+
+def _stream_ids(streams: Streams | None) -> tuple | None:
+    """``streams`` as a key: per device, ``cuda_graphs.stream_id`` of its stream."""
+    return None if streams is None else tuple((d, cuda_graphs.stream_id(s)) for d, s in streams.items())
+
+
+def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
+    """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
+    shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
+    splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
+    their group's other hyper-parameters and whichever way round they stand (``3072 x 768`` and ``768 x 3072``
+    share a batch; the momentum kernel writes the transposed ones transposed). Per batch: one momentum pass per
+    (call, shape) writes its slice of the normalised NS input, the NS products run once, one update pass per
+    (call, shape) applies weight decay and its scaled slice. Same arithmetic per matrix as the torch path.
+
+    In eager mode on CUDA a whole batch (momentum kernels, NS products, update kernels) is replayed from a CUDA
+    graph once it has run twice on the same tensors (``cuda_graphs.replays``): one launch instead of dozens, with
+    the learning rate, weight decay and momentum read from device memory so that schedules change them without
+    a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
+    work per step is reading addresses and numbers. ``streams``: ``_streams(calls)`` (read once per step by the
+    caller). Returns that plan."""
+    plan = _plan_for(calls, streams)
+    plan.run(calls, streams)
+    return plan
+
+
+class _Remembered(NamedTuple):
+    """A plan with what must hold for a step to run it unchecked: the state key (its first item the environment,
+    ``_environment``) and a guard over the tensors."""
+
+    state: tuple
+    guard: Any
+    plan: _StepPlan
+
+
+_REMEMBERED: list[_Remembered] = []  # most recent first
+_MAX_REMEMBERED = 4
+
+
+def _environment(streams: Streams | None) -> tuple:
+    """What a step plan depends on apart from the calls themselves: the fused and kernel switches, grad mode and
+    each device's current stream (``_streams``: ``None`` where graphs may not be replayed now)."""
+    return (fused.fused_enabled(), kernels.get_mode(), torch.is_grad_enabled(), _stream_ids(streams))
+
+
+def _state_key(calls: Sequence[StepCall], streams: Streams | None) -> tuple | None:
+    """Everything apart from the tensors' metadata that decides whether the fused path takes ``calls`` and which
+    plan it makes: the environment (``_environment``), each call's structure and length. ``None`` where an
+    option cannot be compared as a key."""
+    key = (_environment(streams), tuple(
+        (len(ps), len(gs), len(bs), opts["executor"] is None, plan_key(opts), _decays(opts))
+        for ps, gs, bs, opts in calls
+    ))  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _tensors(calls: Sequence[StepCall]) -> list[Tensor]:
+    return [t for ps, gs, bs, _ in calls for ts in (ps, gs, bs) for t in ts]
+
+
+def _remembered_plan(calls: Sequence[StepCall], state: tuple) -> _Remembered | None:
+    """The remembered plan of an earlier fused step that ``calls`` match (the same ``state``, their
+    ``_state_key``; every tensor with the same dtype, device, shape, strides, layout and ``requires_grad``),
+    else ``None``."""
+    for i, entry in enumerate(_REMEMBERED):
+        if entry.state == state and entry.guard.check(*_tensors(calls)):
+            if i:
+                _REMEMBERED.insert(0, _REMEMBERED.pop(i))
+            return entry
+    return None
+
+
+def _remember(calls: Sequence[StepCall], state: tuple, plan: _StepPlan) -> _Remembered | None:
+    """Keep ``plan`` for later steps that match ``calls`` and ``state`` (their ``_state_key``); returns what is
+    kept (``None`` where torch has no tensor guards)."""
+    guard = _guards.tensor_guard(_tensors(calls))
+    if guard is None:
+        return None
+    entry = _Remembered(state, guard, plan)
+    _REMEMBERED.insert(0, entry)
+    del _REMEMBERED[_MAX_REMEMBERED:]
+    return entry
+
+
+def _same_environment(entry: _Remembered, streams: Streams | None) -> bool:
+    """Whether the environment (``_environment``) is the one ``entry``'s plan was made in. With the rest of the
+    state key the same and every tensor's metadata unchanged (what ``_remembered_plan`` checks, and
+    ``Muon._step_again`` checks its own way), the plan may run its calls."""
+    return _environment(streams) == entry.state[0]
+
+
+def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
+    """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, restart positions,
+    max_batch)``; the positions resolved (``None`` and the default placement written out share a batch), ``()``
+    where the method has none."""
+    restarts = restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
+    return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], restarts, opts["max_batch"])
+
+
+def merged_ns_batches(
+    calls: Sequence[tuple[Sequence[Sequence[int]], dict[str, Any]]], work: torch.dtype
+) -> list[tuple[int, int, int]]:
+    """``(b, m, n)``, ``m <= n``, of every NS batch ``muon_steps`` forms on the fused path for calls with parameters
+    of these ``shapes`` and these ``options`` (``(shapes, options)`` per call) in NS precision ``work``. What the
+    kernel tuner prepares for."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for shapes, options in calls:
+        opts = {**NS_OPTIONS, **options}
+        schedule = tuple(tuple(r) for r in as_preset(opts["coefficients"]).schedule(opts["ns_steps"]))
+        for shape in shapes:
+            for r, c, offsets in matrix_offsets(shape, opts["matrix_view"], opts["split"]):
+                if r and c:
+                    counts[_merge_key(r, c, work, schedule, opts)] += len(offsets)
+    batches = []
+    for (m, n, *_, max_batch), count in counts.items():
+        chunk = max_batch or count
+        batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
+    return batches

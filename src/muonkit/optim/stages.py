@@ -1,0 +1,320 @@
+"""The stages of a Muon step, each a small function on lists of tensors, and AdamW's step.
+
+    momentum          buf <- buf.lerp(g, 1 - mu); u <- g.lerp(buf, mu) if nesterov else buf     momentum_update
+    matrices          conv kernels flattened, stacks batched, fused rows split                  matrix_parts
+    orthogonalize     same-shape matrices batched, O = orthogonalize(u) per batch               ns_jobs, ns_batches
+    post-scaling      O * lr_scale(adjust_lr, lr, (rows, cols))                                ns_jobs (lr_scale)
+    weight update     p <- p (1 - lr wd) - update                                               apply_update
+
+``reference.muon_reference_step`` is the plain-loop reference every path is tested against; ``functional`` runs
+these stages (the torch path) or hands the step to the fused CUDA plans (``plans``), which compute the same stages
+in fewer passes. AdamW (Loshchilov & Hutter 2019) is written to match torch.optim.AdamW step for step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..coefficients import CoefficientSpec, as_preset
+from ..newton_schulz import (
+    Restarts,
+    default_ns_dtype,
+    orthogonalize,
+    orthogonalize_stack,
+)
+from .options import ADJUST_LR_MODES
+
+__all__ = [
+    "AdjustLR",
+    "Executor",
+    "Job",
+    "StepCall",
+    "adamw_step",
+    "apply_update",
+    "lr_scale",
+    "matrix_offsets",
+    "matrix_parts",
+    "momentum_update",
+    "ns_batches",
+    "ns_flops",
+    "ns_jobs",
+    "run_all",
+    "split_sizes",
+]
+
+AdjustLR = str | float | None | Callable[[float, tuple[int, int]], float]
+SplitSpec = int | Sequence[int] | None
+
+
+@dataclass
+class Job:
+    """One batched orthogonalization: ``run()`` fills ``outputs`` (views into the update buffers)."""
+
+    cost: float
+    run: Callable[[], None]
+    outputs: list[Tensor]
+    key: Any = None  # jobs with one key (same shape and dtype) may be exchanged together
+
+
+Executor = Callable[[list[Job]], None]
+StepCall = tuple[Sequence[Tensor], Sequence[Tensor], Sequence[Tensor], dict[str, Any]]  # muon_steps: one group
+
+
+def run_all(jobs: list[Job]) -> None:
+    """The single-process executor: every job here, in order."""
+    for j in jobs:
+        j.run()
+
+
+def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
+    """The learning rate actually applied to an orthogonalized matrix of ``shape = (rows, cols)``.
+
+    * ``"original"`` (Jordan): ``lr * sqrt(max(1, rows / cols))``;
+    * ``"match_rms_adamw"`` (Moonlight, Liu et al. 2025): ``lr * 0.2 * sqrt(max(rows, cols))``,
+      which gives the update the RMS of a typical AdamW update so AdamW's lr and wd carry over;
+    * a number ``f > 0``: ``lr * f * sqrt(max(rows, cols))`` (``"match_rms_adamw"`` with your own factor
+      instead of 0.2: the update RMS is then about ``f``);
+    * ``None``: ``lr``; a callable ``f(lr, (rows, cols)) -> float``: whatever it returns.
+    """
+    rows, cols = shape
+    if adjust_lr is None:
+        return lr
+    if isinstance(adjust_lr, int | float) and not isinstance(adjust_lr, bool):
+        if not (adjust_lr > 0 and math.isfinite(adjust_lr)):
+            raise ValueError(f"a numeric adjust_lr is a scale factor and must be finite and > 0, got {adjust_lr!r}")
+        return lr * float(adjust_lr) * math.sqrt(max(rows, cols))
+    if adjust_lr == "original":
+        return lr * math.sqrt(max(1.0, rows / max(cols, 1)))  # an empty matrix has an empty update
+    if adjust_lr == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    if callable(adjust_lr):
+        return float(adjust_lr(lr, (rows, cols)))
+    raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, a number > 0 or a callable, got {adjust_lr!r}")
+
+
+def split_sizes(split: SplitSpec, rows: int) -> list[int]:
+    """Row sizes of the parts a fused matrix with ``rows`` rows is cut into (``[rows]`` when not split)."""
+    if split is None:
+        return [rows]
+    if isinstance(split, bool):
+        raise ValueError(f"split must be None, an int or a list of row counts, got {split!r}")
+    if isinstance(split, int):
+        if split < 1 or rows % split:
+            raise ValueError(f"split={split}: {rows} rows cannot be cut into {split} equal parts")
+        return [rows // split] * split
+    sizes = [int(s) for s in split]
+    if any(s < 1 for s in sizes) or sum(sizes) != rows:
+        raise ValueError(f"split={list(split)}: part sizes must be positive and add up to the {rows} rows")
+    return sizes
+
+
+def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
+    """The matrices Muon orthogonalizes for one parameter-shaped update ``u``, as views of ``u``.
+
+    2-D: ``u`` itself. More dims: ``"flatten"`` (conv kernels) gives ``(out, in*k*...)``; ``"batch"``
+    keeps leading dims as a batch of matrices (e.g. MoE expert stacks). ``split`` cuts the rows
+    (dim -2 of that view) into parts orthogonalized separately (e.g. fused Q, K, V).
+    """
+    if u.ndim > 2 and matrix_view == "flatten":
+        u = u.reshape(u.shape[0], -1)
+    return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
+
+
+def matrix_offsets(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
+    """Where the matrices of ``matrix_parts`` lie in a contiguous tensor of ``shape``: per part, ``(rows, cols,
+    element offsets of its matrices)`` (one offset per leading index of a ``"batch"`` view). Arithmetic only:
+    no tensor is looked at (``storage_offset()`` would break a ``torch.compile`` graph)."""
+    if len(shape) > 2 and matrix_view == "flatten":
+        shape = (shape[0], math.prod(shape[1:]))
+    rows, cols = shape[-2], shape[-1]
+    count = math.prod(shape[:-2])
+    parts, r0 = [], 0
+    for r in split_sizes(split, rows):
+        parts.append((r, cols, [e * rows * cols + r0 * cols for e in range(count)]))
+        r0 += r
+    return parts
+
+
+def momentum_update(
+    grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float, nesterov: bool
+) -> list[Tensor]:
+    """Advance the momentum buffers in place; return the updates to orthogonalize (Nesterov blend or the buffers)."""
+    grads32 = [g.to(b.dtype) for g, b in zip(grads, momentum_buffers)]
+    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
+    return list(torch._foreach_lerp(grads32, list(momentum_buffers), momentum)) if nesterov else list(momentum_buffers)
+
+
+def ns_jobs(
+    updates: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    *,
+    lr: float,
+    coefficients: CoefficientSpec,
+    ns_steps: int | None,
+    adjust_lr: AdjustLR,
+    eps: float,
+    ns_dtype: torch.dtype | None = None,
+    method: str = "newton_schulz",
+    restarts: Restarts = None,
+    matrix_view: str = "flatten",
+    split: SplitSpec = None,
+    max_batch: int | None = None,
+    parts: int = 1,
+    stats: dict[str, list[Tensor]] | None = None,
+    report_lr: tuple[float, AdjustLR] | None = None,
+) -> list[Job]:
+    """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * orthogonalize(u)`` into
+    ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an executor.
+
+    Matrices of the same shape, dtype and device (after flattening and splitting) are stacked into calls of
+    at most ``max_batch`` (``None``: all, cut into ``parts`` pieces so that a distributed executor can
+    balance few shapes). ``report_lr = (lr, adjust_lr)`` is what the statistics' update RMS uses when the
+    outputs are written unscaled (``lr=1, adjust_lr=None``) and scaled later.
+    """
+    batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    for u, out in zip(updates, outputs):
+        for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
+            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
+
+    preset = as_preset(coefficients)
+    rows = preset.schedule(ns_steps)
+
+    def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
+        srcs = [src for src, _ in pairs]
+        if srcs[0].numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
+            for _, dst in pairs:
+                dst.zero_()
+            return
+        if method == "svd":
+            ortho = orthogonalize(torch.stack(srcs), method="svd")
+        else:  # possibly a CUDA graph's static output: consumed below
+            ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method, restarts)
+            ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
+        for (_, dst), o in zip(pairs, ortho.unbind(0)):
+            torch.mul(o, scale, out=dst)  # scale and cast in one pass
+        if stats is not None:
+            _record_stats(stats, ortho.reshape(-1, *shape[-2:]), rms)
+
+    jobs: list[Job] = []
+    for (shape, dtype, device), all_pairs in batches.items():
+        scale = lr_scale(adjust_lr, lr, shape[-2:])
+        rms = scale if report_lr is None else lr_scale(report_lr[1], report_lr[0], shape[-2:])
+        work = ns_dtype or default_ns_dtype(device, dtype)
+        chunk = max_batch or math.ceil(len(all_pairs) / parts)
+        per_matrix = ns_flops(shape)
+        for start in range(0, len(all_pairs), chunk):
+            pairs = all_pairs[start : start + chunk]
+            jobs.append(
+                Job(
+                    cost=float(per_matrix * len(pairs)),
+                    run=functools.partial(job, pairs, shape, work, scale, rms),
+                    outputs=[dst for _, dst in pairs],
+                    key=(shape, dtype),
+                )
+            )
+    return jobs
+
+
+def ns_batches(
+    shapes: Sequence[Sequence[int]],
+    *,
+    matrix_view: str = "flatten",
+    split: SplitSpec = None,
+    max_batch: int | None = None,
+    parts: int = 1,
+) -> list[tuple[int, int, int]]:
+    """``(b, m, n)``, ``m <= n``, of every batched orthogonalization ``ns_jobs`` makes for parameters of these
+    shapes (computed on meta tensors: nothing is allocated). What the kernel tuner prepares for."""
+    metas = [torch.empty(tuple(s), device="meta") for s in shapes]
+    jobs = ns_jobs(
+        metas, metas, lr=1.0, coefficients="jordan", ns_steps=1, adjust_lr=None, eps=0.0,
+        matrix_view=matrix_view, split=split, max_batch=max_batch, parts=parts,
+    )  # fmt: skip
+    batches = []
+    for j in jobs:
+        shape = j.key[0]
+        m, n = sorted(shape[-2:])
+        batches.append((len(j.outputs) * math.prod(shape[:-2]), m, n))
+    return batches
+
+
+def _record_stats(stats: dict[str, list[Tensor]], ortho: Tensor, rms: float) -> None:
+    """Append one batch's statistics (device tensors, no host sync) of its NS outputs ``ortho`` (``(b, r, c)``)
+    whose updates were scaled to RMS ``rms`` times theirs: see ``muon_step``."""
+    O = ortho.float()
+    O = O.mT if O.shape[-2] > O.shape[-1] else O
+    k = O.shape[-2]
+    gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
+    stats.setdefault("orth_error", []).append(gram_err.max())
+    stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
+    stats.setdefault("sigma_max", []).append(_top_singular_value(O).max())
+
+
+def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
+    """Power-iteration estimate (from below) of each matrix's largest singular value; no host sync."""
+    v = torch.ones((*O.shape[:-2], O.shape[-1], 1), dtype=O.dtype, device=O.device)
+    for _ in range(iters):
+        v = O.mT @ (O @ v)
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    return (O @ v).norm(dim=(-2, -1))
+
+
+def ns_flops(shape: Sequence[int], steps: int = 1) -> int:
+    """FLOPs of ``steps`` standard quintic NS steps on a (batch of) matrix of ``shape``: 4 m^2 n + 2 m^3, m <= n."""
+    m, n = sorted(shape[-2:])
+    return (4 * m * m * n + 2 * m**3) * math.prod(shape[:-2]) * steps
+
+
+def apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float) -> None:
+    """``p <- p (1 - lr wd) - update`` for every parameter (the update already carries its lr)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
+    torch._foreach_sub_(list(params), [u.to(p.dtype) for u, p in zip(updates, params)])
+
+
+def adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, in place; the same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay)."""
+    if not params:
+        return
+    for t in state_steps:
+        t += 1
+    # Bias corrections depend on the step count, which can differ between parameters that did not
+    # always receive gradients: handle each step count as one multi-tensor batch.
+    by_step: dict[float, list[int]] = defaultdict(list)
+    for i, t in enumerate(state_steps):
+        by_step[float(t)].append(i)  # steps live on the CPU: no device sync
+    for step, idx in by_step.items():
+        p = [params[i] for i in idx]
+        g = [grads[i] for i in idx]
+        m = [exp_avgs[i] for i in idx]
+        v = [exp_avg_sqs[i] for i in idx]
+        if weight_decay != 0:
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, -step_size)
