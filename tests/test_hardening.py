@@ -151,7 +151,7 @@ def test_singular_values_lie_in_the_presets_band(m, extra, cond, name, seed):
 
 
 def test_finite_check_handles_empty_mixed_dtypes_and_huge_values():
-    from muonkit.optim.muon import _all_finite
+    from muonkit.optim.stages import all_finite as _all_finite
 
     ts = [
         torch.zeros(0, 3),

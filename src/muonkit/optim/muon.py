@@ -7,12 +7,10 @@ so a model has one optimizer, one ``state_dict`` and one LR scheduler.
 
 from __future__ import annotations
 
-import copy
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain, repeat
-from typing import Any, NamedTuple
+from itertools import chain
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,14 +19,14 @@ from torch.optim import optimizer as _torch_optimizer
 
 from .. import accel as _accel
 from ..accel import fused, kernels
-from ..accel import guards as _guards
-from ..coefficients import CoefficientSpec, is_file_spec
+from ..coefficients import CoefficientSpec
 from ..newton_schulz import default_ns_dtype
-from .functional import _STEP_DEFAULTS, _muon_steps
-from .options import DEFAULTS, REPEAT_KEY, group_errors
-from .plans import _decays, _Remembered, _same_environment, _streams, merged_ns_batches
+from .functional import _muon_steps
+from .options import DEFAULTS, group_errors
+from .plans import _Remembered, merged_ns_batches
+from .repeat import Repeat, repeatable, step_again
 from .sharded import any_rank, gather_rows, is_sharded, local, my_rows, shard_rows, sharded_muon_step, zero_muon_step
-from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts, ns_batches
+from .stages import AdjustLR, Executor, adamw_step, all_finite, lr_scale, matrix_parts, ns_batches
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
@@ -40,42 +38,7 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient held NaN or Inf and the optimizer's ``nonfinite`` policy is ``"raise"``."""
 
 
-# What a repeated step must find unchanged in a group (lr, momentum and weight decay are read every step)
-_READ = {"muon": operator.itemgetter(*REPEAT_KEY), "adamw": operator.itemgetter("algorithm")}
 _STEP_OPTIONS = tuple(name for name in DEFAULTS if name != "momentum_dtype")
-_grad = operator.attrgetter("grad")
-_momentum_buffer = operator.itemgetter("momentum_buffer")
-
-
-class _Repeat(NamedTuple):
-    """A step that ran whole through one remembered fused plan (``plans._Remembered``), with what must hold
-    for a later step to run that plan again straight away (``Muon._step_again``): the same state mapping, the
-    same group dicts holding the same parameters with the same structural options, every parameter with a
-    gradient. ``guard`` (or ``light``) then checks the tensors' metadata, ``plans._same_environment`` the
-    switches and current streams, as ``plans._remembered_plan`` would."""
-
-    state: Any  # ``self.state`` (``load_state_dict`` replaces it)
-    groups: list[dict[str, Any]]
-    params: list[list[Tensor]]  # a copy of each group's parameter list
-    options: list[tuple[Any, tuple]]  # per group: a reader of its structural options (``_STRUCTURE``;
-    # AdamW groups: the algorithm) and a copy of what it read
-    flat: list[Tensor]  # the Muon groups' parameters, then the AdamW groups'
-    muon: int  # how many of ``flat`` are Muon parameters
-    calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
-    adamw: list[tuple[int, int, int]]  # per AdamW group: start, end in flat, group index
-    guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``plans._Remembered``'s own
-    # guard covers the same Muon tensors; the AdamW gradients' dtypes and layouts were checked when gathered)
-    bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
-    light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)
-    entry: _Remembered
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy of an option value (or a tuple of them, each copied) that later in-place changes to the original do
-    not reach; other values as they are (a callable ``adjust_lr`` stays itself, so that it compares equal)."""
-    if isinstance(value, tuple):
-        return tuple(_snapshot(v) for v in value)
-    return copy.deepcopy(value) if isinstance(value, list | dict | set) else value
 
 
 class Muon(Optimizer):
@@ -175,7 +138,7 @@ class Muon(Optimizer):
         self._sharded_bytes = [0]
         self.diagnostics = diagnostics
         self._stats: dict[int, dict[str, list[Tensor]]] = {}
-        self._repeat: _Repeat | None = None
+        self._repeat: Repeat | None = None
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -310,7 +273,7 @@ class Muon(Optimizer):
         grads = [g for _, _, gs in gathered for g in gs]
         if not grads:
             return []
-        finite = _all_finite([local(g) for g in grads])  # one host sync
+        finite = all_finite([local(g) for g in grads])  # one host sync
         if bool(finite.all()):
             return []
         names = []
@@ -388,100 +351,13 @@ class Muon(Optimizer):
 
     def _repeatable(
         self, gathered: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], pending: list, entry: _Remembered
-    ) -> _Repeat | None:
-        """What lets the next step skip ``_gather`` and ``_muon_group`` (``_Repeat``), after a step whose Muon
-        groups all ran through ``entry``; ``None`` where that cannot be: a parameter without a gradient, sharded
-        or executor-driven steps, diagnostics, a coefficient file (read again when it changes)."""
-        if self.executor is not None or self.diagnostics:
-            return None
-        muon = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "muon"]
-        adamw = [(gi, group, ps) for gi, (group, ps, _) in enumerate(gathered) if group["algorithm"] == "adamw"]
-        if len(pending) != len(muon):  # sharded parameters or ZeRO rows took their own path
-            return None
-        if any(len(ps) != len(group["params"]) for group, ps, _ in gathered):
-            return None  # a parameter without a gradient
-        flat: list[Tensor] = []
-        grads: list[Tensor] = []
-        bufs: list[Tensor] = []
-        calls = []
-        for (gi, group, ps), (call_params, call_grads, call_bufs, opts) in zip(muon, pending):
-            if len(call_params) != len(ps) or is_file_spec(group["coefficients"]):
-                return None
-            if ps:  # muon_steps drops empty calls
-                options = {**_STEP_DEFAULTS, **opts}
-                calls.append((len(flat), len(flat) + len(ps), gi, options, _decays(options)))
-                flat += call_params
-                grads += call_grads
-                bufs += call_bufs
-        n_muon = len(flat)
-        spans = []
-        for gi, _, ps in adamw:
-            spans.append((len(flat), len(flat) + len(ps), gi))
-            flat += ps
-            grads += gathered[gi][2]
-        guard = _guards.tensor_guard([*flat[:n_muon], *grads, *bufs])
-        light = _guards.tensor_guard([*flat[:n_muon], *grads])
-        if guard is None or light is None:
-            return None
-        try:
-            structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
-        except KeyError:  # an option missing (a group dict edited by hand; load_state_dict fills later ones)
-            return None
-        return _Repeat(
-            self.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-            n_muon, calls, spans, guard, bufs, light, entry,
-        )  # fmt: skip
+    ) -> Repeat | None:
+        """What lets the next step skip ``_gather`` and ``_muon_group`` (see ``repeat.repeatable``)."""
+        return repeatable(self, gathered, pending, entry)
 
-    def _step_again(self, rec: _Repeat) -> bool:
-        """The step of ``rec`` again with the current gradients, numbers and momentum buffers, where everything
-        ``rec`` records still holds and the plan's guard passes; else nothing is changed and ``False``.
-        The same result as the full step (``_gather``, ``_muon_group``, ``muon_steps``), with the host work of
-        reading every gradient's checks and every option left out. The Muon groups run before the AdamW groups
-        (the full step has them the other way round; they touch different tensors)."""
-        if self.state is not rec.state or self.diagnostics or self.executor is not None:
-            return False
-        groups = self.param_groups
-        if len(groups) != len(rec.groups):
-            return False
-        for group, known, params, options in zip(groups, rec.groups, rec.params, rec.options):
-            ps = group["params"]
-            if group is not known or len(ps) != len(params) or not all(map(operator.is_, ps, params)):
-                return False
-            read, values = options
-            try:
-                if read(group) != values:
-                    return False
-            except KeyError:
-                return False
-        grads = list(map(_grad, rec.flat))
-        if not all(map(operator.is_not, grads, repeat(None))):
-            return False
-        muon = rec.flat[: rec.muon]
-        try:
-            bufs = list(map(_momentum_buffer, map(self.state.__getitem__, muon)))
-        except KeyError:
-            return False
-        if all(map(operator.is_, bufs, rec.bufs)):
-            if not rec.light.check(*muon, *grads):
-                return False
-        elif not rec.guard.check(*muon, *grads, *bufs):
-            return False
-        calls = []
-        for start, end, gi, opts, decays in rec.calls:
-            group = groups[gi]
-            opts["lr"], opts["momentum"], opts["weight_decay"] = group["lr"], group["momentum"], group["weight_decay"]
-            if _decays(opts) != decays:
-                return False
-            calls.append((rec.flat[start:end], grads[start:end], bufs[start:end], opts))
-        streams = _streams(calls)
-        if not _same_environment(rec.entry, streams):
-            return False
-        if self.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
-            return False  # the full step raises or skips, and says which parameter
-        rec.entry.plan.run(calls, streams)
-        for start, end, gi in rec.adamw:
-            self._adamw_group(groups[gi], rec.flat[start:end], grads[start:end])
-        return True
+    def _step_again(self, rec: Repeat) -> bool:
+        """The step of ``rec`` again with the current gradients, or ``False`` (see ``repeat.step_again``)."""
+        return step_again(self, rec)
 
     def _muon_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
@@ -639,20 +515,6 @@ class Muon(Optimizer):
         for st in self.state.values():
             _static(*(t for t in st.values() if isinstance(t, Tensor)))
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
-
-
-def _all_finite(tensors: list[Tensor]) -> Tensor:
-    """One bool per tensor (on the CPU): no NaN/Inf in it. The largest |x| of every tensor in one multi-tensor
-    kernel per device and dtype (an inf-norm cannot overflow the way a 2-norm of 1e30 would), one sync."""
-    flags = torch.ones(len(tensors), dtype=torch.bool)
-    by_device: dict[Any, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.numel():  # an empty tensor is finite (and has no max)
-            by_device.setdefault(t.device, []).append(i)
-    for index in by_device.values():
-        peaks = torch._foreach_norm([tensors[i] for i in index], float("inf"))
-        flags[index] = torch.stack(peaks).isfinite().cpu()
-    return flags
 
 
 def _static(*tensors: Tensor) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Job",
     "StepCall",
     "adamw_step",
+    "all_finite",
     "apply_update",
     "lr_scale",
     "matrix_offsets",
@@ -318,3 +319,17 @@ def adamw_step(
         torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, -step_size)
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """One bool per tensor (on the CPU): no NaN/Inf in it. The largest |x| of every tensor in one multi-tensor
+    kernel per device and dtype (an inf-norm cannot overflow the way a 2-norm of 1e30 would), one sync."""
+    flags = torch.ones(len(tensors), dtype=torch.bool)
+    by_device: dict[Any, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel():  # an empty tensor is finite (and has no max)
+            by_device.setdefault(t.device, []).append(i)
+    for index in by_device.values():
+        peaks = torch._foreach_norm([tensors[i] for i in index], float("inf"))
+        flags[index] = torch.stack(peaks).isfinite().cpu()
+    return flags
