@@ -27,6 +27,7 @@ from ..newton_schulz import (
     Restarts,
     default_ns_dtype,
 )
+from .options import NS_OPTIONS
 from .plans import _fused_muon_steps, _remember, _Remembered, _remembered_plan, _state_key, _streams
 from .stages import (
     AdjustLR,
@@ -76,54 +77,24 @@ def muon_step(
     caps the extra memory the stacked copies take. Each call is a *job*; ``executor(jobs)`` runs them
     (default: all here; ``muonkit.distributed`` spreads them over ranks and exchanges the results).
     """
-    if not params:
-        return
-    if executor is None and method != "svd" and _fused_step_applies(params, grads, momentum_buffers, ns_dtype):
-        options = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, coefficients=coefficients,
-            ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method, restarts=restarts,
-            matrix_view=matrix_view, split=split, max_batch=max_batch, stats=stats,
-        )  # fmt: skip
-        calls = [(params, grads, momentum_buffers, options)]
-        _fused_muon_steps(calls, _streams(calls))
-        return
-    _torch_muon_step(
-        params, grads, momentum_buffers, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-        coefficients=coefficients, ns_steps=ns_steps, adjust_lr=adjust_lr, eps=eps, ns_dtype=ns_dtype, method=method,
-        restarts=restarts, matrix_view=matrix_view, split=split, max_batch=max_batch, executor=executor, stats=stats,
-    )  # fmt: skip
+    options = {k: v for k, v in locals().items() if k not in ("params", "grads", "momentum_buffers")}
+    _muon_steps([(params, grads, momentum_buffers, options)])
 
 
 def _torch_muon_step(
-    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float,
-    momentum: float, nesterov: bool, weight_decay: float, coefficients: CoefficientSpec, ns_steps: int | None,
-    adjust_lr: AdjustLR, eps: float, ns_dtype: torch.dtype | None, method: str, restarts: Restarts, matrix_view: str,
-    split: SplitSpec, max_batch: int | None, executor: Executor | None, stats: dict[str, list[Tensor]] | None,
-) -> None:  # fmt: skip
-    """``muon_step`` through torch ops (any device and dtype; NS jobs run by ``executor``)."""
-    updates = momentum_update(grads, momentum_buffers, momentum, nesterov)
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], opts: dict[str, Any]
+) -> None:
+    """``muon_step`` through torch ops (any device and dtype; NS jobs run by ``opts["executor"]``)."""
+    updates = momentum_update(grads, momentum_buffers, opts["momentum"], opts["nesterov"])
     # One contiguous output per parameter (so the reshaped/split views alias it, whatever the
     # parameter's memory format), filled part by part from batched NS results.
     outputs = [torch.empty(u.shape, dtype=u.dtype, device=u.device) for u in updates]
-    jobs = ns_jobs(
-        updates,
-        outputs,
-        lr=lr,
-        coefficients=coefficients,
-        ns_steps=ns_steps,
-        adjust_lr=adjust_lr,
-        eps=eps,
-        ns_dtype=ns_dtype,
-        method=method,
-        restarts=restarts,
-        matrix_view=matrix_view,
-        split=split,
-        max_batch=max_batch,
-        parts=getattr(executor, "parts", 1),
-        stats=stats,
-    )
+    executor = opts["executor"]
+    ns = {k: opts[k] for k in NS_OPTIONS}
+    parts = getattr(executor, "parts", 1)
+    jobs = ns_jobs(updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], parts=parts, stats=opts["stats"], **ns)
     (executor or run_all)(jobs)
-    apply_update(params, outputs, lr, weight_decay)
+    apply_update(params, outputs, opts["lr"], opts["weight_decay"])
 
 
 # muon_step's optional arguments and their defaults, for the calls of muon_steps that leave them out
@@ -172,7 +143,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
         ):
             fused_calls.append((params, grads, bufs, opts))
         else:
-            _torch_muon_step(params, grads, bufs, **opts)
+            _torch_muon_step(params, grads, bufs, opts)
     if fused_calls:
         plan = _fused_muon_steps(fused_calls, streams)
         if state is not None and len(fused_calls) == len(full):
