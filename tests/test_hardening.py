@@ -23,11 +23,19 @@ def _step(p, grad=None, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_parameter_dtypes(dtype):
-    p = nn.Parameter(torch.randn(8, 6, dtype=dtype))
+    """Every parameter dtype steps by the right update: on a first step the Nesterov direction is a multiple of the
+    gradient, so the update is lr * sqrt(max(1, rows/cols)) * orthogonalize(grad), within the dtype's rounding."""
+    p = nn.Parameter((0.05 * torch.randn(8, 6)).clamp(-0.25, 0.25).to(dtype))  # |p| <= 0.25: small ulps
+    g = torch.randn(8, 6, dtype=dtype)
     start = p.detach().clone()
-    opt = _step(p)
-    assert p.dtype == dtype and torch.isfinite(p).all() and not torch.equal(p, start)
-    assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+    opt = _step(p, g)
+    assert p.dtype == dtype and opt.state[p]["momentum_buffer"].dtype == torch.float32
+    want = 0.02 * (8 / 6) ** 0.5 * orthogonalize(g.double(), dtype=torch.float64)
+    got = start.double() - p.detach().double()
+    # the rounding of p - update to the parameter's dtype dominates: at most one ulp of 0.25 (updates are ~0.01)
+    atol = {torch.float16: 2**-12, torch.bfloat16: 2**-9, torch.float32: 1e-7, torch.float64: 1e-7}[dtype]
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert float((got - want).abs().max()) < 0.5 * float(want.abs().max())  # the update really is this one
 
 
 @pytest.mark.parametrize("shape", [(1, 50), (50, 1), (1, 65536), (0, 5), (5, 0), (3, 0, 4)])
