@@ -92,7 +92,8 @@ class Muon(Optimizer):
         accel: CUDA acceleration (``muonkit.accel``: Triton kernels, fused element-wise passes, CUDA graphs, and
             timing the kernel's tile sizes for this optimizer's shapes here, at construction). ``None`` (default):
             on unless the environment variable ``MUONKIT_ACCEL`` is 0 / false / off, read now. ``False``: plain
-            torch, nothing tuned or captured. No effect on CPU parameters.
+            torch, nothing tuned or captured. No effect on CPU parameters. The tuning here took 30.6 s in a fresh
+            process for a 12 x 768 GPT on an H200 (Triton compiling), 0.6-2.0 s with the kernels compiled.
     """
 
     def __init__(
