@@ -3,7 +3,7 @@
 Per configuration: the momentum kernel over every matrix of each orientation (768 x 3072 written as is, 3072 x 768
 written transposed into the NS input), replayed from a CUDA graph, in ms and GB/s (bytes it must move: fp32
 gradient read, fp32 buffer read and written, bf16 NS input written), and the same for the update kernel (fp32
-parameter read and written, bf16 NS output read). The default is ``muonkit.fused``'s choice.
+parameter read and written, bf16 NS output read). The default is ``muonkit.accel.fused``'s choice.
 
     python benchmarks/dev/elementwise_configs.py --out elementwise_configs.json
 """

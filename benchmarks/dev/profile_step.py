@@ -59,7 +59,7 @@ def batches(layers: int, shapes: list[tuple[int, int]], split_qkv: bool) -> dict
 def kind(name: str) -> str:
     low = name.lower()
     if any(s in low for s in ("momentum_kernel", "normalise_kernel", "norms_kernel", "update_kernel")):
-        return "fused elementwise"  # muonkit.fused
+        return "fused elementwise"  # muonkit.accel.fused
     if any(s in low for s in ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "sym_product")):
         return "gemm"
     if any(s in low for s in ("reduce", "norm", "welford")):

@@ -1,6 +1,6 @@
 """Experiment: a persistent, TMA-fed Triton kernel for the symmetric NS products at transformer sizes.
 
-At 768 rows our tile-per-program kernel (``muonkit.kernels``) computing half of ``X X^T`` is not faster than
+At 768 rows our tile-per-program kernel (``muonkit.accel.kernels``) computing half of ``X X^T`` is not faster than
 cuBLAS computing all of it (H100: 0.107 vs 0.099 ms for 48 x 768^2, ``kernel_configs_h100.json``). This
 program tries the Hopper habits on the same products: tensor descriptors (the bulk tensor copy engine),
 a persistent grid looping over the upper-triangle tiles of every matrix of the batch, optionally Triton's

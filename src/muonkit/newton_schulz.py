@@ -346,7 +346,7 @@ def orthogonalize_batch(
     For callers that already validated their input and resolved the schedule (the optimizer step).
     Gram NS is used only for rectangular matrices: on square ones it saves nothing.
 
-    Eager CUDA calls replay a cached CUDA graph where ``muonkit.cuda_graphs`` allows it; with
+    Eager CUDA calls replay a cached CUDA graph where ``muonkit.accel.cuda_graphs`` allows it; with
     ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
     same shape on the same stream (for callers that consume it at once).
     """

@@ -1,4 +1,4 @@
-"""Triton kernels of ``muonkit.fused`` (imported only where Triton is installed; see that module)."""
+"""Triton kernels of ``muonkit.accel.fused`` (imported only where Triton is installed; see that module)."""
 
 # ruff: noqa: SIM108
 

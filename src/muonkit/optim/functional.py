@@ -154,7 +154,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
 def _fused_step_applies(
     params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], ns_dtype: torch.dtype | None
 ) -> bool:
-    """Whether ``muon_step`` can take the fused CUDA kernels (``muonkit.fused``) for these tensors."""
+    """Whether ``muon_step`` can take the fused CUDA kernels (``muonkit.accel.fused``) for these tensors."""
     if not params[0].is_cuda:
         return False
     work = ns_dtype or default_ns_dtype(params[0].device, bufs[0].dtype)

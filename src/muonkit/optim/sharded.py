@@ -139,11 +139,14 @@ def shard_group(p: Any) -> tuple[dist.ProcessGroup | None, int, int]:
     else:
         group = p.device_mesh.get_group(sharded[0])
         found = (group, dist.get_world_size(group), dist.get_rank(group))
+    if len(_GROUPS) >= _MAX_GROUPS:  # bounded: it holds the meshes it has seen alive
+        _GROUPS.clear()
     _GROUPS[key] = (p.device_mesh, found)
     return found
 
 
 _GROUPS: dict[tuple, tuple[Any, tuple[Any, int, int]]] = {}  # (mesh id, placements) -> (mesh, answer)
+_MAX_GROUPS = 64
 
 
 class _Bucket:
