@@ -575,3 +575,13 @@ def test_accel_switch_is_checked_read_from_the_environment_at_construction_and_a
         results.append(w.detach().clone())
     assert seen == ["auto", "auto", "torch", "torch"] and kernels.get_mode() == "auto"
     assert torch.equal(results[0], results[1])
+
+
+def test_an_optimizer_pickled_before_the_accel_option_still_steps():
+    p = nn.Parameter(torch.randn(6, 4))
+    opt = Muon([p])
+    del opt.__dict__["accel"]  # as unpickled from an earlier version
+    p.grad = torch.randn(6, 4)
+    start = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p, start)

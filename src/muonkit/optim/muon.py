@@ -301,7 +301,7 @@ class Muon(Optimizer):
     step.hooked = True  # type: ignore[attr-defined]  # tells torch.optim not to wrap it (see above)
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if self.accel:
+        if getattr(self, "accel", True):  # absent on an optimizer pickled before the option existed
             return self._run_step(closure)
         with _accel.disabled():
             return self._run_step(closure)
