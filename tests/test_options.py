@@ -40,7 +40,50 @@ BAD = {
     "method": "qr",
     "matrix_view": "rows",
     "max_batch": 0,
+    "nesterov": "yes",
+    "momentum_dtype": torch.int64,
 }
+
+
+WRONG_TYPES = [  # values of the wrong type that float() or == would have let through
+    ("lr", "0.02"),
+    ("lr", True),
+    ("momentum", "0.9"),
+    ("weight_decay", b"0"),
+    ("eps", [1e-7]),
+    ("nesterov", 1),
+    ("momentum_dtype", "float32"),
+    ("ns_steps", 5.0),
+    ("max_batch", True),
+    ("adjust_lr", "sqrt"),
+    ("ns_dtype", "bf16"),
+]
+
+
+@pytest.mark.parametrize("name,value", WRONG_TYPES)
+def test_options_of_the_wrong_type_are_refused_at_construction(name, value):
+    with pytest.raises(ValueError, match=name):
+        Muon([nn.Parameter(torch.zeros(4, 4))], **{name: value})
+    opt = Muon([nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match=name):  # and when a group is added later
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3))], name: value})
+
+
+def test_numbers_of_every_real_kind_are_accepted():
+    for lr in (0.02, 1, torch.tensor(0.02)):
+        Muon([nn.Parameter(torch.zeros(4, 4))], lr=lr)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: torch.zeros(4, 4, dtype=torch.int64), lambda: torch.zeros(4, 4, dtype=torch.bool),
+             lambda: torch.zeros(4, 4, device="meta")],
+    ids=["int64", "bool", "meta"],
+)  # fmt: skip
+@pytest.mark.parametrize("algorithm", ["muon", "adamw"])
+def test_parameter_kinds_that_cannot_step_are_refused_where_the_group_is_built(make, algorithm):
+    p = make()
+    with pytest.raises(ValueError, match="parameter"):
+        Muon([{"params": [p], "algorithm": algorithm}])
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -52,7 +95,7 @@ def test_each_checked_option_refuses_a_bad_value_by_name(name):
 def test_every_option_either_checks_or_says_where_it_is_checked():
     """An option without its own check is one the record names as checked elsewhere."""
     unchecked = {o.name for o in options.OPTIONS if o.check("x", object()) is None}
-    assert unchecked == {"nesterov", "restarts", "split", "momentum_dtype"}
+    assert unchecked == {"restarts", "split"}
     assert set(BAD) == {o.name for o in options.OPTIONS} - unchecked
 
 

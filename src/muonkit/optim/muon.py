@@ -231,6 +231,15 @@ class Muon(Optimizer):
 
         errors = group_errors(group)
         check(not errors, "; ".join(errors))
+        for i, p in enumerate(group["params"]):
+            name = self._param_name(group, gi, i)
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"parameter {name} has dtype {p.dtype}; optimizers step floating-point parameters")
+            if p.device.type == "meta":
+                raise ValueError(
+                    f"parameter {name} is on the meta device (no storage): build the optimizer after the model's "
+                    "parameters are materialized (e.g. model.to_empty(device=...) and initialised)"
+                )
         if group["algorithm"] == "adamw":
             return
         for i, p in enumerate(group["params"]):

@@ -8,6 +8,7 @@ path, step plans (``functional``) and the sharded steps all read these records; 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +24,15 @@ ADJUST_LR_MODES = ("original", "match_rms_adamw", None)
 MATRIX_VIEWS = ("flatten", "batch")
 
 
+def _real(x: Any) -> bool:
+    """A real number: an int or float (not a bool, not a string), or a one-element floating tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and x.is_floating_point()
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _nonneg(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x)) and float(x) >= 0
-    except (TypeError, ValueError):
-        return False
+    return _real(x) and math.isfinite(float(x)) and float(x) >= 0
 
 
 def _int(x: Any, low: int) -> bool:
@@ -77,7 +82,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("lr", 0.02, _must(_nonneg, "a finite number >= 0"), every_step=True, in_plan=False, ns=False),
     Option("momentum", 0.95, _must(lambda v: _nonneg(v) and v < 1, "in [0, 1)"), True, False, False),
-    Option("nesterov", True, _unchecked, ns=False),
+    Option("nesterov", True, _must(lambda v: isinstance(v, bool), "True or False"), ns=False),
     Option("weight_decay", 0.0, _must(_nonneg, "a finite number >= 0"), every_step=True, in_plan=False, ns=False),
     Option("ns_steps", 5, _must(lambda v: v is None or _int(v, 0), "a non-negative int or None")),
     Option("coefficients", "jordan", _coefficients_error),
@@ -99,7 +104,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("matrix_view", "flatten", _must(lambda v: v in MATRIX_VIEWS, f"one of {MATRIX_VIEWS}")),
     Option("split", None, _unchecked),  # checked against each parameter's rows by Muon
     Option("max_batch", None, _must(lambda v: v is None or _int(v, 1), "None or an int >= 1")),
-    Option("momentum_dtype", torch.float32, _unchecked, in_plan=False, ns=False),
+    Option(
+        "momentum_dtype",
+        torch.float32,
+        _must(lambda v: v is None or (isinstance(v, torch.dtype) and v.is_floating_point), "None or a floating dtype"),
+        in_plan=False,
+        ns=False,
+    ),
 )
 DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 NS_OPTIONS: dict[str, Any] = {o.name: o.default for o in OPTIONS if o.ns}
