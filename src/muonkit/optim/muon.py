@@ -22,6 +22,7 @@ from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
 from ..newton_schulz import default_ns_dtype
 from .functional import _muon_steps
+from .loading import _check_buffer, _check_loadable
 from .options import DEFAULTS, group_errors
 from .plans import _Remembered, merged_ns_batches
 from .repeat import Repeat, repeatable, step_again
@@ -348,12 +349,14 @@ class Muon(Optimizer):
 
         self._stats.clear()  # mutate, not rebind: torch.compile cannot trace attribute assignment here
         pending = []  # Muon groups run together at the end: same-shape matrices of different groups share NS batches
+        # Muon groups first: their state is checked there, so a bad buffer raises before any parameter changes
         for gi, (group, params, grads) in enumerate(gathered):
-            if group["algorithm"] == "adamw":
-                self._adamw_group(group, params, grads)
-            else:
+            if group["algorithm"] == "muon":
                 stats = self._stats.setdefault(gi, {}) if self.diagnostics else None
                 pending.extend(self._muon_group(group, params, grads, stats))
+        for group, params, grads in gathered:
+            if group["algorithm"] == "adamw":
+                self._adamw_group(group, params, grads)
         entry = _muon_steps(pending)  # None under torch.compile
         if entry is not None and not compiling:
             self._repeat = self._repeatable(gathered, pending, entry)
@@ -385,6 +388,8 @@ class Muon(Optimizer):
                 else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
                 _static(state["momentum_buffer"])
+            else:
+                _check_buffer(self, group, p, state["momentum_buffer"], rows_only)
             bufs.append(state["momentum_buffer"])
         sharded = [is_sharded(p) for p in params]
         if any(sharded):
@@ -502,8 +507,12 @@ class Muon(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim``'s, after checking the whole dict as the constructor checks its arguments: each
+        group's algorithm and options, and every state tensor's shape and dtype against its parameter. A dict
+        that fails is refused with a ``ValueError`` naming the group or parameter, and nothing is changed."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("muonkit", {})
+        _check_loadable(self, state_dict)
         self._repeat = None
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: the option's default
