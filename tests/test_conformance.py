@@ -71,13 +71,14 @@ def _run(path: str, params: list[torch.Tensor], kw: dict, monkeypatch) -> list[t
             real = plans._StepPlan.run  # every fused step runs a plan (a new one, or a remembered one)
             monkeypatch.setattr(plans._StepPlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
         dtype = torch.float32 if fused_path else torch.float64  # the fused kernels take float32 at most
-        ps = [p.clone().to(dtype) for p in params]
+        device = "cuda" if fused_path and torch.cuda.is_available() else "cpu"  # compiled there, else interpreted
+        ps = [p.clone().to(device, dtype) for p in params]
         bufs = [torch.zeros_like(p) for p in ps]
         opts = dict(coefficients="jordan", ns_steps=5, eps=1e-7, ns_dtype=dtype, **kw)
         for t in range(STEPS):
-            functional.muon_step(ps, [g.to(dtype) for g in _grads(SHAPES, t)], bufs, **opts)
+            functional.muon_step(ps, [g.to(device, dtype) for g in _grads(SHAPES, t)], bufs, **opts)
         assert not fused_path or len(ran) == STEPS  # the fused path really ran
-        return [p.double() for p in ps]
+        return [p.double().cpu() for p in ps]
     if path == "executor":
         from muonkit.distributed import ReplicatedExecutor
 
