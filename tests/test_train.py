@@ -27,7 +27,8 @@ def test_builtin_corpus_is_deterministic_and_split(corpus):
     again = builtin_corpus()
     assert torch.equal(corpus.train, again.train) and torch.equal(corpus.val, again.val)
     assert 0.08 < corpus.val.numel() / corpus.n_tokens < 0.12
-    assert corpus.train.max() < 256 and len(corpus.sources) == 20
+    assert corpus.train.dtype == torch.uint8 and len(corpus.sources) == 20  # byte ids, held as bytes
+    assert len(torch.unique(corpus.train)) > 60  # text: letters, digits, punctuation, whitespace
 
 
 def test_quick_demo_writes_results_and_plots(tmp_path, capsys):
@@ -156,3 +157,32 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and "muonkit" in capsys.readouterr().out
+
+
+def test_a_large_text_file_is_held_once_as_bytes(tmp_path):
+    """``train --data``: a text is held as one uint8 buffer (train and validation are views of it), so loading a
+    file costs about its size in memory, not eight times (int64 ids) or more (a decoded copy). Peak RSS of a fresh
+    interpreter around ``text_corpus`` on a 64 MB file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.txt"
+    line = "The quick brown fox jumps over the lazy dog, ünïcödé included. 0123456789\n".encode()
+    with path.open("wb") as f:
+        for _ in range((64 << 20) // len(line)):
+            f.write(line)
+    size = path.stat().st_size
+    script = (
+        "import resource, sys, torch\n"
+        "from muonkit.train.corpus import text_corpus, sample_batch\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"c = text_corpus({str(path)!r})\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "x, y = sample_batch(c.train, 2, 8, torch.Generator().manual_seed(0))\n"
+        "same = c.train.untyped_storage().data_ptr() == c.val.untyped_storage().data_ptr()\n"
+        "print((after - before) * 1024, c.train.dtype, x.dtype, same, c.n_tokens)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    grew, train_dtype, batch_dtype, shared, n_tokens = int(out[0]), out[1], out[2], out[3], int(out[4])
+    assert train_dtype == "torch.uint8" and batch_dtype == "torch.int64" and shared == "True" and n_tokens == size
+    assert grew < 1.5 * size, f"loading a {size >> 20} MB file raised peak RSS by {grew >> 20} MB"

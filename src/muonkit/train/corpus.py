@@ -7,6 +7,7 @@ depend on the Python version (3.11.7 here gives 910,913 bytes); within one inter
 
 from __future__ import annotations
 
+import codecs
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ class CorpusError(ValueError):
 
 @dataclass
 class Corpus:
-    """Token ids (bytes) split into train and validation parts."""
+    """Token ids (bytes, stored as uint8) split into train and validation parts."""
 
     train: Tensor
     val: Tensor
@@ -43,13 +44,13 @@ class Corpus:
 
 
 def _split(texts: list[bytes], val_fraction: float) -> tuple[Tensor, Tensor]:
-    """Each text contributes its first (1 - f) to train and its last f to validation."""
+    """Each text contributes its first (1 - f) to train and its last f to validation; ids as uint8 (bytes)."""
     train, val = [], []
     for data in texts:
         cut = int(len(data) * (1 - val_fraction))
         train.append(data[:cut])
         val.append(data[cut:])
-    as_ids = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+    as_ids = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
     return as_ids(train), as_ids(val)
 
 
@@ -70,23 +71,37 @@ def text_corpus(path: str | Path, val_fraction: float = 0.1, min_tokens: int = 4
         raise CorpusError(f"{p}: no such file")
     if not p.is_file():
         raise CorpusError(f"{p}: not a regular file")
-    data = p.read_bytes()
-    if not data.strip():
+    size = p.stat().st_size
+    data = bytearray(size)  # the file's one copy in memory: train and validation are views of it (uint8)
+    with p.open("rb") as f:
+        got = f.readinto(data)
+    del data[got:]
+    if not data or data.isspace():
         raise CorpusError(f"{p}: the file is empty")
     if b"\x00" in data[:65536]:
         raise CorpusError(f"{p}: looks binary (contains NUL bytes); give a UTF-8 text file")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{p}: not valid UTF-8 text (byte {err.start})") from None
+    _check_utf8(p, data)
     if len(data) < min_tokens:
         raise CorpusError(f"{p}: too short ({len(data)} bytes); need at least {min_tokens} bytes of text")
-    train, val = _split([data], val_fraction)
-    return Corpus(train, val, (str(p),))
+    ids = torch.frombuffer(data, dtype=torch.uint8)
+    cut = int(len(data) * (1 - val_fraction))
+    return Corpus(ids[:cut], ids[cut:], (str(p),))
+
+
+def _check_utf8(p: Path, data: bytearray, chunk: int = 1 << 24) -> None:
+    """``CorpusError`` unless ``data`` is UTF-8, decoded 16 MB at a time (a whole decoded copy of a large file
+    would take up to four times its size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    for start in range(0, len(data), chunk):
+        try:
+            decoder.decode(view[start : start + chunk], final=start + chunk >= len(data))
+        except UnicodeDecodeError as err:
+            raise CorpusError(f"{p}: not valid UTF-8 text (byte {start + err.start})") from None
 
 
 def sample_batch(data: Tensor, batch_size: int, ctx: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Random windows of ``ctx + 1`` tokens: inputs and next-token targets, shape (batch, ctx)."""
     starts = torch.randint(0, data.numel() - ctx - 1, (batch_size,), generator=generator)
-    windows = torch.stack([data[s : s + ctx + 1] for s in starts.tolist()])
+    windows = torch.stack([data[s : s + ctx + 1] for s in starts.tolist()]).long()  # ids are stored as uint8
     return windows[:, :-1], windows[:, 1:]
