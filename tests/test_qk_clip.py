@@ -160,3 +160,67 @@ def test_bad_registrations_are_refused():
     clip.register("a", w, w, heads=3)
     with pytest.raises(ValueError, match="per-head"):
         clip.observe_max("a", torch.zeros(4))
+
+
+W = torch.zeros(12, 4)
+DEGENERATE = [  # (what, call on a fresh QKClip, error text)
+    ("tau infinite", lambda c: muonkit.QKClip(tau=float("inf")), "tau"),
+    ("tau NaN", lambda c: muonkit.QKClip(tau=float("nan")), "tau"),
+    ("tau a string", lambda c: muonkit.QKClip(tau="100"), "tau"),
+    ("alpha NaN", lambda c: muonkit.QKClip(alpha=float("nan")), "alpha"),
+    ("alpha above 1", lambda c: muonkit.QKClip(alpha=1.5), "alpha"),
+    ("unknown nonfinite policy", lambda c: muonkit.QKClip(nonfinite="ignore"), "nonfinite"),
+    ("zero heads", lambda c: c.register("a", W, W, heads=0), "multiple"),
+    ("float heads", lambda c: c.register("a", W, W, heads=3.0), "ints"),
+    ("bool heads", lambda c: c.register("a", W, W, heads=True), "ints"),
+    ("1-D query weight", lambda c: c.register("a", torch.zeros(12), W, heads=3), "query weight"),
+    ("bias of the wrong length", lambda c: c.register("a", W, W, heads=3, q_bias=torch.zeros(5)), "query bias"),
+    ("2-D bias", lambda c: c.register("a", W, W, heads=3, k_bias=torch.zeros(12, 1)), "key bias"),
+    ("a name registered twice", lambda c: (c.register("a", W, W, heads=3), c.register("a", W, W, heads=3)), "already"),
+]
+
+
+@pytest.mark.parametrize("call,message", [d[1:] for d in DEGENERATE], ids=[d[0] for d in DEGENERATE])
+def test_degenerate_arguments_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(muonkit.QKClip())
+
+
+def _two_layers(nonfinite):
+    torch.manual_seed(0)
+    clip = muonkit.QKClip(tau=10.0, nonfinite=nonfinite)
+    weights = {n: (torch.randn(8, 4), torch.randn(8, 4)) for n in ("a", "b")}
+    for n, (q, k) in weights.items():
+        clip.register(n, q, k, heads=2)
+    return clip, weights
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), float("-inf")])
+def test_non_finite_logits_never_rewrite_weights_and_are_counted(bad):
+    clip, weights = _two_layers("skip")
+    before = {n: (q.clone(), k.clone()) for n, (q, k) in weights.items()}
+    clip.observe_max("a", torch.tensor([bad, 40.0]))  # head 0 non-finite, head 1 over tau
+    clip.observe_max("b", torch.tensor([20.0, 5.0]))
+    clip.apply()
+    q, k = weights["a"]
+    assert torch.equal(q[:4], before["a"][0][:4]) and torch.equal(k[:4], before["a"][1][:4])  # skipped head
+    assert torch.allclose(q[4:], before["a"][0][4:] * 0.5) and torch.allclose(k[4:], before["a"][1][4:] * 0.5)
+    assert torch.allclose(weights["b"][0][:4], before["b"][0][:4] * 0.5**0.5)  # other layers clip as ever
+    assert clip.nonfinite_heads == 1
+    clip.observe_max("a", torch.tensor([float("nan"), float("nan")]))
+    clip.apply()
+    assert clip.nonfinite_heads == 3
+
+
+def test_non_finite_logits_raise_before_any_weight_changes_with_raise():
+    clip, weights = _two_layers("raise")
+    before = {n: (q.clone(), k.clone()) for n, (q, k) in weights.items()}
+    clip.observe_max("a", torch.tensor([50.0, 50.0]))  # would be clipped, but another layer is bad
+    clip.observe_max("b", torch.tensor([1.0, float("inf")]))
+    with pytest.raises(FloatingPointError, match=r"b \(heads \[1\]\)"):
+        clip.apply()
+    for n, (q, k) in weights.items():
+        assert torch.equal(q, before[n][0]) and torch.equal(k, before[n][1])
+    clip.observe_max("a", torch.tensor([50.0, 50.0]))  # the observations were dropped: the next apply is clean
+    clip.apply()
+    assert torch.allclose(weights["a"][0], before["a"][0] * (10 / 50) ** 0.5)

@@ -17,16 +17,30 @@ How the logits reach it: the model calls ``clip.observe(name, q, k, scale)`` ins
 (``q``, ``k``: ``(batch, heads, tokens, head_dim)``; ``scale`` the logit scale, e.g. ``head_dim**-0.5``), or
 ``clip.observe_max(name, per_head_max)`` if it already has the maxima. Observations are kept on the device
 (a running max, no host sync) until ``clip.apply()``, called after ``optimizer.step()``.
+
+Non-finite logits (an overflowing or NaN forward) say nothing about how far a head is over ``tau``: scaling by
+``tau / inf`` would zero the head's query and key rows. ``nonfinite="skip"`` (default) leaves such heads as they
+are and counts them (``nonfinite_heads``, read with one host sync); ``"raise"`` raises ``FloatingPointError``
+naming the layers and heads before any weight changes (one host sync per ``apply``), as the optimizer's own
+``nonfinite`` policy does for gradients.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["QKClip", "max_logits"]
+__all__ = ["NONFINITE", "QKClip", "max_logits"]
+
+NONFINITE = ("skip", "raise")
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def max_logits(q: Tensor, k: Tensor, scale: float | None = None, causal: bool = False) -> Tensor:
@@ -84,19 +98,30 @@ class QKClip:
     Args:
         tau: logit threshold (Kimi K2 used 100).
         alpha: share of the shrink that goes to the query (``gamma^alpha``); the key gets ``gamma^(1-alpha)``.
+        nonfinite: what a head whose observed maximum is NaN or infinite gets: ``"skip"`` (left untouched and
+            counted in ``nonfinite_heads``) or ``"raise"`` (``FloatingPointError``, nothing changed).
 
     Register each attention layer once (``register`` for separate q/k projections, ``register_fused`` for
     one ``(q; k; v)`` weight), report its logits every forward, call ``apply()`` after ``optimizer.step()``.
     """
 
-    def __init__(self, tau: float = 100.0, alpha: float = 0.5):
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    def __init__(self, tau: float = 100.0, alpha: float = 0.5, nonfinite: str = "skip"):
+        if not (_number(tau) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        if not (_number(alpha) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.tau = float(tau)
         self.alpha = float(alpha)
+        self.nonfinite = nonfinite
         self.layers: dict[str, _Layer] = {}
+        self._skipped: Tensor | None = None  # device count of skipped heads (no host sync while counting)
+
+    @property
+    def nonfinite_heads(self) -> int:
+        """How many (layer, head) observations were skipped for a non-finite maximum (one host sync)."""
+        return 0 if self._skipped is None else int(self._skipped)
 
     def register(
         self,
@@ -124,6 +149,18 @@ class QKClip:
     ) -> None:
         q_rows, k_rows = q.stop - q.start, k.stop - k.start
         kv_heads = heads if kv_heads is None else kv_heads
+        if name in self.layers:
+            raise ValueError(f"{name}: a QK-clip layer of this name is registered already")
+        if not all(isinstance(h, int) and not isinstance(h, bool) for h in (heads, kv_heads)):
+            raise ValueError(f"{name}: heads and kv_heads must be ints, got {heads!r} and {kv_heads!r}")
+        for what, rows in (("query", q), ("key", k)):
+            if rows.tensor.ndim < 2:
+                raise ValueError(
+                    f"{name}: the {what} weight must have a row per output, got shape {tuple(rows.tensor.shape)}"
+                )
+        for what, rows, bias in (("query", q, qb), ("key", k, kb)):
+            if bias is not None and (bias.tensor.ndim != 1 or bias.stop - bias.start != rows.stop - rows.start):
+                raise ValueError(f"{name}: the {what} bias must be 1-D with one entry per {what} row")
         if heads < 1 or kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"{name}: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
         if q_rows % heads or k_rows % kv_heads:
@@ -166,12 +203,24 @@ class QKClip:
 
         Returns each observed layer's ``gamma`` per head (device tensors; 1 where nothing was clipped).
         """
+        observed = {name: (layer, layer.seen) for name, layer in self.layers.items() if layer.seen is not None}
+        if self.nonfinite == "raise":
+            flags = {name: (~torch.isfinite(seen)).nonzero().flatten().tolist() for name, (_, seen) in observed.items()}
+            flags = {name: heads for name, heads in flags.items() if heads}
+            if flags:
+                for layer, _ in observed.values():
+                    layer.seen = None
+                raise FloatingPointError(
+                    f"non-finite attention logits in {', '.join(f'{n} (heads {h})' for n, h in flags.items())}; "
+                    "no weight was changed (QKClip(nonfinite='skip') leaves such heads untouched instead)"
+                )
         gammas = {}
-        for name, layer in self.layers.items():
-            if layer.seen is None:
-                continue
-            gamma = (self.tau / layer.seen.clamp_min(1e-30)).clamp(max=1.0)
-            gamma = torch.where(layer.seen > self.tau, gamma, torch.ones_like(gamma))
+        for name, (layer, seen) in observed.items():
+            finite = torch.isfinite(seen)
+            skipped = (~finite).sum()
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
+            gamma = (self.tau / seen.clamp_min(1e-30)).clamp(max=1.0)
+            gamma = torch.where(finite & (seen > self.tau), gamma, torch.ones_like(gamma))
             group = layer.heads // layer.kv_heads
             # a shared key head shrinks by its most-clipped query head, so every head ends at or below tau
             kv_gamma = gamma.view(layer.kv_heads, group).amin(dim=1)
