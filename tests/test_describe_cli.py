@@ -37,6 +37,7 @@ def test_describe_json_from_a_factory(capsys):
         (["describe", "torch.nn:nothing_here"], "no attribute"),
         (["describe", "json:dumps"], "calling json:dumps"),
         (["describe", "gpt:tiny", "--split", "qkv"], "PATTERN=K"),
+        (["describe", "gpt:tiny", "--split", "*.qkv.weight=5"], "cannot be cut into 5"),  # Muon refuses it too
     ],
 )
 def test_describe_input_errors_exit_2_with_one_line(argv, message, capsys):

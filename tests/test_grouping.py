@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import muonkit
-from muonkit import Muon, classify, param_groups
+from muonkit import Muon, classify, describe, param_groups
 
 
 class Block(nn.Module):
@@ -137,3 +137,62 @@ def test_describe_lists_every_parameter_with_its_reason():
     total = sum(p.numel() for p in model.parameters())
     muon = sum(p.numel() for pl in muonkit.classify(model) if pl.algorithm == "muon" for p in [pl.param])
     assert f"muon: {muon:,} parameters; adamw: {total - muon:,} parameters" in text
+
+
+class ViTLike(nn.Module):
+    """Patch embedding, class token, positional embedding, a torch encoder layer, norm and classifier head."""
+
+    def __init__(self, d=16, patches=4, classes=5):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, d))
+        self.block = nn.TransformerEncoderLayer(d, 2, 32, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+
+GROUPING_CASES = [  # (model, {parameter: (algorithm, split or None, a word of the reason)})
+    (
+        nn.TransformerEncoderLayer(16, 2, 32),  # a block alone: ends in norms, so it has no head
+        {"self_attn.in_proj_weight": ("muon", 3, "q/k/v"), "self_attn.out_proj.weight": ("muon", None, "matrix"),
+         "linear1.weight": ("muon", None, "matrix"), "linear2.weight": ("muon", None, "matrix"),
+         "norm1.weight": ("adamw", None, "1-D")},
+    ),
+    (
+        nn.MultiheadAttention(16, 4),  # its out_proj is the last module with parameters, and still no head
+        {"in_proj_weight": ("muon", 3, "q/k/v"), "out_proj.weight": ("muon", None, "matrix")},
+    ),
+    (
+        ViTLike(),
+        {"cls_token": ("adamw", None, "token"), "pos_embed": ("adamw", None, "embedding"),
+         "patch_embed.weight": ("muon", None, "conv"), "block.self_attn.in_proj_weight": ("muon", 3, "q/k/v"),
+         "head.weight": ("adamw", None, "head")},
+    ),
+    (
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        {"0.weight": ("muon", None, "conv"), "2.weight": ("adamw", None, "head")},  # a 1x1-conv classifier
+    ),
+    (
+        nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8)),  # an FFN, not a classifier
+        {"0.weight": ("muon", None, "matrix"), "2.weight": ("muon", None, "matrix")},
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model,want", GROUPING_CASES, ids=["encoder-layer", "mha", "vit", "1x1-conv", "ffn"])
+def test_common_architectures_are_grouped_as_their_users_expect(model, want):
+    plans = _plan(model)
+    for name, (algorithm, split, word) in want.items():
+        plan = plans[name]
+        assert (plan.algorithm, plan.split) == (algorithm, split), (name, plan)
+        assert word in plan.reason, (name, plan.reason)
+    Muon(param_groups(model))  # and Muon takes the groups as they are
+
+
+@pytest.mark.parametrize("split", [5, [10, 10], [0, 48]])
+def test_a_split_muon_refuses_is_refused_by_classify_describe_and_param_groups(split):
+    model = nn.Sequential(nn.Linear(8, 48, bias=False), nn.Linear(48, 8))
+    for call in (classify, describe, param_groups):
+        with pytest.raises(ValueError, match="split"):
+            call(model, split={"0.weight": split})
