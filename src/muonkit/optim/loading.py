@@ -61,22 +61,25 @@ def _check_loadable(opt: Muon, state_dict: dict[str, Any]) -> None:
                     "make: is this another optimizer's state dict?"
                 )
             for key, value in entry.items():
-                _check_tensor(name, key, value, p, step=key == "step")
+                if key != "step":
+                    _check_tensor(name, key, value, tuple(p.shape))
+                elif not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ValueError(f"state 'step' of parameter {name} must be a one-number tensor, got {value!r}")
 
 
-def _check_tensor(name: str, key: str, value: Any, p: Tensor, step: bool = False) -> None:
+def _fits(value: Any, shape: tuple[int, ...]) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and tuple(value.shape) == shape
+
+
+def _check_tensor(name: str, key: str, value: Any, shape: tuple[int, ...]) -> None:
+    """``ValueError`` unless state ``key`` of parameter ``name`` is a floating tensor of ``shape``."""
+    if _fits(value, shape):
+        return
     if not isinstance(value, Tensor):
         raise ValueError(f"state {key!r} of parameter {name} is a {type(value).__name__}, not a tensor")
-    if step:
-        if value.numel() != 1:
-            raise ValueError(f"state 'step' of parameter {name} has shape {tuple(value.shape)}, not one number")
-        return
     if not value.is_floating_point():
         raise ValueError(f"state {key!r} of parameter {name} has dtype {value.dtype}, not a floating dtype")
-    if tuple(value.shape) != tuple(p.shape):
-        raise ValueError(
-            f"state {key!r} of parameter {name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
-        )
+    raise ValueError(f"state {key!r} of parameter {name} has shape {tuple(value.shape)}, it must be {shape}")
 
 
 def _check_buffer(opt: Muon, group: dict[str, Any], p: Tensor, buf: Any, rows_only: bool) -> None:
@@ -88,11 +91,8 @@ def _check_buffer(opt: Muon, group: dict[str, Any], p: Tensor, buf: Any, rows_on
         want: tuple[int, ...] = (rows, *p.shape[1:])
     else:
         want = tuple(p.shape)
-    if isinstance(buf, Tensor) and buf.is_floating_point() and tuple(buf.shape) == want:
+    if _fits(buf, want):
         return
     gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
-    name = opt._param_name(group, gi, next(k for k, q in enumerate(group["params"]) if q is p))
-    if not isinstance(buf, Tensor) or not buf.is_floating_point():
-        kind = f"dtype {buf.dtype}" if isinstance(buf, Tensor) else type(buf).__name__
-        raise ValueError(f"the momentum buffer of parameter {name} is not a floating tensor ({kind})")
-    raise ValueError(f"the momentum buffer of parameter {name} has shape {tuple(buf.shape)}, the step needs {want}")
+    _check_tensor(opt._param_name(group, gi, next(k for k, q in enumerate(group["params"]) if q is p)),
+                  "momentum_buffer", buf, want)  # fmt: skip

@@ -116,15 +116,15 @@ DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 NS_OPTIONS: dict[str, Any] = {o.name: o.default for o in OPTIONS if o.ns}
 REPEAT_KEY: tuple[str, ...] = ("algorithm", *(o.name for o in OPTIONS if not o.every_step))
 PLAN_KEY: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.in_plan)
+_BY_NAME = {o.name: o for o in OPTIONS}
 ADAMW_CHECKED = ("lr", "weight_decay", "eps")  # with betas (group_errors); AdamW groups share these checks
 
 
 def group_errors(group: dict[str, Any]) -> list[str]:
     """What is wrong with a group's options (empty when nothing): each option's own check, then the checks that
     involve several (``restarts`` against ``method`` and the coefficients' schedule; AdamW's ``betas``)."""
-    by_name = {o.name: o for o in OPTIONS}
     if group["algorithm"] == "adamw":
-        errors = [e for n in ADAMW_CHECKED if (e := by_name[n].check(n, group[n]))]
+        errors = [e for n in ADAMW_CHECKED if (e := _BY_NAME[n].check(n, group[n]))]
         betas = group["betas"]
         if not (len(betas) == 2 and all(_nonneg(b) and b < 1 for b in betas)):
             errors.append(f"betas must be two numbers in [0, 1), got {betas!r}")
