@@ -8,7 +8,9 @@ float64 Newton-Schulz). Three steps of the same gradients through
 - DTensor parameters (the FSDP2 path, ``sharded_muon_step``), on a one-rank device mesh.
 
 Paths with float64 NS must agree with the reference to 1e-12; the fused path computes NS in float32 at most
-(1e-5). Several ranks, ZeRO-1 state and checkpoints across world sizes are compared with single-process runs in
+(1e-5). With stages of the pipeline's slots other than the defaults (``stage_examples``, against their
+references), every path computes them; the fused path declines such a step and the torch path takes it. Several
+ranks, ZeRO-1 state and checkpoints across world sizes are compared with single-process runs in
 ``test_distributed.py`` and ``test_fsdp.py``.
 """
 
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import stage_examples
 from muonkit import Muon
 from muonkit.coefficients import get
 from muonkit.optim import functional, plans
@@ -77,7 +80,8 @@ def _run(path: str, params: list[torch.Tensor], kw: dict, monkeypatch) -> list[t
         opts = dict(coefficients="jordan", ns_steps=5, eps=1e-7, ns_dtype=dtype, **kw)
         for t in range(STEPS):
             functional.muon_step(ps, [g.to(device, dtype) for g in _grads(SHAPES, t)], bufs, **opts)
-        assert not fused_path or len(ran) == STEPS  # the fused path really ran
+        if fused_path:  # the fused path really ran, where every stage has a fused form
+            assert len(ran) == (0 if "postscale" in kw else STEPS)
         return [p.double().cpu() for p in ps]
     if path == "executor":
         from muonkit.distributed import ReplicatedExecutor
@@ -110,8 +114,9 @@ def _run(path: str, params: list[torch.Tensor], kw: dict, monkeypatch) -> list[t
         dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.1, adjust_lr="original"),
         dict(lr=0.05, momentum=0.95, nesterov=False, weight_decay=0.0, adjust_lr="match_rms_adamw"),
         dict(lr=0.02, momentum=0.5, nesterov=True, weight_decay=0.01, adjust_lr=None),
+        dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.5, adjust_lr="original", **stage_examples.NAMES),
     ],
-    ids=["nesterov-decay", "plain-rms", "no-scale"],
+    ids=["nesterov-decay", "plain-rms", "no-scale", "added-stages"],
 )
 def test_every_step_path_equals_the_reference(path, kw, one_rank, monkeypatch):
     gen = torch.Generator().manual_seed(7)
@@ -119,7 +124,9 @@ def test_every_step_path_equals_the_reference(path, kw, one_rank, monkeypatch):
     ref = [p.clone() for p in params]
     bufs = [torch.zeros_like(p) for p in ref]
     rows = get("jordan").schedule(5)
-    ref_kw = {k: v for k, v in kw.items() if k != "adjust_lr"}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("adjust_lr", *stage_examples.NAMES)}
+    if "postscale" in kw:
+        ref_kw.update(stage_examples.references())
     for t in range(STEPS):
         muon_reference_step(ref, _grads(SHAPES, t), bufs, **ref_kw, rows=rows, adjust=kw["adjust_lr"])
     got = _run(path, params, kw, monkeypatch)

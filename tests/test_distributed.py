@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 import muonkit
+import stage_examples
 from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
 from muonkit.distributed import ReplicatedExecutor, assign_jobs, shard_rows
 
@@ -28,9 +29,11 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def _optimizer(model, executor=None):
+def _optimizer(model, executor=None, stages=False):
+    """``stages``: the pipeline stages of ``stage_examples`` in every slot (registered in this process)."""
     groups = muonkit.param_groups(model, split={"qkv.weight": 3})
-    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, executor=executor)
+    extra = stage_examples.register() if stages else {}
+    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, executor=executor, **extra)
 
 
 def _single(steps=STEPS):
@@ -45,7 +48,7 @@ def _worker(rank, world, out, task):
     ddp = nn.parallel.DistributedDataParallel(model)
     zero = task.startswith("zero")
     executor = ReplicatedExecutor(exchange="all_reduce" if task == "all_reduce" else "all_gather", shard_state=zero)
-    opt = _optimizer(model, executor)
+    opt = _optimizer(model, executor, stages=task == "zero-stages")
     first, steps = 0, STEPS
     if task in ("resume", "zero-resume"):
         ckpt = torch.load(f"{out}/{source}.ckpt", weights_only=False)
@@ -89,7 +92,7 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoints."""
     out = tmp_path_factory.mktemp("ddp")
-    runs = {2: spawn(_worker, 2, out, ["train", "zero", "zero-save", "save", "accumulate", "nan"])}
+    runs = {2: spawn(_worker, 2, out, ["train", "zero", "zero-save", "save", "accumulate", "nan", "zero-stages"])}
     runs[3] = spawn(_worker, 3, out, ["train", "all_reduce", "zero", "zero-resume:zero-save", "resume:zero-save",
                                       "resume:save"])  # fmt: skip
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
@@ -154,6 +157,17 @@ def test_zero1_state_sharding_equals_single_process(world, runs, reference):
             assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), (world, name)
     # each rank holds only its rows of the momentum (fc.weight has 24 rows)
     assert [r["buffer_rows"] for r in results] == shard_rows(24, world)
+
+
+def test_zero1_runs_the_pipelines_added_stages_as_one_process_does(runs):
+    """Stages added to every slot of the step pipeline run under ZeRO-1 state sharding (momentum rows here, NS on
+    the owner, the update stage on the whole matrices) as in one process; and they change the trajectory."""
+    with_stages = single_run(Net, lambda m: _optimizer(m, stages=True))
+    plain = _single()
+    for r in runs[2]["zero-stages"]:
+        for name, value in with_stages.items():
+            assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), name
+    assert not torch.allclose(with_stages["fc.weight"], plain["fc.weight"], atol=1e-3)
 
 
 @pytest.mark.parametrize("resume", ["zero-resume", "resume"])

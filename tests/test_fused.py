@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from muonkit.accel import fused
 from muonkit.newton_schulz import _frobenius_normalise
-from muonkit.optim import functional, plans, stages
+from muonkit.optim import functional, pipeline, plans, stages
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -184,7 +184,7 @@ def test_scaled_update_matches_torch(launchers, p_dtype, decay, transposed):
     p = _mats(params, rows, cols, parts)
     ref = [v.clone() for v in p.views()]
     upd = [torch.mul(o, 0.37, out=torch.empty(o.shape, device=DEVICE)) for o in O.unbind(0)]  # as ns_jobs does
-    stages.apply_update(ref, upd, lr=1.0, weight_decay=1 - decay)
+    pipeline.apply_update(ref, upd, lr=1.0, weight_decay=1 - decay)
     fused.scaled_update(p, O, scale=0.37, decay=decay, update_dtype=torch.float32)
     # bfloat16 parameters: within one rounding (torch's CPU mul_ rounds the decay scalar to bfloat16 first)
     for got, want in zip(p.views(), ref):

@@ -24,7 +24,8 @@ def test_functional_step_defaults_are_the_records():
     optional = {n for n, p in inspect.signature(functional.muon_step).parameters.items() if p.default is not p.empty}
     assert set(functional._STEP_DEFAULTS) == optional
     shared = optional & set(options.DEFAULTS)
-    assert shared == {"ns_dtype", "method", "restarts", "matrix_view", "split", "max_batch"}
+    ns = {"ns_dtype", "method", "restarts", "matrix_view", "split", "max_batch"}
+    assert shared == ns | {"precondition", "postscale", "update"}
     assert all(functional._STEP_DEFAULTS[n] == options.DEFAULTS[n] for n in shared)
 
 
@@ -42,6 +43,9 @@ BAD = {
     "max_batch": 0,
     "nesterov": "yes",
     "momentum_dtype": torch.int64,
+    "precondition": "no-such-stage",
+    "postscale": None,
+    "update": "adamw",
 }
 
 
@@ -57,6 +61,7 @@ WRONG_TYPES = [  # values of the wrong type that float() or == would have let th
     ("max_batch", True),
     ("adjust_lr", "sqrt"),
     ("ns_dtype", "bf16"),
+    ("postscale", ["none"]),
 ]
 
 

@@ -205,12 +205,28 @@ def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor)
     return _divided(_times(X, _polynomial(A, coefs)), divisor)
 
 
+def newton_schulz_plain(X: Tensor, rows: Sequence[Sequence[float]]) -> Tensor:
+    """The NS iteration as written, in plain torch, for a batch ``X`` (b, m, n), m <= n, already normalised:
+    per row of coefficients ``(a, b, c, ...)``, ``A = X X^T`` and ``X = a X + (b A + c A^2 + ...) X``. What runs
+    on CPU and wherever the Triton kernel does not (``_newton_schulz`` adds the kernel's fast path)."""
+    for a, *higher in rows:
+        A = X @ X.mT
+        if len(higher) == 1:  # cubic: X = a X + b A X
+            X = torch.baddbmm(X, A, X, beta=a, alpha=higher[0])
+        else:
+            B = _poly_in_gram(A, higher)  # B = b A + c A^2 + ...
+            X = torch.baddbmm(X, B, X, beta=a)  # X = a X + B X
+    return X
+
+
 def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], divisor: Tensor | None = None) -> Tensor:
     """Apply one odd polynomial per row to the singular values of each matrix of ``X`` (b, m, n), m <= n.
 
     Per step, with ``A = X X^T``: ``X = (a I + b A + c A^2 + ...) X``, i.e. ``p(s) = a s + b s^3 + c s^5 + ...``
     on every singular value ``s``. ``divisor``: ``X`` is unnormalised and the input is ``X / divisor``.
     """
+    if divisor is None and not (kernels.use_kernel(X) or kernels.use_kernel(X, has_y=True)):  # no Triton kernel here
+        return newton_schulz_plain(X, rows)
     if divisor is not None:
         if not rows:
             return _divided(X, divisor)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -74,17 +74,26 @@ def muon_reference_step(
     rows: Sequence[Sequence[float]],
     eps: float = 1e-7,
     adjust: str | None = "original",
+    precondition: Callable[[Tensor], Tensor] | None = None,
+    postscale: Callable[[Tensor], Tensor] | None = None,
+    update: Callable[[Tensor, Tensor, float, float], None] | None = None,
 ) -> None:
     """One Muon step on 2-D parameters, as a plain loop (float64 Newton-Schulz).
 
     ``buf <- mu buf + (1 - mu) g``; update ``g + mu (buf - g)`` with Nesterov else ``buf``;
-    ``p <- p (1 - lr wd) - lr_adj NS(update)``.
+    ``p <- p (1 - lr wd) - lr_adj NS(update)``. ``precondition`` / ``postscale`` (one matrix -> one matrix) and
+    ``update`` (``update(p, lr_adj * O, lr, wd)``, in place): the references of the pipeline's stages in those
+    slots (``muonkit.optim.pipeline``), where a step uses other stages than the defaults.
     """
     with torch.no_grad():
         for p, g, buf in zip(params, grads, bufs):
             buf.mul_(momentum).add_(g, alpha=1 - momentum)
             u = g + momentum * (buf - g) if nesterov else buf
+            if precondition is not None:
+                u = precondition(u)
             O = newton_schulz_loop(u, rows, eps)
+            if postscale is not None:
+                O = postscale(O)
             rows_, cols_ = p.shape
             if adjust == "original":
                 scale = math.sqrt(max(1.0, rows_ / cols_))
@@ -92,5 +101,8 @@ def muon_reference_step(
                 scale = 0.2 * math.sqrt(max(rows_, cols_))
             else:
                 scale = 1.0
+            if update is not None:
+                update(p, lr * scale * O, lr, weight_decay)
+                continue
             p.mul_(1 - lr * weight_decay)
             p.add_(O.to(p.dtype), alpha=-lr * scale)

@@ -28,13 +28,13 @@ from ..newton_schulz import (
     default_ns_dtype,
 )
 from .options import NS_OPTIONS
+from .pipeline import SLOTS, fused_stages, get_stage
 from .plans import _fused_muon_steps, _remember, _Remembered, _remembered_plan, _state_key, _streams
 from .stages import (
     AdjustLR,
     Executor,
     SplitSpec,
     StepCall,
-    apply_update,
     momentum_update,
     ns_jobs,
     run_all,
@@ -62,10 +62,15 @@ def muon_step(
     matrix_view: str = "flatten",
     split: SplitSpec = None,
     max_batch: int | None = None,
+    precondition: str = SLOTS["precondition"],
+    postscale: str = SLOTS["postscale"],
+    update: str = SLOTS["update"],
     executor: Executor | None = None,
     stats: dict[str, list[Tensor]] | None = None,
 ) -> None:
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
+
+    ``precondition``, ``postscale``, ``update``: the stages of those pipeline slots, by name (``pipeline``).
 
     With ``stats`` (a dict), each job appends device tensors, no host sync: ``"orth_error"`` the largest
     ``||O O^T - I||_F / sqrt(min(m, n))`` of its NS outputs (0 for an exact polar factor of full rank),
@@ -94,7 +99,7 @@ def _torch_muon_step(
     parts = getattr(executor, "parts", 1)
     jobs = ns_jobs(updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], parts=parts, stats=opts["stats"], **ns)
     (executor or run_all)(jobs)
-    apply_update(params, outputs, opts["lr"], opts["weight_decay"])
+    get_stage("update", opts["update"]).fast(params, outputs, opts["lr"], opts["weight_decay"])
 
 
 # muon_step's optional arguments and their defaults, for the calls of muon_steps that leave them out
@@ -139,6 +144,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
         if (
             opts["executor"] is None
             and opts["method"] != "svd"
+            and fused_stages(opts)
             and _fused_step_applies(params, grads, bufs, opts["ns_dtype"])
         ):
             fused_calls.append((params, grads, bufs, opts))

@@ -71,6 +71,10 @@ class Muon(Optimizer):
             is orthogonalized separately (fused QKV). Usually set per group.
         momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
         max_batch: at most this many same-shape matrices per batched NS call (``None``: no cap).
+        precondition, postscale, update: the stages of the step pipeline's slots, by name
+            (``muonkit.optim.pipeline``): a transformation of each batch of matrices before NS and of NS's
+            output after it (``"none"`` by default), and the weight update (``"decoupled"`` weight decay). A
+            variant of Muon is a stage registered there; groups may choose their own.
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` (default; ``NonFiniteGradientError``
             naming the parameters, nothing updated), ``"skip"`` (skip the whole step, count it in
             ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
@@ -116,6 +120,9 @@ class Muon(Optimizer):
         split: int | list[int] | None = None,
         momentum_dtype: torch.dtype | None = torch.float32,
         max_batch: int | None = None,
+        precondition: str = "none",
+        postscale: str = "none",
+        update: str = "decoupled",
         nonfinite: str = "raise",
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
@@ -164,6 +171,9 @@ class Muon(Optimizer):
             "split": split,
             "momentum_dtype": momentum_dtype,
             "max_batch": max_batch,
+            "precondition": precondition,
+            "postscale": postscale,
+            "update": update,
         }
         super().__init__(params, defaults)
         on_cuda = any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"])

@@ -17,6 +17,7 @@ import torch
 
 from ..coefficients import as_preset
 from ..newton_schulz import METHODS, NS_DTYPES, restart_positions
+from .pipeline import SLOTS, stage_names
 
 __all__ = ["ADJUST_LR_MODES", "DEFAULTS", "MATRIX_VIEWS", "NS_OPTIONS", "OPTIONS", "Option", "group_errors"]
 
@@ -60,6 +61,18 @@ def _coefficients_error(name: str, value: Any) -> str | None:
 
 def _unchecked(name: str, value: Any) -> str | None:
     return None
+
+
+def _stage(slot: str) -> Callable[[str, Any], str | None]:
+    """The check of a pipeline slot's option (``pipeline.SLOTS``): the name of a stage registered in the slot,
+    read when checked, so that stages registered after import count."""
+
+    def check(name: str, value: Any) -> str | None:
+        choices = stage_names(slot)
+        ok = isinstance(value, str) and value in choices
+        return None if ok else f"{name} must be one of {choices}, got {value!r}"
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,7 @@ OPTIONS: tuple[Option, ...] = (
         in_plan=False,
         ns=False,
     ),
+    *(Option(slot, default, _stage(slot), ns=slot != "update") for slot, default in SLOTS.items()),
 )
 DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 NS_OPTIONS: dict[str, Any] = {o.name: o.default for o in OPTIONS if o.ns}

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..newton_schulz import default_ns_dtype
 from .options import NS_OPTIONS
-from .stages import apply_update, lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
+from .pipeline import SLOTS, get_stage
+from .stages import lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 
 __all__ = ["any_rank", "assign_jobs", "gather_rows", "is_sharded", "local", "my_rows", "shard_rows",
            "sharded_muon_step", "zero_muon_step"]  # fmt: skip
@@ -181,6 +182,7 @@ def sharded_muon_step(
     nesterov: bool,
     weight_decay: float,
     adjust_lr: Any,
+    update: str = SLOTS["update"],
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
@@ -221,7 +223,7 @@ def sharded_muon_step(
         ):
             new_updates[i] = o
     assert all(u is not None for u in new_updates)
-    apply_update(local_params, new_updates, lr, weight_decay)  # type: ignore[arg-type]
+    get_stage("update", update).fast(local_params, new_updates, lr, weight_decay)
 
 
 def zero_muon_step(
@@ -235,6 +237,7 @@ def zero_muon_step(
     nesterov: bool,
     weight_decay: float,
     adjust_lr: Any,
+    update: str = SLOTS["update"],
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
@@ -273,7 +276,7 @@ def zero_muon_step(
         for i, u in zip(order, finish().unbind(0)):
             full_updates[i] = u
     assert all(u is not None for u in full_updates)
-    apply_update(params, full_updates, lr, weight_decay)  # type: ignore[arg-type]
+    get_stage("update", update).fast(params, full_updates, lr, weight_decay)
 
 
 def _start_row_gather(

@@ -2,9 +2,11 @@
 
     momentum          buf <- buf.lerp(g, 1 - mu); u <- g.lerp(buf, mu) if nesterov else buf     momentum_update
     matrices          conv kernels flattened, stacks batched, fused rows split                  matrix_parts
+    [precondition]    X -> X' per batch of matrices (a pipeline slot; default: none)            ns_jobs
     orthogonalize     same-shape matrices batched, O = orthogonalize(u) per batch               ns_jobs, ns_batches
-    post-scaling      O * lr_scale(adjust_lr, lr, (rows, cols))                                ns_jobs (lr_scale)
-    weight update     p <- p (1 - lr wd) - update                                               apply_update
+    [postscale]       O -> O' per batch (a pipeline slot; default: none)                        ns_jobs
+    lr scale          O * lr_scale(adjust_lr, lr, (rows, cols))                                ns_jobs (lr_scale)
+    weight update     p <- p (1 - lr wd) - update (a pipeline slot; default: decoupled)         pipeline
 
 ``reference.muon_reference_step`` is the plain-loop reference every path is tested against; ``functional`` runs
 these stages (the torch path) or hands the step to the fused CUDA plans (``plans``), which compute the same stages
@@ -31,6 +33,7 @@ from ..newton_schulz import (
     orthogonalize_stack,
 )
 from .options import ADJUST_LR_MODES
+from .pipeline import SLOTS, get_stage
 
 __all__ = [
     "AdjustLR",
@@ -39,7 +42,6 @@ __all__ = [
     "StepCall",
     "adamw_step",
     "all_finite",
-    "apply_update",
     "lr_scale",
     "matrix_offsets",
     "matrix_parts",
@@ -168,12 +170,15 @@ def ns_jobs(
     matrix_view: str = "flatten",
     split: SplitSpec = None,
     max_batch: int | None = None,
+    precondition: str = SLOTS["precondition"],
+    postscale: str = SLOTS["postscale"],
     parts: int = 1,
     stats: dict[str, list[Tensor]] | None = None,
     report_lr: tuple[float, AdjustLR] | None = None,
 ) -> list[Job]:
-    """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * orthogonalize(u)`` into
-    ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an executor.
+    """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * postscale(orthogonalize(
+    precondition(u)))`` into ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an
+    executor. ``precondition`` / ``postscale``: stage names of those pipeline slots (``pipeline``).
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are stacked into calls of
     at most ``max_batch`` (``None``: all, cut into ``parts`` pieces so that a distributed executor can
@@ -187,6 +192,7 @@ def ns_jobs(
 
     preset = as_preset(coefficients)
     rows = preset.schedule(ns_steps)
+    pre, post = get_stage("precondition", precondition), get_stage("postscale", postscale)
 
     def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
         srcs = [src for src, _ in pairs]
@@ -194,11 +200,15 @@ def ns_jobs(
             for _, dst in pairs:
                 dst.zero_()
             return
+        if pre.name != SLOTS["precondition"]:
+            srcs = list(pre.fast(torch.stack(srcs).reshape(-1, *shape[-2:])).reshape(len(srcs), *shape).unbind(0))
         if method == "svd":
             ortho = orthogonalize(torch.stack(srcs), method="svd")
         else:  # possibly a CUDA graph's static output: consumed below
             ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method, restarts)
             ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
+        if post.name != SLOTS["postscale"]:
+            ortho = post.fast(ortho.reshape(-1, *shape[-2:])).reshape(len(srcs), *shape)
         for (_, dst), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
         if stats is not None:
@@ -272,13 +282,6 @@ def ns_flops(shape: Sequence[int], steps: int = 1) -> int:
     """FLOPs of ``steps`` standard quintic NS steps on a (batch of) matrix of ``shape``: 4 m^2 n + 2 m^3, m <= n."""
     m, n = sorted(shape[-2:])
     return (4 * m * m * n + 2 * m**3) * math.prod(shape[:-2]) * steps
-
-
-def apply_update(params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float) -> None:
-    """``p <- p (1 - lr wd) - update`` for every parameter (the update already carries its lr)."""
-    if weight_decay != 0:
-        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
-    torch._foreach_sub_(list(params), [u.to(p.dtype) for u, p in zip(updates, params)])
 
 
 def adamw_step(
