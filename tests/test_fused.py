@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from muonkit.accel import fused
-from muonkit.newton_schulz import _frobenius_normalise
+from muonkit.newton_schulz.iteration import _frobenius_normalise
 from muonkit.optim import functional, pipeline, plans, stages
 
 CUDA = torch.cuda.is_available()

@@ -188,7 +188,7 @@ def test_gram_equals_plain_newton_schulz_in_float64(name, shape, restarts):
 def test_unnormalised_input_with_divisors_equals_dividing_first(method, restarts, name):
     """NS on ``X / d`` given undivided ``X`` and ``d`` (the fused step's bf16 path folds ``d`` into the products):
     the same result as dividing first, for every schedule form (quintic, cubic) and restart placement."""
-    from muonkit.newton_schulz import _iterate
+    from muonkit.newton_schulz.iteration import _iterate
 
     rows = [(1.5, -0.5)] * 5 if name == "cubic" else C.as_preset(name).schedule(5)
     torch.manual_seed(1)
@@ -218,8 +218,8 @@ def test_upper_tile_chain_gives_cublas_whole_matrices(method, restarts, steps, m
     (``upper_in``). Every matrix that cuBLAS multiplies (Q X at a restart and at the end, P X) or that a
     product reads whole must have been written whole, else NaN reaches the result; with and without divisors,
     for every restart placement."""
-    from muonkit import newton_schulz as ns
     from muonkit.accel import kernels
+    from muonkit.newton_schulz import iteration as ns
 
     positions = ns.restart_positions(restarts, steps) if method == "gram" else ()
     tile = 4

@@ -47,7 +47,7 @@ def main() -> None:
 
         def run(chunk: int, X: torch.Tensor = X, d: torch.Tensor = d, b: int = b) -> list[torch.Tensor]:
             return [
-                newton_schulz._gram_newton_schulz(X[i : i + chunk], rows, restarts, d[i : i + chunk])
+                newton_schulz.iteration._gram_newton_schulz(X[i : i + chunk], rows, restarts, d[i : i + chunk])
                 for i in range(0, b, chunk)
             ]
 

@@ -111,8 +111,8 @@ def main() -> None:
 
             def run(method: str = method, X: torch.Tensor = X, d: torch.Tensor = d) -> torch.Tensor:
                 if method == "gram":
-                    return newton_schulz._gram_newton_schulz(X, rows, restarts, d)
-                return newton_schulz._newton_schulz(X, rows, d)
+                    return newton_schulz.iteration._gram_newton_schulz(X, rows, restarts, d)
+                return newton_schulz.iteration._newton_schulz(X, rows, d)
 
             out: dict[bool, torch.Tensor] = {}
             ms: dict[bool, float] = {}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import coefficients as C
-from ..newton_schulz import _newton_schulz, orthogonalize
+from ..newton_schulz import newton_schulz_plain, orthogonalize
 from .bounds import muon_bound, muon_hyperparameters, sgd_momentum_rate
 from .constants import schedule_epsilon, taylor_epsilon
 
@@ -222,7 +222,7 @@ def _orth_update(kind: str, M: torch.Tensor, q: int = 3, kappa: int = 2) -> torc
 def _ns_paper(X: torch.Tensor, q: int, kappa: int) -> torch.Tensor:
     """q steps of ``X <- X p_kappa(X^T X)`` without renormalising (the caller scaled X already)."""
     tall = X.shape[0] > X.shape[1]
-    Y = _newton_schulz((X.mT if tall else X).unsqueeze(0), [C.taylor_row(kappa)] * q)[0]
+    Y = newton_schulz_plain((X.mT if tall else X).unsqueeze(0), [C.taylor_row(kappa)] * q)[0]
     return Y.mT if tall else Y
 
 

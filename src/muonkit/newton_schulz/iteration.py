@@ -1,42 +1,22 @@
-"""``orthogonalize``: approximate polar factor by odd-polynomial Newton-Schulz iterations.
+"""The Newton-Schulz iterations themselves, on a batch ``X`` of shape ``(b, m, n)`` with ``m <= n``.
 
-For ``G = U S V^T`` the polar factor is ``U V^T``. Newton-Schulz (NS) never forms the SVD: after
-scaling ``G`` so every singular value lies in ``(0, 1]`` it applies, per step, an odd polynomial to
-the singular values using matrix products only (Jordan 2024; Bernstein & Newhouse 2024):
-
-    A = X X^T
-    X = a X + (b A + c A^2 + ...) X          # f(x) = a x + b x^3 + c x^5 + ... on each singular value
-
-The input is transposed so that ``X`` has at most as many rows as columns, which makes ``A`` the
-smaller of the two Gram matrices.
+``newton_schulz_plain`` is the formula as written, in plain torch (``A = X X^T``; ``X = a X + (b A + c A^2) X``);
+``_newton_schulz`` is the same iteration with the symmetric-product kernel of ``muonkit.accel.kernels`` where it
+applies, and ``_gram_newton_schulz`` the same polynomials iterated on the Gram matrix. Also here: the NS
+precision's default, the Frobenius normalisation and Gram NS's restart positions.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .accel import cuda_graphs, kernels
-from .coefficients import CoefficientSpec, as_preset
-from .reference import polar_svd
+from ..accel import kernels
 
-__all__ = [
-    "METHODS",
-    "NS_DTYPES",
-    "default_ns_dtype",
-    "filled_graph_key",
-    "gram_restarts",
-    "orthogonalize",
-    "orthogonalize_batch",
-    "orthogonalize_filled",
-    "orthogonalize_stack",
-    "restart_positions",
-]
+__all__ = ["METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts", "newton_schulz_plain",
+           "restart_positions"]  # fmt: skip
 
 METHODS = ("newton_schulz", "gram", "svd")
 Restarts = Sequence[int] | None
@@ -281,238 +261,6 @@ def _gram_newton_schulz(
         if i < last and i + 1 not in restarts:
             R = _times_symmetric(_times_symmetric(R, poly, upper=up, upper_out=up), poly, upper=up, upper_out=up)
     return _divided(X, divisor) if Q is None else Q @ X
-
-
-def orthogonalize(
-    G: Tensor,
-    coefficients: CoefficientSpec = "jordan",
-    steps: int | None = None,
-    *,
-    method: str = "newton_schulz",
-    dtype: torch.dtype | None = None,
-    eps: float = 1e-7,
-    restarts: Restarts = None,
-) -> Tensor:
-    """Approximate polar factor ``U V^T`` of every matrix in ``G``.
-
-    Args:
-        G: tensor of shape ``(..., m, n)``; every leading index is an independent matrix.
-        coefficients: a preset name (see ``muonkit.coefficients.list_presets()``), a ``Preset``,
-            one row ``(a, b, c, ...)`` or a sequence of per-step rows. Any odd degree >= 3.
-        steps: number of NS steps; ``None`` means the preset's own default (5 for fixed presets).
-            A schedule shorter than ``steps`` repeats its last row.
-        method: ``"newton_schulz"``, ``"gram"`` (the same polynomials iterated on the Gram matrix: fewer
-            FLOPs for rectangular inputs, equal to plain NS up to rounding) or ``"svd"`` (exact polar factor).
-        dtype: precision of the NS matrix products. ``None``: bfloat16 on CUDA, float32 elsewhere
-            (float64 input stays float64). Normalisation is always done in at least float32.
-        eps: added to the Frobenius norm before dividing (a zero matrix maps to zero).
-        restarts: ``method="gram"`` only: the steps (1 to ``steps - 1``) before which X is re-formed and R
-            recomputed. ``None``: :func:`gram_restarts` of the step count ((3,) for 5 steps, chosen by
-            measurement; Dao-AILab's gram-newton-schulz uses (2,), which was up to 12x less accurate than
-            plain NS on ill-conditioned inputs in bf16, ``gram_restarts_sweep_768x3072_h100.json`` in
-            ``benchmarks/dev/results``).
-            Checked for every method: a position outside the schedule raises ``ValueError``.
-
-    Returns:
-        A tensor of ``G``'s shape and dtype.
-    """
-    if not isinstance(G, Tensor):
-        raise TypeError(f"orthogonalize expects a torch.Tensor, got {type(G).__name__}")
-    if G.ndim < 2:
-        raise ValueError(f"orthogonalize needs a matrix or a batch of matrices (..., m, n); got shape {tuple(G.shape)}")
-    if G.is_complex():
-        raise ValueError("orthogonalize supports real tensors only; got a complex tensor")
-    if not G.is_floating_point():
-        raise TypeError(f"orthogonalize needs a floating-point tensor, got {G.dtype}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if dtype is not None and dtype not in NS_DTYPES:
-        raise ValueError(f"dtype must be one of {NS_DTYPES} or None, got {dtype}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-    if method == "svd":
-        return polar_svd(G, dtype)
-
-    preset = as_preset(coefficients)
-    rows = preset.schedule(steps)
-    if G.numel() == 0:
-        return G.clone()
-    ns_dtype = dtype or default_ns_dtype(G.device, G.dtype)
-    m, n = G.shape[-2:]
-    X = orthogonalize_batch(
-        G.reshape(-1, m, n), rows, preset.norm_scale, eps, ns_dtype, method, restarts, fresh=G.dtype == ns_dtype
-    )
-    return X.reshape(G.shape).to(G.dtype)  # a copy unless fresh
-
-
-def orthogonalize_batch(
-    G: Tensor,
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-    *,
-    fresh: bool = True,
-) -> Tensor:
-    """The unchecked core of ``orthogonalize`` for a 3-D batch ``(b, m, n)``; returns ``ns_dtype``.
-
-    For callers that already validated their input and resolved the schedule (the optimizer step).
-    Gram NS is used only for rectangular matrices: on square ones it saves nothing.
-
-    Eager CUDA calls replay a cached CUDA graph where ``muonkit.accel.cuda_graphs`` allows it; with
-    ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
-    same shape on the same stream (for callers that consume it at once).
-    """
-    return _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts).run(G, fresh)
-
-
-def orthogonalize_stack(
-    parts: Sequence[Tensor],
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-) -> Tensor:
-    """``orthogonalize_batch(torch.stack(parts))`` for same-shape ``parts`` (``(..., m, n)`` each), returned as
-    ``(b, m, n)`` with ``fresh=False`` semantics. When a cached CUDA graph replays the call, the parts are
-    stacked straight into its static input (one copy fewer than stacking first)."""
-    m, n = parts[0].shape[-2:]
-    stack_shape = (len(parts), *parts[0].shape)
-    b = math.prod(stack_shape[:-2])
-    call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
-    if any(p.requires_grad for p in parts) and torch.is_grad_enabled():
-        return call.eager(torch.stack(list(parts)).reshape(b, m, n))
-
-    def fill(X: Tensor) -> None:
-        torch.stack(list(parts), out=X.view(stack_shape))
-
-    return call.filled(fill, (b, m, n), parts[0].dtype, parts[0].device)
-
-
-def orthogonalize_filled(
-    fill: Callable[..., object],
-    shape: tuple[int, int, int],
-    rows: Sequence[Sequence[float]],
-    ns_dtype: torch.dtype,
-    device: torch.device,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-    unnormalised: bool = False,
-) -> Tensor:
-    """NS on a ``(b, m, n)`` batch, ``m <= n``, that ``fill(X)`` writes into ``X`` (``ns_dtype``) already
-    normalised (every singular value in ``(0, 1]``; the fused momentum kernel does that). Returned with
-    ``fresh=False`` semantics: on a cached CUDA graph, ``fill`` writes straight into its static input.
-
-    ``unnormalised``: ``fill(X, d)`` writes the input undivided into ``X`` and each matrix's divisor into ``d``
-    (float32, ``(b,)``); NS works on ``X / d`` without a pass that divides ``X`` (the divisors go into the
-    first products' float32 epilogues). For ``ns_dtype`` with float32's range (bf16, float32), and inside a
-    captured sequence or where graphs are off: no cached NS graph is used."""
-    if shape[-2] > shape[-1]:
-        raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
-    if unnormalised:
-        X = torch.empty(shape, dtype=ns_dtype, device=device)
-        d = torch.empty(shape[0], dtype=torch.float32, device=device)
-        positions = restart_positions(restarts, len(rows))
-        fill(X, d)
-        return _iterate(X, rows, method, positions, d)
-    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
-
-
-def filled_graph_key(
-    shape: tuple[int, int, int], rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, device: torch.device,
-    method: str = "newton_schulz", restarts: Restarts = None,
-) -> tuple:  # fmt: skip
-    """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
-    current stream)."""
-    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).key(shape, ns_dtype, device)
-
-
-@dataclass(frozen=True)
-class _NSCall:
-    """What an NS call computes, apart from its input: run it eagerly, or find or capture its CUDA graph."""
-
-    rows: tuple[tuple[float, ...], ...]
-    norm_scale: float
-    eps: float
-    ns_dtype: torch.dtype
-    method: str
-    restarts: tuple[int, ...]
-    prenormalised: bool = False  # the input is already normalised, in ns_dtype, with m <= n
-
-    @classmethod
-    def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
-           method: str, restarts: Restarts, prenormalised: bool = False) -> _NSCall:  # fmt: skip
-        rows_ = tuple(tuple(float(c) for c in r) for r in rows)
-        return cls(rows_, norm_scale, eps, ns_dtype, method, restart_positions(restarts, len(rows_)), prenormalised)
-
-    @classmethod
-    def prenormalised_call(cls, rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, method: str,
-                           restarts: Restarts) -> _NSCall:  # fmt: skip
-        """The call ``orthogonalize_filled`` makes: input already normalised in ``ns_dtype``, ``m <= n``."""
-        return cls.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
-
-    def key(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> tuple:
-        """The graph-cache key of this call on an input of ``shape``, ``dtype`` on ``device`` (current stream)."""
-        return (device, cuda_graphs.stream_key(device), tuple(shape), dtype, self, kernels.get_mode())
-
-    def graphed(self, G: Tensor) -> cuda_graphs.Graphed | None:
-        """The cached CUDA graph of this call on ``G`` (captured on first use), or ``None`` to run it eagerly."""
-        b, m, n = G.shape
-        k = min(m, n)
-        itemsize = torch.empty((), dtype=self.ns_dtype).element_size()
-        estimate = G.nbytes + 3 * b * (m * n + k * k) * itemsize  # static input + X, A, P and the next X
-        build = functools.partial(cuda_graphs.capture, self.eager, G, warmup=kernels.capture_warmup)
-        return cuda_graphs.cache.get(self.key(G.shape, G.dtype, G.device), estimate, build)
-
-    def filled(self, fill: Callable[[Tensor], object], shape: tuple[int, int, int], dtype: torch.dtype,
-               device: torch.device) -> Tensor:  # fmt: skip
-        """This call on the ``(b, m, n)`` input that ``fill(X)`` writes; ``fresh=False`` semantics. A cached
-        graph's static input is filled directly; otherwise a new tensor is, then run as ``orthogonalize_batch``."""
-        if cuda_graphs.graphable_on(device):
-            entry = cuda_graphs.cache.peek(self.key(shape, dtype, device))
-            if entry is not None:
-                fill(entry.input)
-                entry.graph.replay()
-                return entry.output
-        X = torch.empty(shape, dtype=dtype, device=device)
-        fill(X)
-        return self.run(X)
-
-    def run(self, G: Tensor, fresh: bool = False) -> Tensor:
-        """This call on ``G``: a cached graph's replay where allowed (its static output unless ``fresh``), else
-        eagerly."""
-        if cuda_graphs.graphable(G):
-            entry = self.graphed(G)
-            if entry is not None:
-                out = entry.run(G)
-                return out.clone() if fresh else out
-        return self.eager(G)
-
-    def eager(self, G: Tensor) -> Tensor:
-        if self.prenormalised:
-            return _iterate(G, self.rows, self.method, self.restarts)
-        return _orthogonalize_eager(G, self.rows, self.norm_scale, self.eps, self.ns_dtype, self.method, self.restarts)
-
-
-def _orthogonalize_eager(
-    G: Tensor,
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str,
-    restarts: Sequence[int],
-) -> Tensor:
-    transposed = G.shape[-2] > G.shape[-1]
-    if transposed:
-        G = G.mT
-    X = _iterate(_frobenius_normalise(G, norm_scale, eps, ns_dtype), rows, method, restarts)
-    return X.mT if transposed else X
 
 
 def _iterate(
