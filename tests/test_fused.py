@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from muonkit.accel import fused
 from muonkit.newton_schulz.iteration import _frobenius_normalise
-from muonkit.optim import functional, pipeline, plans, stages
+from muonkit.optim import functional, pipeline, plans, stages, tuning
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -315,7 +315,7 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
         torch.testing.assert_close(s0[k], s1[k], rtol=1e-4, atol=1e-6)
     base = dict(lr=1.0, momentum=0.9, nesterov=True, weight_decay=0.0, coefficients="jordan", ns_steps=5,
                 adjust_lr=None, eps=1e-7, max_batch=max_batch)  # fmt: skip
-    planned = plans.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
+    planned = tuning.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
     # 16 x 16: 3 QKV parts + 1 + 1; 16 x 48: 2 + 1 (48 x 16 ones transposed): two batches, or cut into threes
     assert sorted(planned) == ([(3, 16, 48), (5, 16, 16)] if max_batch is None else [(2, 16, 16), (3, 16, 16),
                                                                                       (3, 16, 48)])  # fmt: skip

@@ -441,7 +441,7 @@ def test_gram_restarts_option_reaches_the_orthogonalization():
     key): each first update equals ``orthogonalize(..., restarts=...)`` of the same momentum, ``None`` equals
     the default placement written out, and another placement gives another update (bf16, low rank)."""
     from muonkit.optim.functional import _STEP_DEFAULTS
-    from muonkit.optim.plans import _merge_key
+    from muonkit.optim.plans import merge_key
 
     gen = torch.Generator().manual_seed(3)
     low_rank = torch.randn(16, 2, generator=gen) @ torch.randn(2, 48, generator=gen)
@@ -461,7 +461,7 @@ def test_gram_restarts_option_reaches_the_orthogonalization():
     # the fused path's batches: placements that differ are different NS problems; None and (3,) are one
     schedule = tuple(tuple(r) for r in muonkit.coefficients.schedule("jordan"))
     opts = {**_STEP_DEFAULTS, "method": "gram", "max_batch": None}
-    key = {r: _merge_key(16, 48, torch.bfloat16, schedule, {**opts, "restarts": r}) for r in (None, (3,), (2, 4))}
+    key = {r: merge_key(16, 48, torch.bfloat16, schedule, {**opts, "restarts": r}) for r in (None, (3,), (2, 4))}
     assert key[None] == key[(3,)] != key[(2, 4)]
 
 

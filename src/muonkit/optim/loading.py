@@ -1,13 +1,18 @@
-"""What ``Muon.load_state_dict`` and ``Muon.step`` check of saved or stored state before anything changes."""
+"""``Muon``'s state and groups: what it checks before anything changes (a group being added, ``check_group``; a
+state dict being loaded, ``_check_loadable``; a stored momentum buffer at each step, ``_check_buffer``), how its
+state dict is written and restored (``whole_buffers``, ``restore_after_load``), and marking state static."""
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from .options import DEFAULTS, group_errors
-from .sharded import is_sharded, shard_rows
+from .sharded import gather_rows, is_sharded, my_rows, shard_rows
+from .stages import matrix_parts
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -96,3 +101,98 @@ def _check_buffer(opt: Muon, group: dict[str, Any], p: Tensor, buf: Any, rows_on
     gi = next(i for i, g in enumerate(opt.param_groups) if g is group)
     _check_tensor(opt._param_name(group, gi, next(k for k, q in enumerate(group["params"]) if q is p)),
                   "momentum_buffer", buf, want)  # fmt: skip
+
+
+def check_group(opt: Muon, group: dict[str, Any], gi: int) -> None:
+    """Raise ``ValueError`` naming the group or parameter unless a group being added is one ``opt`` can step:
+    valid options (``options.group_errors``), floating parameters with storage, and for Muon real matrices whose
+    views and splits work (``stages.matrix_parts``)."""
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"param group {gi} ({group['algorithm']}): {message}")
+
+    errors = group_errors(group)
+    check(not errors, "; ".join(errors))
+    for i, p in enumerate(group["params"]):
+        name = opt._param_name(group, gi, i)
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"parameter {name} has dtype {p.dtype}; optimizers step floating-point parameters")
+        if p.device.type == "meta":
+            raise ValueError(
+                f"parameter {name} is on the meta device (no storage): build the optimizer after the model's "
+                "parameters are materialized (e.g. model.to_empty(device=...) and initialised)"
+            )
+    if group["algorithm"] == "adamw":
+        return
+    for i, p in enumerate(group["params"]):
+        name = opt._param_name(group, gi, i)
+        if p.ndim < 2:
+            raise ValueError(
+                f"Muon needs matrices, but parameter {name} has shape {tuple(p.shape)}. Put 0-D/1-D "
+                "parameters (biases, norm gains) in an algorithm='adamw' group: "
+                "muonkit.param_groups(model) does this for you."
+            )
+        if p.is_complex():
+            raise ValueError(f"parameter {name} is complex; Muon supports real parameters only")
+        try:
+            matrix_parts(_meta(p), group["matrix_view"], group["split"])
+        except ValueError as err:
+            raise ValueError(f"parameter {name} of shape {tuple(p.shape)}: {err}") from None
+
+
+def _static(*tensors: Tensor) -> None:
+    """Tell torch.compile the state lives at a fixed address, as torch.optim does for its state: the
+    compiled step may then mutate it inside a CUDA graph (mode="reduce-overhead") instead of skipping graphs."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    if mark is None:  # pragma: no cover - torch without dynamo
+        return
+    for t in tensors:
+        if not is_sharded(t) and t.device.type == "cuda":
+            mark(t)
+
+
+def _meta(p: Tensor) -> Tensor:
+    """A storage-free stand-in with ``p``'s global shape (for shape checks that must not touch DTensors)."""
+    return torch.empty(p.shape, device="meta")
+
+
+def whole_buffers(opt: Muon, sd: dict[str, Any]) -> dict[str, Any]:
+    """``sd`` (torch.optim's state dict of ``opt``) with ZeRO-1 momentum rows gathered into whole buffers, so that
+    any world size can load it (a collective where the state is sharded: every rank must call it)."""
+    if opt._shard_state():
+        params = list(chain.from_iterable(g["params"] for g in opt.param_groups))
+        state = dict(sd["state"])
+        for pid in sorted(state):
+            p = params[pid]
+            entry = state[pid]
+            if "momentum_buffer" in entry and not is_sharded(p):
+                state[pid] = {
+                    **entry,
+                    "momentum_buffer": gather_rows(entry["momentum_buffer"], p.shape, opt.executor),  # type: ignore[arg-type]
+                }
+        sd["state"] = state
+    return sd
+
+
+def restore_after_load(opt: Muon, state_dict: dict[str, Any]) -> None:
+    """After torch.optim's ``load_state_dict``: the defaults of options an older checkpoint lacks, the saved
+    dtypes of state tensors, this rank's rows of whole buffers (ZeRO-1), state marked static."""
+    for group in opt.param_groups:  # a checkpoint from before an option existed: the option's default
+        if group.get("algorithm", "muon") == "muon":
+            for key, value in DEFAULTS.items():
+                group.setdefault(key, value)
+    # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
+    # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in opt.param_groups)
+    for pid, p in zip(saved_ids, params):
+        for key, value in state_dict["state"].get(pid, {}).items():
+            current = opt.state[p].get(key)
+            if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
+                opt.state[p][key] = value.to(device=p.device, copy=True)
+        buf = opt.state[p].get("momentum_buffer")
+        if opt._shard_state() and buf is not None and not is_sharded(p):
+            opt.state[p]["momentum_buffer"] = my_rows(buf, opt.executor)  # type: ignore[arg-type]
+    for st in opt.state.values():
+        _static(*(t for t in st.values() if isinstance(t, Tensor)))

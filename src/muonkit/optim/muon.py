@@ -7,39 +7,29 @@ so a model has one optimizer, one ``state_dict`` and one LR scheduler.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim import optimizer as _torch_optimizer
 
 from .. import accel as _accel
 from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
-from ..newton_schulz import default_ns_dtype
 from .functional import _muon_steps
-from .loading import _check_buffer, _check_loadable
-from .options import DEFAULTS, group_errors
-from .plans import _Remembered, merged_ns_batches
-from .repeat import Repeat, repeatable, step_again
-from .sharded import any_rank, gather_rows, is_sharded, local, my_rows, shard_rows, sharded_muon_step, zero_muon_step
-from .stages import AdjustLR, Executor, adamw_step, all_finite, lr_scale, matrix_parts, ns_batches
+from .loading import _check_buffer, _check_loadable, _meta, _static, check_group, restore_after_load, whole_buffers
+from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, nonfinite_skip
+from .options import step_options
+from .plans import _Remembered
+from .repeat import Repeat, repeatable, step_again, wrapper_needed
+from .sharded import is_sharded, local, shard_rows, sharded_muon_step, zero_muon_step
+from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts
+from .tuning import pretune
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
-NONFINITE_POLICIES = ("raise", "skip", "ignore")
 ALGORITHMS = ("muon", "adamw")
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient held NaN or Inf and the optimizer's ``nonfinite`` policy is ``"raise"``."""
-
-
-_STEP_OPTIONS = tuple(name for name in DEFAULTS if name != "momentum_dtype")
 
 
 class Muon(Optimizer):
@@ -179,37 +169,9 @@ class Muon(Optimizer):
         on_cuda = any(p.is_cuda for g in self.param_groups if g["algorithm"] == "muon" for p in g["params"])
         on_cuda = on_cuda and self.accel
         if on_cuda and kernels.prepare():  # register the Triton op now, so a torch.compile'd first step can use it
-            self._pretune_kernels()
+            pretune(self)
         if on_cuda:
             fused.prepare()  # likewise the fused element-wise kernels' custom ops
-
-    def _pretune_kernels(self) -> None:
-        """Time the Triton kernel's tile sizes for this optimizer's NS batches now, eagerly: inside a
-        ``torch.compile``'d or graph-captured step no timing is possible (single-process batches; sharded
-        parameters' batches are tuned when first run eagerly, or take the default)."""
-        merged: dict[tuple[torch.device, torch.dtype], list] = defaultdict(list)  # muon_steps' shared batches
-        for group in self.param_groups:
-            if group["algorithm"] != "muon":
-                continue
-            by_device: dict[torch.device, list[tuple[int, ...]]] = {}
-            for p in group["params"]:
-                if p.is_cuda and not is_sharded(p):
-                    by_device.setdefault(p.device, []).append(tuple(p.shape))
-            for device, shapes in by_device.items():
-                work = group["ns_dtype"] or default_ns_dtype(device, torch.float32)
-                if self.executor is None and group["method"] != "svd":
-                    merged[(device, work)].append((shapes, self._muon_options(group)))
-                    continue
-                batches = ns_batches(
-                    shapes,
-                    matrix_view=group["matrix_view"],
-                    split=group["split"],
-                    max_batch=group.get("max_batch"),
-                    parts=getattr(self.executor, "parts", 1),
-                )
-                kernels.pretune(batches, work, device)
-        for (device, work), calls in merged.items():
-            kernels.pretune(merged_ns_batches(calls, work), work, device)
 
     # ------------------------------------------------------------------ groups and validation
 
@@ -225,7 +187,7 @@ class Muon(Optimizer):
                 param_group.pop(key, None)  # Muon-only options have no meaning for AdamW groups
         else:
             super().add_param_group(param_group)
-        self._validate_group(param_group, len(self.param_groups) - 1)
+        check_group(self, param_group, len(self.param_groups) - 1)
         self._repeat = None
 
     @staticmethod
@@ -234,39 +196,6 @@ class Muon(Optimizer):
         if names is not None and i < len(names):
             return repr(names[i])
         return f"param_groups[{gi}]['params'][{i}]"
-
-    def _validate_group(self, group: dict[str, Any], gi: int) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(f"param group {gi} ({group['algorithm']}): {message}")
-
-        errors = group_errors(group)
-        check(not errors, "; ".join(errors))
-        for i, p in enumerate(group["params"]):
-            name = self._param_name(group, gi, i)
-            if not (p.is_floating_point() or p.is_complex()):
-                raise ValueError(f"parameter {name} has dtype {p.dtype}; optimizers step floating-point parameters")
-            if p.device.type == "meta":
-                raise ValueError(
-                    f"parameter {name} is on the meta device (no storage): build the optimizer after the model's "
-                    "parameters are materialized (e.g. model.to_empty(device=...) and initialised)"
-                )
-        if group["algorithm"] == "adamw":
-            return
-        for i, p in enumerate(group["params"]):
-            name = self._param_name(group, gi, i)
-            if p.ndim < 2:
-                raise ValueError(
-                    f"Muon needs matrices, but parameter {name} has shape {tuple(p.shape)}. Put 0-D/1-D "
-                    "parameters (biases, norm gains) in an algorithm='adamw' group: "
-                    "muonkit.param_groups(model) does this for you."
-                )
-            if p.is_complex():
-                raise ValueError(f"parameter {name} is complex; Muon supports real parameters only")
-            try:
-                matrix_parts(_meta(p), group["matrix_view"], group["split"])
-            except ValueError as err:
-                raise ValueError(f"parameter {name} of shape {tuple(p.shape)}: {err}") from None
 
     # ------------------------------------------------------------------ step
 
@@ -290,22 +219,6 @@ class Muon(Optimizer):
             gathered.append((group, params, grads))
         return gathered
 
-    def _nonfinite_names(self, gathered: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]) -> list[str]:
-        grads = [g for _, _, gs in gathered for g in gs]
-        if not grads:
-            return []
-        finite = all_finite([local(g) for g in grads])  # one host sync
-        if bool(finite.all()):
-            return []
-        names = []
-        flags = iter(finite.tolist())
-        for gi, (group, params, _) in enumerate(gathered):
-            index = {id(p): i for i, p in enumerate(group["params"])}
-            for p in params:
-                if not next(flags):
-                    names.append(self._param_name(group, gi, index[id(p)]))
-        return names
-
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step. Returns the closure's loss when a closure is given.
 
@@ -314,7 +227,7 @@ class Muon(Optimizer):
         one is registered or a profiler records, the step goes through ``torch.optim``'s own wrapper; where none
         is, it skips that wrapper's work (measured on an H100's host: tens of microseconds before the step's
         first launch, which a step timed alone waits for)."""
-        if _wrapper_needed(self) and type(self).step is Muon.step:  # (a subclass's own step has torch's wrapper)
+        if wrapper_needed(self) and type(self).step is Muon.step:  # (a subclass's own step has torch's wrapper)
             return _hooked_step(self) if closure is None else _hooked_step(self, closure)
         return self._step(closure)
 
@@ -340,22 +253,8 @@ class Muon(Optimizer):
                 return loss
             self._repeat = None
         gathered = self._gather()
-        if self.nonfinite != "ignore":
-            bad = self._nonfinite_names(gathered)
-            agree = getattr(self.executor, "any_rank", None)
-            if agree is None and self._has_sharded():
-                agree = any_rank  # every rank holding shards must take the same decision
-            if agree is not None and agree(bool(bad)) and not bad:
-                bad = ["(a parameter on another rank)"]  # every rank must take the same decision
-            if bad:
-                if self.nonfinite == "skip":
-                    self.nonfinite_skips += 1
-                    return loss
-                raise NonFiniteGradientError(
-                    f"non-finite (NaN/Inf) gradient in {len(bad)} parameter(s): {', '.join(bad[:5])}"
-                    f"{' ...' if len(bad) > 5 else ''}. No parameter or state was changed. Pass "
-                    "nonfinite='skip' to skip such steps, or clip/scale the loss (e.g. GradScaler)."
-                )
+        if self.nonfinite != "ignore" and nonfinite_skip(self, gathered):
+            return loss
 
         self._stats.clear()  # mutate, not rebind: torch.compile cannot trace attribute assignment here
         pending = []  # Muon groups run together at the end: same-shape matrices of different groups share NS batches
@@ -408,7 +307,7 @@ class Muon(Optimizer):
                 pick(params, True),
                 pick(grads, True),
                 pick(bufs, True),
-                **self._muon_options(group),
+                **step_options(group),
                 comm_dtype=self.comm_dtype,
                 stats=stats,
                 counter=self._sharded_bytes,
@@ -420,18 +319,13 @@ class Muon(Optimizer):
                 grads,
                 bufs,
                 executor=self.executor,  # type: ignore[arg-type]
-                **self._muon_options(group),
+                **step_options(group),
                 comm_dtype=self.comm_dtype,
                 stats=stats,
                 counter=self._sharded_bytes,
             )
             return []
-        return [(params, grads, bufs, {**self._muon_options(group), "executor": self.executor, "stats": stats})]
-
-    @staticmethod
-    def _muon_options(group: dict[str, Any]) -> dict[str, Any]:
-        """The group's options as the step functions take them (all but ``momentum_dtype``, used for state)."""
-        return {name: group[name] for name in _STEP_OPTIONS}
+        return [(params, grads, bufs, {**step_options(group), "executor": self.executor, "stats": stats})]
 
     def _shard_state(self) -> bool:
         return bool(getattr(self.executor, "shard_state", False)) and getattr(self.executor, "world_size", 1) > 1
@@ -500,19 +394,7 @@ class Muon(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``'s. With ``ReplicatedExecutor(shard_state=True)`` the momentum rows of all ranks are
         gathered into whole buffers (a collective: every rank must call it), so any world size can load it."""
-        sd = super().state_dict()
-        if self._shard_state():
-            params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-            state = dict(sd["state"])
-            for pid in sorted(state):
-                p = params[pid]
-                entry = state[pid]
-                if "momentum_buffer" in entry and not is_sharded(p):
-                    state[pid] = {
-                        **entry,
-                        "momentum_buffer": gather_rows(entry["momentum_buffer"], p.shape, self.executor),  # type: ignore[arg-type]
-                    }
-            sd["state"] = state
+        sd = whole_buffers(self, super().state_dict())
         sd["muonkit"] = {"nonfinite_skips": self.nonfinite_skips}
         return sd
 
@@ -525,54 +407,8 @@ class Muon(Optimizer):
         _check_loadable(self, state_dict)
         self._repeat = None
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a checkpoint from before an option existed: the option's default
-            if group.get("algorithm", "muon") == "muon":
-                for key, value in DEFAULTS.items():
-                    group.setdefault(key, value)
-        # torch.optim casts floating-point state to the parameter's dtype on load; Muon keeps its
-        # momentum in its own dtype (float32 for bf16 weights), so restore the saved dtypes.
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(pid, {}).items():
-                current = self.state[p].get(key)
-                if isinstance(value, Tensor) and isinstance(current, Tensor) and value.dtype != current.dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
-            buf = self.state[p].get("momentum_buffer")
-            if self._shard_state() and buf is not None and not is_sharded(p):
-                self.state[p]["momentum_buffer"] = my_rows(buf, self.executor)  # type: ignore[arg-type]
-        for st in self.state.values():
-            _static(*(t for t in st.values() if isinstance(t, Tensor)))
+        restore_after_load(self, state_dict)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
 
-def _static(*tensors: Tensor) -> None:
-    """Tell torch.compile the state lives at a fixed address, as torch.optim does for its state: the
-    compiled step may then mutate it inside a CUDA graph (mode="reduce-overhead") instead of skipping graphs."""
-    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
-    if mark is None:  # pragma: no cover - torch without dynamo
-        return
-    for t in tensors:
-        if not is_sharded(t) and t.device.type == "cuda":
-            mark(t)
-
-
-def _meta(p: Tensor) -> Tensor:
-    """A storage-free stand-in with ``p``'s global shape (for shape checks that must not touch DTensors)."""
-    return torch.empty(p.shape, device="meta")
-
-
 _hooked_step = Optimizer.profile_hook_step(Muon._step)  # torch.optim's wrapper: hooks, profiler range
-_HOOKS = tuple(getattr(_torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
-               "_global_optimizer_post_hooks"))  # fmt: skip
-_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
-
-
-def _wrapper_needed(opt: Muon) -> bool:
-    """Whether ``torch.optim``'s step wrapper has work to do: a step hook is registered, a profiler records, or
-    torch.compile traces (it traces the wrapper as for other optimizers). Where torch lacks what this reads,
-    always."""
-    if _profiling is None or any(h is None for h in _HOOKS) or torch.compiler.is_compiling():
-        return True
-    pre, post = getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None)
-    return pre is None or post is None or bool(pre or post or _HOOKS[0] or _HOOKS[1] or _profiling())

@@ -130,6 +130,7 @@ DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 NS_OPTIONS: dict[str, Any] = {o.name: o.default for o in OPTIONS if o.ns}
 REPEAT_KEY: tuple[str, ...] = ("algorithm", *(o.name for o in OPTIONS if not o.every_step))
 PLAN_KEY: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.in_plan)
+STEP_OPTIONS: tuple[str, ...] = tuple(o.name for o in OPTIONS if o.name != "momentum_dtype")  # what steps take
 _BY_NAME = {o.name: o for o in OPTIONS}
 ADAMW_CHECKED = ("lr", "weight_decay", "eps")  # with betas (group_errors); AdamW groups share these checks
 
@@ -170,3 +171,8 @@ def plan_key(opts: dict[str, Any]) -> tuple:
             value = tuple(value)
         key.append(value)
     return tuple(key)
+
+
+def step_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A Muon group's options as the step functions take them (all but ``momentum_dtype``, used for state)."""
+    return {name: group[name] for name in STEP_OPTIONS}

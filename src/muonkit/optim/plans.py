@@ -31,7 +31,7 @@ from ..newton_schulz import (
     orthogonalize_filled,
     restart_positions,
 )
-from .options import NS_OPTIONS, plan_key
+from .options import plan_key
 from .stages import (
     StepCall,
     _record_stats,
@@ -39,7 +39,7 @@ from .stages import (
     matrix_offsets,
 )
 
-__all__ = ["merged_ns_batches"]
+__all__: list[str] = []
 
 
 @dataclass
@@ -111,7 +111,7 @@ class _StepPlan:
             for (r, c, _, _, buf_dtype), mats in per_shape.items():
                 work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
                 run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"])
-                merged[(*_merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
+                merged[(*merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
         self.batches: list[_Batch] = []
         for (m, n, work, schedule, method, restarts, max_batch, device), entries in merged.items():
             chunk = max_batch or len(entries)
@@ -425,30 +425,9 @@ def _same_environment(entry: _Remembered, streams: Streams | None) -> bool:
     return _environment(streams) == entry.state[0]
 
 
-def _merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
+def merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: dict[str, Any]) -> tuple:
     """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, restart positions,
     max_batch)``; the positions resolved (``None`` and the default placement written out share a batch), ``()``
     where the method has none."""
     restarts = restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
     return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], restarts, opts["max_batch"])
-
-
-def merged_ns_batches(
-    calls: Sequence[tuple[Sequence[Sequence[int]], dict[str, Any]]], work: torch.dtype
-) -> list[tuple[int, int, int]]:
-    """``(b, m, n)``, ``m <= n``, of every NS batch ``muon_steps`` forms on the fused path for calls with parameters
-    of these ``shapes`` and these ``options`` (``(shapes, options)`` per call) in NS precision ``work``. What the
-    kernel tuner prepares for."""
-    counts: dict[tuple, int] = defaultdict(int)
-    for shapes, options in calls:
-        opts = {**NS_OPTIONS, **options}
-        schedule = tuple(tuple(r) for r in as_preset(opts["coefficients"]).schedule(opts["ns_steps"]))
-        for shape in shapes:
-            for r, c, offsets in matrix_offsets(shape, opts["matrix_view"], opts["split"]):
-                if r and c:
-                    counts[_merge_key(r, c, work, schedule, opts)] += len(offsets)
-    batches = []
-    for (m, n, *_, max_batch), count in counts.items():
-        chunk = max_batch or count
-        batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
-    return batches
