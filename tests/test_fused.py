@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from muonkit.accel import fused
 from muonkit.newton_schulz.iteration import _frobenius_normalise
-from muonkit.optim import functional, pipeline, plans, stages, tuning
+from muonkit.optim import functional, pipeline, plans, remembered, stages, tuning
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -58,7 +58,7 @@ def _force_fused(monkeypatch, use: bool) -> None:
     plan remembered from before (a remembered plan is run without asking ``_fused_step_applies`` again)."""
     monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: use)
     monkeypatch.setattr(plans, "_PLANS", type(plans._PLANS)())
-    monkeypatch.setattr(plans, "_REMEMBERED", [])
+    monkeypatch.setattr(remembered, "_REMEMBERED", [])
 
 
 def _mats(tensors, rows, cols, parts):
@@ -560,7 +560,7 @@ def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
             for p in ps:
                 p.grad = torch.randn_like(p)
             opt.step()
-        assert plans._REMEMBERED == []
+        assert remembered._REMEMBERED == []
         results.append([p.detach() for p in ps])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

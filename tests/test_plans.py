@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from muonkit.accel import fused
-from muonkit.optim import functional, plans, stages
+from muonkit.optim import functional, plans, remembered, stages
 
 CUDA = torch.cuda.is_available()
 
@@ -32,7 +32,7 @@ def test_tensor_guards_tell_apart_what_plans_depend_on():
 
 
 def _key(calls):
-    return plans._state_key(calls, plans._streams(calls))
+    return remembered._state_key(calls, plans._streams(calls))
 
 
 def test_state_key_follows_switches_structure_and_grad_mode():

@@ -25,18 +25,18 @@ from step import SETS, add_set_arguments, make_params, split_groups
 
 import muonkit
 from muonkit.accel import cuda_graphs
-from muonkit.optim import plans
+from muonkit.optim import plans, remembered
 
 
 def measure(params: list, nosplit: bool, method: str, max_batch: int | None, reps: int) -> dict[str, float]:
     plans._PLANS.clear()  # plans are shared by structure and remembered by state: make this variant's
-    plans._REMEMBERED.clear()
+    remembered._REMEMBERED.clear()
     cuda_graphs.cache.clear()
     opt = muonkit.Muon(params if nosplit else split_groups(params), method=method, nonfinite="ignore",
                        max_batch=max_batch)  # fmt: skip
     for _ in range(5):
         opt.step()
-    lanes = [(b.size, b.m, b.n, b.lane) for b in plans._REMEMBERED[0].plan.batches]  # in launch order
+    lanes = [(b.size, b.m, b.n, b.lane) for b in remembered._REMEMBERED[0].plan.batches]  # in launch order
     result = breakdown(opt, reps)
     result["back_to_back_ms"] = time_ms_pipelined(opt.step, torch.device("cuda"), reps=reps)
     result["finite"] = float(all(bool(torch.isfinite(p).all()) for p in params))

@@ -29,7 +29,8 @@ from ..newton_schulz import (
 )
 from .options import NS_OPTIONS
 from .pipeline import SLOTS, fused_stages, get_stage
-from .plans import _fused_muon_steps, _remember, _Remembered, _remembered_plan, _state_key, _streams
+from .plans import _fused_muon_steps, _streams
+from .remembered import _remember, _Remembered, _remembered_plan, _state_key
 from .stages import (
     AdjustLR,
     Executor,

@@ -21,7 +21,7 @@ from .functional import _muon_steps
 from .loading import _check_buffer, _check_loadable, _meta, _static, check_group, restore_after_load, whole_buffers
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, nonfinite_skip
 from .options import step_options
-from .plans import _Remembered
+from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again, wrapper_needed
 from .sharded import is_sharded, local, shard_rows, sharded_muon_step, zero_muon_step
 from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts

@@ -23,7 +23,8 @@ from ..accel import guards as _guards
 from ..coefficients import is_file_spec
 from .functional import _STEP_DEFAULTS
 from .options import REPEAT_KEY
-from .plans import _decays, _Remembered, _same_environment, _streams
+from .plans import _decays, _streams
+from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
 
 if TYPE_CHECKING:
