@@ -14,7 +14,8 @@ Bytes counted in ``bytes_communicated`` are what this rank sends to other ranks 
 all-to-all.
 """
 
-from ..optim.sharded import any_rank, assign_jobs, is_sharded, local, shard_rows, sharded_muon_step, zero_muon_step
+from ..optim.sharded import sharded_muon_step, zero_muon_step
+from ..optim.shards import any_rank, assign_jobs, is_sharded, local, shard_rows
 from .replicated import EXCHANGES, ReplicatedExecutor, is_distributed
 
 __all__ = [

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim.sharded import _pack, _unpack, any_rank, assign_jobs
+from ..optim.shards import any_rank, assign_jobs, pack, unpack
 from ..optim.stages import Job
 
 __all__ = ["EXCHANGES", "ReplicatedExecutor", "is_distributed"]
@@ -120,7 +120,7 @@ class ReplicatedExecutor:
         if chunk == 0:
             return lambda: None
         send = torch.zeros(chunk, dtype=wire, device=device)
-        _pack(per_rank[self.rank], send)
+        pack(per_rank[self.rank], send)
         recv = torch.empty(chunk * self.world_size, dtype=wire, device=device)
         work = dist.all_gather_into_tensor(recv, send, group=self.group, async_op=True)
         self.bytes_communicated += (self.world_size - 1) * chunk * send.element_size()
@@ -129,7 +129,7 @@ class ReplicatedExecutor:
             work.wait()
             for r, ts in enumerate(per_rank):
                 if ts and (r != self.rank or wire != ts[0].dtype):  # own results too when rounded for the wire
-                    _unpack(recv[r * chunk : (r + 1) * chunk], ts)
+                    unpack(recv[r * chunk : (r + 1) * chunk], ts)
 
         return finish
 
@@ -137,13 +137,13 @@ class ReplicatedExecutor:
         tensors = [t for ts in per_rank for t in ts]
         flat = torch.zeros(sum(t.numel() for t in tensors), dtype=wire, device=device)
         before = sum(t.numel() for ts in per_rank[: self.rank] for t in ts)  # this rank's results sit here
-        _pack(per_rank[self.rank], flat[before:])
+        pack(per_rank[self.rank], flat[before:])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.bytes_communicated += int(2 * (self.world_size - 1) / self.world_size * flat.numel() * flat.element_size())
 
         def finish() -> None:
             work.wait()
-            _unpack(flat, tensors)
+            unpack(flat, tensors)
 
         return finish
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .options import DEFAULTS, group_errors
-from .sharded import gather_rows, is_sharded, my_rows, shard_rows
+from .shards import gather_rows, is_sharded, my_rows, shard_rows
 from .stages import matrix_parts
 
 if TYPE_CHECKING:

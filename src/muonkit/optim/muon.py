@@ -23,7 +23,8 @@ from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, nonfinite_ski
 from .options import step_options
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again, wrapper_needed
-from .sharded import is_sharded, local, shard_rows, sharded_muon_step, zero_muon_step
+from .sharded import sharded_muon_step, zero_muon_step
+from .shards import is_sharded, local, shard_rows
 from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts
 from .tuning import pretune
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .sharded import any_rank, local
+from .shards import any_rank, local
 from .stages import all_finite
 
 if TYPE_CHECKING:

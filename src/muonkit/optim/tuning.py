@@ -15,7 +15,7 @@ from ..coefficients import as_preset
 from ..newton_schulz import default_ns_dtype
 from .options import NS_OPTIONS, step_options
 from .plans import merge_key
-from .sharded import is_sharded
+from .shards import is_sharded
 from .stages import matrix_offsets, ns_batches
 
 if TYPE_CHECKING:
