@@ -235,6 +235,22 @@ def test_tuner_gives_upper_storage_calls_only_upper_tile_sized_tiles(monkeypatch
         kernels._tune(tried.append, (2, 768, 768, True, torch.bfloat16, True, True))
 
 
+def test_tuned_choices_are_bounded_oldest_first(monkeypatch):
+    """The tuner's memory of choices holds at most ``_MAX_BEST`` shapes: a new one drops the oldest."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "_best", {})
+    monkeypatch.setattr(kernels, "_MAX_BEST", 3)
+    tried: list = []
+    _stand_in_timing(monkeypatch, lambda: 1.0)
+    keys = [(b, 768, 768, True, torch.bfloat16, False, True, "gpu") for b in range(1, 6)]
+    for key in keys:
+        kernels._tune(tried.append, key)
+    assert list(kernels._best) == keys[2:]
+    before = len(tried)
+    kernels._tune(tried.append, keys[-1])  # remembered: not timed again
+    assert len(tried) == before
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("cfg", [c for c in kernels.CONFIGS if c[0] == kernels.UPPER_TILE], ids=str)
@@ -357,7 +373,8 @@ def test_optimizer_tunes_its_batches_before_the_first_step():
             (1, 2048, 2048, False)}  # fmt: skip
     assert tuned == want
     # and each on upper-tile storage as a CUDA-graph-captured step runs them: (upper_in, mirror)
-    assert {k[5:] for k in kernels._best} == {(False, True), (False, False), (True, False), (True, True)}
+    assert {k[5:7] for k in kernels._best} == {(False, True), (False, False), (True, False), (True, True)}
+    assert {k[7] for k in kernels._best} == {torch.cuda.get_device_name()}  # keyed by the GPU model too
 
 
 @pytest.mark.gpu

@@ -63,11 +63,10 @@ AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch
 HALF = (torch.bfloat16, torch.float16)
 
 _mode = "auto"
-# Filled by _build(): plain globals, so that torch.compile reads them without tracing cached calls.
+# Filled by _triton(): plain globals, so that torch.compile reads them without tracing cached calls.
 _compile_ok = False  # the kernel is a torch custom op (torch.ops.muonkit.sym_product) torch.compile can trace
 _launch: Any = None  # eager launcher (no dispatcher: a custom op's eager call costs tens of microseconds)
 _norms: Any = None  # the Frobenius-norm kernel's launcher
-_sym_k_range: Any = None  # a Triton function the kernel calls (set by _build)
 _capture_warmup = False  # inside ``capture_warmup()``: eager calls decide as captured ones will
 
 
@@ -85,11 +84,16 @@ def get_mode() -> str:
 
 @functools.cache
 def _triton() -> Any:
+    """Build the Triton kernels (``_sym_kernels``) on first use; ``None`` without Triton."""
+    global _launch, _norms, _compile_ok
     try:
         import triton  # noqa: F401
     except ImportError:
         return None
-    return _build()
+    from . import _sym_kernels
+
+    _launch, _norms, _compile_ok = _sym_kernels.build()
+    return _launch
 
 
 def prepare() -> bool:
@@ -270,7 +274,10 @@ Config = tuple[int, int, int, int]  # (BM, BK, num_warps, num_stages)
 # X X^T and step polynomial alike. Wide 128 x 256 tiles (the shape cuBLAS uses on Hopper) were 1.1-3.6x slower
 # in every case (kernel_configs_wide_tiles_h100.json, commit 0674526).
 CONFIGS: tuple[Config, ...] = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 5), (128, 64, 4, 3))
-_best: dict[tuple, Config] = {}  # tuned choice per (batch, M, K, has Y, dtype, upper_in, mirror)
+# tuned choice per (batch, M, K, has Y, dtype, upper_in, mirror, GPU name): a property of the GPU and the shape, not
+# of an optimizer, so optimizers share it; at most _MAX_BEST entries (a few bytes each), the oldest dropped first
+_best: dict[tuple, Config] = {}
+_MAX_BEST = 4096
 # Upper-tile storage (NS's m x m products, ``sym_product(upper_in=..., upper_out=...)``): a matrix stored only
 # in the BM x BM tiles on and above the diagonal is read right only by a kernel with the same tile size, so
 # every such call takes tiles of this size (each entry of CONFIGS has them).
@@ -289,7 +296,7 @@ def _tune(run: Any, key: tuple) -> Config:
     """Time every configuration once per shape (eager, outside CUDA-graph capture) and keep the fastest. One
     the GPU lacks the shared memory for (4-5 stages of 128 x 64 tiles need up to 160 KB; Hopper has 227 KB
     per block, Ampere's A100 163 KB, consumer GPUs about 100 KB) is skipped. ``key``: (batch, M, K, has Y,
-    dtype, upper_in, mirror); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
+    dtype, upper_in, mirror, GPU name); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
     if key in _best:
         return _best[key]
     upper = key[5] or not key[6]
@@ -317,183 +324,8 @@ def _tune(run: Any, key: tuple) -> Config:
         times.append(start.elapsed_time(end))
     if min(times) == float("inf"):
         raise RuntimeError(f"no tile configuration of the symmetric-product kernel fits this GPU: {configs}")
-    _best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
-    return _best[key]
-
-
-def _build() -> Any:
-    import triton
-    import triton.language as tl
-
-    # a module global, not a local of _build: torch.compile (Inductor) copies a user kernel together with the
-    # Triton functions it calls, and finds those among the kernel's globals only
-    global _sym_k_range
-
-    @triton.jit
-    def _sym_k_range(
-        acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, lo, hi,
-        X_T: tl.constexpr, W_T: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
-    ):  # fmt: skip
-        # acc += X[rm, lo:hi] W[rn, lo:hi]^T; X_T / W_T: that operand is a symmetric matrix of which only the
-        # tiles on and above the diagonal are stored, and this range lies below it: read X[k, rm] instead
-        rk = tl.arange(0, BK)
-        for k0 in range(lo, hi, BK):
-            kk = k0 + rk
-            if X_T:  # noqa: SIM108 - one pointer pattern per constexpr case
-                a_ptr = xb + kk[None, :] * sxm + rm[:, None] * sxk
-            else:
-                a_ptr = xb + rm[:, None] * sxm + kk[None, :] * sxk
-            if W_T:  # noqa: SIM108
-                b_ptr = wb + kk[None, :] * swm + rn[:, None] * swk
-            else:
-                b_ptr = wb + rn[:, None] * swm + kk[None, :] * swk  # W[rn, k], transposed in SMEM
-            if EVEN:  # whole tiles only (M % BM == 0, K % BK == 0): no masks
-                a = tl.load(a_ptr)
-                bn = tl.load(b_ptr)
-            else:
-                a = tl.load(a_ptr, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-                bn = tl.load(b_ptr, mask=(rn[:, None] < M) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(a, tl.trans(bn))
-        return acc
-
-    @triton.jit
-    def sym_product_kernel(
-        X, W, Y, C, S, M, K,
-        sxb, sxm, sxk, swb, swm, swk, syb, sym, syn, scb, scm, scn,
-        alpha, beta, diag,
-        HAS_Y: tl.constexpr, HAS_W: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, S_POW: tl.constexpr,
-        EVEN: tl.constexpr, UPPER_IN: tl.constexpr, MIRROR: tl.constexpr,
-    ):  # fmt: skip
-        # program pid -> tile (ti, tj), ti <= tj: pid = tj (tj + 1) / 2 + ti enumerates the upper triangle
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        tj = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
-        tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)  # guard the float rounding
-        tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
-        ti = pid - tj * (tj + 1) // 2
-        rm = ti * BM + tl.arange(0, BM)
-        rn = tj * BM + tl.arange(0, BM)
-        xb = X + b * sxb
-        wb = W + b * swb
-        acc = tl.zeros((BM, BM), dtype=tl.float32)
-        if UPPER_IN:
-            # X and W (K = M) symmetric, stored on and above the diagonal in BM x BM tiles (lower tiles unwritten):
-            # X[rm, k] is stored for k >= ti BM, W[rn, k] for k >= tj BM (ti <= tj); below that, read transposed
-            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, ti * BM, True, True, BK, EVEN)
-            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, ti * BM, tj * BM, False, True, BK, EVEN)
-            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, tj * BM, K, False, False, BK, EVEN)
-        else:
-            acc = _sym_k_range(acc, xb, wb, rm, rn, M, K, sxm, sxk, swm, swk, 0, K, False, False, BK, EVEN)
-        if HAS_W:  # noqa: SIM102 - a constexpr test apart: no code at all without W
-            if ti == tj:  # X W^T is symmetric in exact arithmetic only: make the diagonal tile so in floating point
-                acc = 0.5 * (acc + tl.trans(acc))
-        acc = acc * alpha
-        mask = (rm[:, None] < M) & (rn[None, :] < M)
-        if HAS_Y:
-            y = tl.load(Y + b * syb + rm[:, None] * sym + rn[None, :] * syn, mask=mask, other=0.0)
-            acc += beta * y.to(tl.float32)
-        acc += tl.where(rm[:, None] == rn[None, :], diag, 0.0)
-        if S_POW != 0:  # divided by this matrix's S[b] (S_POW = 1) or its square (2), in float32
-            inv = 1.0 / tl.load(S + b)
-            if S_POW == 2:
-                inv = inv * inv
-            acc = acc * inv
-        out = acc.to(C.dtype.element_ty)
-        cb = C + b * scb
-        tl.store(cb + rm[:, None] * scm + rn[None, :] * scn, out, mask=mask)
-        if MIRROR and ti != tj:  # the mirror tile, stored row by row (coalesced)
-            mirror = (rn[:, None] < M) & (rm[None, :] < M)
-            tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
-
-    @triton.jit
-    def sq_norm_kernel(X, P, N, sxb, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # partial sums of squares, accumulated in float64, of BLOCK * ITERS consecutive entries of matrix b
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        start = pid.to(tl.int64) * BLOCK * ITERS
-        acc = tl.zeros((BLOCK,), dtype=tl.float64)
-        for i in range(ITERS):
-            offs = start + i * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(X + b * sxb + offs, mask=offs < N, other=0.0).to(tl.float64)
-            acc += x * x
-        tl.store(P + b * tl.num_programs(0) + pid, tl.sum(acc, axis=0))
-
-    def norms(G: Tensor) -> Tensor:
-        bsz, m, n = G.shape
-        block, iters = 1024, 8
-        parts = max(1, triton.cdiv(m * n, block * iters))
-        partial = torch.empty((bsz, parts), dtype=torch.float64, device=G.device)
-        if bsz:
-            sq_norm_kernel[(parts, bsz)](G, partial, m * n, G.stride(0), BLOCK=block, ITERS=iters, num_warps=4)
-        return partial.sum(dim=1).sqrt_().view(bsz, 1, 1)
-
-    global _norms
-    _norms = norms
-
-    @functools.cache
-    def _fixed(cfg: Config) -> Any:
-        """The kernel with one fixed configuration, for torch.compile: Inductor takes a user kernel's warps and
-        stages from its ``triton.Config`` (the form ``triton.autotune`` hands them over in); with a single
-        config there is nothing for it to benchmark. Measured on an H100 (GPT-2-small step, compiled with
-        reduce-overhead): 0.026 ms per polynomial call, against 0.032 ms in an eager step's CUDA graphs."""
-        bm, bk, warps, stages = cfg
-        config = triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
-        return triton.autotune(configs=[config], key=[])(sym_product_kernel)
-
-    def launch(
-        wrap: Any, X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None,
-        S: Tensor | None = None, power: int = 1, upper_in: bool = False, mirror: bool = True,
-    ) -> Tensor:  # fmt: skip
-        """``wrap``: ``None`` for an eager launch, ``torch.library.wrap_triton`` when traced by torch.compile;
-        ``S``: per-matrix float32 divisors (eager only), applied ``power`` times; ``upper_in``: X and W are
-        stored in upper tiles only (see :func:`sym_product`); ``mirror=False``: write the upper tiles only."""
-        if X.stride(-1) != 1:  # rows must be contiguous along k for coalesced loads
-            X = X.contiguous()
-        w = X if W is None else (W if W.stride(-1) == 1 else W.contiguous())
-        bsz, m, k = X.shape
-        C = torch.empty((bsz, m, m), dtype=X.dtype, device=X.device)
-        if bsz == 0 or m == 0:
-            return C
-        y = Y if Y is not None else C  # unused when HAS_Y is False
-
-        def run(cfg: Config) -> None:
-            bm, bk, warps, stages = cfg
-            tiles = triton.cdiv(m, bm)
-            args = (
-                X, w, y, C, C if S is None else S, m, k,
-                X.stride(0), X.stride(1), X.stride(2), w.stride(0), w.stride(1), w.stride(2),
-                y.stride(0), y.stride(1), y.stride(2),
-                C.stride(0), C.stride(1), C.stride(2),
-                float(alpha), float(beta), float(diag),
-            )  # fmt: skip
-            grid = (tiles * (tiles + 1) // 2, bsz)
-            even = EVEN and m % bm == 0 and k % bk == 0
-            flags = dict(
-                HAS_Y=Y is not None, HAS_W=W is not None, S_POW=0 if S is None else power, EVEN=even,
-                UPPER_IN=upper_in, MIRROR=mirror,
-            )  # fmt: skip
-            if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
-                wrap(_fixed(cfg))[grid](*args, **flags)
-            else:
-                sym_product_kernel[grid](*args, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
-
-        run(_tune(run, (bsz, m, k, Y is not None, X.dtype, upper_in, mirror)))
-        return C
-
-    global _compile_ok, _launch
-    _launch = functools.partial(launch, None)
-    try:  # a custom op torch.compile can trace (and CUDA-graph), torch >= 2.6
-        from torch.library import triton_op, wrap_triton
-
-        @triton_op(
-            "muonkit::sym_product",
-            mutates_args=(),
-            schema="(Tensor X, float alpha, float beta, Tensor? Y, float diag, Tensor? W=None) -> Tensor",
-        )
-        def op(X: Tensor, alpha: float, beta: float, Y: Tensor | None, diag: float, W: Tensor | None = None) -> Tensor:
-            return launch(wrap_triton, X, alpha, beta, Y, diag, W)
-
-        _compile_ok = torch.cuda.is_available() and _capability(torch.device("cuda")) >= 8
-    except (ImportError, AttributeError, TypeError, RuntimeError):  # pragma: no cover - older torch
-        pass
-    return _launch
+    best = configs[min(range(len(configs)), key=times.__getitem__)]
+    while len(_best) >= _MAX_BEST:
+        del _best[next(iter(_best))]
+    _best[key] = best
+    return best
