@@ -7,9 +7,12 @@ with default options. Each variant starts from the same weights and batches, run
 (the first step tunes and captures), then times ``--steps`` iterations with CUDA events: the whole iteration
 (forward, backward, clipping, step) and the optimizer step inside it, medians. Variants switch one piece off
 (``accel=False`` all of them); the last column, "off costs", is variant / default - 1 for the whole iteration:
-what the piece buys in this loop. Fused AdamW on every parameter is the baseline.
+what the piece buys in this loop. Fused AdamW on every parameter is the baseline. With ``--paired`` each variant
+runs alternating with the defaults, iteration by iteration, in one process (``paired``): the comparison that
+decides whether a piece earns its place (at least 3% of an iteration).
 
     python benchmarks/train_loop.py --out train_loop_h200.json            # needs CUDA
+    python benchmarks/train_loop.py --paired --out train_loop_paired.json # what each piece buys, paired
     python benchmarks/train_loop.py --size tiny --steps 3 --warmup 1      # a quick run on any device
 """
 
@@ -24,10 +27,11 @@ import torch
 from _common import environment, write_json
 
 import muonkit
-from muonkit.accel import cuda_graphs, fused, kernels
+from muonkit.accel import cuda_graphs, fused, guards, kernels
+from muonkit.optim import muon as muon_module
 from muonkit.train.model import GPT, SIZES
 
-# name -> (Muon keyword arguments, setting applied for the run and undone after)
+# name -> (Muon keyword arguments, setting applied while the variant runs and undone after)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "muonkit (defaults)": ({}, None),
     "accel=False": ({"accel": False}, None),
@@ -35,11 +39,18 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "CUDA graphs off": ({}, "graphs"),
     "Triton kernels off": ({}, "kernels"),
     "one stream": ({}, "streams"),
+    "tensor guards off": ({}, "guards"),
+    "torch.optim wrapper": ({}, "wrapper"),
     "AdamW (fused)": ({}, None),
 }
+_GUARDS_AVAILABLE = guards.available
+_WRAPPER_NEEDED = muon_module.wrapper_needed
 
 
 def _setting(which: str | None, on: bool) -> None:
+    """Switch one piece on or off. ``guards``: torch's private C++ tensor guards, and with them remembered plans
+    and repeated steps (``accel.guards``, ``optim.remembered``, ``optim.repeat``); ``wrapper``: always go through
+    torch.optim's step wrapper (``Muon.step`` skips it where no hook or profiler needs it)."""
     if which == "fused":
         fused.set_fused(on)
     elif which == "graphs":
@@ -48,6 +59,10 @@ def _setting(which: str | None, on: bool) -> None:
         kernels.set_mode("auto" if on else "torch")
     elif which == "streams":
         cuda_graphs.set_concurrent_batches(on)
+    elif which == "guards":
+        guards.available = _GUARDS_AVAILABLE if on else (lambda: False)  # type: ignore[method-assign]
+    elif which == "wrapper":
+        muon_module.wrapper_needed = _WRAPPER_NEEDED if on else (lambda opt: True)
 
 
 def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: bool) -> torch.optim.Optimizer:
@@ -57,56 +72,109 @@ def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: 
     return muonkit.Muon(groups, lr=0.02, weight_decay=0.01, adamw_lr=3e-4, **kwargs)
 
 
-def run(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    kwargs, which = VARIANTS[name]
-    cfg = SIZES[args.size]
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device)
-    _setting(which, False)
-    cuda_graphs.cache.clear()
-    try:
-        start = time.perf_counter()
-        opt = _optimizer(name, model, kwargs, device.type == "cuda")
-        build_s = time.perf_counter() - start
-        gen = torch.Generator(device=device).manual_seed(1)
-        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        iters, steps = [], []
-        first_s = 0.0
-        for i in range(args.warmup + args.steps):
-            x = torch.randint(0, 256, (args.batch, cfg.ctx + 1), device=device, generator=gen)
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if device.type == "cuda" else None
+class Trainer:
+    """One variant's model, optimizer and batches, stepped one iteration at a time (with its setting applied
+    during the iteration only, so that two trainers may alternate in one process)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device) -> None:
+        self.name, self.device, self.args = name, device, args
+        kwargs, self.which = VARIANTS[name]
+        self.cfg = SIZES[args.size]
+        torch.manual_seed(0)
+        self.model = GPT(self.cfg).to(device)
+        _setting(self.which, False)
+        try:
+            start = time.perf_counter()
+            self.opt = _optimizer(name, self.model, kwargs, device.type == "cuda")
+            self.build_s = time.perf_counter() - start
+        finally:
+            _setting(self.which, True)
+        self.gen = torch.Generator(device=device).manual_seed(1)
+        self.iters: list[float] = []
+        self.steps: list[float] = []
+        self.first_s = 0.0
+        self.count = 0
+        self.loss = float("nan")
+
+    def iteration(self) -> tuple[float, float]:
+        """One iteration (forward, backward, clipping, step); ``(ms for all of it, ms of the step)``, kept after
+        ``--warmup`` iterations."""
+        args, device = self.args, self.device
+        x = torch.randint(0, 256, (args.batch, self.cfg.ctx + 1), device=device, generator=self.gen)
+        cuda = device.type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+        _setting(self.which, False)
+        try:
             t0 = time.perf_counter()
             if events:
                 events[0].record()
             with amp:
-                loss = model(x[:, :-1], x[:, 1:])
-            opt.zero_grad(set_to_none=True)
+                loss = self.model(x[:, :-1], x[:, 1:])
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             if events:
                 events[1].record()
-            opt.step()
+            self.opt.step()
             if events:
                 events[2].record()
                 events[2].synchronize()
                 iter_ms, step_ms = events[0].elapsed_time(events[2]), events[1].elapsed_time(events[2])
             else:
                 step_ms = iter_ms = (time.perf_counter() - t0) * 1e3
-            if i == 0:
-                first_s = time.perf_counter() - t0
-            if i >= args.warmup:
-                iters.append(iter_ms)
-                steps.append(step_ms)
-        final_loss = float(loss.detach())
-    finally:
-        _setting(which, True)
+        finally:
+            _setting(self.which, True)
+        if self.count == 0:
+            self.first_s = time.perf_counter() - t0
+        if self.count >= args.warmup:
+            self.iters.append(iter_ms)
+            self.steps.append(step_ms)
+        self.count += 1
+        self.loss = float(loss.detach())
+        return iter_ms, step_ms
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "variant": self.name,
+            "ms_per_iteration": statistics.median(self.iters),
+            "ms_per_optimizer_step": statistics.median(self.steps),
+            "build_s": self.build_s,
+            "first_iteration_s": self.first_s,
+            "final_loss": self.loss,
+        }
+
+
+def run(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One variant alone, ``--warmup`` + ``--steps`` iterations."""
+    cuda_graphs.cache.clear()
+    trainer = Trainer(name, args, device)
+    for _ in range(args.warmup + args.steps):
+        trainer.iteration()
+    return trainer.row()
+
+
+def paired(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The variant and the defaults in one process, alternating iteration by iteration (which goes first
+    alternates too), so that slow drifts of the GPU or the host fall on both alike. What the piece buys: the
+    median over iterations of (variant - default) for the whole iteration, over the default's median iteration;
+    with the quartiles of those differences."""
+    cuda_graphs.cache.clear()
+    base, variant = Trainer("muonkit (defaults)", args, device), Trainer(name, args, device)
+    for i in range(args.warmup + args.steps):
+        for t in (base, variant) if i % 2 == 0 else (variant, base):
+            t.iteration()
+    diffs = [v - b for v, b in zip(variant.iters, base.iters)]
+    step_diffs = [v - b for v, b in zip(variant.steps, base.steps)]
+    q1, q2, q3 = statistics.quantiles(diffs, n=4)
+    iteration = statistics.median(base.iters)
     return {
-        "variant": name,
-        "ms_per_iteration": statistics.median(iters),
-        "ms_per_optimizer_step": statistics.median(steps),
-        "build_s": build_s,
-        "first_iteration_s": first_s,
-        "final_loss": final_loss,
+        **variant.row(),
+        "default_ms_per_iteration": iteration,
+        "default_ms_per_optimizer_step": statistics.median(base.steps),
+        "diff_ms_per_iteration": {"q1": q1, "median": q2, "q3": q3},
+        "diff_ms_per_optimizer_step": statistics.median(step_diffs),
+        "piece_buys": q2 / iteration,
     }
 
 
@@ -117,6 +185,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default=None, help="comma-separated variant names, run in that order")
+    ap.add_argument("--paired", action="store_true", help="each variant alternating with the defaults (see paired)")
     ap.add_argument("--out", default="train_loop.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,9 +194,21 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
+    if args.paired:
+        rows = [paired(n, args, device) for n in names if not n.startswith(("muonkit", "AdamW"))]
+        print(f"{'variant':<22} {'ms/iter':>8} {'default':>8} {'diff q1/med/q3 ms':>20} {'step diff':>10} {'buys':>7}")
+        for r in rows:
+            d = r["diff_ms_per_iteration"]
+            print(
+                f"{r['variant']:<22} {r['ms_per_iteration']:>8.2f} {r['default_ms_per_iteration']:>8.2f} "
+                f"{d['q1']:>6.2f}/{d['median']:>5.2f}/{d['q3']:>5.2f} {r['diff_ms_per_optimizer_step']:>10.2f} "
+                f"{r['piece_buys']:>+7.1%}"
+            )
+        write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
+        return
     rows = [run(n, args, device) for n in names]
     base = next((r["ms_per_iteration"] for r in rows if r["variant"] == "muonkit (defaults)"), None)
-    print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
     print(f"{'variant':<22} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'off costs':>10}")
     for r in rows:
         buys = (
