@@ -98,8 +98,6 @@ def optimizers(
         )
         opts["muonkit [kernels=torch]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
         opts["muonkit [graphs off]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
-        # the NS batches' graphs replayed one after the other on one stream (default: two streams)
-        opts["muonkit-gram [one stream]"] = lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore")
         # bf16: the NS input divided by its norm in a pass of its own (default: inside the first products)
         opts["muonkit-gram [no fold]"] = lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore")
         opts["muonkit [no fold]"] = lambda: muonkit.Muon(groups(), nonfinite="ignore")
@@ -233,7 +231,6 @@ def main() -> None:
         for name, make in opts.items():
             kernels.set_mode("torch" if "[kernels=torch]" in name else "auto")
             muonkit.accel.cuda_graphs.set_cuda_graphs("[graphs off]" not in name)
-            muonkit.accel.cuda_graphs.set_concurrent_batches("[one stream]" not in name)
             muonkit.optim.plans._FOLD_NORMALISATION = "[no fold]" not in name
             muonkit.accel.fused.set_fused("[fused off]" not in name)
             muonkit.accel.cuda_graphs.cache.clear()

@@ -28,7 +28,6 @@ from _common import environment, write_json
 
 import muonkit
 from muonkit.accel import cuda_graphs, fused, guards, kernels
-from muonkit.optim import muon as muon_module
 from muonkit.train.model import GPT, SIZES
 
 # name -> (Muon keyword arguments, setting applied while the variant runs and undone after)
@@ -38,31 +37,23 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "fused passes off": ({}, "fused"),
     "CUDA graphs off": ({}, "graphs"),
     "Triton kernels off": ({}, "kernels"),
-    "one stream": ({}, "streams"),
     "tensor guards off": ({}, "guards"),
-    "torch.optim wrapper": ({}, "wrapper"),
     "AdamW (fused)": ({}, None),
 }
 _GUARDS_AVAILABLE = guards.available
-_WRAPPER_NEEDED = muon_module.wrapper_needed
 
 
 def _setting(which: str | None, on: bool) -> None:
     """Switch one piece on or off. ``guards``: torch's private C++ tensor guards, and with them remembered plans
-    and repeated steps (``accel.guards``, ``optim.remembered``, ``optim.repeat``); ``wrapper``: always go through
-    torch.optim's step wrapper (``Muon.step`` skips it where no hook or profiler needs it)."""
+    and repeated steps (``accel.guards``, ``optim.remembered``, ``optim.repeat``)."""
     if which == "fused":
         fused.set_fused(on)
     elif which == "graphs":
         cuda_graphs.set_cuda_graphs(on)
     elif which == "kernels":
         kernels.set_mode("auto" if on else "torch")
-    elif which == "streams":
-        cuda_graphs.set_concurrent_batches(on)
     elif which == "guards":
         guards.available = _GUARDS_AVAILABLE if on else (lambda: False)  # type: ignore[method-assign]
-    elif which == "wrapper":
-        muon_module.wrapper_needed = _WRAPPER_NEEDED if on else (lambda opt: True)
 
 
 def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: bool) -> torch.optim.Optimizer:

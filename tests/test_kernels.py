@@ -434,7 +434,7 @@ def test_one_switch_turns_every_acceleration_off_and_back(monkeypatch):
     try:
         with accel.disabled():
             assert kernels.get_mode() == "torch" and not fused.fused_enabled()
-            assert not cuda_graphs.cuda_graphs_enabled() and not cuda_graphs.concurrent_batches()
+            assert not cuda_graphs.cuda_graphs_enabled()
             assert not kernels.prepare() and not fused.prepare()
         assert kernels.get_mode() == "auto" and not fused.fused_enabled() and cuda_graphs.cuda_graphs_enabled()
     finally:

@@ -466,9 +466,9 @@ def test_gram_restarts_option_reaches_the_orthogonalization():
 
 
 def test_step_hooks_profiler_range_and_subclasses_work_as_in_torch_optim():
-    """Muon.step skips torch.optim's step wrapper only where it has nothing to do: the optimizer's and the global
-    step hooks still run once each, in torch's order, a pre-hook can replace the arguments, the profiler still
-    records ``Optimizer.step#Muon.step``, and a subclass's own step (which torch wraps) runs the hooks once."""
+    """Muon.step under torch.optim's step wrapper: the optimizer's and the global step hooks run once each, in
+    torch's order, a pre-hook can replace the arguments, the profiler records ``Optimizer.step#Muon.step``, and a
+    subclass's own step runs the hooks as a subclass of a torch optimizer does."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     def model_opt(cls=Muon):
@@ -507,16 +507,25 @@ def test_step_hooks_profiler_range_and_subclasses_work_as_in_torch_optim():
         opt.step()
     assert any(e.name == "Optimizer.step#Muon.step" for e in prof.events())
 
-    class Logged(Muon):
-        def step(self, closure=None):
-            calls.append("sub")
-            return super().step(closure)
+    def logged(base):
+        class Logged(base):
+            def step(self, closure=None):
+                calls.append("sub")
+                return super().step(closure)
 
-    _, sub = model_opt(Logged)
-    sub.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    calls.clear()
-    sub.step()
-    assert calls == ["pre", "sub"]
+        return Logged
+
+    seen = {}
+    for base in (Muon, torch.optim.SGD):  # a subclass's hooks run as they do for a subclass of torch's own
+        w = nn.Parameter(torch.randn(8, 4))
+        w.grad = torch.randn(8, 4)
+        base([w], lr=0.1).step()  # torch patches a class's step when its first instance is made
+        sub = logged(base)([w], lr=0.1)
+        sub.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+        calls.clear()
+        sub.step()
+        seen[base] = list(calls)
+    assert seen[Muon] == seen[torch.optim.SGD] and "sub" in seen[Muon]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused path, which repeats plans)")

@@ -64,20 +64,6 @@ def test_state_key_follows_switches_structure_and_grad_mode():
         fused.set_fused(True)
 
 
-def test_plans_balance_batches_over_two_lanes():
-    """GPT-2 small without the QKV split: the largest batch (24 x 768 x 3072) on one stream, the other two
-    (12 x 768 x 2304, 12 x 768 x 768) on the other, largest first (alternating lanes in the order of the
-    parameters would put the 2304 and 3072 batches on one stream)."""
-    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
-    ps = [torch.empty(s, device="meta") for s in shapes]
-    opts = {**functional._STEP_DEFAULTS, **dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
-            coefficients="jordan", ns_steps=5, adjust_lr="original", eps=1e-7, ns_dtype=torch.bfloat16)}  # fmt: skip
-    for method in ("gram", "newton_schulz"):
-        plan = plans._StepPlan([(ps, ps, ps, {**opts, "method": method})], None)
-        got = [(b.size, b.m, b.n, b.lane) for b in plan.batches]
-        assert got == [(24, 768, 3072, 0), (12, 768, 2304, 1), (12, 768, 768, 1)], (method, got)
-
-
 def test_graph_keys_hash_once_and_equal_their_tuples():
     from muonkit.accel import cuda_graphs
 

@@ -148,7 +148,7 @@ def main() -> None:
                     "reduce-overhead:newton_schulz:torch,reduce-overhead:newton_schulz:triton,"
                     "reduce-overhead:gram:triton",
                     help="comma-separated compile-mode:method:kernel-mode[:flag...] variants (flags: fp16, nofused, "
-                         "nosplit, onestream); compile-mode "
+                         "nosplit); compile-mode "
                          "'eager' replays cached CUDA graphs of the NS calls, 'eager-nographs' does not")  # fmt: skip
     ap.add_argument("--skip-ns", action="store_true")
     ap.add_argument("--out", default="profile_step.json")
@@ -189,10 +189,9 @@ def main() -> None:
     params = make_params(layers, shapes, dev)
     result["profile"] = {}
     for variant in args.variants.split(","):
-        # optional further fields: "fp16", "nofused", "nosplit" (the fused QKV whole), "onestream" (no side stream)
+        # optional further fields: "fp16", "nofused", "nosplit" (the fused QKV whole)
         compile_mode, method, kmode, *rest = variant.split(":")
         kernels.set_mode(kmode)
-        muonkit.accel.cuda_graphs.set_concurrent_batches("onestream" not in rest)
         muonkit.accel.fused.set_fused("nofused" not in rest)
         ns_dtype = torch.float16 if "fp16" in rest else None
         muonkit.accel.cuda_graphs.set_cuda_graphs(compile_mode != "eager-nographs")

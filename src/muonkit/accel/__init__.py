@@ -4,7 +4,7 @@
   upper-tile storage for chains of such products, a Frobenius-norm kernel, a tile-size tuner.
 - ``fused``: the Muon step's element-wise work (momentum, Nesterov blend, normalisation, scaled update) in three
   Triton kernels per batch of same-shape matrices.
-- ``cuda_graphs``: captured NS calls and whole-batch step graphs, replayed; a second stream for independent batches.
+- ``cuda_graphs``: captured NS calls and whole-batch step graphs, replayed.
 - ``guards``: torch's C++ tensor guards, which let a repeated step skip re-checking every tensor.
 
 The switch: ``Muon(..., accel=False)`` runs the step in plain torch (cuBLAS products, torch element-wise ops, no
@@ -14,8 +14,7 @@ optimizer, ``with muonkit.accel.disabled():`` does the same for ``orthogonalize`
 agree to rounding (the torch path is the reference the tests compare against). On CPU none of this applies.
 
 Finer settings for benchmarks and maintainers (not a user interface): ``kernels.set_mode``,
-``fused.set_fused``, ``cuda_graphs.set_cuda_graphs``, ``cuda_graphs.set_concurrent_batches``,
-``kernels.UPPER``, ``kernels.EVEN``.
+``fused.set_fused``, ``cuda_graphs.set_cuda_graphs``, ``kernels.UPPER``, ``kernels.EVEN``.
 """
 
 from __future__ import annotations
@@ -39,11 +38,11 @@ def from_env() -> bool:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Plain torch inside the block: no Triton kernels, fused passes, CUDA graphs or side streams. The previous
+    """Plain torch inside the block: no Triton kernels, fused passes or CUDA graphs. The previous
     settings come back on exit."""
-    saved = (kernels._mode, fused._enabled, cuda_graphs._enabled, cuda_graphs._concurrent)
-    kernels._mode, fused._enabled, cuda_graphs._enabled, cuda_graphs._concurrent = "torch", False, False, False
+    saved = (kernels._mode, fused._enabled, cuda_graphs._enabled)
+    kernels._mode, fused._enabled, cuda_graphs._enabled = "torch", False, False
     try:
         yield
     finally:
-        kernels._mode, fused._enabled, cuda_graphs._enabled, cuda_graphs._concurrent = saved
+        kernels._mode, fused._enabled, cuda_graphs._enabled = saved

@@ -32,15 +32,11 @@ __all__ = [
     "Key",
     "Replays",
     "cache",
-    "capture_stream",
-    "concurrent_batches",
     "cuda_graphs_enabled",
     "graphable",
     "graphable_on",
     "replays",
-    "set_concurrent_batches",
     "set_cuda_graphs",
-    "side_stream",
 ]
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -80,15 +76,14 @@ def capture(fn: Callable[[Tensor], Tensor], example: Tensor, warmup: Callable[[]
     return _capture_on(fn, static)
 
 
-def _capture_on(fn: Callable[[Tensor], Any], static: Tensor, stream: torch.cuda.Stream | None = None) -> Graphed:
-    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew;
-    captured on ``stream`` (default: torch's capture stream, see :func:`capture_stream`)."""
+def _capture_on(fn: Callable[[Tensor], Any], static: Tensor) -> Graphed:
+    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew."""
     device = static.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph):
         output = fn(static)
     grown = max(0, torch.cuda.memory_reserved(device) - reserved)
     return Graphed(static, output, graph, static.nbytes + grown)
@@ -204,15 +199,10 @@ class Replays:
         self._captures.clear()
 
     def run(self, slot: Hashable, addresses: Hashable, values: list[float], fn: Callable[[Tensor], Any],
-            device: torch.device, estimate: int, replaces: Hashable = None,
-            stream: torch.cuda.Stream | None = None, lane: int = 0) -> None:  # fmt: skip
+            device: torch.device, estimate: int, replaces: Hashable = None) -> None:  # fmt: skip
         """``fn(scalars)`` with ``scalars`` a float32 tensor of ``values`` on ``device``: replayed, captured or
         eager (see the class). ``estimate``: bytes the graph's memory pool will take, for the cache's bound;
-        ``replaces``: the key of a cached graph that a capture makes unnecessary (dropped to free its memory);
-        ``stream``: replay on this stream instead of the current one (the caller orders it with the rest;
-        eager and capturing calls run on the current stream); ``lane``: the graph is captured on
-        ``capture_stream(device, lane)``, so that graphs of different lanes can replay concurrently. The slot
-        must tell lanes apart (a graph is bound to its lane's workspaces)."""
+        ``replaces``: the key of a cached graph that a capture makes unnecessary (dropped to free its memory)."""
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
         if entry is None:
@@ -221,84 +211,27 @@ class Replays:
                 self._captures[slot] = self._captures.get(slot, 0) + 1
                 if replaces is not None:
                     cache.discard(replaces)
-                entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, lane))
+                entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device))
         self._last[slot] = addresses
         if entry is None:
             scalars = torch.empty(len(values), dtype=torch.float32, device=device)
             scalars.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)  # pageable: staged, no sync
             fn(scalars)
             return
-        with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
-            if entry.values != values:  # new numbers (a schedule); else the graph's input still holds them
-                entry.input.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
-                entry.values = values
-            entry.graph.replay()
+        if entry.values != values:  # new numbers (a schedule); else the graph's input still holds them
+            entry.input.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
+            entry.values = values
+        entry.graph.replay()
 
 
-def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device, lane: int = 0) -> Graphed:
-    """``fn(scalars)`` captured on ``lane``'s capture stream, with ``scalars`` a static float32 tensor of ``n``
-    values (the graph's input)."""
-    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device), capture_stream(device, lane))
-
-
-_capture_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
-
-
-def capture_stream(device: torch.device, lane: int) -> torch.cuda.Stream | None:
-    """The stream graphs of ``lane`` are captured on: ``None`` (torch's own capture stream) for lane 0, a stream
-    of its own for each other lane.
-
-    cuBLAS keeps one workspace per (handle, stream), and a graph captured on a stream bakes that stream's
-    workspace into its matrix products; graphs captured on one stream and then replayed at the same time on
-    two streams share it, a race. Measured on an H100 before this (GPT-2 small, Gram NS, two lanes, graphs all
-    captured on torch's stream): the attention-output matrices turned NaN after about 10 steps, and plain-NS
-    results differed from run to run. Each lane captured on its own stream gets its own workspace."""
-    if lane == 0:
-        return None
-    key = (device, lane)
-    if key not in _capture_streams:
-        _capture_streams[key] = torch.cuda.Stream(device)
-    return _capture_streams[key]
+def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
+    """``fn(scalars)`` captured, with ``scalars`` a static float32 tensor of ``n`` values (the graph's input)."""
+    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device))
 
 
 _enabled = True
-_concurrent = True
 cache = GraphCache()
 replays = Replays()
-_side: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def set_concurrent_batches(enabled: bool) -> None:
-    """Whether a fused Muon step replays its NS batches' graphs on two streams (default on). Results are the
-    same either way: the batches touch disjoint memory. Measured on an H100 (GPT-2 small,
-    ``benchmarks/dev/streams.py``): 3.56 -> 3.18 ms per Gram NS step, 3.75 -> 3.46 plain."""
-    global _concurrent
-    _concurrent = bool(enabled)
-
-
-def concurrent_batches() -> bool:
-    return _concurrent
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream concurrent batches replay on, one per device, made on first use."""
-    if device not in _side:
-        _side[device] = torch.cuda.Stream(device)
-    return _side[device]
-
-
-_events: dict[tuple[torch.device, str], torch.cuda.Event] = {}
-
-
-def step_event(device: torch.device, which: str) -> torch.cuda.Event:
-    """An event of ``device`` made once and recorded again each step: ``"fork"``, where the side stream starts
-    from (it waits for it before its first batch), ``"join"``, where the current stream picks the side stream
-    up again. Each record is waited on before the next record of the same event, so one event serves every
-    step (``torch.cuda.Stream.wait_stream`` would make a new one each time)."""
-    key = (device, which)
-    if key not in _events:
-        _events[key] = torch.cuda.Event()
-    return _events[key]
 
 
 def set_cuda_graphs(enabled: bool, max_bytes: int | None = None) -> None:
@@ -335,26 +268,6 @@ def graphable(x: Tensor) -> bool:
     return graphable_on(x.device) and not (x.requires_grad and torch.is_grad_enabled())
 
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the current cudaStream_t, as an int
-_stream_objects: dict[tuple[int, int], torch.cuda.Stream] = {}
-
-
-def current_stream(device: torch.device) -> torch.cuda.Stream:
-    """``torch.cuda.current_stream(device)``, made once per (device, CUDA stream) and kept: a step asks for it
-    before its first launch, and making a ``Stream`` object costs microseconds (3.4 us on an H100 host, against
-    0.16 us to read the raw stream). One raw stream handle is one CUDA stream while it lives; a handle reused by
-    a new stream after the old one was destroyed names that new stream, and so does the kept object."""
-    if _raw_stream is None or device.index is None:
-        return torch.cuda.current_stream(device)
-    key = (device.index, _raw_stream(device.index))
-    stream = _stream_objects.get(key)
-    if stream is None:
-        if len(_stream_objects) >= 256:  # streams made and dropped by the thousand: start again
-            _stream_objects.clear()
-        stream = _stream_objects[key] = torch.cuda.current_stream(device)
-    return stream
-
-
 def stream_id(stream: torch.cuda.Stream) -> tuple[int, int]:
     """What identifies ``stream`` in a cache key."""
     return (stream.device_index, stream.stream_id)
@@ -362,4 +275,4 @@ def stream_id(stream: torch.cuda.Stream) -> tuple[int, int]:
 
 def stream_key(device: torch.device) -> tuple[int, int]:
     """What identifies the current stream of ``device`` in a cache key."""
-    return stream_id(current_stream(device))
+    return stream_id(torch.cuda.current_stream(device))

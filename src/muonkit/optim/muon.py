@@ -22,7 +22,7 @@ from .loading import _check_buffer, _check_loadable, _meta, _static, check_group
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, nonfinite_skip
 from .options import step_options
 from .remembered import _Remembered
-from .repeat import Repeat, repeatable, step_again, wrapper_needed
+from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
 from .shards import is_sharded, local, shard_rows
 from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts
@@ -221,20 +221,8 @@ class Muon(Optimizer):
         return gathered
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step. Returns the closure's loss when a closure is given.
-
-        Step hooks (``register_step_pre_hook``/``register_step_post_hook``, the global ones of ``torch.optim``)
-        and the profiler's ``Optimizer.step#Muon.step`` range work as for any ``torch.optim`` optimizer: where
-        one is registered or a profiler records, the step goes through ``torch.optim``'s own wrapper; where none
-        is, it skips that wrapper's work (measured on an H100's host: tens of microseconds before the step's
-        first launch, which a step timed alone waits for)."""
-        if wrapper_needed(self) and type(self).step is Muon.step:  # (a subclass's own step has torch's wrapper)
-            return _hooked_step(self) if closure is None else _hooked_step(self, closure)
-        return self._step(closure)
-
-    step.hooked = True  # type: ignore[attr-defined]  # tells torch.optim not to wrap it (see above)
-
-    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. Returns the closure's loss when a closure is given. Step hooks and the profiler's
+        range work as for any ``torch.optim`` optimizer (torch.optim wraps this method)."""
         if getattr(self, "accel", True):  # absent on an optimizer pickled before the option existed
             return self._run_step(closure)
         with _accel.disabled():
@@ -410,6 +398,3 @@ class Muon(Optimizer):
         super().load_state_dict(state_dict)
         restore_after_load(self, state_dict)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
-
-
-_hooked_step = Optimizer.profile_hook_step(Muon._step)  # torch.optim's wrapper: hooks, profiler range

@@ -1,7 +1,7 @@
 """Step plans: the fused CUDA path of ``muon_steps``, worked out once per step structure and remembered.
 
 A plan merges same-shape matrices of all calls (and transposes) into NS batches, places each matrix in its
-tensor, balances the batches over two streams and keys each batch's CUDA graphs; ``functional._muon_steps``
+tensor and keys each batch's CUDA graphs; ``functional._muon_steps``
 runs it. Where every call took the fused path, the plan is remembered with a guard over its tensors' metadata
 (``accel.guards``), so that a later step with the same structure runs it without re-checking each tensor in
 Python. Plans and remembered entries are kept in small bounded caches (``_MAX_PLANS``, ``_MAX_REMEMBERED``).
@@ -73,21 +73,7 @@ class _Batch:
     slot: tuple = ()  # what the batch computes (``cuda_graphs.replays``' slot), apart from the tensors' addresses
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
-    lane: int = 0  # 0: the current stream, 1: the side stream (where batches run concurrently)
     restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
-
-
-def _batch_cost(batch: _Batch) -> float:
-    """A rough GPU time of one batch, in multiply-adds: the NS products (symmetric ones counted half, Gram NS per
-    ``_gram_newton_schulz``'s docstring with one restart) plus the element-wise passes over its matrices at about
-    130 multiply-adds per byte moved (an H100's ~400 TFLOP/s on these products against ~3 TB/s), 24 bytes per
-    entry (fp32 gradient, buffer and parameter). Only compared between batches, to balance streams."""
-    b, m, n, steps = batch.size, batch.m, batch.n, len(batch.schedule)
-    if batch.method == "gram" and m < n:
-        products = 6 * m * m * n + 3 * steps * m**3
-    else:
-        products = steps * (3 * m * m * n + m**3)
-    return b * (products + 130 * 24 * m * n)
 
 
 class _StepPlan:
@@ -120,21 +106,9 @@ class _StepPlan:
                 )
         self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
         self.one_device = len(self.devices) == 1
-        self._balance()
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
-                self._graph_keys(batch, calls, cuda_graphs.stream_id(streams[batch.device]))
-
-    def _balance(self) -> None:
-        """Order the batches largest first and give each the lane (stream) with less work so far, so that two
-        concurrent lanes finish together (``run``). GPT-2 small without the QKV split has batches of 24 x 768 x
-        3072, 12 x 768 x 2304 and 12 x 768 x 768: alternating lanes put the first two on one stream."""
-        cost = {id(batch): _batch_cost(batch) for batch in self.batches}
-        self.batches.sort(key=lambda batch: -cost[id(batch)])
-        loads = [0.0, 0.0]
-        for batch in self.batches:
-            batch.lane = loads.index(min(loads))
-            loads[batch.lane] += cost[id(batch)]
+                self._graph_keys(batch, calls, streams[batch.device])
 
     @staticmethod
     def _batch(entries: list[tuple[int, _Run, int, int]], m: int, n: int, work: torch.dtype, schedule: tuple,
@@ -165,19 +139,14 @@ class _StepPlan:
         )  # fmt: skip
         mode = kernels.get_mode()
         batch.slot = cuda_graphs.Key(
-            (device, stream, batch.lane, m, n, work, batch.schedule, batch.method, batch.restarts, mode, runs)
+            (device, stream, m, n, work, batch.schedule, batch.method, batch.restarts, mode, runs)
         )
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method, batch.restarts)
 
     def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
-        ``streams``: ``_streams(calls)`` where the caller has read it.
-
-        Where two or more batches replay captured graphs on one device, the batches of lane 1 (``_balance``)
-        replay on a side stream (``cuda_graphs.side_stream``), so that one batch's element-wise passes and wave
-        tails overlap the other's products (the batches touch disjoint memory); the current stream waits for it
-        at the end."""
+        ``streams``: ``_streams(calls)`` where the caller has read it."""
         device = self.devices[0]  # a plan has at least one batch (muon_steps drops empty calls)
         if self.one_device:
             graphable = dict.fromkeys(self.devices, cuda_graphs.graphable_on(device))
@@ -185,15 +154,6 @@ class _StepPlan:
             graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
         if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
             graphable = dict.fromkeys(self.devices, False)
-        if len(self.batches) > 1 and self.one_device and graphable[device] and cuda_graphs.concurrent_batches():
-            # the side stream starts where the current one is now (before this step's first launch); it waits
-            # for that mark when its first batch comes, so the marking costs the first launch little
-            current = streams[device] if streams is not None else cuda_graphs.current_stream(device)
-            fork = cuda_graphs.step_event(device, "fork")
-            fork.record(current)
-        else:
-            fork = None
-        side = None
         for batch in self.batches:
             numbers = []  # per run: (scale, decay, momentum)
             for run in batch.runs:
@@ -210,17 +170,9 @@ class _StepPlan:
                 for ts in calls[run.call][:3]:
                     addresses += [ts[o].data_ptr() for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
-            if batch.lane and fork is not None and side is None:
-                side = cuda_graphs.side_stream(batch.device)
-                side.wait_event(fork)
             cuda_graphs.replays.run(
-                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph,
-                stream=side if batch.lane else None, lane=batch.lane,
-            )  # fmt: skip
-        if side is not None:
-            join = cuda_graphs.step_event(device, "join")
-            join.record(side)
-            current.wait_event(join)
+                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
+            )
 
 
 def _decays(opts: dict[str, Any]) -> bool:
@@ -318,21 +270,21 @@ def _plan_for(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
     return plan
 
 
-Streams = dict[torch.device, torch.cuda.Stream]
+Streams = dict[torch.device, tuple[int, int]]  # per device: its current stream (``cuda_graphs.stream_key``)
 
 
 def _streams(calls: Sequence[StepCall]) -> Streams | None:
-    """Each device's current stream, where graphs may be replayed now; else ``None``. Read once per step (a step
-    needs it for its plan's key and to start the side stream from; each read costs some microseconds)."""
+    """Each device's current stream, where graphs may be replayed now (a captured graph is bound to its stream);
+    else ``None``. Read once per step, for the plan's key and its graphs' keys."""
     if not cuda_graphs.graphable_on(calls[0][0][0].device):
         return None
     devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
-    return {d: cuda_graphs.current_stream(d) for d in devices}
+    return {d: cuda_graphs.stream_key(d) for d in devices}
 
 
 def _stream_ids(streams: Streams | None) -> tuple | None:
-    """``streams`` as a key: per device, ``cuda_graphs.stream_id`` of its stream."""
-    return None if streams is None else tuple((d, cuda_graphs.stream_id(s)) for d, s in streams.items())
+    """``streams`` as a key."""
+    return None if streams is None else tuple(streams.items())
 
 
 def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:

@@ -3,9 +3,6 @@ without its per-parameter work (gathering and checking every gradient, reading e
 while the group dicts, their parameters, their structural options, the state mapping and every gradient are
 there; one C++ guard call (``accel.guards``) then checks the tensors' metadata. The result equals the full step's.
 Measured on an H100's host (GPT-2 small, Gram NS, no split): 0.09-0.36 ms before the first launch.
-
-Also here: whether a step needs ``torch.optim``'s step wrapper at all (``wrapper_needed``), which ``Muon.step``
-skips where no hook or profiler would see it.
 """
 
 from __future__ import annotations
@@ -15,9 +12,7 @@ import operator
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
 from torch import Tensor
-from torch.optim import optimizer as _torch_optimizer
 
 from ..accel import guards as _guards
 from ..coefficients import is_file_spec
@@ -30,7 +25,7 @@ from .stages import all_finite as _all_finite
 if TYPE_CHECKING:
     from .muon import Muon
 
-__all__ = ["Repeat", "repeatable", "step_again", "wrapper_needed"]
+__all__ = ["Repeat", "repeatable", "step_again"]
 
 # What a repeated step must find unchanged in a group (lr, momentum and weight decay are read every step)
 _READ = {"muon": operator.itemgetter(*REPEAT_KEY), "adamw": operator.itemgetter("algorithm")}
@@ -166,18 +161,3 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
     for start, end, gi in rec.adamw:
         opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end])
     return True
-
-
-_HOOKS = tuple(getattr(_torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
-               "_global_optimizer_post_hooks"))  # fmt: skip
-_profiling = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
-
-
-def wrapper_needed(opt: Muon) -> bool:
-    """Whether ``torch.optim``'s step wrapper has work to do: a step hook is registered, a profiler records, or
-    torch.compile traces (it traces the wrapper as for other optimizers). Where torch lacks what this reads,
-    always."""
-    if _profiling is None or any(h is None for h in _HOOKS) or torch.compiler.is_compiling():
-        return True
-    pre, post = getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None)
-    return pre is None or post is None or bool(pre or post or _HOOKS[0] or _HOOKS[1] or _profiling())
