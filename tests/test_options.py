@@ -119,3 +119,14 @@ def test_plan_key_follows_plan_options_only():
                                     "ns_dtype": torch.float16, "method": "gram", "restarts": [2],
                                     "matrix_view": "batch", "split": 3, "max_batch": 4}.get(o.name, 0.5)}  # fmt: skip
         assert (options.plan_key(changed) != key) == o.in_plan, o.name
+
+
+def test_sharded_steps_take_the_functional_steps_options_and_refuse_others_by_name():
+    from muonkit.distributed import sharded_muon_step, zero_muon_step
+
+    required = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr="original")
+    sharded_muon_step([], [], [], **required, postscale="none")  # nothing to step: accepted
+    with pytest.raises(TypeError, match=r"lacks \['momentum'\]"):
+        sharded_muon_step([], [], [], **{k: v for k, v in required.items() if k != "momentum"})
+    with pytest.raises(TypeError, match=r"unexpected options \['momentum_dtype'\]"):
+        zero_muon_step([], [], [], executor=None, **required, momentum_dtype=torch.float32)

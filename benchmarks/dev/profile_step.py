@@ -4,7 +4,7 @@ For one matrix set (default GPT-2 small) this prints and writes to JSON:
 
 * ``floor``: the batched bf16 matmuls one NS step is made of, each timed alone (cuBLAS), and the NS5
   time they add up to: the best a torch-matmul NS can do on these shapes;
-* ``ns``: ``orthogonalize_batch`` on each same-shape batch, eager and replayed from a CUDA graph (no
+* ``ns``: ``NSCall.run`` on each same-shape batch, eager and replayed from a CUDA graph (no
   launch overhead), plain and Gram NS;
 * ``profile``: the whole ``step()`` (eager and under ``torch.compile``) under ``torch.profiler``, with
   the CUDA time per kernel class (gemm, elementwise, reduction, copy) and the top kernels.
@@ -29,7 +29,7 @@ from step import SETS, make_params, split_groups
 import muonkit
 from muonkit.accel import kernels
 from muonkit.coefficients import as_preset
-from muonkit.newton_schulz import orthogonalize_batch
+from muonkit.newton_schulz import NSCall
 
 
 def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -112,7 +112,7 @@ def ns_reference(G: torch.Tensor, rows: list) -> torch.Tensor:
     with_kernels = kernels.get_mode()
     kernels.set_mode("torch")
     try:
-        return orthogonalize_batch(G.double(), rows, 1.0, 1e-7, torch.float64)
+        return NSCall.of(rows, 1.0, 1e-7, torch.float64, "newton_schulz", None).run(G.double(), fresh=True)
     finally:
         kernels.set_mode(with_kernels)
 
@@ -127,7 +127,7 @@ def ns_section(dev: torch.device, rows: list, batches: list[tuple[int, int, int]
         for method in ("newton_schulz", "gram"):
             for mode in ("torch", "triton"):
                 kernels.set_mode(mode)
-                run = functools.partial(orthogonalize_batch, G, rows, 1.0, 1e-7, torch.bfloat16, method)
+                run = functools.partial(NSCall.of(rows, 1.0, 1e-7, torch.bfloat16, method, None).run, G, True)
                 err = float((run().double() - ref).norm() / ref.norm())
                 eager, graph = time_ms(run, dev, reps=30), time_ms(graphed(run), dev, reps=30)
                 rec = {"batch": b, "shape": [m, n], "method": method, "kernels": mode, "rel_err_vs_fp64": err,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..coefficients import CoefficientSpec, as_preset
 from ..reference import polar_svd
-from .calls import filled_graph_key, orthogonalize_batch, orthogonalize_filled, orthogonalize_stack
+from .calls import NSCall, filled_graph_key, orthogonalize_filled, orthogonalize_stack
 from .iteration import (
     METHODS,
     NS_DTYPES,
@@ -32,12 +32,12 @@ from .iteration import (
 __all__ = [
     "METHODS",
     "NS_DTYPES",
+    "NSCall",
     "default_ns_dtype",
     "filled_graph_key",
     "gram_restarts",
     "newton_schulz_plain",
     "orthogonalize",
-    "orthogonalize_batch",
     "orthogonalize_filled",
     "orthogonalize_stack",
     "restart_positions",
@@ -101,7 +101,6 @@ def orthogonalize(
         return G.clone()
     ns_dtype = dtype or default_ns_dtype(G.device, G.dtype)
     m, n = G.shape[-2:]
-    X = orthogonalize_batch(
-        G.reshape(-1, m, n), rows, preset.norm_scale, eps, ns_dtype, method, restarts, fresh=G.dtype == ns_dtype
-    )
+    call = NSCall.of(rows, preset.norm_scale, eps, ns_dtype, method, restarts)
+    X = call.run(G.reshape(-1, m, n), fresh=G.dtype == ns_dtype)
     return X.reshape(G.shape).to(G.dtype)  # a copy unless fresh

@@ -1,5 +1,5 @@
 """The orthogonalization calls the optimizer makes, each run eagerly or replayed from a cached CUDA graph
-(``muonkit.accel.cuda_graphs``): ``orthogonalize_batch`` (a checked batch), ``orthogonalize_stack`` (same-shape
+(``muonkit.accel.cuda_graphs``): ``NSCall.run`` (a checked batch), ``orthogonalize_stack`` (same-shape
 parts stacked straight into a graph's input), ``orthogonalize_filled`` (an input a fused kernel writes)."""
 
 from __future__ import annotations
@@ -15,48 +15,16 @@ from torch import Tensor
 from ..accel import cuda_graphs, kernels
 from .iteration import Restarts, _frobenius_normalise, _iterate, restart_positions
 
-__all__ = ["filled_graph_key", "orthogonalize_batch", "orthogonalize_filled", "orthogonalize_stack"]
+__all__ = ["NSCall", "filled_graph_key", "orthogonalize_filled", "orthogonalize_stack"]
 
 
-def orthogonalize_batch(
-    G: Tensor,
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-    *,
-    fresh: bool = True,
-) -> Tensor:
-    """The unchecked core of ``orthogonalize`` for a 3-D batch ``(b, m, n)``; returns ``ns_dtype``.
-
-    For callers that already validated their input and resolved the schedule (the optimizer step).
-    Gram NS is used only for rectangular matrices: on square ones it saves nothing.
-
-    Eager CUDA calls replay a cached CUDA graph where ``muonkit.accel.cuda_graphs`` allows it; with
-    ``fresh=False`` the result may then be the graph's static output, valid only until the next call of the
-    same shape on the same stream (for callers that consume it at once).
-    """
-    return _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts).run(G, fresh)
-
-
-def orthogonalize_stack(
-    parts: Sequence[Tensor],
-    rows: Sequence[Sequence[float]],
-    norm_scale: float,
-    eps: float,
-    ns_dtype: torch.dtype,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-) -> Tensor:
-    """``orthogonalize_batch(torch.stack(parts))`` for same-shape ``parts`` (``(..., m, n)`` each), returned as
-    ``(b, m, n)`` with ``fresh=False`` semantics. When a cached CUDA graph replays the call, the parts are
+def orthogonalize_stack(parts: Sequence[Tensor], call: NSCall) -> Tensor:
+    """``call.run(torch.stack(parts))`` for same-shape ``parts`` (``(..., m, n)`` each), returned as ``(b, m, n)``
+    with ``fresh=False`` semantics (``NSCall.run``). When a cached CUDA graph replays the call, the parts are
     stacked straight into its static input (one copy fewer than stacking first)."""
     m, n = parts[0].shape[-2:]
     stack_shape = (len(parts), *parts[0].shape)
     b = math.prod(stack_shape[:-2])
-    call = _NSCall.of(rows, norm_scale, eps, ns_dtype, method, restarts)
     if any(p.requires_grad for p in parts) and torch.is_grad_enabled():
         return call.eager(torch.stack(list(parts)).reshape(b, m, n))
 
@@ -92,7 +60,7 @@ def orthogonalize_filled(
         positions = restart_positions(restarts, len(rows))
         fill(X, d)
         return _iterate(X, rows, method, positions, d)
-    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
+    return NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
 
 
 def filled_graph_key(
@@ -101,12 +69,14 @@ def filled_graph_key(
 ) -> tuple:  # fmt: skip
     """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
     current stream)."""
-    return _NSCall.prenormalised_call(rows, ns_dtype, method, restarts).key(shape, ns_dtype, device)
+    return NSCall.prenormalised_call(rows, ns_dtype, method, restarts).key(shape, ns_dtype, device)
 
 
 @dataclass(frozen=True)
-class _NSCall:
-    """What an NS call computes, apart from its input: run it eagerly, or find or capture its CUDA graph."""
+class NSCall:
+    """What an NS call computes, apart from its input (``NSCall.of(rows, norm_scale, eps, ns_dtype, method,
+    restarts)``, checked by the caller): ``run`` it on a ``(b, m, n)`` batch, eagerly or from its CUDA graph.
+    Gram NS is used only for rectangular matrices: on square ones it saves nothing."""
 
     rows: tuple[tuple[float, ...], ...]
     norm_scale: float
@@ -118,13 +88,13 @@ class _NSCall:
 
     @classmethod
     def of(cls, rows: Sequence[Sequence[float]], norm_scale: float, eps: float, ns_dtype: torch.dtype,
-           method: str, restarts: Restarts, prenormalised: bool = False) -> _NSCall:  # fmt: skip
+           method: str, restarts: Restarts, prenormalised: bool = False) -> NSCall:  # fmt: skip
         rows_ = tuple(tuple(float(c) for c in r) for r in rows)
         return cls(rows_, norm_scale, eps, ns_dtype, method, restart_positions(restarts, len(rows_)), prenormalised)
 
     @classmethod
     def prenormalised_call(cls, rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, method: str,
-                           restarts: Restarts) -> _NSCall:  # fmt: skip
+                           restarts: Restarts) -> NSCall:  # fmt: skip
         """The call ``orthogonalize_filled`` makes: input already normalised in ``ns_dtype``, ``m <= n``."""
         return cls.of(rows, 1.0, 0.0, ns_dtype, method, restarts, prenormalised=True)
 
@@ -144,7 +114,7 @@ class _NSCall:
     def filled(self, fill: Callable[[Tensor], object], shape: tuple[int, int, int], dtype: torch.dtype,
                device: torch.device) -> Tensor:  # fmt: skip
         """This call on the ``(b, m, n)`` input that ``fill(X)`` writes; ``fresh=False`` semantics. A cached
-        graph's static input is filled directly; otherwise a new tensor is, then run as ``orthogonalize_batch``."""
+        graph's static input is filled directly; otherwise a new tensor is, then ``run``."""
         if cuda_graphs.graphable_on(device):
             entry = cuda_graphs.cache.peek(self.key(shape, dtype, device))
             if entry is not None:
@@ -156,8 +126,9 @@ class _NSCall:
         return self.run(X)
 
     def run(self, G: Tensor, fresh: bool = False) -> Tensor:
-        """This call on ``G``: a cached graph's replay where allowed (its static output unless ``fresh``), else
-        eagerly."""
+        """This call on ``G`` (``(b, m, n)``; returns ``ns_dtype``): a cached graph's replay where allowed, else
+        eagerly. Unless ``fresh``, the result may be the graph's static output, valid only until the next call of
+        the same shape on the same stream (for callers that consume it at once)."""
         if cuda_graphs.graphable(G):
             entry = self.graphed(G)
             if entry is not None:

@@ -98,7 +98,9 @@ def _torch_muon_step(
     executor = opts["executor"]
     ns = {k: opts[k] for k in NS_OPTIONS}
     parts = getattr(executor, "parts", 1)
-    jobs = ns_jobs(updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], parts=parts, stats=opts["stats"], **ns)
+    jobs = ns_jobs(
+        updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], ns=ns, parts=parts, stats=opts["stats"]
+    )
     (executor or run_all)(jobs)
     get_stage("update", opts["update"]).fast(params, outputs, opts["lr"], opts["weight_decay"])
 

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..newton_schulz import default_ns_dtype
-from .options import NS_OPTIONS
-from .pipeline import SLOTS, get_stage
+from .options import DEFAULTS, NS_OPTIONS, STEP_OPTIONS
+from .pipeline import get_stage
 from .shards import RankGroup, assign_jobs, local, shard_group, shard_rows, start_row_gather
 from .stages import lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 
@@ -62,12 +62,6 @@ def sharded_muon_step(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
     *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    adjust_lr: Any,
-    update: str = SLOTS["update"],
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
@@ -77,38 +71,37 @@ def sharded_muon_step(
 
     ``comm_dtype`` (``None``: exact) is the dtype updates travel in to their owners; results travel back
     in the NS dtype when all of a parameter's parts share one lr scale (exact), else in the update dtype.
-    ``counter[0]`` is increased by the bytes this rank sends. ``options`` are ``muon_step``'s NS options
-    (``coefficients``, ``ns_steps``, ``eps``, ``ns_dtype``, ``method``, ``restarts``, ``matrix_view``, ``split``,
-    ``max_batch``).
+    ``counter[0]`` is increased by the bytes this rank sends. ``options``: ``muon_step``'s options (``lr``,
+    ``momentum``, ``nesterov``, ``weight_decay`` and ``adjust_lr`` required; the rest default as there).
     """
+    opts, ns = _step_options(options, "sharded_muon_step")
     if not params:
         return
+    lr, adjust_lr = opts["lr"], opts["adjust_lr"]
     local_params = [local(p) for p in params]
-    updates = momentum_update([local(g) for g in grads], [local(b) for b in momentum_buffers], momentum, nesterov)
+    updates = momentum_update(
+        [local(g) for g in grads], [local(b) for b in momentum_buffers], opts["momentum"], opts["nesterov"]
+    )
     by_group: dict[Any, list[int]] = defaultdict(list)
     infos = [shard_group(p) for p in params]
     for i, (group, _, _) in enumerate(infos):
         by_group[group].append(i)
     new_updates: list[Tensor | None] = [None] * len(params)
-    unknown = set(options) - set(NS_OPTIONS)
-    if unknown:
-        raise TypeError(f"sharded_muon_step got unexpected options {sorted(unknown)}")
-    options = {**NS_OPTIONS, **options}
     for group, index in by_group.items():
         world, rank = infos[index[0]][1], infos[index[0]][2]
         if group is None or world == 1:  # replicated DTensors: the local tensor is the whole matrix
             outs = [torch.empty_like(updates[i]) for i in index]
-            run_all(ns_jobs([updates[i] for i in index], outs, lr=lr, adjust_lr=adjust_lr, stats=stats, **options))
+            run_all(ns_jobs([updates[i] for i in index], outs, lr=lr, adjust_lr=adjust_lr, ns=ns, stats=stats))
             for i, o in zip(index, outs):
                 new_updates[i] = o
             continue
         exchange = _ShardedExchange(group, world, rank, comm_dtype, counter)
         for i, o in zip(
-            index, exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, options, stats)
+            index, exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, ns, stats)
         ):
             new_updates[i] = o
     assert all(u is not None for u in new_updates)
-    get_stage("update", update).fast(local_params, new_updates, lr, weight_decay)
+    get_stage("update", opts["update"]).fast(local_params, new_updates, lr, opts["weight_decay"])
 
 
 def zero_muon_step(
@@ -117,12 +110,6 @@ def zero_muon_step(
     row_buffers: Sequence[Tensor],
     *,
     executor: RankGroup,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    adjust_lr: Any,
-    update: str = SLOTS["update"],
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
@@ -135,8 +122,9 @@ def zero_muon_step(
     owners as in the FSDP2 path (``all_to_all``, NS there, rows back), then one ``all_gather`` per
     same-shape bucket gives every rank the whole update. The result equals single-process Muon; the
     state takes 1/W of the memory, for more bytes than the replicated exchange (1.75x on 2 GPUs for the
-    1B-class set of benchmarks/distributed.py).
+    1B-class set of benchmarks/distributed.py). ``options`` as for ``sharded_muon_step``.
     """
+    opts, ns = _step_options(options, "zero_muon_step")
     if not params:
         return
     world, rank = executor.world_size, executor.rank
@@ -150,9 +138,9 @@ def zero_muon_step(
             )
         start = sum(rows[:rank])
         row_grads.append(g[start : start + rows[rank]])
-    updates = momentum_update(row_grads, row_buffers, momentum, nesterov)
+    updates = momentum_update(row_grads, row_buffers, opts["momentum"], opts["nesterov"])
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
-    stacks = exchange.run_stacked(params, updates, lr, adjust_lr, options, stats)
+    stacks = exchange.run_stacked(params, updates, opts["lr"], opts["adjust_lr"], ns, stats)
     pending = [  # stack: (n, rows_me, *tail) -> every rank's rows, one all-gather per bucket in flight
         (order, start_row_gather(stack, int(params[order[0]].shape[0]), executor, counter)) for order, stack in stacks
     ]
@@ -161,7 +149,21 @@ def zero_muon_step(
         for i, u in zip(order, finish().unbind(0)):
             full_updates[i] = u
     assert all(u is not None for u in full_updates)
-    get_stage("update", update).fast(params, full_updates, lr, weight_decay)
+    get_stage("update", opts["update"]).fast(params, full_updates, opts["lr"], opts["weight_decay"])
+
+
+_REQUIRED = ("lr", "momentum", "nesterov", "weight_decay", "adjust_lr")  # keyword-only without default in muon_step
+
+
+def _step_options(options: dict[str, Any], who: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` of a sharded step checked against ``muon_step``'s (``TypeError`` naming missing or unexpected
+    ones, as Python does for a signature), completed with the defaults; and the orthogonalization's part."""
+    missing = [k for k in _REQUIRED if k not in options]
+    unknown = sorted(set(options) - set(STEP_OPTIONS))
+    if missing or unknown:
+        raise TypeError(f"{who} got unexpected options {unknown} or lacks {missing}")
+    opts = {**DEFAULTS, **options}
+    return opts, {k: opts[k] for k in NS_OPTIONS}
 
 
 class _ShardedExchange:
@@ -185,7 +187,7 @@ class _ShardedExchange:
         updates: Sequence[Tensor],
         lr: float,
         adjust_lr: Any,
-        options: dict[str, Any],
+        ns: dict[str, Any],
         stats: dict[str, list[Tensor]] | None,
     ) -> list[tuple[list[int], Tensor]]:
         """Scaled orthogonalized updates, this rank's rows: per bucket ``(order, (n, rows_me, *tail))``.
@@ -220,8 +222,8 @@ class _ShardedExchange:
         for b in buckets:
             mine = b.count[rank]
             first = updates[b.order[0]]
-            b.uniform, b.scale = _uniform_scale(b.shape, lr, adjust_lr, options["matrix_view"], options["split"])
-            work_dtype = options["ns_dtype"] or default_ns_dtype(first.device, first.dtype)
+            b.uniform, b.scale = _uniform_scale(b.shape, lr, adjust_lr, ns["matrix_view"], ns["split"])
+            work_dtype = ns["ns_dtype"] or default_ns_dtype(first.device, first.dtype)
             out_dtype = self.comm_dtype or (work_dtype if b.uniform else first.dtype)
             b.work.wait()
             assert b.recv is not None
@@ -237,7 +239,7 @@ class _ShardedExchange:
                     if b.uniform
                     else {"lr": lr, "adjust_lr": adjust_lr}
                 )
-                run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), stats=stats, **rule, **options))
+                run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, **rule))
             offsets = [sum(b.rows[:r]) for r in range(world)]
             send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, b.rows)])
             send_splits = [mine * r * b.row_numel for r in b.rows]

@@ -18,21 +18,21 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..coefficients import CoefficientSpec, as_preset
+from ..coefficients import as_preset
 from ..newton_schulz import (
-    Restarts,
+    NSCall,
     default_ns_dtype,
     orthogonalize,
     orthogonalize_stack,
 )
-from .options import ADJUST_LR_MODES
+from .options import ADJUST_LR_MODES, NS_OPTIONS
 from .pipeline import SLOTS, get_stage
 
 __all__ = [
@@ -160,39 +160,33 @@ def ns_jobs(
     outputs: Sequence[Tensor],
     *,
     lr: float,
-    coefficients: CoefficientSpec,
-    ns_steps: int | None,
     adjust_lr: AdjustLR,
-    eps: float,
-    ns_dtype: torch.dtype | None = None,
-    method: str = "newton_schulz",
-    restarts: Restarts = None,
-    matrix_view: str = "flatten",
-    split: SplitSpec = None,
-    max_batch: int | None = None,
-    precondition: str = SLOTS["precondition"],
-    postscale: str = SLOTS["postscale"],
+    ns: Mapping[str, Any] = NS_OPTIONS,
     parts: int = 1,
     stats: dict[str, list[Tensor]] | None = None,
     report_lr: tuple[float, AdjustLR] | None = None,
 ) -> list[Job]:
     """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * postscale(orthogonalize(
     precondition(u)))`` into ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an
-    executor. ``precondition`` / ``postscale``: stage names of those pipeline slots (``pipeline``).
+    executor. ``ns``: the orthogonalization's options (``options.NS_OPTIONS``: coefficients, ns_steps, eps,
+    ns_dtype, method, restarts, matrix_view, split, max_batch, and the stage names of the ``precondition`` and
+    ``postscale`` slots); those it lacks take their defaults.
 
     Matrices of the same shape, dtype and device (after flattening and splitting) are stacked into calls of
     at most ``max_batch`` (``None``: all, cut into ``parts`` pieces so that a distributed executor can
     balance few shapes). ``report_lr = (lr, adjust_lr)`` is what the statistics' update RMS uses when the
     outputs are written unscaled (``lr=1, adjust_lr=None``) and scaled later.
     """
+    o = {**NS_OPTIONS, **ns}
+    method, eps, restarts, view, split = o["method"], o["eps"], o["restarts"], o["matrix_view"], o["split"]
     batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
     for u, out in zip(updates, outputs):
-        for src, dst in zip(matrix_parts(u, matrix_view, split), matrix_parts(out, matrix_view, split)):
+        for src, dst in zip(matrix_parts(u, view, split), matrix_parts(out, view, split)):
             batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
 
-    preset = as_preset(coefficients)
-    rows = preset.schedule(ns_steps)
-    pre, post = get_stage("precondition", precondition), get_stage("postscale", postscale)
+    preset = as_preset(o["coefficients"])
+    rows = preset.schedule(o["ns_steps"])
+    pre, post = get_stage("precondition", o["precondition"]), get_stage("postscale", o["postscale"])
 
     def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
         srcs = [src for src, _ in pairs]
@@ -205,7 +199,7 @@ def ns_jobs(
         if method == "svd":
             ortho = orthogonalize(torch.stack(srcs), method="svd")
         else:  # possibly a CUDA graph's static output: consumed below
-            ortho = orthogonalize_stack(srcs, rows, preset.norm_scale, eps, work, method, restarts)
+            ortho = orthogonalize_stack(srcs, NSCall.of(rows, preset.norm_scale, eps, work, method, restarts))
             ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
         if post.name != SLOTS["postscale"]:
             ortho = post.fast(ortho.reshape(-1, *shape[-2:])).reshape(len(srcs), *shape)
@@ -218,8 +212,8 @@ def ns_jobs(
     for (shape, dtype, device), all_pairs in batches.items():
         scale = lr_scale(adjust_lr, lr, shape[-2:])
         rms = scale if report_lr is None else lr_scale(report_lr[1], report_lr[0], shape[-2:])
-        work = ns_dtype or default_ns_dtype(device, dtype)
-        chunk = max_batch or math.ceil(len(all_pairs) / parts)
+        work = o["ns_dtype"] or default_ns_dtype(device, dtype)
+        chunk = o["max_batch"] or math.ceil(len(all_pairs) / parts)
         per_matrix = ns_flops(shape)
         for start in range(0, len(all_pairs), chunk):
             pairs = all_pairs[start : start + chunk]
@@ -245,10 +239,8 @@ def ns_batches(
     """``(b, m, n)``, ``m <= n``, of every batched orthogonalization ``ns_jobs`` makes for parameters of these
     shapes (computed on meta tensors: nothing is allocated). What the kernel tuner prepares for."""
     metas = [torch.empty(tuple(s), device="meta") for s in shapes]
-    jobs = ns_jobs(
-        metas, metas, lr=1.0, coefficients="jordan", ns_steps=1, adjust_lr=None, eps=0.0,
-        matrix_view=matrix_view, split=split, max_batch=max_batch, parts=parts,
-    )  # fmt: skip
+    ns = dict(coefficients="jordan", ns_steps=1, eps=0.0, matrix_view=matrix_view, split=split, max_batch=max_batch)
+    jobs = ns_jobs(metas, metas, lr=1.0, adjust_lr=None, ns=ns, parts=parts)
     batches = []
     for j in jobs:
         shape = j.key[0]
