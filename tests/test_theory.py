@@ -42,6 +42,122 @@ def test_iterates_never_exceed_theorem_2(kappa, l):
     assert np.all(np.diff(deltas) <= 1e-15)
 
 
+def _decimal_iterates(kappa, q, l, digits=700):
+    """delta_0 .. delta_q by the printed phi(u) = 1 - (1 - u) p_kappa(1 - u)^2 in 700-digit decimals (from the
+    float l exactly): the cancellation costs at most ~310 digits above 1e-310, leaving hundreds."""
+    import decimal
+    from math import comb
+
+    with decimal.localcontext() as ctx:
+        ctx.prec, ctx.Emin = digits, -(10**6)
+        one = decimal.Decimal(1)
+        c = [decimal.Decimal(comb(2 * s, s)) / decimal.Decimal(4**s) for s in range(kappa + 1)]
+        u = one - decimal.Decimal(l) ** 2
+        out = [u]
+        for _ in range(q):
+            if u < decimal.Decimal("1e-400"):  # far below what the test reads
+                break
+            P = sum((cs * u**s for s, cs in enumerate(c)), decimal.Decimal(0))
+            u = one - (one - u) * P * P
+            out.append(u)
+    return out
+
+
+@pytest.mark.parametrize("kappa", [1, 2, 3, 5])
+@pytest.mark.parametrize("l", [0.1, 0.5, 0.9])
+def test_residuals_epsilon_and_chi_keep_relative_precision_down_to_1e_300(kappa, l):
+    """delta_q, epsilon_q and chi_q - 1 agree with 700-digit arithmetic to 1e-3 relative wherever delta_q >= 1e-300
+    (the printed phi(u) in float64 stopped near 2e-16, or went negative: kappa = 5, l = 0.5, q >= 3)."""
+    q_max = 20
+    exact = _decimal_iterates(kappa, q_max, l)
+    got = T.residual_iterates(kappa, q_max, l)
+    checked = 0
+    for q in range(len(exact)):
+        if exact[q] < 1e-300:
+            break
+        want = float(exact[q])
+        assert got[q] == pytest.approx(want, rel=1e-3, abs=0), q
+        eps = T.taylor_epsilon(kappa, q, l)
+        want_eps = want / (1 + math.sqrt(1 - want))
+        assert eps["epsilon"] == pytest.approx(want_eps, rel=1e-3, abs=0)
+        assert eps["chi_excess"] == pytest.approx(want_eps / (1 - want_eps), rel=1e-3, abs=0)
+        checked += 1
+    assert checked >= 3 and exact[checked - 1] < 1e-50  # residuals far below float64 rounding were reached
+
+
+def test_residual_factor_is_exact_and_positive():
+    from fractions import Fraction
+
+    assert T.residual_factor(1) == (Fraction(3, 4), Fraction(1, 4))
+    assert T.residual_factor(2) == (Fraction(40, 64), Fraction(15, 64), Fraction(9, 64))
+    for kappa in range(1, 9):
+        assert all(a > 0 for a in T.residual_factor(kappa))
+        assert sum(T.residual_factor(kappa)) == 1  # phi(1) = 1: a zero singular value stays at zero
+
+
+def test_matrix_delta_uses_the_projector_onto_the_momentums_range():
+    """A rank-deficient momentum: NS leaves its null directions at 0, so ||I - X X^T|| = 1 however many steps,
+    while the paper's residual ||P - X X^T|| follows the scalar map on the nonzero singular values."""
+    kappa, q, l = 2, 3, 0.3
+    sig = np.array([1.0, 0.7, 0.5, l, 0.0, 0.0])
+    M = matrix_with_spectrum(10, 6, sig).numpy().T.copy()  # 6 x 10 of rank 4
+    rows = [C.taylor_row(kappa)] * q
+    Y = torch.from_numpy(M / np.linalg.norm(M, ord=2))
+    for row in rows:  # X <- X p_kappa(X^T X), the paper's step, without renormalising
+        A = Y @ Y.mT
+        Y = sum(c * torch.linalg.matrix_power(A, i) for i, c in enumerate(row)) @ Y
+    Xn = Y.numpy()
+    want = max(T.residual_iterates(kappa, q, s)[-1] for s in sig[sig > 0])
+    assert T.matrix_delta(Xn, M) == pytest.approx(want, rel=1e-9)
+    assert np.linalg.norm(np.eye(6) - Xn @ Xn.T, ord=2) == pytest.approx(1.0)
+
+
+def _deterministic_svd_muon(m, n, s, T_steps):
+    """Kim & Oh's algorithm without noise (sigma = 0, so Theorem 1's beta is clipped to 0) on
+    f = ||W - W*||_F^2 / 2 with W* of equal singular values s: L = r, D = r s^2 / 2. Returns (mean nuclear norm
+    of the gradient over W_0 .. W_{T-1}, L, D)."""
+    r = min(m, n)
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    W_star = s * U @ V.T
+    L, D = float(r), r * s * s / 2
+    eta, beta = T.muon_hyperparameters(L, D, 0.0, 1, r, T_steps)
+    assert beta == 0.0
+    W, M, total = torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, n, dtype=torch.float64), 0.0
+    for _ in range(T_steps):
+        G = W - W_star
+        total += float(torch.linalg.svdvals(G).sum())
+        M = beta * M + G
+        W = W - eta * orthogonalize(M, method="svd")
+    return total / T_steps, L, D
+
+
+def test_theorem_1_bound_holds_where_beta_is_clipped_and_eq8_as_printed_does_not():
+    measured, L, D = _deterministic_svd_muon(8, 32, 1.0, 400)
+    assert measured == pytest.approx(0.4242, abs=1e-4)
+    bound = T.muon_bound(L, D, 0.0, 1, 8, 400).total
+    assert measured <= bound == pytest.approx(1.5 * math.sqrt(L * D / 400))
+    assert T.eq8_as_printed(L, D, 0.0, 1, 8, 400) < measured  # the printed form is no bound here
+
+
+@pytest.mark.parametrize("m, n, s, steps", [(4, 16, 0.5, 50), (8, 8, 2.0, 200), (16, 4, 1.0, 30), (6, 12, 3.0, 1000)])
+def test_theorem_1_bound_holds_on_deterministic_problems(m, n, s, steps):
+    """The bound holds, and is met with equality up to rounding where 1/eta steps land on the optimum (equal
+    singular values): so the check allows 1e-12 relative; eq. (8) as printed is a third of it."""
+    measured, L, D = _deterministic_svd_muon(m, n, s, steps)
+    bound = T.muon_bound(L, D, 0.0, 1, min(m, n), steps).total
+    assert measured <= bound * (1 + 1e-12)
+    assert T.eq8_as_printed(L, D, 0.0, 1, min(m, n), steps) < 0.9 * measured
+
+
+def test_bound_equals_eq8_where_beta_is_not_clipped():
+    for args in [(1, 1, 1, 1, 64, 1000), (2, 3, 0.5, 4, 16, 100), (0.5, 10, 2, 8, 32, 5000)]:
+        for eps in (0.0, 0.3):
+            assert T.muon_hyperparameters(*args)[1] > 0
+            assert T.muon_bound(*args, eps=eps).total == pytest.approx(T.eq8_as_printed(*args, eps=eps), rel=1e-12)
+
+
 def test_chi_goes_to_one_doubly_exponentially_and_with_degree():
     chis = [T.taylor_epsilon(2, q, 0.3)["chi"] - 1 for q in range(1, 6)]
     # doubly exponential: log(chi - 1) falls by a growing amount each step

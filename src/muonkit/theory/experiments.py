@@ -56,11 +56,11 @@ def _plot_constant(res: dict[str, Any], path: str) -> None:
         for k in res["kappas"]:
             pts = [t for t in res["taylor"] if t["l"] == l and t["kappa"] == k]
             line = ax.plot(
-                [t["q"] for t in pts], [max(t["chi"] - 1, 1e-17) for t in pts], marker=".", label=f"kappa={k}"
+                [t["q"] for t in pts], [max(t["chi_excess"], 1e-300) for t in pts], marker=".", label=f"kappa={k}"
             )
             ax.plot(
                 [t["q"] for t in pts],
-                [max(t["chi_bound"] - 1, 1e-17) for t in pts],
+                [max(t["chi_excess_bound"], 1e-300) for t in pts],
                 ls="--",
                 color=line[0].get_color(),
                 lw=0.8,
@@ -87,15 +87,21 @@ def _plot_constant(res: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _chi_text(t: dict[str, Any]) -> str:
+    """chi, or ``1+x`` with ``x = chi - 1`` where chi itself would print as 1."""
+    x = t.get("chi_excess", t["chi"] - 1)
+    return f"{t['chi']:.4g}" if x >= 1e-3 else f"1+{x:.1e}"
+
+
 def _table_constant(res: dict[str, Any]) -> str:
-    lines = [f"{'l':>5} {'schedule':<14} " + " ".join(f"{'q=' + str(q):>9}" for q in res["qs"])]
+    lines = [f"{'l':>5} {'schedule':<14} " + " ".join(f"{'q=' + str(q):>10}" for q in res["qs"])]
     for l in res["ls"]:
         for k in res["kappas"]:
-            vals = [t["chi"] for t in res["taylor"] if t["l"] == l and t["kappa"] == k]
-            lines.append(f"{l:>5} {'kappa=' + str(k):<14} " + " ".join(f"{v:>9.4g}" for v in vals))
+            vals = [_chi_text(t) for t in res["taylor"] if t["l"] == l and t["kappa"] == k]
+            lines.append(f"{l:>5} {'kappa=' + str(k):<14} " + " ".join(f"{v:>10}" for v in vals))
         for name in ("jordan", "polar_express"):
-            vals = [t["chi"] for t in res["presets"] if t["l"] == l and t["name"] == name]
-            lines.append(f"{l:>5} {name:<14} " + " ".join(f"{v:>9.4g}" for v in vals))
+            vals = [_chi_text(t) for t in res["presets"] if t["l"] == l and t["name"] == name]
+            lines.append(f"{l:>5} {name:<14} " + " ".join(f"{v:>10}" for v in vals))
     return "chi_q = 1 / (1 - epsilon_q)\n" + "\n".join(lines)
 
 
