@@ -235,7 +235,7 @@ def test_fused_muon_step_matches_torch_path(launchers, monkeypatch, options):
     (p0, b0, s0), (p1, b1, s1) = results
     for a, b in zip(p0 + b0, p1 + b1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 if a.dtype == torch.float32 else 1e-2)
-    assert s0.keys() == s1.keys() == {"orth_error", "update_rms", "sigma_max"}
+    assert s0.keys() == s1.keys() == {"orth_error", "update_rms", "sigma_max", "sigma_min", "epsilon"}
     # batches may be cut differently (max_batch counts matrices here, parts there): compare per-matrix maxima
     for k in ("orth_error", "sigma_max"):
         torch.testing.assert_close(torch.stack(s0[k]).max(), torch.stack(s1[k]).max(), rtol=1e-4, atol=1e-6)

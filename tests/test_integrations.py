@@ -92,6 +92,29 @@ def test_diagnostics_without_sync_until_read():
     # the update of a k x n (k <= n) orthogonal matrix has RMS sqrt(k / (k n)) times the scale
     assert stats[f"group{gi}/update_rms"] > 0
     assert stats[f"group{gi}/sigma_max"] == pytest.approx(1.0, abs=1e-4)  # the SVD polar factor
+    assert stats[f"group{gi}/sigma_min"] == pytest.approx(1.0, abs=1e-3)
+    assert stats[f"group{gi}/epsilon"] < 1e-3 and stats[f"group{gi}/chi"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sigma_min_and_epsilon_estimates_report_the_ns_band():
+    """Jordan's NS5 leaves singular values in a band below and above 1: the smallest-singular-value estimate sees
+    its bottom (from above, within 3%), and epsilon = max |sigma - 1| is Kim & Oh's polar error of the output."""
+    from muonkit.optim.stages import _bottom_singular_value, _record_stats, _top_singular_value
+
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(4, 32, 64, generator=gen, dtype=torch.float64)
+    O = muonkit.orthogonalize(G, dtype=torch.float64)
+    sv = torch.linalg.svdvals(O)
+    est = _bottom_singular_value(O, _top_singular_value(O))
+    assert torch.all(est >= sv[:, -1] - 1e-9) and torch.allclose(est, sv[:, -1], rtol=3e-2)
+    assert 0.5 < float(est.min()) < 1.0
+    stats: dict = {}
+    _record_stats(stats, O, 1.0)
+    true_eps = float((sv - 1).abs().max())
+    assert float(stats["epsilon"][0]) == pytest.approx(true_eps, rel=5e-2)
+    rank_deficient = O.clone()
+    rank_deficient[:, 0] = 0  # a zero row: a null direction NS leaves at 0
+    assert float(_bottom_singular_value(rank_deficient, _top_singular_value(rank_deficient)).max()) < 1e-3
 
 
 def test_sigma_max_estimate_reports_the_ns_band_edge():

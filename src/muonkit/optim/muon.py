@@ -357,7 +357,10 @@ class Muon(Optimizer):
         """Statistics of the last step (needs ``diagnostics=True``); reading them syncs with the device once.
 
         Keys: ``group{i}/orth_error`` (largest ``||O O^T - I||_F / sqrt(k)`` over the group's NS outputs),
-        ``group{i}/sigma_max`` (largest singular value of those outputs, a power-iteration estimate),
+        ``group{i}/sigma_max`` and ``group{i}/sigma_min`` (largest and smallest singular value of those outputs,
+        power-iteration estimates), ``group{i}/epsilon`` (``max(sigma_max - 1, 1 - sigma_min)``, the polar error
+        that Kim & Oh's Theorem 1 takes) and ``group{i}/chi`` (``1 / (1 - epsilon)``, its constant; infinite
+        for a rank-deficient update, whose null directions stay 0),
         ``group{i}/update_rms`` (largest RMS of a scaled update), ``group{i}/lr`` and ``group{i}/lr_max``
         (the group's lr and its largest shape-adjusted lr).
         """
@@ -368,7 +371,11 @@ class Muon(Optimizer):
             group = self.param_groups[gi]
             for key, tensors in values.items():
                 if tensors:
-                    out[f"group{gi}/{key}"] = float(torch.stack([t.float().cpu() for t in tensors]).max())
+                    stacked = torch.stack([t.float().cpu() for t in tensors])
+                    out[f"group{gi}/{key}"] = float(stacked.min() if key == "sigma_min" else stacked.max())
+            if values.get("epsilon"):
+                eps = out[f"group{gi}/epsilon"]
+                out[f"group{gi}/chi"] = 1 / (1 - eps) if eps < 1 else float("inf")
             shapes = [
                 (int(part.shape[-2]), int(part.shape[-1]))
                 for p in group["params"]

@@ -258,7 +258,11 @@ def _record_stats(stats: dict[str, list[Tensor]], ortho: Tensor, rms: float) -> 
     gram_err = torch.linalg.matrix_norm(O @ O.mT - torch.eye(k, device=O.device), ord="fro") / k**0.5
     stats.setdefault("orth_error", []).append(gram_err.max())
     stats.setdefault("update_rms", []).append(rms * O.square().mean().sqrt())
-    stats.setdefault("sigma_max", []).append(_top_singular_value(O).max())
+    top = _top_singular_value(O)
+    bottom = _bottom_singular_value(O, top)
+    stats.setdefault("sigma_max", []).append(top.max())
+    stats.setdefault("sigma_min", []).append(bottom.min())
+    stats.setdefault("epsilon", []).append(torch.maximum(top - 1, 1 - bottom).max())
 
 
 def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
@@ -268,6 +272,21 @@ def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
         v = O.mT @ (O @ v)
         v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
     return (O @ v).norm(dim=(-2, -1))
+
+
+def _bottom_singular_value(O: Tensor, top: Tensor, iters: int = 30) -> Tensor:
+    """Power-iteration estimate (from above) of each matrix's smallest singular value, ``O`` of shape ``(b, k, n)``
+    with ``k <= n``: the largest eigenvalue of ``c I - O O^T`` is ``c - sigma_min^2`` for ``c >= sigma_max^2``
+    (``top``: ``_top_singular_value``). No host sync. Null directions count: a rank-deficient ``O`` gives 0."""
+    gram = O @ O.mT
+    c = (top.square() * 1.01 + 1e-30).view(-1, 1, 1)
+    shifted = c * torch.eye(gram.shape[-1], dtype=O.dtype, device=O.device) - gram
+    v = torch.ones((*O.shape[:-2], O.shape[-2], 1), dtype=O.dtype, device=O.device)
+    for _ in range(iters):
+        v = shifted @ v
+        v = v / v.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    lam = (v.mT @ shifted @ v).view(-1)
+    return (c.view(-1) - lam).clamp_min(0).sqrt()
 
 
 def ns_flops(shape: Sequence[int], steps: int = 1) -> int:
