@@ -237,3 +237,15 @@ def test_theory_cli(capsys):
     assert "does not drive singular values to 1" in capsys.readouterr().out
     assert main(["theory", "epsilon", "nope"]) == 2
     assert "unknown coefficient preset" in capsys.readouterr().err
+
+
+def test_achieved_epsilon_on_a_training_run_stays_within_the_scalar_maps(tmp_path):
+    """While the tiny GPT trains, what NS makes of each singular direction with normalised value >= l is within
+    the scalar map's epsilon on [l, 1] (float32 NS against the float64 map), and the spectra spread below l."""
+    res = E.achieved(presets=("jordan", "taylor_5"), steps=12, every=6)
+    for name, e in res["presets"].items():
+        for c in map(str, res["cuts"]):
+            assert 0 < e["epsilon_max"][c] <= e["predicted"][c] + 1e-4, (name, c)
+        assert e["fraction_below_median"]["0.001"] > 0  # LayerNorm's null direction at least
+    jordan, taylor = res["presets"]["jordan"], res["presets"]["taylor_5"]
+    assert taylor["epsilon_max"]["0.1"] < 0.01 < jordan["epsilon_max"]["0.1"]  # Jordan's quintic never reaches 1

@@ -13,6 +13,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "rank": {"ranks": (2, 8, 32), "steps": 100, "seeds": (0,)},
     "degree": {"steps": 60, "seeds": (0,), "kappas": (1, 2, 3)},
     "bound": {"T": 150, "seeds": (0,)},
+    "achieved": {"presets": ("jordan", "taylor_5"), "steps": 30, "every": 10},
 }
 
 
@@ -102,7 +103,7 @@ def add_parser(sub: Any) -> None:
     for name, default in (("--B", 1), ("--r", 64), ("--T", 1000)):
         b.add_argument(name, type=int, default=default)
     b.set_defaults(func=_bound)
-    r = ts.add_parser("run", help="run an experiment: constant, rate, rank, degree, bound")
+    r = ts.add_parser("run", help="run an experiment: constant, rate, rank, degree, bound, achieved")
     r.add_argument("experiment", choices=list(QUICK))
     r.add_argument("--out", default="runs/theory")
     r.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
