@@ -62,6 +62,17 @@ def test_same_seed_same_numbers(corpus):
     assert c.train_loss != a.train_loss
 
 
+def test_muon_runs_record_the_ns_outputs_statistics_at_each_evaluation(corpus):
+    """At every evaluation after the first, a Muon run records its NS output's diagnostics (results.json carries
+    them); the other steps run without them, and an AdamW run has none."""
+    task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
+    r = train_one(task, "muon", steps=6, eval_every=3)
+    assert set(r.ns_stats) == {"orth_error", "sigma_min", "sigma_max", "epsilon", "chi"}
+    assert all(len(v) == len(r.eval_steps) - 1 == 2 for v in r.ns_stats.values())
+    assert all(0.5 < s < 1.5 for s in r.ns_stats["sigma_max"]) and all(0 <= e <= 1 for e in r.ns_stats["epsilon"])
+    assert train_one(task, "adamw", steps=3, eval_every=3).ns_stats == {}
+
+
 def test_resume_from_checkpoint_matches_uninterrupted(corpus, tmp_path):
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     full = train_one(task, "muon", steps=12, eval_every=4)

@@ -96,6 +96,9 @@ class RunResult:
     optimizer_seconds: float = 0.0
     items: int = 0
     done: bool = False
+    # Muon only, at each evaluation after the first: the NS output's diagnostics on that step (``Muon.stats``),
+    # largest over the groups (smallest for sigma_min): orth_error, sigma_min, sigma_max, epsilon, chi
+    ns_stats: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def val_loss(self) -> list[float]:
@@ -191,19 +194,35 @@ def train_one(
         loss.backward()
         _sync(task.device)
         t1 = time.perf_counter()
+        evaluating = step % eval_every == 0 or step == steps
+        probe = evaluating and isinstance(opt, Muon)
+        if probe:
+            opt.diagnostics = True  # this step only: the statistics cost a few power iterations per batch
         opt.step()
         _sync(task.device)
         t2 = time.perf_counter()
+        if probe:
+            _record_ns_stats(result, opt)
+            opt.diagnostics = False
         result.train_seconds += t2 - t0
         result.optimizer_seconds += t2 - t1
         result.items += task.items_per_batch(x)
         result.train_loss.append(loss.item())
-        if step % eval_every == 0 or step == steps:
+        if evaluating:
             evaluate_and_save(step)
         if on_step is not None:
             on_step(result)
     result.done = True
     return result
+
+
+def _record_ns_stats(result: RunResult, opt: Muon) -> None:
+    """Append the step's NS statistics (``Muon.stats``, one host sync), reduced over the Muon groups."""
+    stats = opt.stats()
+    for key in ("orth_error", "sigma_min", "sigma_max", "epsilon", "chi"):
+        values = [v for k, v in stats.items() if k.endswith("/" + key)]
+        if values:
+            result.ns_stats.setdefault(key, []).append(min(values) if key == "sigma_min" else max(values))
 
 
 def run_comparison(
