@@ -67,10 +67,29 @@ def test_muon_runs_record_the_ns_outputs_statistics_at_each_evaluation(corpus):
     them); the other steps run without them, and an AdamW run has none."""
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     r = train_one(task, "muon", steps=6, eval_every=3)
-    assert set(r.ns_stats) == {"orth_error", "sigma_min", "sigma_max", "epsilon", "chi"}
+    assert set(r.ns_stats) == {"orth_error", "sigma_min", "sigma_max", "epsilon", "chi", "l_effective"}
+    assert all(0 < x < 1 for x in r.ns_stats["l_effective"])
     assert all(len(v) == len(r.eval_steps) - 1 == 2 for v in r.ns_stats.values())
     assert all(0.5 < s < 1.5 for s in r.ns_stats["sigma_max"]) and all(0 <= e <= 1 for e in r.ns_stats["epsilon"])
     assert train_one(task, "adamw", steps=3, eval_every=3).ns_stats == {}
+
+
+def test_effective_l_is_the_smallest_singular_value_holding_the_energy():
+    """A 3 x 5 update with singular values (3, 2, 1e-4) (normalised: 0.83, 0.55, 2.8e-5): 99% of the energy is in
+    the first two, so l = 0.55; all of it takes the third."""
+    from muonkit import Muon
+    from muonkit.train.loop import effective_l
+
+    U, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    G = (U * torch.tensor([3.0, 2.0, 1e-4], dtype=torch.float64)) @ V.T
+    p = torch.nn.Parameter(torch.zeros(3, 5, dtype=torch.float64))
+    opt = Muon([p], momentum=0.0, nesterov=False, momentum_dtype=None)
+    p.grad = G.clone()
+    opt.step()  # with momentum 0 the buffer is the gradient
+    norm = (9 + 4 + 1e-8) ** 0.5
+    assert effective_l(opt) == pytest.approx(2 / norm, rel=1e-9)
+    assert effective_l(opt, energy=1.0) == pytest.approx(1e-4 / norm, rel=1e-6)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(corpus, tmp_path):

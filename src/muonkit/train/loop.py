@@ -97,7 +97,8 @@ class RunResult:
     items: int = 0
     done: bool = False
     # Muon only, at each evaluation after the first: the NS output's diagnostics on that step (``Muon.stats``),
-    # largest over the groups (smallest for sigma_min): orth_error, sigma_min, sigma_max, epsilon, chi
+    # largest over the groups (smallest for sigma_min): orth_error, sigma_min, sigma_max, epsilon, chi; and
+    # l_effective (``effective_l``)
     ns_stats: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -195,15 +196,16 @@ def train_one(
         _sync(task.device)
         t1 = time.perf_counter()
         evaluating = step % eval_every == 0 or step == steps
-        probe = evaluating and isinstance(opt, Muon)
-        if probe:
-            opt.diagnostics = True  # this step only: the statistics cost a few power iterations per batch
+        probe = opt if evaluating and isinstance(opt, Muon) else None
+        if probe is not None:
+            probe.diagnostics = True  # this step only: the statistics cost a few power iterations per batch
         opt.step()
         _sync(task.device)
         t2 = time.perf_counter()
-        if probe:
-            _record_ns_stats(result, opt)
-            opt.diagnostics = False
+        if probe is not None:
+            _record_ns_stats(result, probe)
+            probe.diagnostics = False
+            result.ns_stats.setdefault("l_effective", []).append(effective_l(probe))
         result.train_seconds += t2 - t0
         result.optimizer_seconds += t2 - t1
         result.items += task.items_per_batch(x)
@@ -223,6 +225,32 @@ def _record_ns_stats(result: RunResult, opt: Muon) -> None:
         values = [v for k, v in stats.items() if k.endswith("/" + key)]
         if values:
             result.ns_stats.setdefault(key, []).append(min(values) if key == "sigma_min" else max(values))
+
+
+def effective_l(opt: Muon, energy: float = 0.99) -> float:
+    """The smallest singular value that matters in this step's Muon updates, as NS sees it: per matrix, the
+    update ``u`` that was orthogonalized (Nesterov blend of gradient and momentum), its singular values divided
+    by ``||u||_F`` (NS's normalisation), and the smallest of them still needed to hold ``energy`` of
+    ``||u||_F^2``; the minimum over the matrices. Kim & Oh's ``l`` for the part of the spectrum that carries the
+    update (the exact smallest one is ~0: LayerNorm'ed inputs leave every gradient a null direction). Float64
+    SVDs, outside the timed step."""
+    from ..optim.stages import matrix_parts
+
+    found = 1.0
+    for group in opt.param_groups:
+        if group.get("algorithm") != "muon":
+            continue
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is None or p.grad is None:
+                continue
+            u = p.grad.double().lerp(buf.double(), group["momentum"]) if group["nesterov"] else buf.double()
+            for M in matrix_parts(u, group["matrix_view"], group["split"]):
+                x = torch.linalg.svdvals(M)
+                x = x / x.square().sum().sqrt().clamp_min(1e-300)
+                kept = int((x.square().cumsum(0) < energy).sum()) + 1  # sorted descending: how many hold it
+                found = min(found, float(x[min(kept, x.numel()) - 1]))
+    return found
 
 
 def run_comparison(
