@@ -232,11 +232,11 @@ def effective_l(opt: Muon, energy: float = 0.99) -> float:
     update ``u`` that was orthogonalized (Nesterov blend of gradient and momentum), its singular values divided
     by ``||u||_F`` (NS's normalisation), and the smallest of them still needed to hold ``energy`` of
     ``||u||_F^2``; the minimum over the matrices. Kim & Oh's ``l`` for the part of the spectrum that carries the
-    update (the exact smallest one is ~0: LayerNorm'ed inputs leave every gradient a null direction). Float64
-    SVDs, outside the timed step."""
+    update (the exact smallest one is ~0: LayerNorm'ed inputs leave every gradient a null direction). One batched
+    float32 SVD per matrix shape, outside the timed step."""
     from ..optim.stages import matrix_parts
 
-    found = 1.0
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for group in opt.param_groups:
         if group.get("algorithm") != "muon":
             continue
@@ -244,12 +244,15 @@ def effective_l(opt: Muon, energy: float = 0.99) -> float:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is None or p.grad is None:
                 continue
-            u = p.grad.double().lerp(buf.double(), group["momentum"]) if group["nesterov"] else buf.double()
+            u = p.grad.float().lerp(buf.float(), group["momentum"]) if group["nesterov"] else buf.float()
             for M in matrix_parts(u, group["matrix_view"], group["split"]):
-                x = torch.linalg.svdvals(M)
-                x = x / x.square().sum().sqrt().clamp_min(1e-300)
-                kept = int((x.square().cumsum(0) < energy).sum()) + 1  # sorted descending: how many hold it
-                found = min(found, float(x[min(kept, x.numel()) - 1]))
+                by_shape.setdefault(tuple(M.shape), []).append(M)
+    found = 1.0
+    for mats in by_shape.values():
+        x = torch.linalg.svdvals(torch.stack(mats)).double()  # (b, k), each row sorted descending
+        x = x / x.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-300)
+        kept = (x.square().cumsum(-1) < energy).sum(-1).clamp_max(x.shape[-1] - 1)  # index of the last one needed
+        found = min(found, float(x.gather(-1, kept.unsqueeze(-1)).min()))
     return found
 
 
