@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +23,33 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (0 used to fall back to the default silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _check_device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text}: only cpu and cuda devices are supported")
+    return text
+
+
 def _parse_optimizers(text: str) -> list[str]:
     from .train import OPTIMIZERS
 
@@ -39,9 +67,12 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
     for item in items:
         name, _, value = item.partition("=")
         try:
-            lrs[name.strip()] = float(value)
+            lr = float(value)
         except ValueError:
             raise UsageError(f"--lr expects NAME=VALUE, e.g. --lr muon=0.03; got {item!r}") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise UsageError(f"--lr {item}: a learning rate must be a finite number > 0")
+        lrs[name.strip()] = lr
     try:
         resolve_lrs("lm-small", lrs)
     except ValueError as err:
@@ -56,14 +87,14 @@ def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "command": args.command,
         "task": task,
         "data": str(Path(args.data).resolve()) if getattr(args, "data", None) else None,
-        "size": quick.get("size", args.size),
+        "size": quick.get("size", args.size or "small"),
         "steps": steps,
         "eval_every": args.eval_every or quick.get("eval_every") or max(1, steps // 30),
         "batch_size": args.batch_size,
-        "optimizers": _parse_optimizers(args.optimizers),
+        "optimizers": _parse_optimizers(args.optimizers or "muon,adamw"),
         "lrs": _parse_lrs(args.lr),
-        "seed": args.seed,
-        "device": args.device,
+        "seed": 0 if args.seed is None else args.seed,
+        "device": _check_device(args.device or "cpu"),
     }
 
 
@@ -105,11 +136,11 @@ def _describe(config: dict[str, Any], task: Any) -> str:
     )
 
 
-def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool) -> int:
+def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool, task: Any = None) -> int:
     from .train import run_comparison
     from .train.report import comparison, format_table, plot_results, write_results
 
-    task = _build_task(config)
+    task = task if task is not None else _build_task(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"muonkit {config['command']}: {_describe(config, task)}")
     config = {**config, "task_details": task.describe()}
@@ -152,6 +183,45 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     return 0
 
 
+# flags a resumed run takes from its saved config: given with --resume, they must agree with it
+_RUN_FLAGS = {"optimizers": "optimizers", "steps": "steps", "size": "size", "batch_size": "batch_size",
+              "eval_every": "eval_every", "lr": "lrs", "seed": "seed", "device": "device", "data": "data",
+              "task": "task", "quick": None}  # fmt: skip
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """What in ``out_dir`` belongs to a run: results.json, checkpoints, plots."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(
+        p
+        for p in out_dir.iterdir()
+        if p.name == "results.json" or p.name.startswith("checkpoint-") or p.suffix == ".png"
+    )
+
+
+def _resume_conflicts(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
+    """The flags given beside ``--resume`` that differ from the saved run's config."""
+    conflicts = []
+    for flag, key in _RUN_FLAGS.items():
+        given = getattr(args, flag, None)
+        if given in (None, [], False):
+            continue
+        if key is None:
+            conflicts.append(f"--{flag.replace('_', '-')}")
+            continue
+        saved = config.get(key)
+        if flag == "optimizers":
+            given = _parse_optimizers(given)
+        elif flag == "lr":
+            given = _parse_lrs(given)
+        elif flag == "data":
+            given = str(Path(given).resolve())
+        if given != saved:
+            conflicts.append(f"--{flag.replace('_', '-')} {given!r} (the run has {saved!r})")
+    return conflicts
+
+
 def _run(args: argparse.Namespace) -> int:
     from .train.report import load_results
 
@@ -159,16 +229,38 @@ def _run(args: argparse.Namespace) -> int:
         out_dir = Path(args.resume)
         if not (out_dir / "results.json").is_file():
             raise UsageError(f"--resume {out_dir}: no results.json there (not a muonkit run directory)")
-        config, previous = load_results(out_dir)
+        try:
+            config, previous = load_results(out_dir)
+        except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            raise UsageError(f"--resume {out_dir}: {out_dir / 'results.json'} cannot be read ({err})") from None
         if config["command"] != args.command:
             raise UsageError(f"--resume {out_dir}: that run was made by 'muonkit {config['command']}'")
+        conflicts = _resume_conflicts(args, config)
+        if conflicts:
+            raise UsageError(
+                f"--resume {out_dir} continues the run as it was started; these flags contradict it: "
+                + "; ".join(conflicts)
+                + ". Start a new run in another directory to change them."
+            )
         config.pop("task_details", None)
         return _compare(config, out_dir, previous, not args.no_progress)
     if args.command == "train" and not args.data:
         raise UsageError("train needs --data FILE (a UTF-8 text file) or --resume DIR")
-    config = _config_from_args(args, getattr(args, "task", "lm"))
+    config = _config_from_args(args, getattr(args, "task", "lm") or "lm")
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return _compare(config, out_dir, None, not args.no_progress)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a directory")
+    existing = _run_files(out_dir)
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"--out {out_dir} holds another run ({', '.join(p.name for p in existing[:3])}"
+            f"{', ...' if len(existing) > 3 else ''}); continue it with --resume {out_dir}, replace it with "
+            "--overwrite, or choose another directory"
+        )
+    task = _build_task(config)  # a run that cannot start fails here, before anything in out_dir is touched
+    for p in existing:
+        p.unlink()
+    return _compare(config, out_dir, None, not args.no_progress, task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,22 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--optimizers", default="muon,adamw", help="comma-separated: muon,adamw,sgd,muon_svd")
-        p.add_argument("--steps", type=int, default=None, help="training steps per optimizer (default 300)")
-        p.add_argument("--size", default="small", help="GPT size: tiny, small, medium, large")
-        p.add_argument("--batch-size", type=int, default=None)
-        p.add_argument("--eval-every", type=int, default=None)
+        p.add_argument("--optimizers", default=None, help="comma-separated: muon,adamw (default),sgd,muon_svd")
+        p.add_argument("--steps", type=_positive_int, default=None, help="training steps per optimizer (default 300)")
+        p.add_argument("--size", default=None, help="GPT size: tiny, small (default), medium, large")
+        p.add_argument("--batch-size", type=_positive_int, default=None)
+        p.add_argument("--eval-every", type=_positive_int, default=None)
         p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a learning rate")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        p.add_argument("--seed", type=int, default=None, help="default 0")
+        p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
         p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>/)")
         p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
+        p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
         p.add_argument("--quick", action="store_true", help="a few seconds: tiny model, few steps")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="Muon vs AdamW on built-in data (standard-library text or 8x8 digits)")
-    demo.add_argument("--task", default="lm", choices=["lm", "digits"])
+    demo.add_argument("--task", default=None, choices=["lm", "digits"], help="default lm")
     common(demo)
     train = sub.add_parser("train", help="Muon vs AdamW on your own UTF-8 text file")
     train.add_argument("--data", default=None, metavar="FILE")
@@ -212,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except UsageError as err:
+    except (UsageError, OSError) as err:  # OSError: a path or checkpoint that cannot be written or read
         print(f"muonkit {args.command}: {err}", file=sys.stderr)
         return 2
     except ValueError as err:

@@ -131,6 +131,8 @@ def _design(args: argparse.Namespace) -> int:
     lo, hi = D.band(preset.schedule(), args.x_lo)
     print(f"band on [{args.x_lo:g}, 1] after {steps} steps: [{lo:.4f}, {hi:.4f}]")
     if args.save:
+        if Path(args.save).exists() and not args.force:
+            raise ValueError(f"--save {args.save}: the file exists; pass --force to replace it")
         Path(args.save).write_text(preset.to_json())
         print(f"saved {args.save}  (use: muonkit.orthogonalize(G, {str(args.save)!r}))")
     return 0
@@ -199,6 +201,7 @@ def add_parser(sub: Any) -> None:
     des.add_argument("--safety", type=float, default=1.01, help="minimax: safety factor (1 = none)")
     des.add_argument("--name", default=None)
     des.add_argument("--save", default=None, metavar="FILE.json")
+    des.add_argument("--force", action="store_true", help="replace the --save file if it exists")
     des.set_defaults(func=_design)
     plot = cs.add_parser("plot", help="phi over x (log axis) with the band and y = 1")
     plot.add_argument("names", nargs="+")

@@ -256,6 +256,18 @@ def effective_l(opt: Muon, energy: float = 0.99) -> float:
     return found
 
 
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint; ``OSError`` naming the file where it cannot be read (truncated, not a checkpoint)."""
+    try:
+        state = torch.load(path, weights_only=False)
+        state["result"]["eval_steps"]
+    except Exception as err:  # torch.load raises several kinds for a damaged file
+        raise OSError(
+            f"{path} cannot be read as a checkpoint ({type(err).__name__}); remove it to start that run again"
+        ) from None
+    return state
+
+
 def run_comparison(
     task: Task,
     optimizers: list[str],
@@ -282,7 +294,7 @@ def run_comparison(
         if name in results and results[name].done:
             continue
         ckpt = out_dir / f"checkpoint-{name}.pt" if out_dir is not None else None
-        resume = torch.load(ckpt, weights_only=False) if ckpt is not None and ckpt.exists() else None
+        resume = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
         done_before = resume["result"]["eval_steps"][-1] if resume else 0
         bar = tqdm(total=steps, initial=done_before, desc=f"{name:<8}", disable=not progress or None, leave=True)
 

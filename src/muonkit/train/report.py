@@ -141,7 +141,9 @@ def plot_results(out_dir: Path, results: dict[str, RunResult], title: str) -> li
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"{metric}_vs_{'step' if xaxis == 'step' else 'time'}.png"
-        fig.savefig(path)
+        tmp = path.with_name(path.stem + ".tmp.png")  # whole or not at all: a stopped run leaves the old plot
+        fig.savefig(tmp)
+        tmp.replace(path)
         plt.close(fig)
         paths.append(path)
     return paths
