@@ -128,3 +128,45 @@ def test_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
     _one_line_error(capsys, main(design), "exists", "--force")
     assert saved.read_text() == "{}"
     assert main([*design, "--force"]) == 0 and json.loads(saved.read_text())["rows"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["theory", "constant", "--kappa", "100000"],
+        ["theory", "constant", "--l", "2"],
+        ["theory", "constant", "--l", "0"],
+        ["theory", "constant", "--q", "-1"],
+        ["theory", "epsilon", "jordan", "--l", "nan"],
+        ["theory", "bound", "--sigma", "nan"],
+        ["theory", "bound", "--L", "0"],
+        ["theory", "bound", "--T", "0"],
+        ["coeffs", "show", "jordan", "--eps", "-0.1"],
+        ["coeffs", "show", "jordan", "--steps", "0"],
+        ["coeffs", "design", "--method", "tune", "--degree", "1"],
+        ["coeffs", "design", "--method", "minimax", "--l", "1.5"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_numbers_out_of_range_in_theory_and_coeffs_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "expected" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["coeffs", "plot", "jordan", "--out", "/missing/dir/p.png"], ["/missing/dir/p.png"]),
+        (["coeffs", "design", "--method", "fixed-point", "--degree", "5", "--a", "3.25", "--save", "/missing/d/x.json"],
+         ["/missing/d/x.json"]),
+        (["theory", "run", "constant", "--quick", "--out", "FILE"], ["File exists"]),
+    ],
+    ids=["plot-out", "design-save", "theory-out-file"],
+)  # fmt: skip
+def test_paths_in_theory_and_coeffs_are_one_line(tmp_path, capsys, argv, words):
+    a_file = tmp_path / "FILE"
+    a_file.write_text("x")
+    argv = [str(a_file) if a == "FILE" else a for a in argv]
+    _one_line_error(capsys, main(argv), *words)

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .commands._args import number
+
 __all__ = ["main"]
 
 DEFAULT_STEPS = {"lm": 300, "digits": 300}
@@ -19,19 +21,11 @@ QUICK: dict[str, dict[str, Any]] = {
 }
 
 
+_POSITIVE = number(1, integer=True)  # --steps 0 used to fall back to the default silently
+
+
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (0 used to fall back to the default silently)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _check_device(text: str) -> str:
@@ -272,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--optimizers", default=None, help="comma-separated: muon,adamw (default),sgd,muon_svd")
-        p.add_argument("--steps", type=_positive_int, default=None, help="training steps per optimizer (default 300)")
+        p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
         p.add_argument("--size", default=None, help="GPT size: tiny, small (default), medium, large")
-        p.add_argument("--batch-size", type=_positive_int, default=None)
-        p.add_argument("--eval-every", type=_positive_int, default=None)
+        p.add_argument("--batch-size", type=_POSITIVE, default=None)
+        p.add_argument("--eval-every", type=_POSITIVE, default=None)
         p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a learning rate")
         p.add_argument("--seed", type=int, default=None, help="default 0")
         p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import coefficients as C
 from .. import design as D
+from ._args import number
 
 __all__ = ["add_parser"]
 
@@ -177,9 +178,16 @@ def add_parser(sub: Any) -> None:
     cs = p.add_subparsers(dest="coeffs_command", required=True)
 
     def quality(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--steps", type=int, default=None, help="number of NS steps (default: the preset's)")
-        q.add_argument("--x-lo", type=float, default=1e-3, help="lower end of the x range for the band")
-        q.add_argument("--eps", type=float, default=0.3, help="half-width of the band around 1")
+        q.add_argument(
+            "--steps",
+            type=number(1, 1000, integer=True),
+            default=None,
+            help="number of NS steps (default: the preset's)",
+        )
+        q.add_argument(
+            "--x-lo", type=number(0, 1, open_low=True), default=1e-3, help="lower end of the x range for the band"
+        )
+        q.add_argument("--eps", type=number(0, 1, open_low=True), default=0.3, help="half-width of the band around 1")
 
     cs.add_parser("list", help="the built-in presets").set_defaults(func=_list)
     show = cs.add_parser("show", help="rows, provenance, fixed-point facts, band and cost of one preset")
@@ -192,13 +200,15 @@ def add_parser(sub: Any) -> None:
     cmp_.set_defaults(func=_compare)
     des = cs.add_parser("design", help="design a schedule: fixed-point, tune or minimax")
     des.add_argument("--method", required=True, choices=["fixed-point", "tune", "minimax"])
-    des.add_argument("--degree", type=int, default=5)
-    des.add_argument("--steps", type=int, default=None)
+    des.add_argument("--degree", type=number(3, 31, integer=True), default=5)
+    des.add_argument("--steps", type=number(1, 1000, integer=True), default=None)
     des.add_argument("--a", type=float, default=None, help="fixed-point: slope at 0 (default 1.99 cubic, 3.25 quintic)")
-    des.add_argument("--eps", type=float, default=0.3, help="tune: band half-width")
-    des.add_argument("--x-lo", type=float, default=1e-3, help="tune: lower end of the working range")
-    des.add_argument("--l", type=float, default=1e-3, help="minimax: lower bound on singular values")
-    des.add_argument("--safety", type=float, default=1.01, help="minimax: safety factor (1 = none)")
+    des.add_argument("--eps", type=number(0, 1, open_low=True), default=0.3, help="tune: band half-width")
+    des.add_argument("--x-lo", type=number(0, 1, open_low=True), default=1e-3, help="tune: lower end of the range")
+    des.add_argument(
+        "--l", type=number(0, 1, open_low=True), default=1e-3, help="minimax: lower bound on singular values"
+    )
+    des.add_argument("--safety", type=number(1, 2), default=1.01, help="minimax: safety factor (1 = none)")
     des.add_argument("--name", default=None)
     des.add_argument("--save", default=None, metavar="FILE.json")
     des.add_argument("--force", action="store_true", help="replace the --save file if it exists")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ._args import number
+
 __all__ = ["add_parser"]
 
 QUICK: dict[str, dict[str, Any]] = {
@@ -88,20 +90,21 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("theory", help="Kim & Oh's convergence theory: constants, bounds, experiments")
     ts = p.add_subparsers(dest="theory_command", required=True)
     c = ts.add_parser("constant", help="epsilon_q and chi_q for the paper's p_kappa")
-    c.add_argument("--kappa", type=int, default=2)
-    c.add_argument("--q", type=int, default=3)
-    c.add_argument("--l", type=float, default=0.1, help="smallest normalised singular value")
+    c.add_argument("--kappa", type=number(1, 50, integer=True), default=2)
+    c.add_argument("--q", type=number(0, 64, integer=True), default=3)
+    c.add_argument("--l", type=number(0, 1, open_low=True), default=0.1, help="smallest normalised singular value")
     c.set_defaults(func=_constant)
     e = ts.add_parser("epsilon", help="epsilon and chi measured for any schedule (preset, .json)")
     e.add_argument("name")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--l", type=float, default=0.1)
+    e.add_argument("--steps", type=number(1, 1000, integer=True), default=None)
+    e.add_argument("--l", type=number(0, 1, open_low=True), default=0.1)
     e.set_defaults(func=_epsilon)
     b = ts.add_parser("bound", help="Theorem 1 and Theorem 3 for given problem constants")
-    for name, default in (("--L", 1.0), ("--D", 1.0), ("--sigma", 1.0), ("--eps", 0.0)):
-        b.add_argument(name, type=float, default=default)
+    b.add_argument("--L", type=number(0, open_low=True), default=1.0)
+    for name, default in (("--D", 1.0), ("--sigma", 1.0), ("--eps", 0.0)):
+        b.add_argument(name, type=number(0), default=default)
     for name, default in (("--B", 1), ("--r", 64), ("--T", 1000)):
-        b.add_argument(name, type=int, default=default)
+        b.add_argument(name, type=number(1, integer=True), default=default)
     b.set_defaults(func=_bound)
     r = ts.add_parser("run", help="run an experiment: constant, rate, rank, degree, bound, achieved")
     r.add_argument("experiment", choices=list(QUICK))

@@ -32,7 +32,7 @@ its constants are not given there, so ``sgd_momentum_rate`` uses 1 for both: use
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from math import inf, sqrt
+from math import inf, isfinite, sqrt
 
 __all__ = ["MuonBound", "eq8_as_printed", "muon_bound", "muon_hyperparameters", "rank_gap", "sgd_momentum_rate"]
 
@@ -112,5 +112,6 @@ def rank_gap(L: float, D: float, sigma: float, B: int, r: int, T: int) -> dict[s
 
 
 def _check(L: float, D: float, sigma: float, B: int, r: int, T: int) -> None:
-    if L <= 0 or D < 0 or sigma < 0 or B < 1 or r < 1 or T < 1:
-        raise ValueError("need L > 0, D >= 0, sigma >= 0, B >= 1, r >= 1, T >= 1")
+    finite = all(isfinite(v) for v in (L, D, sigma, B, r, T))
+    if not finite or L <= 0 or D < 0 or sigma < 0 or B < 1 or r < 1 or T < 1:
+        raise ValueError(f"need finite L > 0, D >= 0, sigma >= 0, B >= 1, r >= 1, T >= 1; got {(L, D, sigma, B, r, T)}")
