@@ -92,6 +92,31 @@ def test_effective_l_is_the_smallest_singular_value_holding_the_energy():
     assert effective_l(opt, energy=1.0) == pytest.approx(1e-4 / norm, rel=1e-2)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_torch_muon_is_a_demo_optimizer_that_learns_and_resumes(corpus, tmp_path):
+    """torch.optim.Muon on the hidden matrices plus AdamW on the rest, as one optimizer of the comparison: it
+    learns, and a run resumed from its checkpoint continues bitwise as the uninterrupted one."""
+    from muonkit.train.loop import Combined, make_optimizer, resolve_lrs
+
+    task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
+    opt = make_optimizer("torch_muon", task.build_model(), resolve_lrs("lm-tiny"))
+    assert isinstance(opt, Combined) and isinstance(opt.optimizers[0], torch.optim.Muon)
+    assert all(p.ndim == 2 for g in opt.optimizers[0].param_groups for p in g["params"])
+    full = train_one(task, "torch_muon", steps=8, eval_every=4)
+    assert full.val_loss[-1] < full.val_loss[0]
+    ckpt = tmp_path / "ckpt.pt"
+
+    def stop_at_5(result):
+        if len(result.train_loss) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_one(task, "torch_muon", steps=8, eval_every=4, checkpoint=ckpt, on_step=stop_at_5)
+    state = torch.load(ckpt, weights_only=False)
+    resumed = train_one(task, "torch_muon", steps=8, eval_every=4, checkpoint=ckpt, resume=state)
+    assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss
+
+
 def test_resume_from_checkpoint_matches_uninterrupted(corpus, tmp_path):
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     full = train_one(task, "muon", steps=12, eval_every=4)

@@ -51,6 +51,11 @@ def _parse_optimizers(text: str) -> list[str]:
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown or not names:
         raise UsageError(f"unknown optimizer(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(OPTIMIZERS)}")
+    if "torch_muon" in names:
+        import torch
+
+        if not hasattr(torch.optim, "Muon"):
+            raise UsageError(f"torch_muon needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
     return list(dict.fromkeys(names))
 
 
@@ -265,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--optimizers", default=None, help="comma-separated: muon,adamw (default),sgd,muon_svd")
+        p.add_argument(
+            "--optimizers", default=None, help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon"
+        )
         p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
         p.add_argument("--size", default=None, help="GPT size: tiny, small (default), medium, large")
         p.add_argument("--batch-size", type=_POSITIVE, default=None)

@@ -8,6 +8,7 @@ exactly the trajectory an uninterrupted run would have taken.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd")
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon")
 
 # Learning rates, each the best of a small sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -43,15 +44,15 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd")
 #   lm-tiny   not swept (used by quick runs and tests): lm-small's values.
 #   digits    (2-core CPU; 300 steps, batch 64): adamw in {2.5e-4 .. 1.6e-2} -> 8e-3; muon in
 #             {0.0025 .. 0.08} with its AdamW part at 8e-3 -> 0.005; sgd in {0.03 .. 1.0} -> 0.1.
-# muon_svd uses Muon's lr (the same update norm with the exact polar factor); sgd outside lm-small and
-# digits is not swept and uses lm-small's value.
-_SMALL = {"muon": 0.02, "muon_svd": 0.02, "adamw": 1e-3, "sgd": 0.01}
+# muon_svd and torch_muon use Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS with the
+# same shape scale); sgd outside lm-small and digits is not swept and uses lm-small's value.
+_SMALL = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "adamw": 1e-3, "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "lm-tiny": _SMALL,
     "lm-small": _SMALL,
     "lm-medium": {**_SMALL, "adamw": 5e-4},
     "lm-large": {**_SMALL, "adamw": 2.5e-4},
-    "digits": {"muon": 0.005, "muon_svd": 0.005, "adamw": 8e-3, "sgd": 0.1},
+    "digits": {"muon": 0.005, "muon_svd": 0.005, "torch_muon": 0.005, "adamw": 8e-3, "sgd": 0.1},
 }
 
 
@@ -76,9 +77,59 @@ def make_optimizer(
         groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "newton_schulz"
         return Muon(groups, lr=lr, method=method, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))
+    if name == "torch_muon":
+        return _torch_muon(model, lr, lrs["adamw"])
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+
+
+class Combined(torch.optim.Optimizer):
+    """Two torch optimizers stepped as one (torch.optim.Muon for the hidden matrices, AdamW for the rest): one
+    ``step``, ``zero_grad`` and ``state_dict`` for the training loop. Its ``param_groups`` are theirs, in order."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.defaults = {}
+        self.state = defaultdict(dict)  # the parts keep their own state; torch.optim's helpers expect the mapping
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"combined": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("combined") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise ValueError("not a state dict of this combination of optimizers")
+        for o, sd in zip(self.optimizers, saved):
+            o.load_state_dict(sd)
+
+
+def _torch_muon(model: nn.Module, lr: float, adamw_lr: float) -> torch.optim.Optimizer:
+    """torch.optim.Muon (its defaults: Nesterov, momentum 0.95, NS5 in bf16, its "original" shape scale, no QKV
+    split) on the 2-D matrices ``param_groups`` gives Muon, AdamW (betas 0.9, 0.95) on everything else, both
+    without weight decay like the other demo optimizers. Conv kernels, which torch.optim.Muon does not take, go to
+    AdamW."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"torch_muon needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
+    matrices: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for group in param_groups(model):
+        for p in group["params"]:
+            (matrices if group.get("algorithm", "muon") == "muon" and p.ndim == 2 else rest).append(p)
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=0.0)
+    adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return Combined(muon, adamw)
 
 
 @dataclass
