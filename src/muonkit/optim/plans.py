@@ -105,7 +105,6 @@ class _StepPlan:
                     self._batch(entries[start : start + chunk], m, n, work, schedule, method, restarts, device)
                 )
         self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
-        self.one_device = len(self.devices) == 1
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
                 self._graph_keys(batch, calls, streams[batch.device])
@@ -147,11 +146,7 @@ class _StepPlan:
     def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
         ``streams``: ``_streams(calls)`` where the caller has read it."""
-        device = self.devices[0]  # a plan has at least one batch (muon_steps drops empty calls)
-        if self.one_device:
-            graphable = dict.fromkeys(self.devices, cuda_graphs.graphable_on(device))
-        else:
-            graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
+        graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
         if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
             graphable = dict.fromkeys(self.devices, False)
         for batch in self.batches:
