@@ -193,9 +193,8 @@ def achieved(
     real spectra spread over many decades, so no single l covers them)."""
     from ..newton_schulz import orthogonalize
     from ..optim import Muon, param_groups
-    from ..optim.stages import matrix_parts
     from ..train import SIZES, LMTask, builtin_corpus, train_one
-    from ..train.loop import resolve_lrs
+    from ..train.loop import orthogonalized_matrices, resolve_lrs
 
     lrs = resolve_lrs("lm-small")
     out: dict[str, Any] = {"steps": steps, "every": every, "seed": seed, "cuts": list(cuts), "presets": {}}
@@ -217,23 +216,17 @@ def achieved(
             eps = dict.fromkeys(map(str, cuts), 0.0)
             below = dict.fromkeys(map(str, cuts), 0)
             total = 0
-            for group in opt.param_groups:
-                if group["algorithm"] != "muon":
-                    continue
-                for p in group["params"]:
-                    buf = opt.state[p]["momentum_buffer"].double()
-                    u = p.grad.double().lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                    for M in matrix_parts(u, group["matrix_view"], group["split"]):
-                        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-                        x = S / (norm_scale * float(torch.linalg.norm(M)))
-                        O = orthogonalize(M.float(), name).double()
-                        made = (U.mT @ O @ Vh.mT).diagonal()
-                        total += x.numel()
-                        for c in cuts:
-                            keep = x >= c
-                            below[str(c)] += int((~keep).sum())
-                            if keep.any():
-                                eps[str(c)] = max(eps[str(c)], float((made[keep] - 1).abs().max()))
+            for M in orthogonalized_matrices(opt, torch.float64):
+                U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+                x = S / (norm_scale * float(torch.linalg.norm(M)))
+                O = orthogonalize(M.float(), name).double()
+                made = (U.mT @ O @ Vh.mT).diagonal()
+                total += x.numel()
+                for c in cuts:
+                    keep = x >= c
+                    below[str(c)] += int((~keep).sum())
+                    if keep.any():
+                        eps[str(c)] = max(eps[str(c)], float((made[keep] - 1).abs().max()))
             state["trace"].append(
                 {"step": count, "epsilon": eps, "fraction_below": {k: v / total for k, v in below.items()}}
             )

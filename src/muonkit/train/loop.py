@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,16 +278,12 @@ def _record_ns_stats(result: RunResult, opt: Muon) -> None:
             result.ns_stats.setdefault(key, []).append(min(values) if key == "sigma_min" else max(values))
 
 
-def effective_l(opt: Muon, energy: float = 0.99) -> float:
-    """The smallest singular value that matters in this step's Muon updates, as NS sees it: per matrix, the
-    update ``u`` that was orthogonalized (Nesterov blend of gradient and momentum), its singular values divided
-    by ``||u||_F`` (NS's normalisation), and the smallest of them still needed to hold ``energy`` of
-    ``||u||_F^2``; the minimum over the matrices. Kim & Oh's ``l`` for the part of the spectrum that carries the
-    update (the exact smallest one is ~0: LayerNorm'ed inputs leave every gradient a null direction). One batched
-    float32 SVD per matrix shape, outside the timed step."""
+def orthogonalized_matrices(opt: Muon, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The matrices ``opt``'s last step orthogonalized, rebuilt in ``dtype`` from each Muon parameter's gradient
+    and momentum buffer (the Nesterov blend ``g.lerp(buf, momentum)``, or the buffer) and viewed as the step views
+    them (conv kernels flattened, fused rows split). Parameters without a gradient or a buffer are left out."""
     from ..optim.stages import matrix_parts
 
-    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for group in opt.param_groups:
         if group.get("algorithm") != "muon":
             continue
@@ -295,9 +291,21 @@ def effective_l(opt: Muon, energy: float = 0.99) -> float:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is None or p.grad is None:
                 continue
-            u = p.grad.float().lerp(buf.float(), group["momentum"]) if group["nesterov"] else buf.float()
-            for M in matrix_parts(u, group["matrix_view"], group["split"]):
-                by_shape.setdefault(tuple(M.shape), []).append(M)
+            buf = buf.to(dtype)
+            u = p.grad.to(dtype).lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            yield from matrix_parts(u, group["matrix_view"], group["split"])
+
+
+def effective_l(opt: Muon, energy: float = 0.99) -> float:
+    """The smallest singular value that matters in this step's Muon updates, as NS sees it: per matrix, the
+    update ``u`` that was orthogonalized (Nesterov blend of gradient and momentum), its singular values divided
+    by ``||u||_F`` (NS's normalisation), and the smallest of them still needed to hold ``energy`` of
+    ``||u||_F^2``; the minimum over the matrices. Kim & Oh's ``l`` for the part of the spectrum that carries the
+    update (the exact smallest one is ~0: LayerNorm'ed inputs leave every gradient a null direction). One batched
+    float32 SVD per matrix shape, outside the timed step."""
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for M in orthogonalized_matrices(opt, torch.float32):
+        by_shape.setdefault(tuple(M.shape), []).append(M)
     found = 1.0
     for mats in by_shape.values():
         x = torch.linalg.svdvals(torch.stack(mats)).double()  # (b, k), each row sorted descending
