@@ -104,33 +104,30 @@ def test_torch_muon_is_a_demo_optimizer_that_learns_and_resumes(corpus, tmp_path
     assert all(p.ndim == 2 for g in opt.optimizers[0].param_groups for p in g["params"])
     full = train_one(task, "torch_muon", steps=8, eval_every=4)
     assert full.val_loss[-1] < full.val_loss[0]
-    ckpt = tmp_path / "ckpt.pt"
+    _, resumed = _interrupted_then_resumed(task, "torch_muon", 8, 5, tmp_path / "ckpt.pt")
+    assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss
 
-    def stop_at_5(result):
-        if len(result.train_loss) == 5:
+
+def _interrupted_then_resumed(task, name, steps, stop, ckpt):
+    """Train ``name`` for ``steps`` (evaluating every 4), interrupted after ``stop`` steps with a checkpoint at
+    ``ckpt``, then resumed from it: ``(the evaluation steps the checkpoint held, the resumed run's result)``."""
+
+    def interrupt(result):
+        if len(result.train_loss) == stop:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_one(task, "torch_muon", steps=8, eval_every=4, checkpoint=ckpt, on_step=stop_at_5)
+        train_one(task, name, steps=steps, eval_every=4, checkpoint=ckpt, on_step=interrupt)
     state = torch.load(ckpt, weights_only=False)
-    resumed = train_one(task, "torch_muon", steps=8, eval_every=4, checkpoint=ckpt, resume=state)
-    assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss
+    saved_steps = list(state["result"]["eval_steps"])  # before resuming extends them
+    return saved_steps, train_one(task, name, steps=steps, eval_every=4, checkpoint=ckpt, resume=state)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(corpus, tmp_path):
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     full = train_one(task, "muon", steps=12, eval_every=4)
-    ckpt = tmp_path / "ckpt.pt"
-
-    def stop_at_7(result):
-        if len(result.train_loss) == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, on_step=stop_at_7)
-    state = torch.load(ckpt, weights_only=False)
-    assert state["result"]["eval_steps"] == [0, 4]
-    resumed = train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, resume=state)
+    saved_steps, resumed = _interrupted_then_resumed(task, "muon", 12, 7, tmp_path / "ckpt.pt")
+    assert saved_steps == [0, 4]
     assert resumed.val_loss == full.val_loss and resumed.train_loss == full.train_loss
 
 
