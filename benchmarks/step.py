@@ -80,6 +80,7 @@ def optimizers(
     groups = functools.partial(split_groups, params)
     opts: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "muonkit": lambda: muonkit.Muon(groups(), nonfinite="ignore"),
+        "muonkit [plain NS]": lambda: muonkit.Muon(groups(), method="newton_schulz", nonfinite="ignore"),
         "muonkit-nonfinite-check": lambda: muonkit.Muon(groups()),
         "muonkit-gram": lambda: muonkit.Muon(groups(), method="gram", nonfinite="ignore"),
         "muonkit-nosplit": lambda: muonkit.Muon(params, nonfinite="ignore"),

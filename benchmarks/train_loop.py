@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "CUDA graphs off": ({}, "graphs"),
     "Triton kernels off": ({}, "kernels"),
     "tensor guards off": ({}, "guards"),
+    "plain NS everywhere": ({"method": "newton_schulz"}, None),  # the default ("auto") runs Gram NS on wide matrices
+    "non-finite check off": ({"nonfinite": "ignore"}, None),  # the default check costs one host sync per step
     "AdamW (fused)": ({}, None),
 }
 _GUARDS_AVAILABLE = guards.available

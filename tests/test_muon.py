@@ -341,7 +341,8 @@ def test_lr_scheduler_drives_both_algorithms():
         ({"method": "gram", "restarts": [2.0]}, "restarts must be step indices"),
         ({"method": "gram", "restarts": 3}, "list of step indices"),
         ({"method": "gram", "ns_steps": 3, "restarts": [3]}, "between 1 and 2"),
-        ({"restarts": [2]}, "method='gram' only"),
+        ({"method": "newton_schulz", "restarts": [2]}, "method='gram' or 'auto' only"),
+        ({"restarts": [5]}, "between 1 and 4"),  # the default method ("auto") takes restarts, checked alike
     ],
 )
 def test_invalid_hyperparameters(group, match):

@@ -5,7 +5,7 @@ import torch
 from conftest import matrix_with_spectrum, scalar_phi, upper_only
 from muonkit import coefficients as C
 from muonkit import orthogonalize, polar_svd
-from muonkit.newton_schulz import default_ns_dtype
+from muonkit.newton_schulz import default_ns_dtype, uses_gram
 from muonkit.reference import newton_schulz_loop
 
 PRESETS = C.list_presets()
@@ -321,11 +321,45 @@ def test_gram_on_cuda_with_each_kernel_mode(mode):
     try:
         for dtype, limit in ((torch.bfloat16, 2.5), (torch.float16, 3.0)):
             rel = lambda O: ((O.double() - ref).norm() / ref.norm()).item()
-            plain = rel(orthogonalize(G, "jordan", dtype=dtype))
+            plain = rel(orthogonalize(G, "jordan", dtype=dtype, method="newton_schulz"))
             gram = rel(orthogonalize(G, "jordan", dtype=dtype, method="gram"))
             assert gram < limit * plain + 1e-3, (dtype, gram, plain)
     finally:
         kernels.set_mode(before)
+
+
+@pytest.mark.parametrize(
+    "method,device,m,n,gram",
+    [
+        ("auto", "cuda", 768, 3072, True),
+        ("auto", "cuda", 768, 1536, True),  # GRAM_MIN_ASPECT = 2
+        ("auto", "cuda", 768, 1535, False),
+        ("auto", "cuda", 768, 768, False),
+        ("auto", "cpu", 768, 3072, False),  # CPU keeps plain NS
+        ("gram", "cpu", 768, 769, True),
+        ("gram", "cuda", 64, 64, False),  # square: Gram NS saves nothing
+        ("newton_schulz", "cuda", 768, 3072, False),
+    ],
+)
+def test_which_method_runs_gram_ns(method, device, m, n, gram):
+    assert uses_gram(method, m, n, torch.device(device)) is gram
+
+
+def test_default_method_on_cpu_is_plain_newton_schulz_bit_for_bit():
+    G = torch.randn(3, 32, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(orthogonalize(G), orthogonalize(G, method="newton_schulz"))
+    assert not torch.equal(orthogonalize(G, method="gram"), orthogonalize(G, method="newton_schulz"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_method_on_cuda_is_gram_for_wide_matrices_and_plain_for_square():
+    gen = torch.Generator("cuda").manual_seed(2)
+    wide, square = torch.randn(4, 128, 512, device="cuda", generator=gen), torch.randn(4, 128, 128, device="cuda")
+    for G, same in ((wide, "gram"), (wide.mT, "gram"), (square, "newton_schulz")):
+        other = "newton_schulz" if same == "gram" else "gram"
+        assert torch.equal(orthogonalize(G), orthogonalize(G, method=same)), same
+        if same == "gram":
+            assert not torch.equal(orthogonalize(G), orthogonalize(G, method=other))
 
 
 def test_gradients_flow_through_orthogonalize():

@@ -107,8 +107,8 @@ def test_every_option_either_checks_or_says_where_it_is_checked():
 def test_all_errors_of_a_group_are_reported_together():
     with pytest.raises(ValueError, match=r"lr must be .*; momentum must be .*; method must be"):
         Muon([nn.Parameter(torch.zeros(4, 4))], lr=-1, momentum=2, method="qr")
-    with pytest.raises(ValueError, match="restarts applies to method='gram' only"):
-        Muon([nn.Parameter(torch.zeros(4, 4))], restarts=[2])
+    with pytest.raises(ValueError, match="restarts applies to method='gram' or 'auto' only"):
+        Muon([nn.Parameter(torch.zeros(4, 4))], method="newton_schulz", restarts=[2])
 
 
 def test_plan_key_follows_plan_options_only():

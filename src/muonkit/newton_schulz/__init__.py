@@ -20,6 +20,7 @@ from ..coefficients import CoefficientSpec, as_preset
 from ..reference import polar_svd
 from .calls import NSCall, filled_graph_key, orthogonalize_filled, orthogonalize_stack
 from .iteration import (
+    GRAM_MIN_ASPECT,
     METHODS,
     NS_DTYPES,
     Restarts,
@@ -27,9 +28,11 @@ from .iteration import (
     gram_restarts,
     newton_schulz_plain,
     restart_positions,
+    uses_gram,
 )
 
 __all__ = [
+    "GRAM_MIN_ASPECT",
     "METHODS",
     "NS_DTYPES",
     "NSCall",
@@ -41,6 +44,7 @@ __all__ = [
     "orthogonalize_filled",
     "orthogonalize_stack",
     "restart_positions",
+    "uses_gram",
 ]
 
 
@@ -49,7 +53,7 @@ def orthogonalize(
     coefficients: CoefficientSpec = "jordan",
     steps: int | None = None,
     *,
-    method: str = "newton_schulz",
+    method: str = "auto",
     dtype: torch.dtype | None = None,
     eps: float = 1e-7,
     restarts: Restarts = None,
@@ -62,16 +66,18 @@ def orthogonalize(
             one row ``(a, b, c, ...)`` or a sequence of per-step rows. Any odd degree >= 3.
         steps: number of NS steps; ``None`` means the preset's own default (5 for fixed presets).
             A schedule shorter than ``steps`` repeats its last row.
-        method: ``"newton_schulz"``, ``"gram"`` (the same polynomials iterated on the Gram matrix: fewer
-            FLOPs for rectangular inputs, equal to plain NS up to rounding) or ``"svd"`` (exact polar factor).
+        method: ``"auto"`` (default: ``"gram"`` on CUDA for matrices at least ``GRAM_MIN_ASPECT`` times as wide
+            as tall, where it was measured faster at plain NS's accuracy; ``"newton_schulz"`` otherwise, and
+            on every other device; :func:`uses_gram`), ``"newton_schulz"``, ``"gram"`` (the same polynomials
+            iterated on the Gram matrix: fewer FLOPs for rectangular inputs, equal to plain NS up to rounding)
+            or ``"svd"`` (exact polar factor).
         dtype: precision of the NS matrix products. ``None``: bfloat16 on CUDA, float32 elsewhere
             (float64 input stays float64). Normalisation is always done in at least float32.
         eps: added to the Frobenius norm before dividing (a zero matrix maps to zero).
-        restarts: ``method="gram"`` only: the steps (1 to ``steps - 1``) before which X is re-formed and R
-            recomputed. ``None``: :func:`gram_restarts` of the step count ((3,) for 5 steps, chosen by
-            measurement; Dao-AILab's gram-newton-schulz uses (2,), which was up to 12x less accurate than
-            plain NS on ill-conditioned inputs in bf16, ``gram_restarts_sweep_768x3072_h100.json`` in
-            ``benchmarks/dev/results``).
+        restarts: where Gram NS runs (``method="gram"``, or ``"auto"``): the steps (1 to ``steps - 1``) before which X
+            is re-formed and R recomputed. ``None``: :func:`gram_restarts` of the step count ((3,) for 5 steps, chosen
+            by measurement; Dao-AILab's gram-newton-schulz uses (2,), which was up to 12x less accurate than plain NS on
+            ill-conditioned inputs in bf16, ``gram_restarts_sweep_768x3072_h100.json`` in ``benchmarks/dev/results``).
             Checked for every method: a position outside the schedule raises ``ValueError``.
 
     Returns:

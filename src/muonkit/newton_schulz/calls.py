@@ -40,7 +40,7 @@ def orthogonalize_filled(
     rows: Sequence[Sequence[float]],
     ns_dtype: torch.dtype,
     device: torch.device,
-    method: str = "newton_schulz",
+    method: str = "auto",
     restarts: Restarts = None,
     unnormalised: bool = False,
 ) -> Tensor:
@@ -65,7 +65,7 @@ def orthogonalize_filled(
 
 def filled_graph_key(
     shape: tuple[int, int, int], rows: Sequence[Sequence[float]], ns_dtype: torch.dtype, device: torch.device,
-    method: str = "newton_schulz", restarts: Restarts = None,
+    method: str = "auto", restarts: Restarts = None,
 ) -> tuple:  # fmt: skip
     """The ``cuda_graphs.cache`` key of the graph :func:`orthogonalize_filled` replays for these arguments (on the
     current stream)."""

@@ -15,10 +15,11 @@ from torch import Tensor
 
 from ..accel import kernels
 
-__all__ = ["METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts", "newton_schulz_plain",
-           "restart_positions"]  # fmt: skip
+__all__ = ["GRAM_MIN_ASPECT", "METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts",
+           "newton_schulz_plain", "restart_positions", "uses_gram"]  # fmt: skip
 
-METHODS = ("newton_schulz", "gram", "svd")
+METHODS = ("auto", "newton_schulz", "gram", "svd")
+GRAM_MIN_ASPECT = 2.0  # method="auto": Gram NS on CUDA for matrices at least this many times wider than tall
 Restarts = Sequence[int] | None
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -32,6 +33,18 @@ def default_ns_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dt
     if device.type == "cuda":
         return torch.bfloat16
     return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def uses_gram(method: str, m: int, n: int, device: torch.device) -> bool:
+    """Whether ``method`` iterates on the Gram matrix for an ``m x n`` matrix (``m <= n``) on ``device``.
+
+    ``"gram"``: for every rectangular matrix. ``"auto"`` (the default): on CUDA for ``n >= GRAM_MIN_ASPECT * m``,
+    where Gram NS was the faster of the two at the accuracy of plain NS (``docs/performance.md``); plain NS for
+    square and near-square matrices and on every other device (so CPU results are plain NS's, bit for bit).
+    """
+    if m == n:
+        return False
+    return method == "gram" or (method == "auto" and device.type == "cuda" and n >= GRAM_MIN_ASPECT * m)
 
 
 def gram_restarts(steps: int) -> tuple[int, ...]:
@@ -269,6 +282,6 @@ def _iterate(
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
     dividing ``X``: Gram NS for rectangular matrices when asked (``restarts``: the positions, as
     ``restart_positions`` resolved and checked them)."""
-    if method == "gram" and X.shape[-2] != X.shape[-1]:
+    if uses_gram(method, X.shape[-2], X.shape[-1], X.device):
         return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
     return _newton_schulz(X, rows, divisor)

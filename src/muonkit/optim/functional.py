@@ -58,7 +58,7 @@ def muon_step(
     adjust_lr: AdjustLR,
     eps: float,
     ns_dtype: torch.dtype | None = None,
-    method: str = "newton_schulz",
+    method: str = "auto",
     restarts: Restarts = None,
     matrix_view: str = "flatten",
     split: SplitSpec = None,

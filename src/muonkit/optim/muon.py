@@ -50,12 +50,13 @@ class Muon(Optimizer):
             own RMS-matching factor), ``None``, or a callable ``f(lr, (rows, cols))``.
         eps: added to the Frobenius norm before normalising (Muon groups).
         ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
-        method: ``"newton_schulz"``, ``"gram"`` (Gram NS: fewer FLOPs for rectangular matrices) or
-            ``"svd"`` (exact polar factor, for comparisons).
-        restarts: ``method="gram"`` only: the steps (1 to the schedule's length - 1) before which X is
-            re-formed and its Gram matrix recomputed; ``None`` (default): ``newton_schulz.gram_restarts``
-            of the step count ((3,) for 5 steps). ``(2, 4)`` is the most accurate placement measured for
-            5 steps, at two restarts' cost (see ``orthogonalize``).
+        method: ``"auto"`` (default: Gram NS on CUDA for matrices at least twice as wide as tall, plain NS
+            otherwise; ``newton_schulz.uses_gram``), ``"newton_schulz"``, ``"gram"`` (Gram NS for every
+            rectangular matrix: fewer FLOPs) or ``"svd"`` (exact polar factor, for comparisons).
+        restarts: where Gram NS runs (``method="gram"``, or ``"auto"``): the steps (1 to the schedule's length - 1)
+            before which X is re-formed and its Gram matrix recomputed; ``None`` (default):
+            ``newton_schulz.gram_restarts`` of the step count ((3,) for 5 steps). ``(2, 4)`` is the most accurate
+            placement measured for 5 steps, at two restarts' cost (see ``orthogonalize``).
         matrix_view: how a parameter with more than 2 dims becomes matrices: ``"flatten"`` (conv
             kernels, ``(out, in*kh*kw)``) or ``"batch"`` (leading dims index independent matrices).
         split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts; each part
@@ -105,7 +106,7 @@ class Muon(Optimizer):
         eps: float = 1e-7,
         *,
         ns_dtype: torch.dtype | None = None,
-        method: str = "newton_schulz",
+        method: str = "auto",
         restarts: Sequence[int] | None = None,
         matrix_view: str = "flatten",
         split: int | list[int] | None = None,

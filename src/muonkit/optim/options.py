@@ -112,7 +112,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("eps", 1e-7, _must(_nonneg, "a finite number >= 0")),
     Option("ns_dtype", None, _must(lambda v: v is None or v in NS_DTYPES, f"None or one of {NS_DTYPES}")),
-    Option("method", "newton_schulz", _must(lambda v: v in METHODS, f"one of {METHODS}")),
+    Option("method", "auto", _must(lambda v: v in METHODS, f"one of {METHODS}")),
     Option("restarts", None, _unchecked),  # checked with method and coefficients: group_errors
     Option("matrix_view", "flatten", _must(lambda v: v in MATRIX_VIEWS, f"one of {MATRIX_VIEWS}")),
     Option("split", None, _unchecked),  # checked against each parameter's rows by Muon
@@ -147,8 +147,8 @@ def group_errors(group: dict[str, Any]) -> list[str]:
     errors = [e for o in OPTIONS if (e := o.check(o.name, group.get(o.name, o.default)))]
     restarts = group.get("restarts")
     if restarts is not None:
-        if group["method"] != "gram":
-            errors.append(f"restarts applies to method='gram' only, got method={group['method']!r}")
+        if group["method"] not in ("gram", "auto"):
+            errors.append(f"restarts applies to method='gram' or 'auto' only, got method={group['method']!r}")
         elif not isinstance(restarts, list | tuple):
             errors.append(f"restarts must be None or a list of step indices, got {restarts!r}")
         elif not any(e.startswith(("ns_steps ", "coefficients")) for e in errors):

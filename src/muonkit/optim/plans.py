@@ -306,5 +306,5 @@ def merge_key(rows: int, cols: int, work: torch.dtype, schedule: tuple, opts: di
     """What matrices must share to share a merged NS batch: ``(m, n, NS dtype, schedule, method, restart positions,
     max_batch)``; the positions resolved (``None`` and the default placement written out share a batch), ``()``
     where the method has none."""
-    restarts = restart_positions(opts["restarts"], len(schedule)) if opts["method"] == "gram" else ()
+    restarts = restart_positions(opts["restarts"], len(schedule)) if opts["method"] in ("gram", "auto") else ()
     return (min(rows, cols), max(rows, cols), work, schedule, opts["method"], restarts, opts["max_batch"])

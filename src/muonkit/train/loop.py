@@ -75,7 +75,7 @@ def make_optimizer(
     lr = lrs[name]
     if name in ("muon", "muon_svd"):
         groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
-        method = "svd" if name == "muon_svd" else "newton_schulz"
+        method = "svd" if name == "muon_svd" else "auto"
         return Muon(groups, lr=lr, method=method, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))
     if name == "torch_muon":
         return _torch_muon(model, lr, lrs["adamw"])
