@@ -329,20 +329,24 @@ def test_gram_on_cuda_with_each_kernel_mode(mode):
 
 
 @pytest.mark.parametrize(
-    "method,device,m,n,gram",
+    "method,device,shape,gram",
     [
-        ("auto", "cuda", 768, 3072, True),
-        ("auto", "cuda", 768, 1536, True),  # GRAM_MIN_ASPECT = 2
-        ("auto", "cuda", 768, 1535, False),
-        ("auto", "cuda", 768, 768, False),
-        ("auto", "cpu", 768, 3072, False),  # CPU keeps plain NS
-        ("gram", "cpu", 768, 769, True),
-        ("gram", "cuda", 64, 64, False),  # square: Gram NS saves nothing
-        ("newton_schulz", "cuda", 768, 3072, False),
+        ("auto", "cuda", (24, 768, 3072), True),
+        ("auto", "cuda", (24, 3072, 768), True),  # transposed alike
+        ("auto", "cuda", (1, 768, 3072), True),  # b m n^2 = 7.2e9
+        ("auto", "cuda", (8, 768, 1536), True),  # GRAM_MIN_ASPECT = 2
+        ("auto", "cuda", (8, 768, 1535), False),
+        ("auto", "cuda", (1, 1024, 2560), False),  # too little work: b m n^2 = 6.7e9
+        ("auto", "cuda", (2, 3, 1024, 2560), True),  # every leading dim counts in b
+        ("auto", "cuda", (64, 768, 768), False),
+        ("auto", "cpu", (24, 768, 3072), False),  # CPU keeps plain NS
+        ("gram", "cpu", (1, 8, 9), True),
+        ("gram", "cuda", (4, 64, 64), False),  # square: Gram NS saves nothing
+        ("newton_schulz", "cuda", (24, 768, 3072), False),
     ],
 )
-def test_which_method_runs_gram_ns(method, device, m, n, gram):
-    assert uses_gram(method, m, n, torch.device(device)) is gram
+def test_which_method_runs_gram_ns(method, device, shape, gram):
+    assert uses_gram(method, shape, torch.device(device)) is gram
 
 
 def test_default_method_on_cpu_is_plain_newton_schulz_bit_for_bit():
@@ -352,10 +356,11 @@ def test_default_method_on_cpu_is_plain_newton_schulz_bit_for_bit():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_default_method_on_cuda_is_gram_for_wide_matrices_and_plain_for_square():
+def test_default_method_on_cuda_is_gram_for_large_wide_batches_and_plain_otherwise():
     gen = torch.Generator("cuda").manual_seed(2)
-    wide, square = torch.randn(4, 128, 512, device="cuda", generator=gen), torch.randn(4, 128, 128, device="cuda")
-    for G, same in ((wide, "gram"), (wide.mT, "gram"), (square, "newton_schulz")):
+    wide = torch.randn(8, 768, 1536, device="cuda", generator=gen)
+    small, square = wide[:1, :256, :512], torch.randn(4, 128, 128, device="cuda")
+    for G, same in ((wide, "gram"), (wide.mT, "gram"), (small, "newton_schulz"), (square, "newton_schulz")):
         other = "newton_schulz" if same == "gram" else "gram"
         assert torch.equal(orthogonalize(G), orthogonalize(G, method=same)), same
         if same == "gram":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 import _parent  # noqa: F401  (benchmarks/ on sys.path)
@@ -50,7 +52,8 @@ def main() -> None:
     ap.add_argument("--out", default="gram_aspect.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    env = environment(device)
     print(f"{'b':>3} {'m':>5} {'n':>6} {'n/m':>5} {'plain ms':>9} {'gram ms':>8} {'gram/plain':>10} "
           f"{'err plain':>10} {'err gram':>9} {'gram/plain err, log-spread':>27}")  # fmt: skip
     for m, batches in SIDES:
@@ -62,7 +65,9 @@ def main() -> None:
                 print(f"{b:>3} {m:>5} {r['n']:>6} {aspect:>5.2f} {r['ms_newton_schulz']:>9.3f} {r['ms_gram']:>8.3f} "
                       f"{r['gram_over_plain']:>10.3f} {r['err_newton_schulz_gaussian']:>10.2e} "
                       f"{r['err_gram_gaussian']:>9.2e} {spread:>27.2f}", flush=True)  # fmt: skip
-    write_json(args.out, {"environment": environment(device), "args": vars(args), "rows": rows})
+                # after every row, so that a run cut short by a time limit keeps what it measured
+                Path(args.out).write_text(json.dumps({"environment": env, "args": vars(args), "rows": rows}))
+    write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ..reference import polar_svd
 from .calls import NSCall, filled_graph_key, orthogonalize_filled, orthogonalize_stack
 from .iteration import (
     GRAM_MIN_ASPECT,
+    GRAM_MIN_WORK,
     METHODS,
     NS_DTYPES,
     Restarts,
@@ -33,6 +34,7 @@ from .iteration import (
 
 __all__ = [
     "GRAM_MIN_ASPECT",
+    "GRAM_MIN_WORK",
     "METHODS",
     "NS_DTYPES",
     "NSCall",
@@ -66,9 +68,9 @@ def orthogonalize(
             one row ``(a, b, c, ...)`` or a sequence of per-step rows. Any odd degree >= 3.
         steps: number of NS steps; ``None`` means the preset's own default (5 for fixed presets).
             A schedule shorter than ``steps`` repeats its last row.
-        method: ``"auto"`` (default: ``"gram"`` on CUDA for matrices at least ``GRAM_MIN_ASPECT`` times as wide
-            as tall, where it was measured faster at plain NS's accuracy; ``"newton_schulz"`` otherwise, and
-            on every other device; :func:`uses_gram`), ``"newton_schulz"``, ``"gram"`` (the same polynomials
+        method: ``"auto"`` (default: ``"gram"`` on CUDA for batches of matrices at least twice as wide as
+            tall and large enough, where it was measured faster; ``"newton_schulz"`` otherwise, and on every
+            other device; :func:`uses_gram`), ``"newton_schulz"``, ``"gram"`` (the same polynomials
             iterated on the Gram matrix: fewer FLOPs for rectangular inputs, equal to plain NS up to rounding)
             or ``"svd"`` (exact polar factor).
         dtype: precision of the NS matrix products. ``None``: bfloat16 on CUDA, float32 elsewhere

@@ -8,6 +8,7 @@ precision's default, the Frobenius normalisation and Gram NS's restart positions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,11 +16,13 @@ from torch import Tensor
 
 from ..accel import kernels
 
-__all__ = ["GRAM_MIN_ASPECT", "METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts",
+__all__ = ["GRAM_MIN_ASPECT", "GRAM_MIN_WORK", "METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts",
            "newton_schulz_plain", "restart_positions", "uses_gram"]  # fmt: skip
 
 METHODS = ("auto", "newton_schulz", "gram", "svd")
-GRAM_MIN_ASPECT = 2.0  # method="auto": Gram NS on CUDA for matrices at least this many times wider than tall
+# method="auto": Gram NS on CUDA for a (b, m, n) batch (m <= n) with n >= GRAM_MIN_ASPECT m and b m n^2 >= GRAM_MIN_WORK
+GRAM_MIN_ASPECT = 2.0
+GRAM_MIN_WORK = 7e9
 Restarts = Sequence[int] | None
 NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
@@ -35,16 +38,24 @@ def default_ns_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dt
     return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
-def uses_gram(method: str, m: int, n: int, device: torch.device) -> bool:
-    """Whether ``method`` iterates on the Gram matrix for an ``m x n`` matrix (``m <= n``) on ``device``.
+def uses_gram(method: str, shape: Sequence[int], device: torch.device) -> bool:
+    """Whether ``method`` iterates on the Gram matrix for a batch of ``shape`` (``(..., m, n)``) on ``device``.
 
-    ``"gram"``: for every rectangular matrix. ``"auto"`` (the default): on CUDA for ``n >= GRAM_MIN_ASPECT * m``,
-    where Gram NS was the faster of the two at the accuracy of plain NS (``docs/performance.md``); plain NS for
-    square and near-square matrices and on every other device (so CPU results are plain NS's, bit for bit).
+    ``"gram"``: for every rectangular matrix. ``"auto"`` (the default): on CUDA for batches of ``b`` matrices,
+    ``m x n`` with ``m <= n`` (or transposed), where ``n >= GRAM_MIN_ASPECT * m`` and ``b m n^2 >= GRAM_MIN_WORK``:
+    the region where Gram NS took less time than plain NS in every measured case (H200, bf16, Jordan x5;
+    ``benchmarks/dev/gram_aspect.py``; single matrices up to ``1024 x 2560`` were up to 12% slower with it).
+    Plain NS for square, near-square and small batches and on every other device (so CPU results are plain
+    NS's, bit for bit).
     """
+    *lead, m, n = shape
+    m, n = min(m, n), max(m, n)
     if m == n:
         return False
-    return method == "gram" or (method == "auto" and device.type == "cuda" and n >= GRAM_MIN_ASPECT * m)
+    if method == "gram":
+        return True
+    b = math.prod(lead)
+    return method == "auto" and device.type == "cuda" and n >= GRAM_MIN_ASPECT * m and b * m * n * n >= GRAM_MIN_WORK
 
 
 def gram_restarts(steps: int) -> tuple[int, ...]:
@@ -282,6 +293,6 @@ def _iterate(
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
     dividing ``X``: Gram NS for rectangular matrices when asked (``restarts``: the positions, as
     ``restart_positions`` resolved and checked them)."""
-    if uses_gram(method, X.shape[-2], X.shape[-1], X.device):
+    if uses_gram(method, X.shape, X.device):
         return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
     return _newton_schulz(X, rows, divisor)

@@ -50,8 +50,8 @@ class Muon(Optimizer):
             own RMS-matching factor), ``None``, or a callable ``f(lr, (rows, cols))``.
         eps: added to the Frobenius norm before normalising (Muon groups).
         ns_dtype: NS precision; ``None`` = bfloat16 on CUDA, float32 elsewhere.
-        method: ``"auto"`` (default: Gram NS on CUDA for matrices at least twice as wide as tall, plain NS
-            otherwise; ``newton_schulz.uses_gram``), ``"newton_schulz"``, ``"gram"`` (Gram NS for every
+        method: ``"auto"`` (default: Gram NS on CUDA for NS batches of matrices at least twice as wide as tall and large
+            enough, plain NS otherwise; ``newton_schulz.uses_gram``), ``"newton_schulz"``, ``"gram"`` (Gram NS for every
             rectangular matrix: fewer FLOPs) or ``"svd"`` (exact polar factor, for comparisons).
         restarts: where Gram NS runs (``method="gram"``, or ``"auto"``): the steps (1 to the schedule's length - 1)
             before which X is re-formed and its Gram matrix recomputed; ``None`` (default):
