@@ -2,7 +2,10 @@
 
 For each optimizer, trains the demo model (same seed, batches and steps) at a few learning rates and
 reports the final validation loss. Muon runs use ``--adamw-part-lr`` for their AdamW groups (set it
-to the best AdamW lr). Prints a table and writes JSON.
+to the best AdamW lr). Every run takes the demo's training recipe (warmup, cosine decay, each optimizer's
+weight decay, clipping: ``muonkit.train.recipe``; ``--recipe none`` for constant learning rates without weight
+decay or clipping). A best value on the edge of its grid is flagged: widen the grid (``--grid``) until it is
+inside. Prints a table and writes JSON.
 
     python benchmarks/lr_sweep.py --task lm --steps 300 --out benchmarks/results/lr_sweep_lm_cpu.json
 """
@@ -15,11 +18,13 @@ import time
 
 from muonkit.train import SIZES, DigitsTask, LMTask, builtin_corpus, train_one
 from muonkit.train import loop as loop_mod
+from muonkit.train.recipe import Recipe
 from muonkit.train.report import environment
 
 GRID = {
     "adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "muon": [0.01, 0.02, 0.04, 0.08],
+    "muon": [0.005, 0.01, 0.02, 0.04, 0.08],
+    "torch_muon": [0.005, 0.01, 0.02, 0.04, 0.08],
     "sgd": [0.03, 0.1, 0.3, 1.0],
 }
 
@@ -35,6 +40,7 @@ def main() -> None:
         "--adamw-part-lr", type=float, default=None, help="AdamW lr inside Muon runs (default: best swept AdamW lr)"
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--recipe", default="default", choices=["default", "none"])
     ap.add_argument("--out", default="lr_sweep.json")
     ap.add_argument("--grid", action="append", default=[], metavar="NAME=LR1,LR2", help="replace a grid")
     args = ap.parse_args()
@@ -47,6 +53,7 @@ def main() -> None:
         )
     else:
         task = DigitsTask(batch_size=args.batch_size or 64, device=args.device)
+    recipe = Recipe() if args.recipe == "default" else None
     rows: list[dict] = []
     part_lr = args.adamw_part_lr
     for name in args.optimizers.split(","):
@@ -55,7 +62,7 @@ def main() -> None:
         for lr in GRID[name]:
             t0 = time.perf_counter()
             lrs = {name: lr} if part_lr is None or name == "adamw" else {name: lr, "adamw": part_lr}
-            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lrs=lrs)
+            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lrs=lrs, recipe=recipe)
             row = {"optimizer": name, "lr": lr, "final_val_loss": r.val_loss[-1], "seconds": time.perf_counter() - t0}
             if "val_acc" in r.metrics:
                 row["final_val_acc"] = r.metrics["val_acc"][-1]
@@ -66,12 +73,17 @@ def main() -> None:
         if row["optimizer"] not in best or row["final_val_loss"] < best[row["optimizer"]]["final_val_loss"]:
             best[row["optimizer"]] = row
     print("\nbest lr:", {k: v["lr"] for k, v in best.items()})
+    edges = {k: v["lr"] for k, v in best.items() if v["lr"] in (min(GRID[k]), max(GRID[k]))}
+    if edges:
+        print(f"on the edge of their grid (widen it): {edges}")
     meta = {
         "task": args.task,
         "size": args.size if args.task == "lm" else None,
         "steps": args.steps,
         "batch_size": task.batch_size,
         "adamw_part_lr": part_lr or loop_mod.resolve_lrs(task.lr_key)["adamw"],
+        "recipe": recipe.to_dict() if recipe else None,
+        "best_on_grid_edge": edges,
         **environment(args.device),
     }
     with open(args.out, "w") as f:

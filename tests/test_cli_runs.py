@@ -103,6 +103,11 @@ def test_damaged_results_and_checkpoints_are_named_in_one_line(tmp_path, run_dir
         (["--device", "foo"], ["--device", "foo"]),
         (["--device", "cuda:7"], ["--device"]),
         (["--optimizers", "muon,lion"], ["lion"]),
+        (["--schedule", "linear"], ["--schedule"]),
+        (["--warmup", "-1"], ["--warmup"]),
+        (["--weight-decay", "adamw=-0.1"], ["--weight-decay", ">= 0"]),
+        (["--weight-decay", "lion=0.1"], ["--weight-decay", "lion"]),
+        (["--clip", "nan"], ["--clip"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None,
 )

@@ -59,24 +59,52 @@ def _parse_optimizers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _parse_lrs(items: list[str]) -> dict[str, float]:
-    from .train.loop import resolve_lrs
+def _parse_named(items: list[str], flag: str, what: str, zero_ok: bool = False) -> dict[str, float]:
+    """``NAME=VALUE`` items of a repeated flag (``--lr``, ``--weight-decay``): finite values > 0 (>= 0 with
+    ``zero_ok``) for known optimizer names."""
+    from .train import OPTIMIZERS
 
-    lrs = {}
+    values = {}
     for item in items:
-        name, _, value = item.partition("=")
+        name, _, text = item.partition("=")
         try:
-            lr = float(value)
+            value = float(text)
         except ValueError:
-            raise UsageError(f"--lr expects NAME=VALUE, e.g. --lr muon=0.03; got {item!r}") from None
-        if not (math.isfinite(lr) and lr > 0):
-            raise UsageError(f"--lr {item}: a learning rate must be a finite number > 0")
-        lrs[name.strip()] = lr
-    try:
-        resolve_lrs("lm-small", lrs)
-    except ValueError as err:
-        raise UsageError(f"--lr: {err}") from None
-    return lrs
+            raise UsageError(f"{flag} expects NAME=VALUE, e.g. {flag} muon=0.03; got {item!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise UsageError(f"{flag} {item}: {what} must be a finite number {'>=' if zero_ok else '>'} 0")
+        values[name.strip()] = value
+    unknown = sorted(set(values) - set(OPTIMIZERS))
+    if unknown:
+        raise UsageError(f"{flag}: given for unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    return values
+
+
+def _parse_lrs(items: list[str]) -> dict[str, float]:
+    return _parse_named(items, "--lr", "a learning rate")
+
+
+# flags that set the training recipe (``train.recipe.Recipe``) -> its field; how a given flag is stored there
+_RECIPE_FLAGS = {"schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "clip": "clip"}
+
+
+def _recipe_value(flag: str, given: Any) -> Any:
+    if flag == "weight_decay":
+        return _parse_named(given, "--weight-decay", "a weight decay", zero_ok=True)
+    if flag == "clip":
+        return given or None  # --clip 0: no clipping
+    return given
+
+
+def _recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from .train.recipe import Recipe
+
+    given = {
+        field: _recipe_value(flag, getattr(args, flag))
+        for flag, field in _RECIPE_FLAGS.items()
+        if getattr(args, flag) not in (None, [])
+    }
+    return Recipe(**given).to_dict()
 
 
 def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
@@ -92,6 +120,7 @@ def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "optimizers": _parse_optimizers(args.optimizers or "muon,adamw"),
         "lrs": _parse_lrs(args.lr),
+        "recipe": _recipe_from_args(args),
         "seed": 0 if args.seed is None else args.seed,
         "device": _check_device(args.device or "cpu"),
     }
@@ -137,11 +166,15 @@ def _describe(config: dict[str, Any], task: Any) -> str:
 
 def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool, task: Any = None) -> int:
     from .train import run_comparison
+    from .train.recipe import Recipe
     from .train.report import comparison, format_table, plot_results, write_results
 
     task = task if task is not None else _build_task(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"muonkit {config['command']}: {_describe(config, task)}")
+    # a run saved without a recipe (older results.json) kept its learning rates constant: it continues so
+    recipe = Recipe.from_dict(config["recipe"]) if config.get("recipe") is not None else None
+    recipe_line = recipe.describe(config["steps"], config["optimizers"]) if recipe else "lr: constant; no weight decay"
+    print(f"muonkit {config['command']}: {_describe(config, task)}\n{recipe_line}")
     config = {**config, "task_details": task.describe()}
     write_results(out_dir, previous or {}, config, interrupted=True)  # so that --resume works from the start
     results, interrupted = run_comparison(
@@ -154,6 +187,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
         out_dir=out_dir,
         previous=previous,
         progress=progress,
+        recipe=recipe,
     )
     if not results:
         print("interrupted before any evaluation; nothing to report")
@@ -161,7 +195,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     json_path = write_results(out_dir, results, config, interrupted)
     plots = plot_results(out_dir, results, "digits CNN" if config["task"] == "digits" else f"GPT {config['size']}")
     unit = "img" if config["task"] == "digits" else "tok"
-    print("\n" + format_table(results, unit))
+    print(f"\n{recipe_line}\n" + format_table(results, unit))
     comp = comparison(results)
     if comp:
         if comp["subject_steps_to_target"] is None:
@@ -202,6 +236,15 @@ def _run_files(out_dir: Path) -> list[Path]:
 def _resume_conflicts(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
     """The flags given beside ``--resume`` that differ from the saved run's config."""
     conflicts = []
+    recipe = config.get("recipe") or {}
+    for flag, field in _RECIPE_FLAGS.items():
+        given = getattr(args, flag, None)
+        if given in (None, []):
+            continue
+        value = _recipe_value(flag, given)
+        if value != recipe.get(field, "(not set)"):
+            saved = recipe.get(field, "(a run without a recipe)")
+            conflicts.append(f"--{flag.replace('_', '-')} {value!r} (the run has {saved!r})")
     for flag, key in _RUN_FLAGS.items():
         given = getattr(args, flag, None)
         if given in (None, [], False):
@@ -277,7 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", default=None, help="GPT size: tiny, small (default), medium, large")
         p.add_argument("--batch-size", type=_POSITIVE, default=None)
         p.add_argument("--eval-every", type=_POSITIVE, default=None)
-        p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a learning rate")
+        p.add_argument("--lr", action="append", default=[], metavar="NAME=LR", help="override a peak learning rate")
+        p.add_argument("--schedule", default=None, choices=["cosine", "wsd", "constant"],
+                       help="lr schedule after the warmup: cosine to 0.1x (default), wsd (warmup-stable-decay), "
+                       "constant")  # fmt: skip
+        p.add_argument("--warmup", type=number(0, integer=True), default=None, metavar="STEPS",
+                       help="linear warmup steps (default 5%% of --steps)")  # fmt: skip
+        p.add_argument("--weight-decay", action="append", default=[], metavar="NAME=WD",
+                       help="decoupled weight decay (defaults: muon 0.01, adamw 0.1 on matrices, sgd 0)")  # fmt: skip
+        p.add_argument("--clip", type=number(0), default=None, metavar="NORM",
+                       help="clip the gradient norm (default 1.0; 0: no clipping)")  # fmt: skip
         p.add_argument("--seed", type=int, default=None, help="default 0")
         p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
         p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>/)")

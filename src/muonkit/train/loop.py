@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..optim import Muon, param_groups
+from .recipe import Recipe, Schedule
 from .tasks import Task
 
 __all__ = [
@@ -67,21 +68,31 @@ def resolve_lrs(key: str, overrides: dict[str, float] | None = None) -> dict[str
 
 
 def make_optimizer(
-    name: str, model: nn.Module, lrs: dict[str, float], split_qkv: bool = False
+    name: str, model: nn.Module, lrs: dict[str, float], split_qkv: bool = False, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
-    """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with learning rates ``lrs`` (see ``resolve_lrs``)."""
+    """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with learning rates ``lrs`` (see ``resolve_lrs``) and
+    decoupled ``weight_decay``: for Muon, exact-polar Muon and torch.optim.Muon on every parameter (their AdamW part
+    included), for AdamW on the parameters with two or more dimensions only, for SGD on every parameter."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
     if name in ("muon", "muon_svd"):
         groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
-        return Muon(groups, lr=lr, method=method, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))
+        return Muon(
+            groups, lr=lr, method=method, weight_decay=weight_decay, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95)
+        )
     if name == "torch_muon":
-        return _torch_muon(model, lr, lrs["adamw"])
+        return _torch_muon(model, lr, lrs["adamw"], weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        params: Any = list(model.parameters())
+        if weight_decay:  # gains and biases undecayed
+            params = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
 class Combined(torch.optim.Optimizer):
@@ -115,10 +126,10 @@ class Combined(torch.optim.Optimizer):
             o.load_state_dict(sd)
 
 
-def _torch_muon(model: nn.Module, lr: float, adamw_lr: float) -> torch.optim.Optimizer:
+def _torch_muon(model: nn.Module, lr: float, adamw_lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """torch.optim.Muon (its defaults: Nesterov, momentum 0.95, NS5 in bf16, its "original" shape scale, no QKV
-    split) on the 2-D matrices ``param_groups`` gives Muon, AdamW (betas 0.9, 0.95) on everything else, both
-    without weight decay like the other demo optimizers. Conv kernels, which torch.optim.Muon does not take, go to
+    split) on the 2-D matrices ``param_groups`` gives Muon, AdamW (betas 0.9, 0.95) on everything else, both with
+    ``weight_decay`` as muonkit's Muon runs take it. Conv kernels, which torch.optim.Muon does not take, go to
     AdamW."""
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"torch_muon needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
@@ -127,8 +138,8 @@ def _torch_muon(model: nn.Module, lr: float, adamw_lr: float) -> torch.optim.Opt
     for group in param_groups(model):
         for p in group["params"]:
             (matrices if group.get("algorithm", "muon") == "muon" and p.ndim == 2 else rest).append(p)
-    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=0.0)
-    adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay)
+    adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     return Combined(muon, adamw)
 
 
@@ -193,10 +204,14 @@ def train_one(
     resume: dict[str, Any] | None = None,
     on_step: Callable[[RunResult], None] | None = None,
     optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    recipe: Recipe | None = None,
 ) -> RunResult:
     """Train a fresh model (initialised from ``seed``) with optimizer ``name``.
 
-    ``optimizer_factory(model)`` replaces the named optimizer (``name`` then only labels the run).
+    ``recipe``: the learning-rate schedule, weight decay and gradient clipping (``train.recipe``); ``None``: the
+    learning rates held constant, no weight decay, no clipping (what the theory experiments need).
+    ``optimizer_factory(model)`` replaces the named optimizer (``name`` then only labels the run; the recipe's
+    schedule and clipping still apply).
     ``resume`` is a checkpoint dict written by an earlier call; training continues from it. With
     ``checkpoint`` set, state is saved there at every evaluation. ``KeyboardInterrupt`` propagates
     after the last checkpoint (if any) is on disk: nothing gathered before it is lost.
@@ -207,7 +222,9 @@ def train_one(
     if optimizer_factory is not None:
         opt = optimizer_factory(model)
     else:
-        opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm")
+        wd = recipe.decay_for(name) if recipe is not None else 0.0
+        opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm", weight_decay=wd)
+    schedule = Schedule(opt, recipe, steps) if recipe is not None else None  # peaks read before any loading
     gen = torch.Generator().manual_seed(seed + 1)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -244,6 +261,10 @@ def train_one(
         loss = task.loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe is not None and recipe.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
+        if schedule is not None:
+            schedule.set(step)
         _sync(task.device)
         t1 = time.perf_counter()
         evaluating = step % eval_every == 0 or step == steps
@@ -339,6 +360,7 @@ def run_comparison(
     previous: dict[str, RunResult] | None = None,
     progress: bool = True,
     on_step: Callable[[RunResult], None] | None = None,
+    recipe: Recipe | None = None,
 ) -> tuple[dict[str, RunResult], bool]:
     """Run every optimizer in turn; returns (results, interrupted).
 
@@ -375,6 +397,7 @@ def run_comparison(
                 checkpoint=ckpt,
                 resume=resume,
                 on_step=tick,
+                recipe=recipe,
             )
         except KeyboardInterrupt:
             bar.close()

@@ -1,0 +1,120 @@
+"""The training recipe every optimizer of a comparison gets: learning-rate schedule, weight decay, gradient clipping.
+
+An optimizer comparison is only as fair as its baseline's recipe. The demo's default is what each optimizer's users
+run: linear warmup then cosine decay to a floor (the GPT-3 / nanoGPT schedule), or warmup-stable-decay; decoupled
+weight decay; gradient clipping at norm 1. Weight decay follows each optimizer's own standard:
+
+- AdamW: 0.1 on every parameter with two or more dimensions, none on gains and biases (GPT-3, nanoGPT);
+- Muon (and exact-polar Muon, torch.optim.Muon): 0.01 on every parameter, its AdamW part included, as in the usage
+  example of KellerJordan/Muon (``lr=0.02, weight_decay=0.01`` for the hidden matrices, 0.01 for the rest);
+- SGD (Nesterov): none.
+
+The schedule is a function of the step alone (``lr_factor``), so a resumed run continues on the same schedule with no
+scheduler state to save.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["DEFAULT_WEIGHT_DECAY", "SCHEDULES", "Recipe"]
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {
+    "muon": 0.01,
+    "muon_svd": 0.01,
+    "torch_muon": 0.01,
+    "adamw": 0.1,
+    "sgd": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``schedule``: ``"cosine"`` (linear warmup over ``warmup`` steps, then cosine to ``floor`` x the peak at the
+    last step), ``"wsd"`` (warmup, constant, then linear decay to ``floor`` over the last ``decay`` fraction of the
+    steps) or ``"constant"`` (warmup, then the peak). ``warmup``: steps, ``None`` for 5% of the run.
+    ``weight_decay``: per optimizer name (missing names: ``DEFAULT_WEIGHT_DECAY``). ``clip``: the largest gradient
+    norm (``torch.nn.utils.clip_grad_norm_`` over all parameters), ``None`` for none."""
+
+    schedule: str = "cosine"
+    warmup: int | None = None
+    floor: float = 0.1
+    decay: float = 0.2
+    weight_decay: dict[str, float] = field(default_factory=dict)
+    clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, int)
+                                        or self.warmup < 0):  # fmt: skip
+            raise ValueError(f"warmup must be a number of steps >= 0 or None, got {self.warmup!r}")
+        if not (0 <= self.floor <= 1):
+            raise ValueError(f"floor must be in [0, 1], got {self.floor!r}")
+        if not (0 < self.decay <= 1):
+            raise ValueError(f"decay must be in (0, 1], got {self.decay!r}")
+        for name, wd in self.weight_decay.items():
+            if not (math.isfinite(wd) and wd >= 0):
+                raise ValueError(f"weight decay for {name} must be a finite number >= 0, got {wd!r}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a finite number > 0 or None, got {self.clip!r}")
+
+    def warmup_steps(self, steps: int) -> int:
+        return round(0.05 * steps) if self.warmup is None else min(self.warmup, steps)
+
+    def decay_for(self, name: str) -> float:
+        """The weight decay optimizer ``name`` runs with."""
+        return self.weight_decay.get(name, DEFAULT_WEIGHT_DECAY.get(name, 0.0))
+
+    def lr_factor(self, step: int, steps: int) -> float:
+        """The learning rate of step ``step`` (1 to ``steps``) over the peak."""
+        warm = self.warmup_steps(steps)
+        if step <= warm:
+            return step / warm
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "cosine":
+            t = (step - warm) / max(1, steps - warm)
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+        start = max(warm, steps - round(self.decay * steps))  # wsd: the decay phase
+        if step <= start:
+            return 1.0
+        return 1 - (1 - self.floor) * (step - start) / max(1, steps - start)
+
+    def describe(self, steps: int, names: list[str]) -> str:
+        """One line for the table header: schedule, weight decay per optimizer, clipping."""
+        warm = self.warmup_steps(steps)
+        shape = {
+            "cosine": f"warmup {warm} steps, cosine to {self.floor:g}x",
+            "wsd": f"warmup {warm} steps, constant, linear decay to {self.floor:g}x over the last {self.decay:.0%}",
+            "constant": f"warmup {warm} steps, then constant",
+        }[self.schedule]
+        wd = ", ".join(f"{n} {self.decay_for(n):g}" for n in names)
+        clip = f"clip {self.clip:g}" if self.clip is not None else "no clipping"
+        return f"lr: {shape}; weight decay: {wd}; {clip}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Recipe:
+        return cls(**(d or {}))
+
+
+class Schedule:
+    """Sets the learning rate of every parameter group of ``opt`` for each step: its peak (the lr the group had
+    when this was made) times ``recipe.lr_factor``."""
+
+    def __init__(self, opt: torch.optim.Optimizer, recipe: Recipe, steps: int) -> None:
+        self.opt, self.recipe, self.steps = opt, recipe, steps
+        self.peaks = [g["lr"] for g in opt.param_groups]
+
+    def set(self, step: int) -> None:
+        factor = self.recipe.lr_factor(step, self.steps)
+        for group, peak in zip(self.opt.param_groups, self.peaks):
+            group["lr"] = peak * factor

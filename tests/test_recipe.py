@@ -1,0 +1,119 @@
+"""The training recipe of the demo's comparison: schedules, weight decay per optimizer, clipping, resume."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from muonkit import Muon
+from muonkit.cli import main
+from muonkit.train import SIZES, LMTask, builtin_corpus, make_optimizer, train_one
+from muonkit.train.model import GPT
+from muonkit.train.recipe import Recipe, Schedule
+
+TINY = SIZES["tiny"]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return LMTask(builtin_corpus(), TINY, batch_size=4, eval_batches=2)
+
+
+def test_cosine_warms_up_linearly_then_decays_to_the_floor():
+    r = Recipe(warmup=10, floor=0.1)
+    assert [r.lr_factor(s, 100) for s in (1, 5, 10)] == [0.1, 0.5, 1.0]
+    assert r.lr_factor(100, 100) == pytest.approx(0.1)
+    assert r.lr_factor(55, 100) == pytest.approx(0.55)  # halfway through the decay: the mean of peak and floor
+    factors = [r.lr_factor(s, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(factors))
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+    r = Recipe(schedule="wsd", warmup=10, floor=0.0, decay=0.2)
+    assert all(r.lr_factor(s, 100) == 1.0 for s in range(10, 81))
+    assert r.lr_factor(90, 100) == pytest.approx(0.5)
+    assert r.lr_factor(100, 100) == 0.0
+
+
+def test_constant_and_the_default_warmup_of_five_percent():
+    r = Recipe(schedule="constant")
+    assert r.warmup_steps(300) == 15 and r.lr_factor(15, 300) == 1.0 and r.lr_factor(300, 300) == 1.0
+    assert r.lr_factor(3, 300) == pytest.approx(0.2)
+    assert Recipe(schedule="constant", warmup=0).lr_factor(1, 10) == 1.0  # no warmup: the first step at the peak
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({"schedule": "linear"}, "schedule"), ({"warmup": -1}, "warmup"), ({"floor": 1.5}, "floor"),
+     ({"decay": 0}, "decay"), ({"weight_decay": {"adamw": math.nan}}, "weight decay"), ({"clip": 0}, "clip")],
+)  # fmt: skip
+def test_bad_recipes_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Recipe(**kwargs)
+
+
+def test_each_optimizer_gets_its_own_standard_weight_decay():
+    r = Recipe(weight_decay={"muon": 0.05})
+    assert r.decay_for("muon") == 0.05 and r.decay_for("adamw") == 0.1 and r.decay_for("sgd") == 0.0
+    model = GPT(TINY)
+    adamw = make_optimizer("adamw", model, {"adamw": 1e-3}, weight_decay=0.1)
+    decayed = {id(p) for g in adamw.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.ndim >= 2}  # gains and biases undecayed
+    muon = make_optimizer("muon", model, {"muon": 0.02, "adamw": 1e-3}, weight_decay=0.01)
+    assert isinstance(muon, Muon) and {g["weight_decay"] for g in muon.param_groups} == {0.01}
+
+
+def test_a_run_follows_the_schedule_and_clips(task, monkeypatch):
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        seen.append(max_norm)
+        return clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    recipe = Recipe(warmup=2, floor=0.25, clip=0.5)
+    train_one(task, "adamw", steps=8, eval_every=8, recipe=recipe)
+    assert seen == [0.5] * 8
+    model = GPT(TINY)
+    opt = make_optimizer("adamw", model, {"adamw": 1e-3})
+    schedule = Schedule(opt, recipe, 8)
+    schedule.set(8)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    schedule.set(1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_a_run_with_the_recipe_resumes_on_the_same_trajectory(task, tmp_path):
+    recipe = Recipe(warmup=3)
+    full = train_one(task, "muon", steps=12, eval_every=4, recipe=recipe)
+    flat = train_one(task, "muon", steps=12, eval_every=4)
+    assert full.train_loss != flat.train_loss  # the recipe changes the run
+
+    def interrupt(result):
+        if len(result.train_loss) == 7:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, on_step=interrupt, recipe=recipe)
+    state = torch.load(ckpt, weights_only=False)
+    resumed = train_one(task, "muon", steps=12, eval_every=4, checkpoint=ckpt, resume=state, recipe=recipe)
+    assert resumed.train_loss == full.train_loss and resumed.val_loss == full.val_loss
+
+
+def test_the_demo_prints_and_stores_its_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["demo", "--quick", "--no-progress", "--out", str(out), "--schedule", "wsd", "--warmup", "4",
+            "--weight-decay", "adamw=0.05", "--clip", "0"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "warmup 4 steps, constant, linear decay to 0.1x" in text and "adamw 0.05" in text
+    assert "no clipping" in text
+    recipe = json.loads((out / "results.json").read_text())["config"]["recipe"]
+    assert recipe == {**Recipe().to_dict(), "schedule": "wsd", "warmup": 4, "weight_decay": {"adamw": 0.05},
+                      "clip": None}  # fmt: skip
+    assert main(["demo", "--resume", str(out), "--no-progress", "--schedule", "cosine"]) == 2
+    assert "contradict" in capsys.readouterr().err
