@@ -117,3 +117,20 @@ def test_the_demo_prints_and_stores_its_recipe(tmp_path, capsys):
                       "clip": None}  # fmt: skip
     assert main(["demo", "--resume", str(out), "--no-progress", "--schedule", "cosine"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def _comp(**over):
+    comp = {"subject": "muon", "reference": "adamw", "reference_steps": 300, "target_val_loss": 2.3,
+            "subject_final_val_loss": 2.1, "subject_final_step": 300, "subject_steps_to_target": 150,
+            "step_ratio": 0.5, "time_ratio": 0.62}  # fmt: skip
+    return {**comp, **over}
+
+
+def test_the_result_line_states_both_losses_and_both_ratios_with_the_seed_count():
+    from muonkit.train.report import result_line
+
+    line = result_line(_comp())
+    assert line == ("Muon vs AdamW (1 seed): validation loss after 300 steps 2.100 vs 2.300; Muon reached AdamW's "
+                    "final validation loss in 0.50x the steps and 0.62x the wall-clock.")  # fmt: skip
+    slower = result_line(_comp(subject_final_val_loss=2.4, subject_steps_to_target=None), seeds=3)
+    assert "(3 seeds)" in slower and "2.400 vs 2.300" in slower and "did not reach" in slower

@@ -167,7 +167,7 @@ def _describe(config: dict[str, Any], task: Any) -> str:
 def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool, task: Any = None) -> int:
     from .train import run_comparison
     from .train.recipe import Recipe
-    from .train.report import comparison, format_table, plot_results, write_results
+    from .train.report import comparison, format_table, plot_results, result_line, write_results
 
     task = task if task is not None else _build_task(config)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,14 +197,8 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     unit = "img" if config["task"] == "digits" else "tok"
     print(f"\n{recipe_line}\n" + format_table(results, unit))
     comp = comparison(results)
-    if comp:
-        if comp["subject_steps_to_target"] is None:
-            print(f"\nMuon did not reach AdamW's final validation loss ({comp['target_val_loss']:.3f}).")
-        else:
-            print(
-                f"\nMuon reached AdamW's final validation loss ({comp['target_val_loss']:.3f}) in "
-                f"{comp['step_ratio']:.2f}x the steps and {comp['time_ratio']:.2f}x the wall-clock."
-            )
+    if comp and comp["subject_final_val_loss"] is not None:
+        print("\n" + result_line(comp))
     print(f"\nresults: {json_path}")
     for p in plots:
         print(f"plot:    {p}")

@@ -11,11 +11,12 @@ import torch
 
 from .loop import RunResult, steps_to_reach
 
-__all__ = ["comparison", "format_table", "load_results", "plot_results", "write_results"]
+__all__ = ["comparison", "format_table", "load_results", "plot_results", "result_line", "write_results"]
 
 
 def comparison(results: dict[str, RunResult], against: str = "adamw", subject: str = "muon") -> dict[str, Any]:
-    """When ``subject`` first reaches ``against``'s final validation loss, in steps and wall-clock."""
+    """When ``subject`` first reaches ``against``'s final validation loss, in steps and wall-clock, and both final
+    validation losses (at equal steps)."""
     if against not in results or subject not in results or not results[against].val_loss:
         return {}
     ref = results[against]
@@ -32,7 +33,24 @@ def comparison(results: dict[str, RunResult], against: str = "adamw", subject: s
         "subject_seconds_to_target": wall,
         "step_ratio": step / ref_steps if step is not None and ref_steps else None,
         "time_ratio": wall / ref_wall if wall is not None and ref_wall else None,
+        "subject_final_val_loss": results[subject].val_loss[-1] if results[subject].val_loss else None,
+        "subject_final_step": results[subject].eval_steps[-1] if results[subject].eval_steps else None,
     }
+
+
+def result_line(comp: dict[str, Any], seeds: int = 1) -> str:
+    """The comparison in one honest sentence: both final validation losses at equal steps, then steps and
+    wall-clock to the reference's final validation loss (or that it was not reached), with the seed count."""
+    subject, ref = comp["subject"].replace("muon", "Muon"), comp["reference"].replace("adamw", "AdamW")
+    final = comp["subject_final_val_loss"]
+    text = f"{subject} vs {ref} ({seeds} seed{'s' if seeds != 1 else ''}): validation loss after "
+    text += f"{comp['reference_steps']} steps {final:.3f} vs {comp['target_val_loss']:.3f}"
+    if comp["subject_final_step"] != comp["reference_steps"]:
+        text += f" (the {subject} run ended at step {comp['subject_final_step']})"
+    if comp["subject_steps_to_target"] is None:
+        return text + f"; {subject} did not reach {ref}'s final validation loss."
+    wall = f" and {comp['time_ratio']:.2f}x the wall-clock" if comp["time_ratio"] is not None else ""
+    return text + f"; {subject} reached {ref}'s final validation loss in {comp['step_ratio']:.2f}x the steps{wall}."
 
 
 def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
