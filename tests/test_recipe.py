@@ -132,5 +132,40 @@ def test_the_result_line_states_both_losses_and_both_ratios_with_the_seed_count(
     line = result_line(_comp())
     assert line == ("Muon vs AdamW (1 seed): validation loss after 300 steps 2.100 vs 2.300; Muon reached AdamW's "
                     "final validation loss in 0.50x the steps and 0.62x the wall-clock.")  # fmt: skip
-    slower = result_line(_comp(subject_final_val_loss=2.4, subject_steps_to_target=None), seeds=3)
-    assert "(3 seeds)" in slower and "2.400 vs 2.300" in slower and "did not reach" in slower
+    slower = result_line(_comp(subject_final_val_loss=2.4, subject_steps_to_target=None))
+    assert "(1 seed)" in slower and "2.400 vs 2.300" in slower and "did not reach" in slower
+
+
+def test_several_seeds_pair_each_run_with_the_same_seed_and_report_means_and_spreads():
+    from muonkit.train import RunResult
+    from muonkit.train.report import comparison, format_table, result_line
+
+    def run(name, losses):
+        return RunResult(name, 0.1, 4, eval_steps=[0, 2, 4], eval_wall=[0.0, 1.0, 2.0],
+                         metrics={"val_loss": losses}, train_loss=[1.0], train_seconds=2.0)  # fmt: skip
+
+    results = {
+        "muon/seed0": run("muon", [3.0, 2.0, 1.5]), "muon/seed1": run("muon", [3.0, 2.6, 2.2]),
+        "adamw/seed0": run("adamw", [3.0, 2.5, 2.0]), "adamw/seed1": run("adamw", [3.0, 2.5, 2.1]),
+    }  # fmt: skip
+    comp = comparison(results)
+    assert comp["seeds"] == 2 and comp["reached"] == 1  # seed 1's Muon never reached its own AdamW's 2.1
+    assert comp["subject_final_val_loss"] == pytest.approx(1.85) and comp["target_val_loss"] == pytest.approx(2.05)
+    assert comp["step_ratio"] == 0.5 and comp["step_ratio_range"] == [0.5, 0.5]
+    line = result_line(comp)
+    assert "(2 seeds, mean ± sd)" in line and "1.850 ± 0.495 vs 2.050 ± 0.071" in line and "in 1 of 2 seeds" in line
+    table = format_table(results).splitlines()
+    assert "2 (0.50x)" in table[2] and "not reached" in table[3]  # each row against its own seed's AdamW
+
+
+def test_the_demo_runs_several_seeds(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out), "--seeds", "2", "--steps", "6"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted(saved["runs"]) == ["adamw/seed0", "adamw/seed1", "muon/seed0", "muon/seed1"]
+    assert saved["comparison"]["seeds"] == 2 and "(2 seeds, mean ± sd)" in capsys.readouterr().out
+    first = saved["runs"]["muon/seed0"]["train_loss"]
+    assert first != saved["runs"]["muon/seed1"]["train_loss"]  # another initialisation and batch order
+    single = tmp_path / "single"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(single), "--steps", "6"]) == 0
+    assert json.loads((single / "results.json").read_text())["runs"]["muon"]["train_loss"] == first

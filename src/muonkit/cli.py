@@ -122,6 +122,7 @@ def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "lrs": _parse_lrs(args.lr),
         "recipe": _recipe_from_args(args),
         "seed": 0 if args.seed is None else args.seed,
+        "seeds": args.seeds or 1,
         "device": _check_device(args.device or "cpu"),
     }
 
@@ -149,18 +150,23 @@ def _build_task(config: dict[str, Any]) -> Any:
         raise UsageError(str(err)) from None
 
 
+def _seeds(config: dict[str, Any]) -> str:
+    first, n = config["seed"], config.get("seeds", 1)
+    return f"seed {first}" if n == 1 else f"seeds {first}-{first + n - 1}"
+
+
 def _describe(config: dict[str, Any], task: Any) -> str:
     if config["task"] == "digits":
         return (
             f"CNN on scikit-learn's 8x8 digits ({len(task.y_train)} train / {len(task.y_val)} validation images); "
-            f"{config['steps']} steps per optimizer, batch {task.batch_size}, seed {config['seed']}"
+            f"{config['steps']} steps per optimizer, batch {task.batch_size}, {_seeds(config)}"
         )
     cfg = task.cfg
     where = config["data"] or f"{len(task.corpus.sources)} standard-library modules"
     return (
         f"byte-level GPT ({cfg.n_layer} layers, width {cfg.d_model}, context {cfg.ctx}) on {where} "
         f"({task.corpus.n_tokens:,} bytes); {config['steps']} steps per optimizer, batch {task.batch_size}, "
-        f"seed {config['seed']}, device {config['device']}"
+        f"{_seeds(config)}, device {config['device']}"
     )
 
 
@@ -188,6 +194,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
         previous=previous,
         progress=progress,
         recipe=recipe,
+        seeds=config.get("seeds", 1),
     )
     if not results:
         print("interrupted before any evaluation; nothing to report")
@@ -197,7 +204,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     unit = "img" if config["task"] == "digits" else "tok"
     print(f"\n{recipe_line}\n" + format_table(results, unit))
     comp = comparison(results)
-    if comp and comp["subject_final_val_loss"] is not None:
+    if comp:
         print("\n" + result_line(comp))
     print(f"\nresults: {json_path}")
     for p in plots:
@@ -212,8 +219,8 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
 
 # flags a resumed run takes from its saved config: given with --resume, they must agree with it
 _RUN_FLAGS = {"optimizers": "optimizers", "steps": "steps", "size": "size", "batch_size": "batch_size",
-              "eval_every": "eval_every", "lr": "lrs", "seed": "seed", "device": "device", "data": "data",
-              "task": "task", "quick": None}  # fmt: skip
+              "eval_every": "eval_every", "lr": "lrs", "seed": "seed", "seeds": "seeds", "device": "device",
+              "data": "data", "task": "task", "quick": None}  # fmt: skip
 
 
 def _run_files(out_dir: Path) -> list[Path]:
@@ -324,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoupled weight decay (defaults: muon 0.01, adamw 0.1 on matrices, sgd 0)")  # fmt: skip
         p.add_argument("--clip", type=number(0), default=None, metavar="NORM",
                        help="clip the gradient norm (default 1.0; 0: no clipping)")  # fmt: skip
-        p.add_argument("--seed", type=int, default=None, help="default 0")
+        p.add_argument("--seed", type=int, default=None, help="the first seed (default 0)")
+        p.add_argument("--seeds", type=_POSITIVE, default=None, metavar="N",
+                       help="run every optimizer with N seeds (model initialisation and batch order) and report "
+                       "means and spreads (default 1)")  # fmt: skip
         p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
         p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>/)")
         p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")

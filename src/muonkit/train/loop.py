@@ -28,6 +28,7 @@ __all__ = [
     "make_optimizer",
     "resolve_lrs",
     "run_comparison",
+    "run_key",
     "steps_to_reach",
     "train_one",
 ]
@@ -177,6 +178,12 @@ class RunResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def run_key(name: str, seed: int, seeds: int = 1) -> str:
+    """How a run is named in a comparison's results (and its checkpoint file): the optimizer's name, with
+    ``/seed<k>`` when the comparison runs several seeds."""
+    return name if seeds == 1 else f"{name}/seed{seed}"
 
 
 def steps_to_reach(result: RunResult, target: float) -> tuple[int | None, float | None]:
@@ -361,8 +368,10 @@ def run_comparison(
     progress: bool = True,
     on_step: Callable[[RunResult], None] | None = None,
     recipe: Recipe | None = None,
+    seeds: int = 1,
 ) -> tuple[dict[str, RunResult], bool]:
-    """Run every optimizer in turn; returns (results, interrupted).
+    """Run every optimizer in turn, each with seeds ``seed`` to ``seed + seeds - 1`` (model initialisation and
+    batch order), keyed by ``run_key``; returns (results, interrupted).
 
     With ``out_dir``, each run checkpoints to ``out_dir/checkpoint-<name>.pt`` and a run found there
     unfinished is resumed. ``previous`` holds finished runs (from ``results.json``) that are kept as is.
@@ -371,13 +380,15 @@ def run_comparison(
     from tqdm.auto import tqdm
 
     results: dict[str, RunResult] = dict(previous or {})
-    for name in optimizers:
-        if name in results and results[name].done:
+    runs = [(name, s) for name in optimizers for s in range(seed, seed + seeds)]
+    for name, run_seed in runs:
+        key = run_key(name, run_seed, seeds)
+        if key in results and results[key].done:
             continue
-        ckpt = out_dir / f"checkpoint-{name}.pt" if out_dir is not None else None
+        ckpt = out_dir / f"checkpoint-{key.replace('/', '-')}.pt" if out_dir is not None else None
         resume = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
         done_before = resume["result"]["eval_steps"][-1] if resume else 0
-        bar = tqdm(total=steps, initial=done_before, desc=f"{name:<8}", disable=not progress or None, leave=True)
+        bar = tqdm(total=steps, initial=done_before, desc=f"{key:<8}", disable=not progress or None, leave=True)
 
         def tick(r: RunResult, bar: Any = bar) -> None:
             bar.update(1)
@@ -387,12 +398,12 @@ def run_comparison(
                 on_step(r)
 
         try:
-            results[name] = train_one(
+            results[key] = train_one(
                 task,
                 name,
                 steps=steps,
                 eval_every=eval_every,
-                seed=seed,
+                seed=run_seed,
                 lrs=lrs,
                 checkpoint=ckpt,
                 resume=resume,
@@ -402,7 +413,7 @@ def run_comparison(
         except KeyboardInterrupt:
             bar.close()
             if ckpt is not None and ckpt.exists():
-                results[name] = RunResult.from_dict(torch.load(ckpt, weights_only=False)["result"])
+                results[key] = RunResult.from_dict(torch.load(ckpt, weights_only=False)["result"])
             return results, True
         bar.close()
     return results, False

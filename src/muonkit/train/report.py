@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,47 +15,92 @@ from .loop import RunResult, steps_to_reach
 __all__ = ["comparison", "format_table", "load_results", "plot_results", "result_line", "write_results"]
 
 
-def comparison(results: dict[str, RunResult], against: str = "adamw", subject: str = "muon") -> dict[str, Any]:
-    """When ``subject`` first reaches ``against``'s final validation loss, in steps and wall-clock, and both final
-    validation losses (at equal steps)."""
-    if against not in results or subject not in results or not results[against].val_loss:
-        return {}
-    ref = results[against]
+def _by_seed(results: dict[str, RunResult], name: str) -> dict[str, RunResult]:
+    """``name``'s runs by seed label (``""`` for a single-seed comparison's one run; see ``loop.run_key``)."""
+    if name in results:
+        return {"": results[name]}
+    prefix = name + "/"
+    return {k[len(prefix) :]: r for k, r in results.items() if k.startswith(prefix)}
+
+
+def _pair(ref: RunResult, sub: RunResult) -> dict[str, Any]:
     target = ref.val_loss[-1]
-    step, wall = steps_to_reach(results[subject], target)
+    step, wall = steps_to_reach(sub, target)
     ref_steps, ref_wall = ref.eval_steps[-1], ref.eval_wall[-1]
     return {
         "target_val_loss": target,
-        "reference": against,
-        "subject": subject,
         "reference_steps": ref_steps,
         "reference_seconds": ref_wall,
         "subject_steps_to_target": step,
         "subject_seconds_to_target": wall,
         "step_ratio": step / ref_steps if step is not None and ref_steps else None,
         "time_ratio": wall / ref_wall if wall is not None and ref_wall else None,
-        "subject_final_val_loss": results[subject].val_loss[-1] if results[subject].val_loss else None,
-        "subject_final_step": results[subject].eval_steps[-1] if results[subject].eval_steps else None,
+        "subject_final_val_loss": sub.val_loss[-1] if sub.val_loss else None,
+        "subject_final_step": sub.eval_steps[-1] if sub.eval_steps else None,
     }
 
 
-def result_line(comp: dict[str, Any], seeds: int = 1) -> str:
+def comparison(results: dict[str, RunResult], against: str = "adamw", subject: str = "muon") -> dict[str, Any]:
+    """When ``subject`` first reaches ``against``'s final validation loss, in steps and wall-clock, and both final
+    validation losses (at equal steps). With several seeds each seed's runs are paired, and the means, standard
+    deviations (``*_std``) and ranges (``*_range``) over the seeds are given, with ``per_seed``."""
+    refs, subs = _by_seed(results, against), _by_seed(results, subject)
+    pairs = [_pair(refs[k], subs[k]) for k in refs if k in subs and refs[k].val_loss and subs[k].val_loss]
+    if not pairs:
+        return {}
+    head = {"reference": against, "subject": subject, "seeds": len(pairs)}
+    if len(pairs) == 1:
+        return {**head, **pairs[0]}
+    reached = [p for p in pairs if p["subject_steps_to_target"] is not None]
+    out: dict[str, Any] = {**head, "per_seed": pairs, "reached": len(reached)}
+    out["reference_steps"] = pairs[0]["reference_steps"]
+    out["subject_final_step"] = pairs[0]["subject_final_step"]
+    for key in ("target_val_loss", "subject_final_val_loss"):
+        values = [p[key] for p in pairs]
+        out[key], out[key + "_std"] = statistics.fmean(values), statistics.stdev(values)
+    for key in ("step_ratio", "time_ratio"):
+        values = [p[key] for p in reached if p[key] is not None]
+        out[key] = statistics.fmean(values) if values else None
+        out[key + "_range"] = [min(values), max(values)] if values else None
+    out["subject_steps_to_target"] = (
+        statistics.fmean(p["subject_steps_to_target"] for p in reached) if reached else None
+    )
+    return out
+
+
+def result_line(comp: dict[str, Any]) -> str:
     """The comparison in one honest sentence: both final validation losses at equal steps, then steps and
-    wall-clock to the reference's final validation loss (or that it was not reached), with the seed count."""
+    wall-clock to the reference's final validation loss (or that it was not reached), with the seed count (means,
+    standard deviations and ranges over the seeds where there are several)."""
     subject, ref = comp["subject"].replace("muon", "Muon"), comp["reference"].replace("adamw", "AdamW")
-    final = comp["subject_final_val_loss"]
-    text = f"{subject} vs {ref} ({seeds} seed{'s' if seeds != 1 else ''}): validation loss after "
-    text += f"{comp['reference_steps']} steps {final:.3f} vs {comp['target_val_loss']:.3f}"
+    seeds = comp.get("seeds", 1)
+    many = seeds > 1
+    loss = lambda key: f"{comp[key]:.3f}" + (f" ± {comp[key + '_std']:.3f}" if many else "")
+    text = f"{subject} vs {ref} ({seeds} seed{'s, mean ± sd' if many else ''}): validation loss after "
+    text += f"{comp['reference_steps']} steps {loss('subject_final_val_loss')} vs {loss('target_val_loss')}"
     if comp["subject_final_step"] != comp["reference_steps"]:
         text += f" (the {subject} run ended at step {comp['subject_final_step']})"
-    if comp["subject_steps_to_target"] is None:
-        return text + f"; {subject} did not reach {ref}'s final validation loss."
-    wall = f" and {comp['time_ratio']:.2f}x the wall-clock" if comp["time_ratio"] is not None else ""
-    return text + f"; {subject} reached {ref}'s final validation loss in {comp['step_ratio']:.2f}x the steps{wall}."
+    reached = comp.get("reached", 0 if comp["subject_steps_to_target"] is None else 1)
+    if reached == 0:
+        return text + f"; {subject} did not reach {ref}'s final validation loss{' in any seed' if many else ''}."
+    ratio = lambda key, what: (
+        f"{comp[key]:.2f}x {what}" + (f" ({comp[key + '_range'][0]:.2f}-{comp[key + '_range'][1]:.2f})" if many else "")
+    )
+    wall = f" and {ratio('time_ratio', 'the wall-clock')}" if comp["time_ratio"] is not None else ""
+    where = f" in {reached} of {seeds} seeds," if many else ""
+    return (
+        text + f"; {subject} reached {ref}'s final validation loss{where} in {ratio('step_ratio', 'the steps')}{wall}."
+    )
+
+
+def _reference(results: dict[str, RunResult], key: str) -> RunResult | None:
+    """The AdamW run a run is compared with: the one of the same seed (``loop.run_key``), if it has evaluations."""
+    _, slash, seed = key.partition("/")
+    ref = results.get("adamw" + slash + seed)
+    return ref if ref is not None and ref.val_loss else None
 
 
 def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
-    target = results["adamw"].val_loss[-1] if "adamw" in results and results["adamw"].val_loss else None
     has_acc = any("val_acc" in r.metrics for r in results.values())
     cols = ["optimizer", "lr", "steps", "train loss", "val loss"]
     cols += ["val acc"] if has_acc else []
@@ -67,9 +113,9 @@ def format_table(results: dict[str, RunResult], unit: str = "tok") -> str:
         if has_acc:
             row.append(f"{100 * r.metrics['val_acc'][-1]:.1f}%" if "val_acc" in r.metrics else "-")
         reach_steps = reach_time = "-"
-        if target is not None and name != "adamw":
-            step, wall = steps_to_reach(r, target)
-            ref = results["adamw"]
+        ref = _reference(results, name)
+        if ref is not None and ref is not r:
+            step, wall = steps_to_reach(r, ref.val_loss[-1])
             if step is None or wall is None:
                 reach_steps = reach_time = "not reached"
             else:
