@@ -194,8 +194,9 @@ def test_text_corpus_short_split_rejected_by_task(tmp_path):
     corpus = text_corpus(path)
     with pytest.raises(ValueError, match="too short"):
         LMTask(corpus, SIZES["large"])  # context 512 > 500-byte validation split
-    with pytest.raises(CorpusError):
-        text_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="no such file"):
+        text_corpus(tmp_path / "missing.txt")
+    assert text_corpus(tmp_path).sources == (str(path),)  # a directory: its files
 
 
 def test_digits_task_learns():

@@ -107,14 +107,30 @@ def _recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return Recipe(**given).to_dict()
 
 
+def _steps_for_tokens(args: argparse.Namespace, task: str, size: str) -> int | None:
+    """``--tokens N`` as a number of steps: the fewest that train on at least N tokens (batch x context each)."""
+    if args.tokens is None:
+        return None
+    if task != "lm":
+        raise UsageError("--tokens applies to the language-model task only")
+    if args.steps is not None:
+        raise UsageError("give --steps or --tokens, not both")
+    from .train import SIZES
+
+    if size not in SIZES:
+        raise UsageError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    return max(1, math.ceil(args.tokens / ((args.batch_size or 16) * SIZES[size].ctx)))
+
+
 def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
     quick = QUICK[task] if args.quick else {}
-    steps = args.steps or quick.get("steps") or DEFAULT_STEPS[task]
+    size = quick.get("size", args.size or "small")
+    steps = _steps_for_tokens(args, task, size) or args.steps or quick.get("steps") or DEFAULT_STEPS[task]
     return {
         "command": args.command,
         "task": task,
         "data": str(Path(args.data).resolve()) if getattr(args, "data", None) else None,
-        "size": quick.get("size", args.size or "small"),
+        "size": size,
         "steps": steps,
         "eval_every": args.eval_every or quick.get("eval_every") or max(1, steps // 30),
         "batch_size": args.batch_size,
@@ -162,11 +178,30 @@ def _describe(config: dict[str, Any], task: Any) -> str:
             f"{config['steps']} steps per optimizer, batch {task.batch_size}, {_seeds(config)}"
         )
     cfg = task.cfg
-    where = config["data"] or f"{len(task.corpus.sources)} standard-library modules"
+    files = len(task.corpus.sources)
+    where = config["data"] or f"{files} standard-library modules"
+    where += f" ({files} files)" if config["data"] and files > 1 else ""
     return (
         f"byte-level GPT ({cfg.n_layer} layers, width {cfg.d_model}, context {cfg.ctx}) on {where} "
         f"({task.corpus.n_tokens:,} bytes); {config['steps']} steps per optimizer, batch {task.batch_size}, "
         f"{_seeds(config)}, device {config['device']}"
+    )
+
+
+def _repeats_warning(config: dict[str, Any], task: Any) -> str | None:
+    """A warning when a language-model run trains on more tokens than its training text holds: it then sees the
+    text several times and its validation loss can turn up (memorisation), which a comparison should not read as
+    an optimizer's doing."""
+    if config["task"] != "lm":
+        return None
+    trained = config["steps"] * task.batch_size * task.cfg.ctx
+    held = task.corpus.train.numel()
+    if trained <= held:
+        return None
+    return (
+        f"warning: each optimizer trains on {trained:,} tokens, {trained / held:.1f}x the {held:,} bytes of training "
+        "text: it will see the text more than once and may memorise it (validation loss turning up). Give more "
+        "text with --data DIR or a glob, or fewer steps (--steps, --tokens)."
     )
 
 
@@ -181,6 +216,9 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     recipe = Recipe.from_dict(config["recipe"]) if config.get("recipe") is not None else None
     recipe_line = recipe.describe(config["steps"], config["optimizers"]) if recipe else "lr: constant; no weight decay"
     print(f"muonkit {config['command']}: {_describe(config, task)}\n{recipe_line}")
+    warning = _repeats_warning(config, task)
+    if warning:
+        print(warning)
     config = {**config, "task_details": task.describe()}
     write_results(out_dir, previous or {}, config, interrupted=True)  # so that --resume works from the start
     results, interrupted = run_comparison(
@@ -220,7 +258,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
 # flags a resumed run takes from its saved config: given with --resume, they must agree with it
 _RUN_FLAGS = {"optimizers": "optimizers", "steps": "steps", "size": "size", "batch_size": "batch_size",
               "eval_every": "eval_every", "lr": "lrs", "seed": "seed", "seeds": "seeds", "device": "device",
-              "data": "data", "task": "task", "quick": None}  # fmt: skip
+              "data": "data", "task": "task", "quick": None, "tokens": None}  # fmt: skip
 
 
 def _run_files(out_dir: Path) -> list[Path]:
@@ -288,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
         config.pop("task_details", None)
         return _compare(config, out_dir, previous, not args.no_progress)
     if args.command == "train" and not args.data:
-        raise UsageError("train needs --data FILE (a UTF-8 text file) or --resume DIR")
+        raise UsageError("train needs --data PATH (a UTF-8 text file, a directory or a glob) or --resume DIR")
     config = _config_from_args(args, getattr(args, "task", "lm") or "lm")
     out_dir = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out_dir.exists() and not out_dir.is_dir():
@@ -318,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--optimizers", default=None, help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon"
         )
         p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
+        p.add_argument("--tokens", type=_POSITIVE, default=None, metavar="N",
+                       help="train each optimizer on N tokens (sets the steps: batch size x context each)")  # fmt: skip
         p.add_argument("--size", default=None, help="GPT size: tiny, small (default), medium, large")
         p.add_argument("--batch-size", type=_POSITIVE, default=None)
         p.add_argument("--eval-every", type=_POSITIVE, default=None)
@@ -346,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Muon vs AdamW on built-in data (standard-library text or 8x8 digits)")
     demo.add_argument("--task", default=None, choices=["lm", "digits"], help="default lm")
     common(demo)
-    train = sub.add_parser("train", help="Muon vs AdamW on your own UTF-8 text file")
-    train.add_argument("--data", default=None, metavar="FILE")
+    train = sub.add_parser("train", help="Muon vs AdamW on your own UTF-8 text (a file, a directory or a glob)")
+    train.add_argument("--data", default=None, metavar="PATH",
+                       help="a UTF-8 text file, a directory of them, or a glob such as 'books/**/*.txt'")  # fmt: skip
     common(train)
 
     from .commands import coeffs, describe, theory

@@ -8,6 +8,7 @@ depend on the Python version (3.11.7 here gives 910,913 bytes); within one inter
 from __future__ import annotations
 
 import codecs
+import glob
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["STDLIB_FILES", "Corpus", "CorpusError", "builtin_corpus", "sample_batch", "text_corpus"]
+__all__ = ["STDLIB_FILES", "Corpus", "CorpusError", "builtin_corpus", "sample_batch", "text_corpus", "text_files"]
 
 STDLIB_FILES = (
     "textwrap.py", "string.py", "difflib.py", "argparse.py", "fractions.py", "heapq.py", "bisect.py",
@@ -64,9 +65,58 @@ def builtin_corpus(files: tuple[str, ...] = STDLIB_FILES, val_fraction: float = 
     return Corpus(train, val, tuple(str(root / f) for f in files))
 
 
+def text_files(spec: str | Path) -> list[Path]:
+    """The files ``--data`` names: one file, every regular file under a directory (hidden ones left out), or
+    the files a glob pattern matches (``**`` crosses directories); sorted, so the corpus is the same each time."""
+    text = str(spec)
+    if any(c in text for c in "*?["):
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not found:
+            raise CorpusError(f"{text}: the pattern matches no file")
+        return found
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(
+            f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not found:
+            raise CorpusError(f"{p}: the directory holds no file")
+        return found
+    return [p]
+
+
 def text_corpus(path: str | Path, val_fraction: float = 0.1, min_tokens: int = 4096) -> Corpus:
-    """A user's UTF-8 text file as a corpus; ``CorpusError`` with a one-line reason if unusable."""
-    p = Path(path)
+    """A user's UTF-8 text as a corpus: a file, a directory or a glob pattern (``text_files``); each file gives its
+    first ``1 - val_fraction`` to training and the rest to validation. ``CorpusError`` with a one-line reason
+    naming the file if one is unusable (missing, binary, not UTF-8) or the whole is too short."""
+    files = text_files(path)
+    if len(files) == 1:
+        return _one_file(files[0], val_fraction, min_tokens)
+    texts = []
+    for f in files:
+        data = _read_text(f)
+        if data:
+            texts.append(bytes(data))
+    total = sum(len(t) for t in texts)
+    if total < min_tokens:
+        raise CorpusError(f"{path}: too short ({total} bytes in {len(files)} files); need at least {min_tokens}")
+    train, val = _split(texts, val_fraction)
+    return Corpus(train, val, tuple(str(f) for f in files))
+
+
+def _one_file(p: Path, val_fraction: float, min_tokens: int) -> Corpus:
+    data = _read_text(p)
+    if not data:
+        raise CorpusError(f"{p}: the file is empty")
+    if len(data) < min_tokens:
+        raise CorpusError(f"{p}: too short ({len(data)} bytes); need at least {min_tokens} bytes of text")
+    ids = torch.frombuffer(data, dtype=torch.uint8)
+    cut = int(len(data) * (1 - val_fraction))
+    return Corpus(ids[:cut], ids[cut:], (str(p),))
+
+
+def _read_text(p: Path) -> bytearray:
+    """The bytes of UTF-8 text file ``p`` (empty for an empty or all-whitespace file); ``CorpusError`` otherwise."""
     if not p.exists():
         raise CorpusError(f"{p}: no such file")
     if not p.is_file():
@@ -77,15 +127,13 @@ def text_corpus(path: str | Path, val_fraction: float = 0.1, min_tokens: int = 4
         got = f.readinto(data)
     del data[got:]
     if not data or data.isspace():
-        raise CorpusError(f"{p}: the file is empty")
+        return bytearray()
     if b"\x00" in data[:65536]:
-        raise CorpusError(f"{p}: looks binary (contains NUL bytes); give a UTF-8 text file")
+        raise CorpusError(
+            f"{p}: looks binary (contains NUL bytes); give UTF-8 text files (a glob such as 'DIR/**/*.txt')"
+        )
     _check_utf8(p, data)
-    if len(data) < min_tokens:
-        raise CorpusError(f"{p}: too short ({len(data)} bytes); need at least {min_tokens} bytes of text")
-    ids = torch.frombuffer(data, dtype=torch.uint8)
-    cut = int(len(data) * (1 - val_fraction))
-    return Corpus(ids[:cut], ids[cut:], (str(p),))
+    return data
 
 
 def _check_utf8(p: Path, data: bytearray, chunk: int = 1 << 24) -> None:
