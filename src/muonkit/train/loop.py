@@ -35,25 +35,32 @@ __all__ = [
 
 OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon")
 
-# Learning rates, each the best of a small sweep with benchmarks/lr_sweep.py (JSON with the hardware in
+# Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
-#   lm-small  (2-core CPU, torch 2.13; 300 steps, batch 16 x 128 bytes): adamw in {2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3}
-#             -> 1e-3; muon in {0.01, 0.02, 0.04, 0.08} with its AdamW part at 1e-3 -> 0.02;
-#             sgd (Nesterov, momentum 0.9) in {0.003, 0.01, 0.03, 0.1, 0.3, 1.0} -> 0.01 (0.03 within 0.003).
-#   lm-medium (H100, torch 2.11; 500 steps, batch 32 x 256): adamw -> 5e-4, muon -> 0.02 (same grids).
-#   lm-large  (H100, torch 2.11; 300 steps, batch 32 x 512): adamw in {2.5e-4, 5e-4, 1e-3} -> 2.5e-4 (grid
-#             edge), muon in {0.01, 0.02, 0.04} -> 0.02.
+#   lm-small  (2-core CPU, torch 2.13; 300 steps, batch 16 x 128 bytes; under the demo's recipe: warmup, cosine,
+#             weight decay, clipping; lr_sweep_lm_small_recipe_cpu.json): adamw in {2.5e-4, 5e-4, 1e-3, 2e-3,
+#             4e-3} -> 2e-3 (2.209; 4e-3: 2.212); muon in {0.005, 0.01, 0.02, 0.04, 0.08} with its AdamW part at
+#             2e-3 -> 0.04 (1.634; 0.02: 1.654). sgd (Nesterov, momentum 0.9; swept at constant lr without weight
+#             decay or clipping) in {0.003 .. 1.0} -> 0.01.
+#   lm-medium (H100, torch 2.11; 500 steps, batch 32 x 256; constant lr, no weight decay or clipping):
+#             adamw -> 5e-4, muon -> 0.02. Not swept under the recipe.
+#   lm-large  (H100, torch 2.11; 300 steps, batch 32 x 512; constant lr): adamw in {2.5e-4, 5e-4, 1e-3} ->
+#             2.5e-4 (grid edge), muon in {0.01, 0.02, 0.04} -> 0.02. Not swept under the recipe.
 #   lm-tiny   not swept (used by quick runs and tests): lm-small's values.
-#   digits    (2-core CPU; 300 steps, batch 64): adamw in {2.5e-4 .. 1.6e-2} -> 8e-3; muon in
-#             {0.0025 .. 0.08} with its AdamW part at 8e-3 -> 0.005; sgd in {0.03 .. 1.0} -> 0.1.
+#   digits    (2-core CPU; 300 steps, batch 64; constant lr): adamw in {2.5e-4 .. 1.6e-2} -> 8e-3; muon in
+#             {0.0025 .. 0.08} with its AdamW part at 8e-3 -> 0.005; sgd in {0.03 .. 1.0} -> 0.1. Under the recipe
+#             (lr_sweep_digits_recipe_cpu_*.json) AdamW's best was 0.064 of {0.004 .. 0.128}, but Muon's result
+#             depended on its AdamW part's lr (best 0.02 with it at 0.032, 0.005 at the grid edge with it at 0.064):
+#             the constant-lr values stay until both are swept together.
 # muon_svd and torch_muon use Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS with the
 # same shape scale); sgd outside lm-small and digits is not swept and uses lm-small's value.
-_SMALL = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "adamw": 1e-3, "sgd": 0.01}
+_SMALL = {"muon": 0.04, "muon_svd": 0.04, "torch_muon": 0.04, "adamw": 2e-3, "sgd": 0.01}
+_GPU = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "lm-tiny": _SMALL,
     "lm-small": _SMALL,
-    "lm-medium": {**_SMALL, "adamw": 5e-4},
-    "lm-large": {**_SMALL, "adamw": 2.5e-4},
+    "lm-medium": {**_GPU, "adamw": 5e-4},
+    "lm-large": {**_GPU, "adamw": 2.5e-4},
     "digits": {"muon": 0.005, "muon_svd": 0.005, "torch_muon": 0.005, "adamw": 8e-3, "sgd": 0.1},
 }
 
