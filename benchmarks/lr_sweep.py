@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 
-from muonkit.train import SIZES, DigitsTask, LMTask, builtin_corpus, train_one
+from muonkit.train import SIZES, DigitsTask, LMTask, builtin_corpus, text_corpus, train_one
 from muonkit.train import loop as loop_mod
 from muonkit.train.recipe import Recipe
 from muonkit.train.report import environment
@@ -41,6 +41,7 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--recipe", default="default", choices=["default", "none"])
+    ap.add_argument("--data", default=None, help="LM text: a file, a directory or a glob (default: built-in)")
     ap.add_argument("--out", default="lr_sweep.json")
     ap.add_argument("--grid", action="append", default=[], metavar="NAME=LR1,LR2", help="replace a grid")
     args = ap.parse_args()
@@ -48,9 +49,8 @@ def main() -> None:
         name, _, values = item.partition("=")
         GRID[name] = [float(v) for v in values.split(",")]
     if args.task == "lm":
-        task = LMTask(
-            builtin_corpus(), SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size
-        )
+        corpus = text_corpus(args.data) if args.data else builtin_corpus()
+        task = LMTask(corpus, SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size)
     else:
         task = DigitsTask(batch_size=args.batch_size or 64, device=args.device)
     recipe = Recipe() if args.recipe == "default" else None
@@ -82,6 +82,8 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": task.batch_size,
         "adamw_part_lr": part_lr or loop_mod.resolve_lrs(task.lr_key)["adamw"],
+        "data": args.data,
+        "tokens": task.corpus.n_tokens if args.task == "lm" else None,
         "recipe": recipe.to_dict() if recipe else None,
         "best_on_grid_edge": edges,
         **environment(args.device),
