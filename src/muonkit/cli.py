@@ -139,6 +139,7 @@ def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "recipe": _recipe_from_args(args),
         "seed": 0 if args.seed is None else args.seed,
         "seeds": args.seeds or 1,
+        "sweep": bool(args.sweep),
         "device": _check_device(args.device or "cpu"),
     }
 
@@ -205,6 +206,26 @@ def _repeats_warning(config: dict[str, Any], task: Any) -> str | None:
     )
 
 
+def _sweep(config: dict[str, Any], task: Any, recipe: Any, progress: bool) -> dict[str, Any]:
+    """``--sweep``: the learning rates the sweep chose (``train.sweep``) put into the config, with its results."""
+    from .train.sweep import FACTORS, on_edge, sweep_lrs
+
+    names = list(config["optimizers"])
+    print(f"sweeping learning rates: each optimizer at {', '.join(f'{f:g}x' for f in FACTORS)} its lr, "
+          f"{config['steps']} steps, seed {config['seed']} (more where the best is on an edge)")  # fmt: skip
+    report = (
+        (lambda n, lr, loss: print(f"  {n:<10} lr {lr:<9.3g} val loss {loss:.4f}", flush=True)) if progress else None
+    )
+    chosen, table = sweep_lrs(
+        task, names, steps=config["steps"], seed=config["seed"], lrs=config["lrs"], recipe=recipe, on_run=report
+    )
+    edges = [n for n, rows in table.items() if on_edge(rows)]
+    print("chosen: " + ", ".join(f"{n} {lr:.3g}" for n, lr in chosen.items()))
+    if edges:
+        print(f"warning: the best lr of {', '.join(edges)} is still on the edge of what was tried")
+    return {**config, "lrs": {**config["lrs"], **chosen}, "sweep_results": table}
+
+
 def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progress: bool, task: Any = None) -> int:
     from .train import run_comparison
     from .train.recipe import Recipe
@@ -219,6 +240,8 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
     warning = _repeats_warning(config, task)
     if warning:
         print(warning)
+    if config.get("sweep") and "sweep_results" not in config:  # a resumed run keeps the lrs its sweep chose
+        config = _sweep(config, task, recipe, progress)
     config = {**config, "task_details": task.describe()}
     write_results(out_dir, previous or {}, config, interrupted=True)  # so that --resume works from the start
     results, interrupted = run_comparison(
@@ -258,7 +281,7 @@ def _compare(config: dict[str, Any], out_dir: Path, previous: dict | None, progr
 # flags a resumed run takes from its saved config: given with --resume, they must agree with it
 _RUN_FLAGS = {"optimizers": "optimizers", "steps": "steps", "size": "size", "batch_size": "batch_size",
               "eval_every": "eval_every", "lr": "lrs", "seed": "seed", "seeds": "seeds", "device": "device",
-              "data": "data", "task": "task", "quick": None, "tokens": None}  # fmt: skip
+              "data": "data", "task": "task", "quick": None, "tokens": None, "sweep": "sweep"}  # fmt: skip
 
 
 def _run_files(out_dir: Path) -> list[Path]:
@@ -379,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>/)")
         p.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
         p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+        p.add_argument("--sweep", action="store_true",
+                       help="first sweep each optimizer's lr on this task (0.5x, 1x, 2x, widened past an edge) and "
+                       "compare at the best")  # fmt: skip
         p.add_argument("--quick", action="store_true", help="a few seconds: tiny model, few steps")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_run)
