@@ -26,7 +26,7 @@ from torch import nn
 import stage_examples
 from muonkit import Muon
 from muonkit.coefficients import get
-from muonkit.optim import functional, plans
+from muonkit.optim import functional, pipeline, plans
 from muonkit.reference import muon_reference_step
 
 SHAPES = [(6, 4), (4, 6), (5, 5), (8, 3), (6, 4)]
@@ -81,7 +81,7 @@ def _run(path: str, params: list[torch.Tensor], kw: dict, monkeypatch) -> list[t
         for t in range(STEPS):
             functional.muon_step(ps, [g.to(device, dtype) for g in _grads(SHAPES, t)], bufs, **opts)
         if fused_path:  # the fused path really ran, where every stage has a fused form
-            assert len(ran) == (0 if "postscale" in kw else STEPS)
+            assert len(ran) == (STEPS if pipeline.fused_stages(kw) else 0)
         return [p.double().cpu() for p in ps]
     if path == "executor":
         from muonkit.distributed import ReplicatedExecutor
@@ -115,8 +115,9 @@ def _run(path: str, params: list[torch.Tensor], kw: dict, monkeypatch) -> list[t
         dict(lr=0.05, momentum=0.95, nesterov=False, weight_decay=0.0, adjust_lr="match_rms_adamw"),
         dict(lr=0.02, momentum=0.5, nesterov=True, weight_decay=0.01, adjust_lr=None),
         dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.5, adjust_lr="original", **stage_examples.NAMES),
+        dict(lr=0.03, momentum=0.9, nesterov=True, weight_decay=0.5, adjust_lr="original", update="cautious"),
     ],
-    ids=["nesterov-decay", "plain-rms", "no-scale", "added-stages"],
+    ids=["nesterov-decay", "plain-rms", "no-scale", "added-stages", "cautious-decay"],
 )
 def test_every_step_path_equals_the_reference(path, kw, one_rank, monkeypatch):
     gen = torch.Generator().manual_seed(7)
@@ -125,8 +126,8 @@ def test_every_step_path_equals_the_reference(path, kw, one_rank, monkeypatch):
     bufs = [torch.zeros_like(p) for p in ref]
     rows = get("jordan").schedule(5)
     ref_kw = {k: v for k, v in kw.items() if k not in ("adjust_lr", *stage_examples.NAMES)}
-    if "postscale" in kw:
-        ref_kw.update(stage_examples.references())
+    stage_examples.register()
+    ref_kw.update({slot: pipeline.get_stage(slot, kw[slot]).reference for slot in stage_examples.NAMES if slot in kw})
     for t in range(STEPS):
         muon_reference_step(ref, _grads(SHAPES, t), bufs, **ref_kw, rows=rows, adjust=kw["adjust_lr"])
     got = _run(path, params, kw, monkeypatch)

@@ -125,3 +125,25 @@ def test_a_state_dict_naming_a_stage_this_process_lacks_is_refused_whole():
         opt.load_state_dict(sd)
     assert opt.param_groups[1]["postscale"] == stage_examples.POSTSCALE
     assert all(torch.equal(opt.state_dict()["state"][2][k], v) for k, v in before.items())
+
+
+def test_cautious_weight_decay_decays_only_where_update_and_weight_agree_in_sign():
+    """The built-in ``update="cautious"`` stage (arXiv 2510.12402, Algorithm 1) against its entrywise reference,
+    and against plain decoupled decay on the entries where the signs agree."""
+    stage = pipeline.get_stage("update", "cautious")
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    updates = [0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    updates[0][0, 0] = 0.0  # a zero update decays (u x >= 0)
+    fast, ref = [p.clone() for p in params], [p.clone() for p in params]
+    given = [u.clone() for u in updates]
+    stage.fast(fast, updates, 0.1, 0.5)
+    assert all(torch.equal(u, g) for u, g in zip(updates, given))  # the updates are left as they were
+    for p, u in zip(ref, updates):
+        stage.reference(p, u, 0.1, 0.5)
+    for f, r, p, u in zip(fast, ref, params, updates):
+        torch.testing.assert_close(f, r, rtol=0, atol=1e-15)
+        agree = u * p >= 0
+        torch.testing.assert_close(f[agree], (p * (1 - 0.05) - u)[agree], rtol=0, atol=1e-15)
+        torch.testing.assert_close(f[~agree], (p - u)[~agree], rtol=0, atol=1e-15)
+    assert fast[0][0, 0] == pytest.approx(float(params[0][0, 0]) * 0.95, abs=1e-15)  # decayed, nothing subtracted

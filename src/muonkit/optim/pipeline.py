@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SLOTS", "Stage", "apply_update", "get_stage", "register", "stage_names", "unregister"]
+__all__ = ["SLOTS", "Stage", "apply_update", "cautious_update", "get_stage", "register", "stage_names", "unregister"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,39 @@ _DEFAULTS = (
         fused=True,
     ),
 )
+
+
+def cautious_update(params: Sequence[Tensor], updates: Sequence[Tensor], lr: float, weight_decay: float) -> None:
+    """Cautious weight decay: ``p <- p - lr wd [u p >= 0] p - u``, the decay only on the entries where the update
+    ``u`` and the weight have the same sign (or either is 0)."""
+    ups = [u.to(p.dtype) for u, p in zip(updates, params)]  # may be the caller's tensors: not changed in place
+    if weight_decay != 0:
+        kept = [torch.where(u * p >= 0, p, torch.zeros_like(p)) for u, p in zip(ups, params)]
+        ups = torch._foreach_add(ups, kept, alpha=lr * weight_decay)
+    torch._foreach_sub_(list(params), ups)
+
+
+def _cautious_reference(p: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
+    flat, u = p.view(-1), update.to(p.dtype).reshape(-1)
+    for i in range(flat.numel()):
+        x, step = float(flat[i]), float(u[i])
+        flat[i] = x - (lr * weight_decay * x if step * x >= 0 else 0.0) - step
+
+
+_BUILT_IN = (
+    Stage(
+        "update",
+        "cautious",
+        cautious_update,
+        _cautious_reference,
+        "Cautious Weight Decay (Chen et al. 2025, arXiv 2510.12402, Algorithm 1): "
+        "x <- x - lr (u + wd [u x >= 0] x), entrywise; no new hyper-parameter",
+    ),
+)
 SLOTS: dict[str, str] = {s.slot: s.name for s in _DEFAULTS}  # slot -> its default stage's name
 _REGISTRY: dict[str, dict[str, Stage]] = {s.slot: {s.name: s} for s in _DEFAULTS}
+for _stage in _BUILT_IN:
+    _REGISTRY[_stage.slot][_stage.name] = _stage
 
 
 def register(stage: Stage) -> Stage:
