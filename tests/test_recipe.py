@@ -63,6 +63,9 @@ def test_each_optimizer_gets_its_own_standard_weight_decay():
     assert decayed == {id(p) for p in model.parameters() if p.ndim >= 2}  # gains and biases undecayed
     muon = make_optimizer("muon", model, {"muon": 0.02, "adamw": 1e-3}, weight_decay=0.01)
     assert isinstance(muon, Muon) and {g["weight_decay"] for g in muon.param_groups} == {0.01}
+    cwd = make_optimizer("muon_cwd", model, {"muon_cwd": 0.02, "adamw": 1e-3}, weight_decay=0.01)
+    assert {g["update"] for g in cwd.param_groups if g["algorithm"] == "muon"} == {"cautious"}
+    assert r.decay_for("muon_cwd") == 0.01
 
 
 def test_a_run_follows_the_schedule_and_clips(task, monkeypatch):

@@ -1,7 +1,16 @@
 """Built-in training tasks for the demo: byte-level GPT on standard-library text, CNN on 8x8 digits."""
 
 from .corpus import Corpus, CorpusError, builtin_corpus, text_corpus
-from .loop import DEFAULT_LR, OPTIMIZERS, RunResult, make_optimizer, run_comparison, steps_to_reach, train_one
+from .loop import (
+    DEFAULT_LR,
+    OPTIMIZERS,
+    RunResult,
+    make_optimizer,
+    run_comparison,
+    run_key,
+    steps_to_reach,
+    train_one,
+)
 from .model import GPT, SIZES, GPTConfig
 from .tasks import DigitsCNN, DigitsTask, LMTask, Task
 
@@ -21,6 +30,7 @@ __all__ = [
     "builtin_corpus",
     "make_optimizer",
     "run_comparison",
+    "run_key",
     "steps_to_reach",
     "text_corpus",
     "train_one",

@@ -33,7 +33,7 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon")
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd")
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -52,16 +52,17 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon")
 #             (lr_sweep_digits_recipe_cpu_*.json) AdamW's best was 0.064 of {0.004 .. 0.128}, but Muon's result
 #             depended on its AdamW part's lr (best 0.02 with it at 0.032, 0.005 at the grid edge with it at 0.064):
 #             the constant-lr values stay until both are swept together.
-# muon_svd and torch_muon use Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS with the
-# same shape scale); sgd outside lm-small and digits is not swept and uses lm-small's value.
-_SMALL = {"muon": 0.04, "muon_svd": 0.04, "torch_muon": 0.04, "adamw": 2e-3, "sgd": 0.01}
-_GPU = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "sgd": 0.01}
+# muon_svd, torch_muon and muon_cwd use Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS
+# with the same shape scale; Muon with cautious decay); sgd outside lm-small and digits is not swept and uses
+# lm-small's value.
+_SMALL = {"muon": 0.04, "muon_svd": 0.04, "torch_muon": 0.04, "muon_cwd": 0.04, "adamw": 2e-3, "sgd": 0.01}
+_GPU = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "muon_cwd": 0.02, "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "lm-tiny": _SMALL,
     "lm-small": _SMALL,
     "lm-medium": {**_GPU, "adamw": 5e-4},
     "lm-large": {**_GPU, "adamw": 2.5e-4},
-    "digits": {"muon": 0.005, "muon_svd": 0.005, "torch_muon": 0.005, "adamw": 8e-3, "sgd": 0.1},
+    "digits": {"muon": 0.005, "muon_svd": 0.005, "torch_muon": 0.005, "muon_cwd": 0.005, "adamw": 8e-3, "sgd": 0.1},
 }
 
 
@@ -84,12 +85,12 @@ def make_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
-    if name in ("muon", "muon_svd"):
+    if name in ("muon", "muon_svd", "muon_cwd"):
         groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
-        return Muon(
-            groups, lr=lr, method=method, weight_decay=weight_decay, adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95)
-        )
+        update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
+        return Muon(groups, lr=lr, method=method, update=update, weight_decay=weight_decay, adamw_lr=lrs["adamw"],
+                    adamw_betas=(0.9, 0.95))  # fmt: skip
     if name == "torch_muon":
         return _torch_muon(model, lr, lrs["adamw"], weight_decay)
     if name == "adamw":
