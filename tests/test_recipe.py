@@ -66,6 +66,9 @@ def test_each_optimizer_gets_its_own_standard_weight_decay():
     cwd = make_optimizer("muon_cwd", model, {"muon_cwd": 0.02, "adamw": 1e-3}, weight_decay=0.01)
     assert {g["update"] for g in cwd.param_groups if g["algorithm"] == "muon"} == {"cautious"}
     assert r.decay_for("muon_cwd") == 0.01
+    heads = make_optimizer("muon_heads", model, {"muon_heads": 0.02, "adamw": 1e-3}, split_qkv=True)
+    splits = {n: g["split"] for g in heads.param_groups for n in g.get("param_names", ()) if g["algorithm"] == "muon"}
+    assert splits["blocks.0.attn.qkv.weight"] == 3 * TINY.n_head  # q, k, v of each head: its own NS
 
 
 def test_a_run_follows_the_schedule_and_clips(task, monkeypatch):

@@ -123,6 +123,8 @@ def _steps_for_tokens(args: argparse.Namespace, task: str, size: str) -> int | N
 
 
 def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    if task == "digits" and "muon_heads" in (args.optimizers or ""):
+        raise UsageError("muon_heads orthogonalizes attention heads: the language-model task only")
     quick = QUICK[task] if args.quick else {}
     size = quick.get("size", args.size or "small")
     steps = _steps_for_tokens(args, task, size) or args.steps or quick.get("steps") or DEFAULT_STEPS[task]

@@ -33,7 +33,7 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd")
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads")
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -52,17 +52,18 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd")
 #             (lr_sweep_digits_recipe_cpu_*.json) AdamW's best was 0.064 of {0.004 .. 0.128}, but Muon's result
 #             depended on its AdamW part's lr (best 0.02 with it at 0.032, 0.005 at the grid edge with it at 0.064):
 #             the constant-lr values stay until both are swept together.
-# muon_svd, torch_muon and muon_cwd use Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS
-# with the same shape scale; Muon with cautious decay); sgd outside lm-small and digits is not swept and uses
-# lm-small's value.
-_SMALL = {"muon": 0.04, "muon_svd": 0.04, "torch_muon": 0.04, "muon_cwd": 0.04, "adamw": 2e-3, "sgd": 0.01}
-_GPU = {"muon": 0.02, "muon_svd": 0.02, "torch_muon": 0.02, "muon_cwd": 0.02, "sgd": 0.01}
+# muon_svd, torch_muon, muon_cwd and muon_heads use Muon's lr (the same update norm: exact polar factor;
+# torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per attention head); sgd outside
+# lm-small and digits is not swept and uses lm-small's value.
+_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads")
+_SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
+_GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "lm-tiny": _SMALL,
     "lm-small": _SMALL,
     "lm-medium": {**_GPU, "adamw": 5e-4},
     "lm-large": {**_GPU, "adamw": 2.5e-4},
-    "digits": {"muon": 0.005, "muon_svd": 0.005, "torch_muon": 0.005, "muon_cwd": 0.005, "adamw": 8e-3, "sgd": 0.1},
+    "digits": {**dict.fromkeys(_MUONS, 0.005), "adamw": 8e-3, "sgd": 0.1},
 }
 
 
@@ -85,8 +86,9 @@ def make_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
-    if name in ("muon", "muon_svd", "muon_cwd"):
-        groups = param_groups(model, split={"*.qkv.weight": 3} if split_qkv else None)
+    if name in ("muon", "muon_svd", "muon_cwd", "muon_heads"):
+        parts = _heads(model) if name == "muon_heads" else 3  # muon_heads: q, k and v of every head on its own
+        groups = param_groups(model, split={"*.qkv.weight": parts} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
         update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
         return Muon(groups, lr=lr, method=method, update=update, weight_decay=weight_decay, adamw_lr=lrs["adamw"],
@@ -102,6 +104,14 @@ def make_optimizer(
             ]
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def _heads(model: nn.Module) -> int:
+    """``3 x`` the attention heads of ``model`` (the fused QKV rows: q, k, v, each ``heads x head_dim``)."""
+    heads = {m.n_head for m in model.modules() if isinstance(getattr(m, "n_head", None), int)}
+    if len(heads) != 1:
+        raise ValueError("muon_heads needs a model whose attention layers share one head count (the demo's GPT)")
+    return 3 * heads.pop()
 
 
 class Combined(torch.optim.Optimizer):

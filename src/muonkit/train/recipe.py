@@ -5,9 +5,8 @@ run: linear warmup then cosine decay to a floor (the GPT-3 / nanoGPT schedule), 
 weight decay; gradient clipping at norm 1. Weight decay follows each optimizer's own standard:
 
 - AdamW: 0.1 on every parameter with two or more dimensions, none on gains and biases (GPT-3, nanoGPT);
-- Muon (and exact-polar Muon, cautious-decay Muon, torch.optim.Muon): 0.01 on every parameter, its AdamW part included,
-  as in the usage example of KellerJordan/Muon (``lr=0.02, weight_decay=0.01`` for the hidden matrices, 0.01 for the
-  rest);
+- Muon (and its variants, torch.optim.Muon): 0.01 on every parameter, its AdamW part included, as in the usage example
+  of KellerJordan/Muon (``lr=0.02, weight_decay=0.01`` for the hidden matrices, 0.01 for the rest);
 - SGD (Nesterov): none.
 
 The schedule is a function of the step alone (``lr_factor``), so a resumed run continues on the same schedule with no
@@ -29,6 +28,7 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "muon": 0.01,
     "muon_svd": 0.01,
     "muon_cwd": 0.01,
+    "muon_heads": 0.01,
     "torch_muon": 0.01,
     "adamw": 0.1,
     "sgd": 0.0,
