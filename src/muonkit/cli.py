@@ -84,8 +84,8 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
     return _parse_named(items, "--lr", "a learning rate")
 
 
-# flags that set the training recipe (``train.recipe.Recipe``) -> its field; how a given flag is stored there
-_RECIPE_FLAGS = {"schedule": "schedule", "warmup": "warmup", "weight_decay": "weight_decay", "clip": "clip"}
+# flags that set the training recipe, each named as the ``train.recipe.Recipe`` field it sets
+_RECIPE_FLAGS = ("schedule", "warmup", "weight_decay", "clip")
 
 
 def _recipe_value(flag: str, given: Any) -> Any:
@@ -100,8 +100,8 @@ def _recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from .train.recipe import Recipe
 
     given = {
-        field: _recipe_value(flag, getattr(args, flag))
-        for flag, field in _RECIPE_FLAGS.items()
+        flag: _recipe_value(flag, getattr(args, flag))
+        for flag in _RECIPE_FLAGS
         if getattr(args, flag) not in (None, [])
     }
     return Recipe(**given).to_dict()
@@ -123,7 +123,8 @@ def _steps_for_tokens(args: argparse.Namespace, task: str, size: str) -> int | N
 
 
 def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    if task == "digits" and "muon_heads" in (args.optimizers or ""):
+    optimizers = _parse_optimizers(args.optimizers or "muon,adamw")
+    if task == "digits" and "muon_heads" in optimizers:
         raise UsageError("muon_heads orthogonalizes attention heads: the language-model task only")
     quick = QUICK[task] if args.quick else {}
     size = quick.get("size", args.size or "small")
@@ -136,7 +137,7 @@ def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
         "steps": steps,
         "eval_every": args.eval_every or quick.get("eval_every") or max(1, steps // 30),
         "batch_size": args.batch_size,
-        "optimizers": _parse_optimizers(args.optimizers or "muon,adamw"),
+        "optimizers": optimizers,
         "lrs": _parse_lrs(args.lr),
         "recipe": _recipe_from_args(args),
         "seed": 0 if args.seed is None else args.seed,
@@ -301,13 +302,13 @@ def _resume_conflicts(args: argparse.Namespace, config: dict[str, Any]) -> list[
     """The flags given beside ``--resume`` that differ from the saved run's config."""
     conflicts = []
     recipe = config.get("recipe") or {}
-    for flag, field in _RECIPE_FLAGS.items():
+    for flag in _RECIPE_FLAGS:
         given = getattr(args, flag, None)
         if given in (None, []):
             continue
         value = _recipe_value(flag, given)
-        if value != recipe.get(field, "(not set)"):
-            saved = recipe.get(field, "(a run without a recipe)")
+        if value != recipe.get(flag, "(not set)"):
+            saved = recipe.get(flag, "(a run without a recipe)")
             conflicts.append(f"--{flag.replace('_', '-')} {value!r} (the run has {saved!r})")
     for flag, key in _RUN_FLAGS.items():
         given = getattr(args, flag, None)

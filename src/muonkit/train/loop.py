@@ -81,7 +81,7 @@ def make_optimizer(
     name: str, model: nn.Module, lrs: dict[str, float], split_qkv: bool = False, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
     """Optimizer ``name`` (one of ``OPTIMIZERS``) for ``model`` with learning rates ``lrs`` (see ``resolve_lrs``) and
-    decoupled ``weight_decay``: for Muon, exact-polar Muon and torch.optim.Muon on every parameter (their AdamW part
+    decoupled ``weight_decay``: for Muon, its variants and torch.optim.Muon on every parameter (their AdamW part
     included), for AdamW on the parameters with two or more dimensions only, for SGD on every parameter."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
