@@ -82,7 +82,7 @@ def cautious_update(params: Sequence[Tensor], updates: Sequence[Tensor], lr: flo
     ups = [u.to(p.dtype) for u, p in zip(updates, params)]  # may be the caller's tensors: not changed in place
     if weight_decay != 0:
         kept = [torch.where(u * p >= 0, p, torch.zeros_like(p)) for u, p in zip(ups, params)]
-        ups = torch._foreach_add(ups, kept, alpha=lr * weight_decay)
+        ups = list(torch._foreach_add(ups, kept, alpha=lr * weight_decay))
     torch._foreach_sub_(list(params), ups)
 
 

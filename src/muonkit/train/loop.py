@@ -108,7 +108,7 @@ def make_optimizer(
 
 def _heads(model: nn.Module) -> int:
     """``3 x`` the attention heads of ``model`` (the fused QKV rows: q, k, v, each ``heads x head_dim``)."""
-    heads = {m.n_head for m in model.modules() if isinstance(getattr(m, "n_head", None), int)}
+    heads = {n for m in model.modules() if isinstance(n := getattr(m, "n_head", None), int)}
     if len(heads) != 1:
         raise ValueError("muon_heads needs a model whose attention layers share one head count (the demo's GPT)")
     return 3 * heads.pop()
