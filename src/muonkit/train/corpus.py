@@ -92,16 +92,18 @@ def text_corpus(path: str | Path, val_fraction: float = 0.1, min_tokens: int = 4
     files = text_files(path)
     if len(files) == 1:
         return _one_file(files[0], val_fraction, min_tokens)
-    texts = []
+    train, val = bytearray(), bytearray()  # one growing copy of each split; each file's own bytes are freed in turn
     for f in files:
-        data = _read_text(f)
-        if data:
-            texts.append(bytes(data))
-    total = sum(len(t) for t in texts)
-    if total < min_tokens:
-        raise CorpusError(f"{path}: too short ({total} bytes in {len(files)} files); need at least {min_tokens}")
-    train, val = _split(texts, val_fraction)
-    return Corpus(train, val, tuple(str(f) for f in files))
+        data = memoryview(_read_text(f))
+        cut = int(len(data) * (1 - val_fraction))
+        train += data[:cut]
+        val += data[cut:]
+    if len(train) + len(val) < min_tokens:
+        raise CorpusError(
+            f"{path}: too short ({len(train) + len(val)} bytes in {len(files)} files); need at least {min_tokens}"
+        )
+    as_ids = lambda b: torch.frombuffer(b, dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+    return Corpus(as_ids(train), as_ids(val), tuple(str(f) for f in files))
 
 
 def _one_file(p: Path, val_fraction: float, min_tokens: int) -> Corpus:
