@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from muonkit.train import SIZES, DigitsTask, LMTask, builtin_corpus, text_corpus, train_one
 from muonkit.train import loop as loop_mod
@@ -68,14 +69,22 @@ def main() -> None:
                 row["final_val_acc"] = r.metrics["val_acc"][-1]
             rows.append(row)
             print(f"{name:<8} lr={lr:<8g} val_loss={r.val_loss[-1]:.4f}  ({row['seconds']:.0f}s)", flush=True)
+            save(args, task, recipe, part_lr, rows)
+    best, edges = save(args, task, recipe, part_lr, rows)
+    print("\nbest lr:", {k: v["lr"] for k, v in best.items()})
+    if edges:
+        print(f"on the edge of their grid (widen it): {edges}")
+
+
+def save(args: argparse.Namespace, task: Any, recipe: Recipe | None, part_lr: float | None,
+         rows: list[dict]) -> tuple[dict[str, dict], dict[str, float]]:  # fmt: skip
+    """Write the JSON of the runs so far (after every run, so that a sweep cut short keeps what it measured);
+    returns the best run per optimizer and the best values on their grid's edge."""
     best: dict[str, dict] = {}
     for row in rows:
         if row["optimizer"] not in best or row["final_val_loss"] < best[row["optimizer"]]["final_val_loss"]:
             best[row["optimizer"]] = row
-    print("\nbest lr:", {k: v["lr"] for k, v in best.items()})
     edges = {k: v["lr"] for k, v in best.items() if v["lr"] in (min(GRID[k]), max(GRID[k]))}
-    if edges:
-        print(f"on the edge of their grid (widen it): {edges}")
     meta = {
         "task": args.task,
         "size": args.size if args.task == "lm" else None,
@@ -90,6 +99,7 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "runs": rows, "best": {k: v["lr"] for k, v in best.items()}}, f, indent=2)
+    return best, edges
 
 
 if __name__ == "__main__":
