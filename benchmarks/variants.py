@@ -38,13 +38,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=None, help="a file, a directory or a glob of text (default: built-in)")
+    ap.add_argument("--momentum-warmup", type=int, default=0, help="Muon's momentum from 0.85 over these steps")
     ap.add_argument("--out", default="variants.json")
     args = ap.parse_args()
     names = args.optimizers.split(",")
     corpus = text_corpus(args.data) if args.data else builtin_corpus()
     task = LMTask(corpus, SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size)
+    recipe = Recipe(momentum_warmup=args.momentum_warmup)
     results, _ = run_comparison(
-        task, names, steps=args.steps, eval_every=max(1, args.steps // 30), seeds=args.seeds, recipe=Recipe(),
+        task, names, steps=args.steps, eval_every=max(1, args.steps // 30), seeds=args.seeds, recipe=recipe,
         progress=False,
     )  # fmt: skip
     seeds = range(args.seeds)
@@ -68,7 +70,7 @@ def main() -> None:
         print(f"{r['optimizer']:<10} {r['lr']:>8.3g} {r['val_loss_at_steps']:>9.4f} ± {r['val_loss_at_steps_sd']:.4f}"
               f" {r['val_loss_at_wall']:>9.4f} ± {r['val_loss_at_wall_sd']:.4f} {r['seconds']:>8.1f}")  # fmt: skip
     meta = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "batch_size": task.batch_size,
-            "data": args.data, "tokens": corpus.n_tokens, "equal_wall_seconds": wall, "recipe": Recipe().to_dict(),
+            "data": args.data, "tokens": corpus.n_tokens, "equal_wall_seconds": wall, "recipe": recipe.to_dict(),
             **environment(args.device)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -175,3 +175,29 @@ def test_the_demo_runs_several_seeds(tmp_path, capsys):
     single = tmp_path / "single"
     assert main(["demo", "--quick", "--no-progress", "--out", str(single), "--steps", "6"]) == 0
     assert json.loads((single / "results.json").read_text())["runs"]["muon"]["train_loss"] == first
+
+
+def test_momentum_warmup_raises_muons_momentum_and_leaves_adamw_alone():
+    r = Recipe(momentum_warmup=4, momentum_start=0.85)
+    assert [r.momentum(s, 0.95) for s in (1, 3, 5, 9)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    assert Recipe().momentum(1, 0.95) == 0.95  # off by default
+    with pytest.raises(ValueError, match="momentum_warmup"):
+        Recipe(momentum_warmup=-1)
+    with pytest.raises(ValueError, match="momentum_start"):
+        Recipe(momentum_start=1.0)
+    model = GPT(TINY)
+    opt = make_optimizer("muon", model, {"muon": 0.02, "adamw": 1e-3})
+    schedule = Schedule(opt, r, 20)
+    schedule.set(1)
+    by_algorithm = {g["algorithm"]: g for g in opt.param_groups}
+    assert by_algorithm["muon"]["momentum"] == pytest.approx(0.85) and "momentum" not in by_algorithm["adamw"]
+    schedule.set(20)
+    assert by_algorithm["muon"]["momentum"] == 0.95
+    assert "Muon momentum from 0.85 over 4 steps" in r.describe(20, ["muon"])
+
+
+def test_the_demo_takes_a_momentum_warmup(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out), "--momentum-warmup", "10", "--steps", "4"]) == 0
+    assert json.loads((out / "results.json").read_text())["config"]["recipe"]["momentum_warmup"] == 10
+    assert "Muon momentum from 0.85 over 10 steps" in capsys.readouterr().out

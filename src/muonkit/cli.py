@@ -85,7 +85,7 @@ def _parse_lrs(items: list[str]) -> dict[str, float]:
 
 
 # flags that set the training recipe, each named as the ``train.recipe.Recipe`` field it sets
-_RECIPE_FLAGS = ("schedule", "warmup", "weight_decay", "clip")
+_RECIPE_FLAGS = ("schedule", "warmup", "weight_decay", "clip", "momentum_warmup")
 
 
 def _recipe_value(flag: str, given: Any) -> Any:
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoupled weight decay (defaults: muon 0.01, adamw 0.1 on matrices, sgd 0)")  # fmt: skip
         p.add_argument("--clip", type=number(0), default=None, metavar="NORM",
                        help="clip the gradient norm (default 1.0; 0: no clipping)")  # fmt: skip
+        p.add_argument("--momentum-warmup", type=number(0, integer=True), default=None, metavar="STEPS",
+                       help="raise Muon's momentum from 0.85 to its own over STEPS steps (default 0: off)")  # fmt: skip
         p.add_argument("--seed", type=int, default=None, help="the first seed (default 0)")
         p.add_argument("--seeds", type=_POSITIVE, default=None, metavar="N",
                        help="run every optimizer with N seeds (model initialisation and batch order) and report "

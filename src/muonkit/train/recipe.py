@@ -35,13 +35,20 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
 }
 
 
+def _steps(value: Any) -> bool:
+    """Whether ``value`` is a number of steps: an int >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class Recipe:
     """``schedule``: ``"cosine"`` (linear warmup over ``warmup`` steps, then cosine to ``floor`` x the peak at the
     last step), ``"wsd"`` (warmup, constant, then linear decay to ``floor`` over the last ``decay`` fraction of the
     steps) or ``"constant"`` (warmup, then the peak). ``warmup``: steps, ``None`` for 5% of the run.
     ``weight_decay``: per optimizer name (missing names: ``DEFAULT_WEIGHT_DECAY``). ``clip``: the largest gradient
-    norm (``torch.nn.utils.clip_grad_norm_`` over all parameters), ``None`` for none."""
+    norm (``torch.nn.utils.clip_grad_norm_`` over all parameters), ``None`` for none. ``momentum_warmup``: steps
+    over which the momentum of muonkit's Muon groups rises linearly from ``momentum_start`` to the group's own
+    (0: none; the momentum is read every step, so this needs no new CUDA-graph capture)."""
 
     schedule: str = "cosine"
     warmup: int | None = None
@@ -49,12 +56,13 @@ class Recipe:
     decay: float = 0.2
     weight_decay: dict[str, float] = field(default_factory=dict)
     clip: float | None = 1.0
+    momentum_warmup: int = 0
+    momentum_start: float = 0.85
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup is not None and (isinstance(self.warmup, bool) or not isinstance(self.warmup, int)
-                                        or self.warmup < 0):  # fmt: skip
+        if self.warmup is not None and not _steps(self.warmup):
             raise ValueError(f"warmup must be a number of steps >= 0 or None, got {self.warmup!r}")
         if not (0 <= self.floor <= 1):
             raise ValueError(f"floor must be in [0, 1], got {self.floor!r}")
@@ -65,6 +73,10 @@ class Recipe:
                 raise ValueError(f"weight decay for {name} must be a finite number >= 0, got {wd!r}")
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip must be a finite number > 0 or None, got {self.clip!r}")
+        if not _steps(self.momentum_warmup):
+            raise ValueError(f"momentum_warmup must be a number of steps >= 0, got {self.momentum_warmup!r}")
+        if not (0 <= self.momentum_start < 1):
+            raise ValueError(f"momentum_start must be in [0, 1), got {self.momentum_start!r}")
 
     def warmup_steps(self, steps: int) -> int:
         return round(0.05 * steps) if self.warmup is None else min(self.warmup, steps)
@@ -98,7 +110,18 @@ class Recipe:
         }[self.schedule]
         wd = ", ".join(f"{n} {self.decay_for(n):g}" for n in names)
         clip = f"clip {self.clip:g}" if self.clip is not None else "no clipping"
-        return f"lr: {shape}; weight decay: {wd}; {clip}"
+        momentum = (
+            f"; Muon momentum from {self.momentum_start:g} over {self.momentum_warmup} steps"
+            if self.momentum_warmup
+            else ""
+        )
+        return f"lr: {shape}; weight decay: {wd}; {clip}{momentum}"
+
+    def momentum(self, step: int, peak: float) -> float:
+        """The momentum of a Muon group at step ``step`` (1, 2, ...), rising linearly to ``peak``."""
+        if not self.momentum_warmup or step > self.momentum_warmup:
+            return peak
+        return self.momentum_start + (peak - self.momentum_start) * (step - 1) / self.momentum_warmup
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,13 +133,17 @@ class Recipe:
 
 class Schedule:
     """Sets the learning rate of every parameter group of ``opt`` for each step: its peak (the lr the group had
-    when this was made) times ``recipe.lr_factor``."""
+    when this was made) times ``recipe.lr_factor``; and, with ``recipe.momentum_warmup``, the momentum of
+    muonkit's Muon groups (``recipe.momentum``)."""
 
     def __init__(self, opt: torch.optim.Optimizer, recipe: Recipe, steps: int) -> None:
         self.opt, self.recipe, self.steps = opt, recipe, steps
         self.peaks = [g["lr"] for g in opt.param_groups]
+        self.momenta = [g["momentum"] if g.get("algorithm") == "muon" else None for g in opt.param_groups]
 
     def set(self, step: int) -> None:
         factor = self.recipe.lr_factor(step, self.steps)
-        for group, peak in zip(self.opt.param_groups, self.peaks):
+        for group, peak, momentum in zip(self.opt.param_groups, self.peaks, self.momenta):
             group["lr"] = peak * factor
+            if momentum is not None and self.recipe.momentum_warmup:
+                group["momentum"] = self.recipe.momentum(step, momentum)
