@@ -7,6 +7,10 @@ import math
 from collections.abc import Callable
 
 
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
 def number(low: float | None = None, high: float | None = None, *, integer: bool = False,
            open_low: bool = False) -> Callable[[str], float | int]:  # fmt: skip
     """A type accepting a finite number (an int with ``integer``) in ``[low, high]`` (``(low, high]`` with
