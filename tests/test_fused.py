@@ -122,6 +122,36 @@ def test_zero_gradient_with_zero_eps_stays_zero(launchers):
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("denom", [False, True], ids=["normalised", "divisors"])
+def test_found_inf_flag_masks_every_state_change(launchers, denom):
+    """With a nonzero ``found_inf`` flag neither pass changes a buffer or a parameter (a NaN gradient among them);
+    with a zero flag both give what they give without one, to the bit."""
+    torch.manual_seed(4)
+    rows, cols = 24, 40
+    grads = [torch.randn(rows, cols, device=DEVICE) for _ in range(3)]
+    grads[1][3, 5] = float("nan")
+    parts = [(i, 0) for i in range(3)]
+    results = {}
+    for flag in (None, 0.0, 1.0):
+        bufs = [torch.randn(rows, cols, device=DEVICE, generator=None) * 0 + i for i in range(3)]
+        params = [torch.full((rows, cols), 1.0 + i, device=DEVICE) for i in range(3)]
+        found_inf = None if flag is None else torch.tensor([flag], device=DEVICE)
+        out = torch.empty(3, rows, cols, device=DEVICE)
+        d = torch.empty(3, device=DEVICE) if denom else None
+        g, b, p = (_mats(ts, rows, cols, parts) for ts in (grads, bufs, params))
+        fused.momentum_normalise(g, b, out, momentum=0.9, nesterov=True, norm_scale=1.0, eps=1e-7, denom=d,
+                                 found_inf=found_inf)  # fmt: skip
+        fused.scaled_update(p, out.nan_to_num(), scale=0.5, decay=0.99, update_dtype=torch.float32,
+                            found_inf=found_inf)  # fmt: skip
+        results[flag] = (bufs, params)
+    for t, ref in zip(results[1.0][0] + results[1.0][1], [torch.full((rows, cols), float(i)) for i in range(3)]
+                      + [torch.full((rows, cols), 1.0 + i) for i in range(3)]):  # fmt: skip
+        assert torch.equal(t.cpu(), ref)  # untouched
+    for a, b in zip(results[0.0][0] + results[0.0][1], results[None][0] + results[None][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert results[0.0][0][1].isnan().any() and not results[0.0][0][0].isnan().any()  # the flag decided, not the data
+
+
 @functools.cache
 def _low_memory(addr: int, length: int) -> torch.Tensor | None:
     """``length`` bytes mapped at ``addr`` as a uint8 tensor, or None where that address cannot be had

@@ -57,6 +57,15 @@ def stacked(O, i, sob, sor, soc, rows, cols):
 
 
 @triton.jit
+def kept(mask, F, CHECK: tl.constexpr):
+    # the store mask of a pass that changes state: with CHECK, nothing is stored when the float32 flag at F (the
+    # step's found_inf: a gradient held NaN or Inf) is nonzero, so a non-finite step changes nothing
+    if CHECK:
+        mask = tl.where(tl.load(F) == 0.0, mask, False)  # (``mask & scalar`` fails in Triton's interpreter)
+    return mask
+
+
+@triton.jit
 def direction(g, b, mu, NESTEROV: tl.constexpr, B_T: tl.constexpr):
     # what NS orthogonalizes, rounded to the buffer's dtype as momentum_update's result is: g.lerp(b, mu) or b
     if NESTEROV:
@@ -78,9 +87,9 @@ def load_gb(g_ptr, b_ptr, offs, mask, B_T: tl.constexpr):
 def momentum_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu, S,
-    NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, FROM_S: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,
+    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu, S, F,
+    NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, FROM_S: tl.constexpr, CHECK: tl.constexpr, G_T: tl.constexpr,
+    B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     if FROM_S:  # hyper-parameters read from device memory (a captured graph replays with new values)
         w = tl.load(S + 2)
@@ -91,7 +100,7 @@ def momentum_kernel(
     rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
     b = lerp(b, g, w).to(B_T)
-    tl.store(b_ptr + offs, b, mask=mask)
+    tl.store(b_ptr + offs, b, mask=kept(mask, F, CHECK))
     u = direction(g, b.to(tl.float32), mu, NESTEROV, B_T)
     i = (row0 + s).to(tl.int64)
     if WRITE_U:  # u itself, unnormalised, in the NS precision: scale_kernel divides it in place
@@ -135,9 +144,9 @@ def normalise_kernel(
 @triton.jit
 def update_kernel(
     p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
-    row0, O, sob, sor, soc, R, C, tiles_c, scale, decay, S,
-    P_T: tl.constexpr, U_T: tl.constexpr, DECAY: tl.constexpr, FROM_S: tl.constexpr, BR: tl.constexpr,
-    BC: tl.constexpr,
+    row0, O, sob, sor, soc, R, C, tiles_c, scale, decay, S, F,
+    P_T: tl.constexpr, U_T: tl.constexpr, DECAY: tl.constexpr, FROM_S: tl.constexpr, CHECK: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     if FROM_S:
         scale = tl.load(S)
@@ -151,7 +160,7 @@ def update_kernel(
     p = tl.load(p_ptr + offs, mask=mask)
     if DECAY:
         p = (p.to(tl.float32) * decay).to(P_T)
-    tl.store(p_ptr + offs, (p.to(tl.float32) - upd).to(P_T), mask=mask)
+    tl.store(p_ptr + offs, (p.to(tl.float32) - upd).to(P_T), mask=kept(mask, F, CHECK))
 
 
 @triton.jit

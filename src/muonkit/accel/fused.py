@@ -19,6 +19,9 @@ three Triton kernels per batch of same-shape matrices (plus a tiny one that turn
    once;
 4. ``update``: ``p <- p (1 - lr wd) - scale O`` from the NS output ``O``, with the torch path's roundings.
 
+Given a ``found_inf`` flag on the device (the step's gradients held NaN or Inf), passes 1 and 4 store nothing: the
+step changes no buffer and no parameter, decided on the GPU without a host sync (``muonkit.optim.nonfinite``).
+
 Bytes through memory for float32 gradients, state and parameters (4 bytes each) per entry: bf16 NS input
 14 + 10 = 24 with ``denom`` (14 + 4 + 10 = 28 with the in-place division; float16: 12 + 10 + 10 = 32), against
 about 68 for the torch path. The kernels read each
@@ -135,7 +138,7 @@ def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
 
 def momentum_normalise(
     grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float,
-    scalars: Tensor | None = None, denom: Tensor | None = None,
+    scalars: Tensor | None = None, denom: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Advance the momentum buffers in place and write ``u_i / (norm_scale ||u_i||_F + eps)`` into ``out[i]``
     (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly).
@@ -145,7 +148,11 @@ def momentum_normalise(
 
     ``denom`` (eager only, ``out`` in bfloat16 or float32): write ``u_i`` itself into ``out[i]`` and its divisor
     ``norm_scale ||u_i||_F + eps`` into ``denom[i]`` (float32, ``(b,)``) instead: for
-    ``orthogonalize_filled(..., unnormalised=True)``, which divides inside the NS products."""
+    ``orthogonalize_filled(..., unnormalised=True)``, which divides inside the NS products.
+
+    ``found_inf`` (eager only): a float32 one-element CUDA tensor; where it holds a nonzero value when the kernel
+    runs, the buffers are left as they were (``out`` is still written). What lets a step check its gradients for
+    NaN/Inf on the device, without a host sync: see ``muonkit.optim.nonfinite``."""
     if len(grads) == 0:
         return
     if denom is not None and (out.dtype not in (torch.bfloat16, torch.float32) or denom.shape != (len(grads),)):
@@ -156,18 +163,19 @@ def momentum_normalise(
             out, momentum, nesterov, norm_scale, eps,
         )  # fmt: skip
         return
-    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars, denom)
+    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars, denom, found_inf)
 
 
 def scaled_update(
     params: Matrices, O: Tensor, *, scale: float, decay: float, update_dtype: torch.dtype,
-    scalars: Tensor | None = None,
+    scalars: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:  # fmt: skip
     """``p_i <- p_i * decay - scale * O[i]`` with the torch path's roundings (the scaled update is rounded to
     ``update_dtype``, then to the parameter's dtype). ``O`` is ``(b, rows, cols)`` with any strides.
 
     ``scalars`` (eager only): read ``scale`` and ``decay`` from this float32 tensor ``[scale, decay, ...]``
-    instead; ``decay`` must still say whether there is weight decay (``decay != 1``)."""
+    instead; ``decay`` must still say whether there is weight decay (``decay != 1``). ``found_inf`` (eager only): as
+    in :func:`momentum_normalise`, the parameters are left as they were where it holds a nonzero value."""
     if len(params) == 0:
         return
     if torch.compiler.is_compiling():
@@ -175,7 +183,7 @@ def scaled_update(
             params.tensors, params.owners, params.offsets, O, scale, decay, _DTYPE_CODES[update_dtype]
         )
         return
-    _build().scaled_update(params, O, scale, decay, update_dtype, scalars)
+    _build().scaled_update(params, O, scale, decay, update_dtype, scalars, found_inf)
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -222,7 +230,7 @@ def _build() -> Any:
 
     def momentum_normalise(
         grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float,
-        scalars: Tensor | None = None, divisors: Tensor | None = None,
+        scalars: Tensor | None = None, divisors: Tensor | None = None, found_inf: Tensor | None = None,
     ) -> None:  # fmt: skip
         R, C = grads.rows, grads.cols
         b = len(grads)
@@ -232,14 +240,15 @@ def _build() -> Any:
         types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc,
                      FROM_S=scalars is not None)  # fmt: skip
         s = denom if scalars is None else scalars  # any tensor when unused
+        f = denom if found_inf is None else found_inf
         launches = slots(grads.addresses(), bufs.addresses())
         dense = out if out.is_contiguous() else out.mT  # the (b, R, C) or (b, C, R) block the NS products read
         in_place = (out.dtype == torch.bfloat16 and dense.is_contiguous()) or divisors is not None
         strides = (out.stride(0), out.stride(1), out.stride(2))
         for row0, n, args in launches:
             K.momentum_kernel[(T, n)](
-                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s,
-                WRITE_U=in_place, **types,
+                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s, f,
+                WRITE_U=in_place, CHECK=found_inf is not None, **types,
             )  # fmt: skip
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
         if divisors is not None:  # the NS products divide
@@ -253,16 +262,17 @@ def _build() -> Any:
 
     def scaled_update(
         params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype,
-        scalars: Tensor | None = None,
+        scalars: Tensor | None = None, found_inf: Tensor | None = None,
     ) -> None:  # fmt: skip
         R, C = params.rows, params.cols
         br, bc, tiles_c, T = grid(R, C, O.stride(-1) != 1)
         types = dict(P_T=tl_dtype[params.dtype], U_T=tl_dtype[update_dtype], DECAY=decay != 1.0, BR=br, BC=bc,
-                     FROM_S=scalars is not None)  # fmt: skip
+                     FROM_S=scalars is not None, CHECK=found_inf is not None)  # fmt: skip
         s = O if scalars is None else scalars
+        f = O if found_inf is None else found_inf
         for row0, n, args in slots(params.addresses()):
             K.update_kernel[(T, n)](
-                *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, s, **types
+                *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, s, f, **types
             )
 
     _register()

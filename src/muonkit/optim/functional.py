@@ -128,9 +128,11 @@ def muon_steps(calls: Sequence[StepCall]) -> None:
     _muon_steps(calls)
 
 
-def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
+def _muon_steps(calls: Sequence[StepCall], found_inf: Tensor | None = None) -> _Remembered | None:
     """``muon_steps``; returns the remembered plan the step ran or made (``None`` where none applies), which a
-    caller that knows the next step's structure is the same may run again (``Muon._step_again``)."""
+    caller that knows the next step's structure is the same may run again (``Muon._step_again``).
+    ``found_inf``: the flag the fused kernels read (``plans._StepPlan.run``); the torch path ignores it (its
+    caller checked the gradients before)."""
     full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
     if not full:
         return None
@@ -140,7 +142,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
     if state is not None:
         entry = _remembered_plan(full, state)
         if entry is not None:
-            entry.plan.run(full, streams)
+            entry.plan.run(full, streams, found_inf)
             return entry
     fused_calls = []
     for params, grads, bufs, opts in full:
@@ -154,7 +156,7 @@ def _muon_steps(calls: Sequence[StepCall]) -> _Remembered | None:
         else:
             _torch_muon_step(params, grads, bufs, opts)
     if fused_calls:
-        plan = _fused_muon_steps(fused_calls, streams)
+        plan = _fused_muon_steps(fused_calls, streams, found_inf)
         if state is not None and len(fused_calls) == len(full):
             return _remember(full, state, plan)
     return None

@@ -19,13 +19,13 @@ from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
 from .functional import _muon_steps
 from .loading import _check_buffer, _check_loadable, _meta, _static, check_group, restore_after_load, whole_buffers
-from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, nonfinite_skip
+from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, found_inf_flag, nonfinite_skip, settle
 from .options import step_options
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
 from .shards import is_sharded, local, shard_rows
-from .stages import AdjustLR, Executor, adamw_step, lr_scale, matrix_parts
+from .stages import AdjustLR, Executor, adamw_step, fused_adamw_applies, lr_scale, matrix_parts
 from .tuning import pretune
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
@@ -69,7 +69,9 @@ class Muon(Optimizer):
             variant of Muon is a stage registered there; groups may choose their own.
         nonfinite: what a NaN/Inf gradient does: ``"raise"`` (default; ``NonFiniteGradientError``
             naming the parameters, nothing updated), ``"skip"`` (skip the whole step, count it in
-            ``nonfinite_skips``), ``"ignore"`` (no check and no host sync; garbage in, garbage out).
+            ``nonfinite_skips``), ``"ignore"`` (no check; garbage in, garbage out). On one CUDA device a repeated
+            step checks on the GPU without a host sync: a bad step changes nothing there and then, and the error
+            comes from the next ``step()`` (before it changes anything); ``muonkit.optim.nonfinite`` says how.
         adamw_lr: learning rate of ``algorithm="adamw"`` groups.
         adamw_betas: their ``(beta1, beta2)``.
         adamw_eps: their epsilon.
@@ -131,7 +133,10 @@ class Muon(Optimizer):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.nonfinite_skips = 0
+        self._nonfinite_skips = 0
+        self._nonfinite_pending: Any = None  # a step checked on the device, not yet read (``nonfinite.defer``)
+        self._finite_host: Tensor | None = None  # pinned host memory that step's per-gradient results go to
+        self._nonfinite_error: NonFiniteGradientError | None = None  # found there, for the next step() to raise
         self.executor = executor
         if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
             raise ValueError(f"comm_dtype must be None or a floating torch.dtype, got {comm_dtype!r}")
@@ -229,8 +234,38 @@ class Muon(Optimizer):
         with _accel.disabled():
             return self._run_step(closure)
 
+    @property
+    def nonfinite_skips(self) -> int:
+        """Steps skipped for a non-finite gradient (policy ``"skip"``). Reading it waits for a step checked on
+        the GPU, if one is still in flight."""
+        settle(self)
+        return getattr(self, "_nonfinite_skips", 0)
+
+    @nonfinite_skips.setter
+    def nonfinite_skips(self, value: int) -> None:
+        self._nonfinite_skips = int(value)
+
+    def _device_flag(self, grads: list[Tensor]) -> Tensor | None:
+        """The ``found_inf`` flag the fused kernels of a checked step over ``grads`` read
+        (``nonfinite.found_inf_flag``), where they all lie on one CUDA device with acceleration on, no executor and
+        no sharded parameter; else ``None``."""
+        if self.executor is not None or not fused.fused_enabled() or not grads:
+            return None
+        device = grads[0].device
+        if device.type != "cuda" or torch.compiler.is_compiling() or self._has_sharded():
+            return None
+        if any(g.device != device for g in grads):
+            return None
+        return found_inf_flag(device)
+
     @torch.no_grad()
     def _run_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if getattr(self, "_nonfinite_pending", None) is not None:
+            settle(self)  # the previous step, checked on the device
+        error = getattr(self, "_nonfinite_error", None)
+        if error is not None:
+            self._nonfinite_error = None
+            raise error
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -243,8 +278,11 @@ class Muon(Optimizer):
                 return loss
             self._repeat = None
         gathered = self._gather()
-        if self.nonfinite != "ignore" and nonfinite_skip(self, gathered):
-            return loss
+        flag = None
+        if self.nonfinite != "ignore":
+            flag = self._device_flag([g for _, _, gs in gathered for g in gs])
+            if nonfinite_skip(self, gathered, flag):
+                return loss
 
         self._stats.clear()  # mutate, not rebind: torch.compile cannot trace attribute assignment here
         pending = []  # Muon groups run together at the end: same-shape matrices of different groups share NS batches
@@ -255,8 +293,8 @@ class Muon(Optimizer):
                 pending.extend(self._muon_group(group, params, grads, stats))
         for group, params, grads in gathered:
             if group["algorithm"] == "adamw":
-                self._adamw_group(group, params, grads)
-        entry = _muon_steps(pending)  # None under torch.compile
+                self._adamw_group(group, params, grads, flag)
+        entry = _muon_steps(pending, flag)  # None under torch.compile
         if entry is not None and not compiling:
             self._repeat = self._repeatable(gathered, pending, entry)
         return loss
@@ -328,7 +366,11 @@ class Muon(Optimizer):
         """Bytes this rank has sent for Muon's exchanges (sharded parameters and the executor, if any)."""
         return self._sharded_bytes[0] + int(getattr(self.executor, "bytes_communicated", 0))
 
-    def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _adamw_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], found_inf: Tensor | None = None
+    ) -> None:
+        """One AdamW step of ``group``; on CUDA with acceleration on, torch's fused AdamW kernel, which leaves
+        everything as it was where ``found_inf`` holds a nonzero value (``stages.adamw_step``)."""
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
@@ -352,6 +394,8 @@ class Muon(Optimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            fused=fused.fused_enabled() and fused_adamw_applies(params, grads),
+            found_inf=found_inf,
         )
 
     def stats(self) -> dict[str, float]:
@@ -391,6 +435,7 @@ class Muon(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``'s. With ``ReplicatedExecutor(shard_state=True)`` the momentum rows of all ranks are
         gathered into whole buffers (a collective: every rank must call it), so any world size can load it."""
+        settle(self)  # a step checked on the device: its AdamW step counts are final once read
         sd = whole_buffers(self, super().state_dict())
         sd["muonkit"] = {"nonfinite_skips": self.nonfinite_skips}
         return sd
@@ -403,6 +448,7 @@ class Muon(Optimizer):
         extra = state_dict.pop("muonkit", {})
         _check_loadable(self, state_dict)
         self._repeat = None
+        settle(self)  # a pending step's counters are put back (if it was skipped) before they are replaced
         super().load_state_dict(state_dict)
         restore_after_load(self, state_dict)
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))

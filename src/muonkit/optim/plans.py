@@ -71,6 +71,7 @@ class _Batch:
     method: str
     device: torch.device
     slot: tuple = ()  # what the batch computes (``cuda_graphs.replays``' slot), apart from the tensors' addresses
+    checked_slot: tuple = ()  # the same with its state-changing passes masked by a ``found_inf`` flag
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
     restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
@@ -140,12 +141,15 @@ class _StepPlan:
         batch.slot = cuda_graphs.Key(
             (device, stream, m, n, work, batch.schedule, batch.method, batch.restarts, mode, runs)
         )
+        batch.checked_slot = cuda_graphs.Key((*batch.slot, "found_inf"))
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method, batch.restarts)
 
-    def run(self, calls: Sequence[StepCall], streams: Streams | None = None) -> None:
+    def run(self, calls: Sequence[StepCall], streams: Streams | None = None, found_inf: Tensor | None = None) -> None:
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
-        ``streams``: ``_streams(calls)`` where the caller has read it."""
+        ``streams``: ``_streams(calls)`` where the caller has read it. ``found_inf``: a float32 one-element tensor
+        on a device of the plan (``nonfinite.found_inf_flag``); where it holds a nonzero value when the step's
+        kernels run, they change no buffer and no parameter of that device (its batches' replays read it too)."""
         graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
         if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
             graphable = dict.fromkeys(self.devices, False)
@@ -156,7 +160,8 @@ class _StepPlan:
                 scale = lr_scale(opts["adjust_lr"], opts["lr"], (run.rows, run.cols))
                 numbers.append((scale, 1 - opts["lr"] * opts["weight_decay"], opts["momentum"]))
             stats = [calls[run.call][3]["stats"] for run in batch.runs]
-            step = functools.partial(_run_batch, batch, calls, numbers, stats)
+            flag = found_inf if found_inf is not None and found_inf.device == batch.device else None
+            step = functools.partial(_run_batch, batch, calls, numbers, stats, flag)
             if not batch.slot or not graphable[batch.device]:
                 step(None)
                 continue
@@ -165,8 +170,9 @@ class _StepPlan:
                 for ts in calls[run.call][:3]:
                     addresses += [ts[o].data_ptr() for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
+            slot = batch.slot if flag is None else batch.checked_slot  # the flag's address is in the capture
             cuda_graphs.replays.run(
-                batch.slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
+                slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
             )
 
 
@@ -190,10 +196,11 @@ class _Live(NamedTuple):
 
 
 def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[float, float, float]],
-               stats: list[dict | None], scalars: Tensor | None) -> None:  # fmt: skip
+               stats: list[dict | None], found_inf: Tensor | None, scalars: Tensor | None) -> None:  # fmt: skip
     """The kernels of one merged batch: per run a momentum pass writing its slice of the NS input, the NS
     products, per run an update pass. ``scalars``: per run ``[scale, decay, 1 - momentum, momentum]`` on the
-    device (what a captured graph reads), or ``None`` for plain kernel arguments."""
+    device (what a captured graph reads), or ``None`` for plain kernel arguments. ``found_inf``: see
+    ``_StepPlan.run``."""
     live = []
     for j, run in enumerate(batch.runs):
         params, grads, bufs, _ = calls[run.call]
@@ -210,7 +217,7 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
             fused.momentum_normalise(
                 r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
                 norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars,
-                denom=None if d is None else d[r.run.first : r.run.first + len(r.run.owners)],
+                denom=None if d is None else d[r.run.first : r.run.first + len(r.run.owners)], found_inf=found_inf,
             )  # fmt: skip
 
     # bf16 input inside a captured batch (or with graphs off): written undivided, the NS products divide (one pass
@@ -230,7 +237,13 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
     for r in live:
         part = rows_of(O, r.run)
         fused.scaled_update(
-            r.params, part, scale=r.scale, decay=r.decay, update_dtype=r.run.buf_dtype, scalars=r.scalars
+            r.params,
+            part,
+            scale=r.scale,
+            decay=r.decay,
+            update_dtype=r.run.buf_dtype,
+            scalars=r.scalars,
+            found_inf=found_inf,
         )
         if r.stats is not None:
             _record_stats(r.stats, part, r.scale)
@@ -282,7 +295,7 @@ def _stream_ids(streams: Streams | None) -> tuple | None:
     return None if streams is None else tuple(streams.items())
 
 
-def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _StepPlan:
+def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None, found_inf: Tensor | None = None) -> _StepPlan:
     """``muon_step(params, grads, bufs, **options)`` for every call through the fused kernels, with the NS batches
     shared: matrices of every call that have the same NS problem (``min x max`` shape after flattening and
     splitting, NS precision, schedule, method, ``max_batch``, device) are orthogonalized together, whatever
@@ -296,9 +309,9 @@ def _fused_muon_steps(calls: Sequence[StepCall], streams: Streams | None) -> _St
     the learning rate, weight decay and momentum read from device memory so that schedules change them without
     a new capture. The batches and their graph keys come from a step plan made once per structure, so the host
     work per step is reading addresses and numbers. ``streams``: ``_streams(calls)`` (read once per step by the
-    caller). Returns that plan."""
+    caller). ``found_inf``: see ``_StepPlan.run``. Returns that plan."""
     plan = _plan_for(calls, streams)
-    plan.run(calls, streams)
+    plan.run(calls, streams, found_inf)
     return plan
 
 

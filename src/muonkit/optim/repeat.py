@@ -17,6 +17,7 @@ from torch import Tensor
 from ..accel import guards as _guards
 from ..coefficients import is_file_spec
 from .functional import _STEP_DEFAULTS
+from .nonfinite import defer, device_check
 from .options import REPEAT_KEY
 from .plans import _decays, _streams
 from .remembered import _Remembered, _same_environment
@@ -54,6 +55,9 @@ class Repeat(NamedTuple):
     bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
     light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)
     entry: _Remembered
+    found_inf: Tensor | None  # where the gradients are checked on the device: the flag (``Muon._device_flag``)
+    names: list[tuple[int, int]]  # per entry of ``flat``: (group index, index in the group), for errors
+    steps: list[Tensor]  # the AdamW parameters' step counts (``nonfinite.defer``)
 
 
 def _snapshot(value: Any) -> Any:
@@ -105,9 +109,12 @@ def repeatable(
         structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
     except KeyError:  # an option missing (a group dict edited by hand; load_state_dict fills later ones)
         return None
+    names = [(gi, i) for _, end, gi, _, _ in calls for i in range(len(gathered[gi][1]))]
+    names += [(gi, i) for _, _, gi in spans for i in range(len(gathered[gi][1]))]
+    steps = [opt.state[p]["step"] for p in flat[n_muon:]]
     return Repeat(
         opt.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-        n_muon, calls, spans, guard, bufs, light, entry,
+        n_muon, calls, spans, guard, bufs, light, entry, opt._device_flag(grads), names, steps,
     )  # fmt: skip
 
 
@@ -155,9 +162,14 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
     streams = _streams(calls)
     if not _same_environment(rec.entry, streams):
         return False
-    if opt.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
+    flag = rec.found_inf if opt.nonfinite != "ignore" else None
+    if flag is not None:
+        finite = device_check(grads, flag)  # no host sync: the kernels read the flag
+    elif opt.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
         return False  # the full step raises or skips, and says which parameter
-    rec.entry.plan.run(calls, streams)
+    rec.entry.plan.run(calls, streams, flag)
     for start, end, gi in rec.adamw:
-        opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end])
+        opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end], flag)
+    if flag is not None:
+        defer(opt, finite, rec.names, rec.steps)  # read when the next step starts (``nonfinite.settle``)
     return True

@@ -307,22 +307,34 @@ def adamw_step(
     beta2: float,
     eps: float,
     weight_decay: float,
+    fused: bool = False,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamW step, in place; the same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay)."""
+    """One AdamW step, in place; the same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay): its foreach
+    form, or with ``fused`` (tensors that ``fused_adamw_applies`` takes) its fused kernel, which changes nothing
+    where ``found_inf`` (a float32 one-element tensor on their device) holds a nonzero value. The step counts
+    (one-element CPU tensors) advance either way."""
     if not params:
         return
     for t in state_steps:
         t += 1
     # Bias corrections depend on the step count, which can differ between parameters that did not
     # always receive gradients: handle each step count as one multi-tensor batch.
-    by_step: dict[float, list[int]] = defaultdict(list)
-    for i, t in enumerate(state_steps):
-        by_step[float(t)].append(i)  # steps live on the CPU: no device sync
-    for step, idx in by_step.items():
+    by_step: dict[tuple[float, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(state_steps):  # the fused kernel takes one dtype per call
+        by_step[(float(t), params[i].dtype if fused else torch.float32)].append(i)  # CPU steps: no device sync
+    for (step, _), idx in by_step.items():
         p = [params[i] for i in idx]
         g = [grads[i] for i in idx]
         m = [exp_avgs[i] for i in idx]
         v = [exp_avg_sqs[i] for i in idx]
+        if fused:  # the kernel reads the step count from its device: a fill, no copy from the host
+            count = torch.full((), step, dtype=torch.float32, device=p[0].device)
+            torch._fused_adamw_(
+                p, g, m, v, [], [count] * len(p), lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                eps=eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
+            )  # fmt: skip
+            continue
         if weight_decay != 0:
             torch._foreach_mul_(p, 1 - lr * weight_decay)
         torch._foreach_lerp_(m, g, 1 - beta1)
@@ -333,6 +345,19 @@ def adamw_step(
         torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, -step_size)
+
+
+def fused_adamw_applies(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether ``adamw_step(..., fused=True)`` takes these: all on one CUDA device, dense, each gradient of its
+    parameter's floating dtype (the state is made like the parameter)."""
+    if not params or not params[0].is_cuda:
+        return False
+    device = params[0].device
+    return all(
+        p.device == device and g.device == device and p.dtype == g.dtype and p.dtype.is_floating_point
+        and p.layout == g.layout == torch.strided
+        for p, g in zip(params, grads)
+    )  # fmt: skip
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
