@@ -12,6 +12,9 @@ if not torch.cuda.is_available():
     # Triton kernels (where Triton is installed) run in its interpreter on CPU tensors: test_fused checks them
     # so. Triton reads this when it is first imported, so it is set before any test module imports it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Timed tile choices stay in memory: no test reads another run's or writes the user's cache (test_tile_cache
+# points it at a temporary directory where it tests the file).
+os.environ["MUONKIT_CACHE_DIR"] = "off"
 
 
 def matrix_with_spectrum(m: int, n: int, sigmas, *, batch=(), seed: int = 0, dtype=torch.float64):

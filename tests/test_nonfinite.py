@@ -84,7 +84,7 @@ def test_a_bad_step_found_on_the_device_raises_at_the_next_step_and_nothing_chan
     opt.step()
     before = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     _pretend_checked_on_device(opt, params, bad=True)
-    with pytest.raises(NonFiniteGradientError, match="'b'.*step\\(\\) after it"):
+    with pytest.raises(NonFiniteGradientError, match=r"'b'.*step\(\) after it"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before[0]))
     assert opt.state[params[1]]["step"].item() == 1.0  # put back
@@ -137,7 +137,6 @@ def _make(policy):
 def test_repeated_gpu_step_with_a_nan_changes_nothing_without_a_host_sync(policy):
     ref, ref_params = _make(policy)
     opt, params = _make(policy)
-    k = 0
     for step in range(6):  # both take the same good steps; opt also gets a bad one in between
         if step == 4:
             assert opt._repeat is not None and opt._repeat.found_inf is not None  # the device-checked path
@@ -149,13 +148,12 @@ def test_repeated_gpu_step_with_a_nan_changes_nothing_without_a_host_sync(policy
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             if policy == "raise":
-                _grads(params, k)
+                _grads(params, step)
                 with pytest.raises(NonFiniteGradientError, match=r"param_groups\[0\]\['params'\]\[3\]"):
                     opt.step()
         for o, ps in ((ref, ref_params), (opt, params)):
-            _grads(ps, k)
+            _grads(ps, step)
             o.step()
-        k += 1
     assert opt.nonfinite_skips == (1 if policy == "skip" else 0)
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

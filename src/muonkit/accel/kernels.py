@@ -19,8 +19,9 @@ and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-ad
 launch cost is hidden (measured on an H100, ``benchmarks/dev/kernels.py``); ``"triton"`` uses it wherever it can
 run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. ``muonkit.accel.disabled()`` (or
 ``Muon(accel=False)``) turns the kernels off. Tile sizes: each new (batch, shape) is timed once over ``CONFIGS``
-in eager mode and the fastest kept (``Muon`` does this for its own batches when it is built); inside
-``torch.compile`` or graph capture an untimed shape takes a size-based default.
+in eager mode and the fastest kept (``Muon`` does this for its own batches when it is built), in memory and in a
+file that later processes read (``tile_cache``); inside ``torch.compile`` or graph capture an untimed shape takes a
+size-based default.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from . import tile_cache
 
 __all__ = [
     "AUTO_EAGER_MIN_WORK",
@@ -107,6 +110,15 @@ def pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
     the kernel takes. Uses a temporary ``b x m x n`` tensor per batch."""
     if not prepare() or dtype not in HALF:
         return 0
+    _Disk.batching = True
+    try:
+        return _pretune(batches, dtype, device)
+    finally:
+        _Disk.batching = False
+        save_tiles()
+
+
+def _pretune(batches: Any, dtype: torch.dtype, device: torch.device) -> int:
     taken = 0
     for b, m, n in batches:
         X = torch.randn((b, m, n), device=device, dtype=dtype).div_(n**0.5)
@@ -299,6 +311,12 @@ def _tune(run: Any, key: tuple) -> Config:
     dtype, upper_in, mirror, GPU name); calls that read or write upper tiles only take ``UPPER_TILE`` tiles."""
     if key in _best:
         return _best[key]
+    if not _Disk.loaded:  # once per process: the choices earlier processes timed (``tile_cache``)
+        _Disk.loaded = True
+        for k, c in tile_cache.load(CONFIGS).items():
+            _best.setdefault(k, c)
+        if key in _best:
+            return _best[key]
     upper = key[5] or not key[6]
     configs = [c for c in CONFIGS if c[0] == UPPER_TILE and c[0] % c[1] == 0] if upper else list(CONFIGS)
     if not configs:
@@ -328,4 +346,22 @@ def _tune(run: Any, key: tuple) -> Config:
     while len(_best) >= _MAX_BEST:
         del _best[next(iter(_best))]
     _best[key] = best
+    _Disk.unsaved = True
+    if not _Disk.batching:  # pretune writes once, at its end
+        save_tiles()
     return best
+
+
+class _Disk:
+    """The tile choices' disk cache (``tile_cache``) in this process."""
+
+    loaded = False  # read once, at the first choice
+    unsaved = False  # a choice timed since the last write
+    batching = False  # inside ``pretune``, which writes at its end
+
+
+def save_tiles() -> None:
+    """Write the timed choices to the disk cache (``tile_cache``) where one was made since the last write."""
+    if _Disk.unsaved:
+        tile_cache.save(CONFIGS, _best)
+        _Disk.unsaved = False
