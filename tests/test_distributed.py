@@ -29,10 +29,11 @@ class Net(nn.Module):
         return self.head(h)
 
 
-def _optimizer(model, executor=None, stages=False):
-    """``stages``: the pipeline stages of ``stage_examples`` in every slot (registered in this process)."""
+def _optimizer(model, executor=None, stages=False, normuon=False):
+    """``stages``: the pipeline stages of ``stage_examples`` in every slot (registered in this process); ``normuon``:
+    the built-in postscale stage that keeps per-row state."""
     groups = muonkit.param_groups(model, split={"qkv.weight": 3})
-    extra = stage_examples.register() if stages else {}
+    extra = stage_examples.register() if stages else {"postscale": "normuon"} if normuon else {}
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, executor=executor, **extra)
 
 
@@ -48,7 +49,7 @@ def _worker(rank, world, out, task):
     ddp = nn.parallel.DistributedDataParallel(model)
     zero = task.startswith("zero")
     executor = ReplicatedExecutor(exchange="all_reduce" if task == "all_reduce" else "all_gather", shard_state=zero)
-    opt = _optimizer(model, executor, stages=task == "zero-stages")
+    opt = _optimizer(model, executor, stages=task == "zero-stages", normuon=task.endswith("normuon"))
     first, steps = 0, STEPS
     if task in ("resume", "zero-resume"):
         ckpt = torch.load(f"{out}/{source}.ckpt", weights_only=False)
@@ -74,7 +75,7 @@ def _worker(rank, world, out, task):
             if task == "nan" and rank == world - 1:
                 model.fc.weight.grad[0, 0] = float("nan")  # after DDP's all-reduce: only this rank sees it
             opt.step()
-    except muonkit.NonFiniteGradientError as err:
+    except (muonkit.NonFiniteGradientError, ValueError) as err:
         result["error"] = str(err)
     result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result["bytes"] = opt.bytes_communicated
@@ -92,7 +93,8 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoints."""
     out = tmp_path_factory.mktemp("ddp")
-    runs = {2: spawn(_worker, 2, out, ["train", "zero", "zero-save", "save", "accumulate", "nan", "zero-stages"])}
+    runs = {2: spawn(_worker, 2, out, ["train", "zero", "zero-save", "save", "accumulate", "nan", "zero-stages",
+                                      "normuon", "zero-normuon"])}  # fmt: skip
     runs[3] = spawn(_worker, 3, out, ["train", "all_reduce", "zero", "zero-resume:zero-save", "resume:zero-save",
                                       "resume:save"])  # fmt: skip
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
@@ -168,6 +170,19 @@ def test_zero1_runs_the_pipelines_added_stages_as_one_process_does(runs):
         for name, value in with_stages.items():
             assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), name
     assert not torch.allclose(with_stages["fc.weight"], plain["fc.weight"], atol=1e-3)
+
+
+def test_ddp_runs_a_stage_with_row_state_as_one_process_does(runs):
+    """NorMuon's per-row state travels with the NS results, so every rank holds the one-process state and weights;
+    ZeRO-1 (state rows spread over ranks) refuses such a stage with a clear error before changing anything."""
+    alone = single_run(Net, lambda m: _optimizer(m, normuon=True))
+    for r in runs[2]["normuon"]:
+        assert "error" not in r
+        for name, value in alone.items():
+            assert torch.allclose(r["state"][name], value, atol=1e-6, rtol=0), name
+    assert not torch.allclose(alone["fc.weight"], _single()["fc.weight"], atol=1e-3)
+    for r in runs[2]["zero-normuon"]:
+        assert "keeps state per matrix row" in r["error"] and "ZeRO-1" in r["error"]
 
 
 @pytest.mark.parametrize("resume", ["zero-resume", "resume"])

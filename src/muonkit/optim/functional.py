@@ -68,10 +68,14 @@ def muon_step(
     update: str = SLOTS["update"],
     executor: Executor | None = None,
     stats: dict[str, list[Tensor]] | None = None,
+    stage_states: Sequence[Tensor] | None = None,
 ) -> None:
     """One Muon step, in place, for parameters that share one set of hyper-parameters.
 
     ``precondition``, ``postscale``, ``update``: the stages of those pipeline slots, by name (``pipeline``).
+    ``stage_states``: per parameter, the state of a postscale stage that keeps one (``rows_state``, e.g.
+    ``"normuon"``), float32 zeros of ``pipeline.row_state_shape(p.shape, matrix_view)`` at the start, updated in
+    place.
 
     With ``stats`` (a dict), each job appends device tensors, no host sync: ``"orth_error"`` the largest
     ``||O O^T - I||_F / sqrt(min(m, n))`` of its NS outputs (0 for an exact polar factor of full rank),
@@ -99,8 +103,9 @@ def _torch_muon_step(
     ns = {k: opts[k] for k in NS_OPTIONS}
     parts = getattr(executor, "parts", 1)
     jobs = ns_jobs(
-        updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], ns=ns, parts=parts, stats=opts["stats"]
-    )
+        updates, outputs, lr=opts["lr"], adjust_lr=opts["adjust_lr"], ns=ns, parts=parts, stats=opts["stats"],
+        states=opts["stage_states"],
+    )  # fmt: skip
     (executor or run_all)(jobs)
     get_stage("update", opts["update"]).fast(params, outputs, opts["lr"], opts["weight_decay"])
 

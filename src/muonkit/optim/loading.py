@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .options import DEFAULTS, group_errors
+from .pipeline import row_state_shape
 from .shards import gather_rows, is_sharded, my_rows, shard_rows
 from .stages import matrix_parts
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .muon import Muon
 
 # the state entries each algorithm makes: anything else comes from another optimizer
-_STATE_KEYS = {"muon": {"momentum_buffer"}, "adamw": {"step", "exp_avg", "exp_avg_sq"}}
+_STATE_KEYS = {"muon": {"momentum_buffer", "postscale_state"}, "adamw": {"step", "exp_avg", "exp_avg_sq"}}
 
 
 def _check_loadable(opt: Muon, state_dict: dict[str, Any]) -> None:
@@ -66,7 +67,9 @@ def _check_loadable(opt: Muon, state_dict: dict[str, Any]) -> None:
                     "make: is this another optimizer's state dict?"
                 )
             for key, value in entry.items():
-                if key != "step":
+                if key == "postscale_state":  # a rows_state stage's (pipeline): one number per matrix row
+                    _check_tensor(name, key, value, row_state_shape(p.shape, loaded["matrix_view"]))
+                elif key != "step":
                     _check_tensor(name, key, value, tuple(p.shape))
                 elif not isinstance(value, Tensor) or value.numel() != 1:
                     raise ValueError(f"state 'step' of parameter {name} must be a one-number tensor, got {value!r}")

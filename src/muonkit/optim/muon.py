@@ -21,6 +21,7 @@ from .functional import _muon_steps
 from .loading import _check_buffer, _check_loadable, _meta, _static, check_group, restore_after_load, whole_buffers
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, found_inf_flag, nonfinite_skip, settle
 from .options import step_options
+from .pipeline import get_stage, row_state_shape
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
@@ -315,6 +316,15 @@ class Muon(Optimizer):
         """Steps the group's sharded parameters (and ZeRO-1 rows) now; returns the ``muon_steps`` call for the rest."""
         bufs = []
         rows_only = self._shard_state()
+        stateful = get_stage("postscale", group["postscale"]).rows_state
+        sharded = [is_sharded(p) for p in params]
+        if stateful and (rows_only or any(sharded)):
+            raise ValueError(
+                f"postscale={group['postscale']!r} keeps state per matrix row, which sharded parameters (FSDP2/"
+                "DTensor) and ZeRO-1 rows (shard_state=True) do not support yet; use one process or DDP with "
+                "ReplicatedExecutor()"
+            )
+        states = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -328,7 +338,11 @@ class Muon(Optimizer):
             else:
                 _check_buffer(self, group, p, state["momentum_buffer"], rows_only)
             bufs.append(state["momentum_buffer"])
-        sharded = [is_sharded(p) for p in params]
+            if stateful:
+                shape = row_state_shape(p.shape, group["matrix_view"])
+                if tuple(state.get("postscale_state", p).shape) != shape:  # new, or the view changed
+                    state["postscale_state"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                states.append(state["postscale_state"])
         if any(sharded):
             pick = lambda xs, want: [x for x, s in zip(xs, sharded) if s == want]
             sharded_muon_step(
@@ -353,7 +367,10 @@ class Muon(Optimizer):
                 counter=self._sharded_bytes,
             )
             return []
-        return [(params, grads, bufs, {**step_options(group), "executor": self.executor, "stats": stats})]
+        opts = {**step_options(group), "executor": self.executor, "stats": stats}
+        if stateful:
+            opts["stage_states"] = states
+        return [(params, grads, bufs, opts)]
 
     def _shard_state(self) -> bool:
         return bool(getattr(self.executor, "shard_state", False)) and getattr(self.executor, "world_size", 1) > 1

@@ -18,6 +18,13 @@ applied after ``postscale``. Its reference takes one ``(rows, cols)`` float64 ma
 ``fast(params, updates, lr, weight_decay)`` steps lists of tensors in place (``updates`` already carry their lr);
 its reference steps one tensor. Only the defaults have a fused CUDA form: a group with another stage takes the
 torch path (``functional``), whose speed the stage's own code decides.
+
+A postscale stage may keep state: one float32 number per row of each matrix (``Stage(..., rows_state=True)``,
+e.g. NorMuon's second moment per output neuron). Its ``fast(O, S)`` then also takes ``S``, ``(b, rows, 1)``, and
+updates it in place; its ``reference(O, s)`` takes one matrix's ``(rows, 1)``. ``Muon`` keeps it per parameter
+under ``state["postscale_state"]`` (shape ``row_state_shape``: saved, loaded and resumed with the rest), and
+``muon_step`` takes it as ``stage_states``. The DDP executor keeps it equal on every rank (it travels with the
+results); sharded parameters (FSDP2/DTensor) and ZeRO-1 rows refuse such a stage.
 """
 
 from __future__ import annotations
@@ -29,14 +36,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SLOTS", "Stage", "apply_update", "cautious_update", "get_stage", "register", "stage_names", "unregister"]
+__all__ = [
+    "SLOTS",
+    "Stage",
+    "apply_update",
+    "cautious_update",
+    "get_stage",
+    "normuon",
+    "register",
+    "row_state_shape",
+    "stage_names",
+    "unregister",
+]
 
 
 @dataclass(frozen=True)
 class Stage:
     """One named stage of a slot: ``fast`` (batched, what the step runs), ``reference`` (one matrix or tensor,
-    plain, what tests compare ``fast`` with), ``source`` (where the rule comes from) and ``fused`` (the fused
-    CUDA step computes it too; only the defaults)."""
+    plain, what tests compare ``fast`` with), ``source`` (where the rule comes from), ``fused`` (the fused
+    CUDA step computes it too; only the defaults) and ``rows_state`` (a postscale stage that keeps one number
+    per matrix row; see the module docstring)."""
 
     slot: str
     name: str
@@ -44,6 +63,7 @@ class Stage:
     reference: Callable[..., Any]
     source: str
     fused: bool = False
+    rows_state: bool = False
 
 
 def _same(X: Tensor) -> Tensor:
@@ -93,6 +113,42 @@ def _cautious_reference(p: Tensor, update: Tensor, lr: float, weight_decay: floa
         flat[i] = x - (lr * weight_decay * x if step * x >= 0 else 0.0) - step
 
 
+NORMUON_BETA2 = 0.95  # the paper's and its reference code's default
+_TINY = 1e-10  # the reference code's guard in both divisions
+
+
+def normuon(O: Tensor, S: Tensor) -> Tensor:
+    """NorMuon's normalisation of NS outputs ``O`` (``(b, rows, cols)``) with the per-row second moments ``S``
+    (``(b, rows, 1)``, float32, updated in place): ``S <- S + (1 - beta2) (mean_j O_ij^2 - S)``, each row divided
+    by ``sqrt(S_i) + 1e-10``, the result rescaled to ``O``'s Frobenius norm. Returns float32."""
+    X = O.float()
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    S.lerp_(X.square().mean(dim=-1, keepdim=True), 1 - NORMUON_BETA2)
+    X = X / (S.sqrt() + _TINY)
+    return X * (norm / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + _TINY))
+
+
+def _normuon_reference(O: Tensor, s: Tensor) -> Tensor:
+    rows, cols = O.shape
+    out = torch.empty(rows, cols, dtype=torch.float64)
+    before = sum(float(O[i, j]) ** 2 for i in range(rows) for j in range(cols)) ** 0.5
+    for i in range(rows):
+        mean = sum(float(O[i, j]) ** 2 for j in range(cols)) / cols
+        s[i, 0] = float(s[i, 0]) + (1 - NORMUON_BETA2) * (mean - float(s[i, 0]))
+        for j in range(cols):
+            out[i, j] = float(O[i, j]) / (float(s[i, 0]) ** 0.5 + _TINY)
+    after = float(out.square().sum()) ** 0.5
+    return out * (before / (after + _TINY))
+
+
+def row_state_shape(shape: Sequence[int], matrix_view: str) -> tuple[int, ...]:
+    """The shape of a ``rows_state`` stage's state for a parameter of ``shape``: one number per row of each of its
+    matrices (``stages.matrix_parts``: a conv kernel's output channels; a ``"batch"`` view's leading dims kept)."""
+    if len(shape) > 2 and matrix_view == "flatten":
+        return (shape[0], 1)
+    return (*shape[:-1], 1)
+
+
 _BUILT_IN = (
     Stage(
         "update",
@@ -101,6 +157,15 @@ _BUILT_IN = (
         _cautious_reference,
         "Cautious Weight Decay (Chen et al. 2025, arXiv 2510.12402, Algorithm 1): "
         "x <- x - lr (u + wd [u x >= 0] x), entrywise; no new hyper-parameter",
+    ),
+    Stage(
+        "postscale",
+        "normuon",
+        normuon,
+        _normuon_reference,
+        "NorMuon (Li et al. 2025, arXiv 2510.05491; its reference code): per output neuron i, v_i <- beta2 v_i + "
+        "(1 - beta2) mean_j O_ij^2 (beta2 = 0.95, v from 0), O_ij / (sqrt(v_i) + 1e-10), rescaled to ||O||_F",
+        rows_state=True,
     ),
 )
 SLOTS: dict[str, str] = {s.slot: s.name for s in _DEFAULTS}  # slot -> its default stage's name
@@ -118,6 +183,8 @@ def register(stage: Stage) -> Stage:
         raise ValueError(f"a stage's name must be a non-empty string, got {stage.name!r}")
     if stage.name in _REGISTRY[stage.slot]:
         raise ValueError(f"{stage.slot} stage {stage.name!r} is already registered")
+    if stage.rows_state and stage.slot != "postscale":
+        raise ValueError(f"only postscale stages may keep per-row state, not {stage.slot} stage {stage.name!r}")
     _REGISTRY[stage.slot][stage.name] = stage
     return stage
 

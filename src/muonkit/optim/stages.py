@@ -20,6 +20,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -165,6 +166,7 @@ def ns_jobs(
     parts: int = 1,
     stats: dict[str, list[Tensor]] | None = None,
     report_lr: tuple[float, AdjustLR] | None = None,
+    states: Sequence[Tensor] | None = None,
 ) -> list[Job]:
     """The batched orthogonalizations that write ``lr_scale(adjust_lr, lr, shape) * postscale(orthogonalize(
     precondition(u)))`` into ``outputs`` (one output per update, same shape, any floating dtype), as jobs for an
@@ -175,23 +177,32 @@ def ns_jobs(
     Matrices of the same shape, dtype and device (after flattening and splitting) are stacked into calls of
     at most ``max_batch`` (``None``: all, cut into ``parts`` pieces so that a distributed executor can
     balance few shapes). ``report_lr = (lr, adjust_lr)`` is what the statistics' update RMS uses when the
-    outputs are written unscaled (``lr=1, adjust_lr=None``) and scaled later.
+    outputs are written unscaled (``lr=1, adjust_lr=None``) and scaled later. ``states``: per update, the state of
+    a ``rows_state`` postscale stage (``pipeline.row_state_shape``), updated in place; a job's outputs include
+    its pieces, so that an executor that exchanges outputs keeps the state equal on every rank.
     """
     o = {**NS_OPTIONS, **ns}
     method, eps, restarts, view, split = o["method"], o["eps"], o["restarts"], o["matrix_view"], o["split"]
-    batches: dict[tuple, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-    for u, out in zip(updates, outputs):
-        for src, dst in zip(matrix_parts(u, view, split), matrix_parts(out, view, split)):
-            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst))
+    pre, post = get_stage("precondition", o["precondition"]), get_stage("postscale", o["postscale"])
+    if post.rows_state and (states is None or len(states) != len(updates)):
+        raise ValueError(
+            f"postscale stage {post.name!r} keeps state per matrix row: pass one state tensor per update "
+            "(muon_step's stage_states; Muon keeps them)"
+        )
+    batches: dict[tuple, list[tuple[Tensor, Tensor, Tensor | None]]] = defaultdict(list)
+    for k, (u, out) in enumerate(zip(updates, outputs)):
+        kept = matrix_parts(states[k], view, split) if post.rows_state else repeat(None)  # type: ignore[index]
+        for src, dst, st in zip(matrix_parts(u, view, split), matrix_parts(out, view, split), kept):
+            batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst, st))
 
     preset = as_preset(o["coefficients"])
     rows = preset.schedule(o["ns_steps"])
-    pre, post = get_stage("precondition", o["precondition"]), get_stage("postscale", o["postscale"])
 
-    def job(pairs: list[tuple[Tensor, Tensor]], shape: tuple, work: torch.dtype, scale: float, rms: float) -> None:
-        srcs = [src for src, _ in pairs]
+    def job(pairs: list[tuple[Tensor, Tensor, Tensor | None]], shape: tuple, work: torch.dtype, scale: float,
+            rms: float) -> None:  # fmt: skip
+        srcs = [src for src, _, _ in pairs]
         if srcs[0].numel() == 0:  # empty matrices: nothing to orthogonalize, a zero update
-            for _, dst in pairs:
+            for _, dst, _ in pairs:
                 dst.zero_()
             return
         if pre.name != SLOTS["precondition"]:
@@ -201,9 +212,14 @@ def ns_jobs(
         else:  # possibly a CUDA graph's static output: consumed below
             ortho = orthogonalize_stack(srcs, NSCall.of(rows, preset.norm_scale, eps, work, method, restarts))
             ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
-        if post.name != SLOTS["postscale"]:
+        if post.rows_state:
+            kept = [st for _, _, st in pairs]
+            S = torch.stack(kept)  # type: ignore[arg-type]
+            ortho = post.fast(ortho.reshape(-1, *shape[-2:]), S.view(-1, shape[-2], 1)).reshape(len(srcs), *shape)
+            torch._foreach_copy_(kept, list(S.unbind(0)))  # type: ignore[arg-type]
+        elif post.name != SLOTS["postscale"]:
             ortho = post.fast(ortho.reshape(-1, *shape[-2:])).reshape(len(srcs), *shape)
-        for (_, dst), o in zip(pairs, ortho.unbind(0)):
+        for (_, dst, _), o in zip(pairs, ortho.unbind(0)):
             torch.mul(o, scale, out=dst)  # scale and cast in one pass
         if stats is not None:
             _record_stats(stats, ortho.reshape(-1, *shape[-2:]), rms)
@@ -221,7 +237,7 @@ def ns_jobs(
                 Job(
                     cost=float(per_matrix * len(pairs)),
                     run=functools.partial(job, pairs, shape, work, scale, rms),
-                    outputs=[dst for _, dst in pairs],
+                    outputs=[dst for _, dst, _ in pairs] + [st for _, _, st in pairs if st is not None],
                     key=(shape, dtype),
                 )
             )

@@ -33,7 +33,7 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads")
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon")
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -52,10 +52,11 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             (lr_sweep_digits_recipe_cpu_*.json) AdamW's best was 0.064 of {0.004 .. 0.128}, but Muon's result
 #             depended on its AdamW part's lr (best 0.02 with it at 0.032, 0.005 at the grid edge with it at 0.064):
 #             the constant-lr values stay until both are swept together.
-# muon_svd, torch_muon, muon_cwd and muon_heads use Muon's lr (the same update norm: exact polar factor;
-# torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per attention head); sgd outside
-# lm-small and digits is not swept and uses lm-small's value.
-_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads")
+# muon_svd, torch_muon, muon_cwd, muon_heads and normuon use Muon's lr (the same update norm: exact polar factor;
+# torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per attention head; NorMuon, which
+# rescales its normalised update to the NS output's norm); sgd outside lm-small and digits is not swept and uses
+# lm-small's value.
+_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon")
 _SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
 _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -86,13 +87,14 @@ def make_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
-    if name in ("muon", "muon_svd", "muon_cwd", "muon_heads"):
+    if name in ("muon", "muon_svd", "muon_cwd", "muon_heads", "normuon"):
         parts = _heads(model) if name == "muon_heads" else 3  # muon_heads: q, k and v of every head on its own
         groups = param_groups(model, split={"*.qkv.weight": parts} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
         update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
-        return Muon(groups, lr=lr, method=method, update=update, weight_decay=weight_decay, adamw_lr=lrs["adamw"],
-                    adamw_betas=(0.9, 0.95))  # fmt: skip
+        postscale = "normuon" if name == "normuon" else "none"  # normuon: rows normalised by their second moment
+        return Muon(groups, lr=lr, method=method, update=update, postscale=postscale, weight_decay=weight_decay,
+                    adamw_lr=lrs["adamw"], adamw_betas=(0.9, 0.95))  # fmt: skip
     if name == "torch_muon":
         return _torch_muon(model, lr, lrs["adamw"], weight_decay)
     if name == "adamw":
