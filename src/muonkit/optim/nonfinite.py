@@ -64,9 +64,11 @@ def device_check(grads: list[Tensor], flag: Tensor) -> Tensor:
     """Per gradient, whether it is finite (a bool tensor on ``flag``'s device, no host sync), and ``flag`` set to
     1 where any is not, else 0. The largest ``|x|`` of each in one multi-tensor pass, as ``stages.all_finite``."""
     nonempty = [g for g in grads if g.numel()]
-    peaks = iter(torch._foreach_norm(nonempty, float("inf")) if nonempty else ())
-    zero = torch.zeros((), device=flag.device)  # an empty tensor is finite (and has no max)
-    finite = torch.stack([next(peaks) if g.numel() else zero for g in grads]).isfinite()
+    peaks = list(torch._foreach_norm(nonempty, float("inf"))) if nonempty else []
+    if len(nonempty) < len(grads):  # an empty tensor is finite (and has no max)
+        it, zero = iter(peaks), torch.zeros((), device=flag.device)
+        peaks = [next(it) if g.numel() else zero for g in grads]
+    finite = torch.stack(peaks).isfinite()
     flag.copy_(finite.all().logical_not().view(1))
     return finite
 
