@@ -545,8 +545,10 @@ def test_repeated_muon_steps_skip_the_per_parameter_work_and_match_the_full_step
 
 
 def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(launchers, monkeypatch):
-    """A repeated step with a NaN gradient raises the full step's error naming the parameter, changing nothing;
-    a sparse gradient in an AdamW group (its layout was checked when gathered) gets the full step's error."""
+    """A repeated step with a NaN gradient raises the full step's error naming the parameter, changing nothing (on
+    CUDA the check runs on the GPU: that step stores nothing and the next ``step()`` raises, before it changes
+    anything); a sparse gradient in an AdamW group (its layout was checked when gathered) gets the full step's
+    error."""
     import muonkit
 
     _force_fused(monkeypatch, True)
@@ -561,6 +563,8 @@ def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(l
     assert opt._repeat is not None
     before = [t.detach().clone() for t in [*hidden, emb]] + [opt.state[p]["momentum_buffer"].clone() for p in hidden]
     hidden[1].grad[0, 0] = float("nan")
+    if DEVICE.type == "cuda":
+        opt.step()  # checked on the device: no error yet, nothing stored
     with pytest.raises(muonkit.NonFiniteGradientError, match="'b'"):
         opt.step()
     after = [t.detach() for t in [*hidden, emb]] + [opt.state[p]["momentum_buffer"] for p in hidden]

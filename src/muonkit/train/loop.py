@@ -42,10 +42,14 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             4e-3} -> 2e-3 (2.209; 4e-3: 2.212); muon in {0.005, 0.01, 0.02, 0.04, 0.08} with its AdamW part at
 #             2e-3 -> 0.04 (1.634; 0.02: 1.654). sgd (Nesterov, momentum 0.9; swept at constant lr without weight
 #             decay or clipping) in {0.003 .. 1.0} -> 0.01.
-#   lm-medium (H100, torch 2.11; 500 steps, batch 32 x 256; constant lr, no weight decay or clipping):
-#             adamw -> 5e-4, muon -> 0.02. Not swept under the recipe.
-#   lm-large  (H100, torch 2.11; 300 steps, batch 32 x 512; constant lr): adamw in {2.5e-4, 5e-4, 1e-3} ->
-#             2.5e-4 (grid edge), muon in {0.01, 0.02, 0.04} -> 0.02. Not swept under the recipe.
+#   lm-medium (H200, torch 2.11; 500 steps, batch 32 x 256; under the recipe, on 4.5 MB of standard-library source
+#             (a glob over the interpreter's lib, lr_sweep_lm_medium_recipe_h200.json): adamw in {5e-4, 1e-3, 2e-3,
+#             4e-3, 8e-3} -> 2e-3 (1.282; 1e-3: 1.405); muon in {0.01, 0.02, 0.04, 0.08} with its AdamW part at
+#             2e-3 -> 0.02 (0.809; 0.04: 0.813).
+#   lm-large  (H200, the same; 300 steps, batch 32 x 512; lr_sweep_lm_large_recipe_h200.json and
+#             ..._adamw_low_h200.json): adamw in {3e-5, 6e-5, 1.25e-4, 2.5e-4, 5e-4 .. 4e-3} -> 2.5e-4 (1.810;
+#             1.25e-4: 1.866, 5e-4: 1.970); muon in {0.01, 0.02, 0.04, 0.08} with its AdamW part at 2.5e-4 ->
+#             0.04 (0.705; 0.02: 0.745).
 #   lm-tiny   not swept (used by quick runs and tests): lm-small's values.
 #   digits    (2-core CPU; 300 steps, batch 64; constant lr): adamw in {2.5e-4 .. 1.6e-2} -> 8e-3; muon in
 #             {0.0025 .. 0.08} with its AdamW part at 8e-3 -> 0.005; sgd in {0.03 .. 1.0} -> 0.1. Under the recipe
@@ -62,8 +66,8 @@ _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
     "lm-tiny": _SMALL,
     "lm-small": _SMALL,
-    "lm-medium": {**_GPU, "adamw": 5e-4},
-    "lm-large": {**_GPU, "adamw": 2.5e-4},
+    "lm-medium": {**_GPU, "adamw": 2e-3},
+    "lm-large": {**_GPU, **dict.fromkeys(_MUONS, 0.04), "adamw": 2.5e-4},
     "digits": {**dict.fromkeys(_MUONS, 0.005), "adamw": 8e-3, "sgd": 0.1},
 }
 
