@@ -1,11 +1,11 @@
 """Learning-rate sweep behind the demo's defaults (``muonkit.train.loop.DEFAULT_LR``).
 
 For each optimizer, trains the demo model (same seed, batches and steps) at a few learning rates and
-reports the final validation loss. Muon runs use ``--adamw-part-lr`` for their AdamW groups (set it
-to the best AdamW lr). Every run takes the demo's training recipe (warmup, cosine decay, each optimizer's
-weight decay, clipping: ``muonkit.train.recipe``; ``--recipe none`` for constant learning rates without weight
-decay or clipping). A best value on the edge of its grid is flagged: widen the grid (``--grid``) until it is
-inside. Prints a table and writes JSON.
+reports the final validation loss (``--seeds N``: its mean over N initialisations). Muon runs use
+``--adamw-part-lr`` for their AdamW groups (default: the best AdamW lr of the same sweep). Every run takes the
+demo's training recipe (warmup, cosine decay, each optimizer's weight decay, clipping: ``muonkit.train.recipe``;
+``--recipe none`` for constant learning rates without weight decay or clipping). A best value on the edge of its
+grid is flagged: widen the grid (``--grid``) until it is inside. Prints a table and writes JSON.
 
     python benchmarks/lr_sweep.py --task lm --steps 300 --out benchmarks/results/lr_sweep_lm_cpu.json
 """
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="LM text: a file, a directory or a glob (default: built-in)")
     ap.add_argument("--out", default="lr_sweep.json")
     ap.add_argument("--grid", action="append", default=[], metavar="NAME=LR1,LR2", help="replace a grid")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per lr (initialisations 0..N-1), losses averaged")
     args = ap.parse_args()
     for item in args.grid:
         name, _, values = item.partition("=")
@@ -63,12 +64,19 @@ def main() -> None:
         for lr in GRID[name]:
             t0 = time.perf_counter()
             lrs = {name: lr} if part_lr is None or name == "adamw" else {name: lr, "adamw": part_lr}
-            r = train_one(task, name, steps=args.steps, eval_every=args.steps, lrs=lrs, recipe=recipe)
-            row = {"optimizer": name, "lr": lr, "final_val_loss": r.val_loss[-1], "seconds": time.perf_counter() - t0}
-            if "val_acc" in r.metrics:
-                row["final_val_acc"] = r.metrics["val_acc"][-1]
+            runs = [
+                train_one(task, name, steps=args.steps, eval_every=args.steps, lrs=lrs, recipe=recipe, seed=seed)
+                for seed in range(args.seeds)
+            ]
+            losses = [r.val_loss[-1] for r in runs]
+            row = {"optimizer": name, "lr": lr, "final_val_loss": sum(losses) / len(losses),
+                   "seconds": (time.perf_counter() - t0) / len(runs)}  # fmt: skip
+            if args.seeds > 1:
+                row["per_seed_val_loss"] = losses
+            if all("val_acc" in r.metrics for r in runs):
+                row["final_val_acc"] = sum(r.metrics["val_acc"][-1] for r in runs) / len(runs)
             rows.append(row)
-            print(f"{name:<8} lr={lr:<8g} val_loss={r.val_loss[-1]:.4f}  ({row['seconds']:.0f}s)", flush=True)
+            print(f"{name:<8} lr={lr:<8g} val_loss={row['final_val_loss']:.4f}  ({row['seconds']:.0f}s)", flush=True)
             save(args, task, recipe, part_lr, rows)
     best, edges = save(args, task, recipe, part_lr, rows)
     print("\nbest lr:", {k: v["lr"] for k, v in best.items()})
@@ -89,6 +97,7 @@ def save(args: argparse.Namespace, task: Any, recipe: Recipe | None, part_lr: fl
         "task": args.task,
         "size": args.size if args.task == "lm" else None,
         "steps": args.steps,
+        "seeds": args.seeds,
         "batch_size": task.batch_size,
         "adamw_part_lr": part_lr or loop_mod.resolve_lrs(task.lr_key)["adamw"],
         "data": args.data,
