@@ -50,7 +50,9 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             ..._adamw_low_h200.json): adamw in {3e-5, 6e-5, 1.25e-4, 2.5e-4, 5e-4 .. 4e-3} -> 2.5e-4 (1.810;
 #             1.25e-4: 1.866, 5e-4: 1.970); muon in {0.01, 0.02, 0.04, 0.08} with its AdamW part at 2.5e-4 ->
 #             0.04 (0.705; 0.02: 0.745).
-#   lm-tiny   not swept (used by quick runs and tests): lm-small's values.
+#   lm-tiny   (2-core CPU; 40 steps, the quick demo's; batch 16 x 64; under the recipe, 3 initialisations per lr;
+#             lr_sweep_lm_tiny_recipe_cpu.json): adamw in {5e-4 .. 1.6e-2} -> 4e-3 (2.778; 8e-3: 2.808); muon in
+#             {0.01 .. 0.16} with its AdamW part at 4e-3 -> 0.04 (2.560; 0.02: 2.567, 0.08: 2.576).
 #   digits    (2-core CPU; 300 steps, batch 64; under the recipe, 3 initialisations per lr, mean validation loss;
 #             lr_sweep_digits_recipe_cpu_seeds.json): adamw in {0.008, 0.016, 0.032, 0.064, 0.128} -> 0.016 (0.0213;
 #             0.008: 0.0243, 0.032: 0.0248); muon in {0.0025 .. 0.08} with its AdamW part at 0.016 -> 0.005 (0.0390;
@@ -64,7 +66,7 @@ _MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon")
 _SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
 _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
-    "lm-tiny": _SMALL,
+    "lm-tiny": {**_SMALL, "adamw": 4e-3},
     "lm-small": _SMALL,
     "lm-medium": {**_GPU, "adamw": 2e-3},
     "lm-large": {**_GPU, **dict.fromkeys(_MUONS, 0.04), "adamw": 2.5e-4},
