@@ -39,11 +39,13 @@ from torch import Tensor
 __all__ = [
     "SLOTS",
     "Stage",
+    "aol",
     "apply_update",
     "cautious_update",
     "get_stage",
     "normuon",
     "register",
+    "row_normalise",
     "row_state_shape",
     "stage_names",
     "unregister",
@@ -54,8 +56,9 @@ __all__ = [
 class Stage:
     """One named stage of a slot: ``fast`` (batched, what the step runs), ``reference`` (one matrix or tensor,
     plain, what tests compare ``fast`` with), ``source`` (where the rule comes from), ``fused`` (the fused
-    CUDA step computes it too; only the defaults) and ``rows_state`` (a postscale stage that keeps one number
-    per matrix row; see the module docstring)."""
+    CUDA step computes it too; only the defaults), ``rows_state`` (a postscale stage that keeps one number
+    per matrix row; see the module docstring) and ``normalises`` (a precondition stage whose output has spectral
+    norm at most 1: NS takes it as it is, without dividing by the Frobenius norm)."""
 
     slot: str
     name: str
@@ -64,6 +67,7 @@ class Stage:
     source: str
     fused: bool = False
     rows_state: bool = False
+    normalises: bool = False
 
 
 def _same(X: Tensor) -> Tensor:
@@ -113,6 +117,44 @@ def _cautious_reference(p: Tensor, update: Tensor, lr: float, weight_decay: floa
         flat[i] = x - (lr * weight_decay * x if step * x >= 0 else 0.0) - step
 
 
+def aol(X: Tensor) -> Tensor:
+    """AOL rescaling (Turbo-Muon): on each matrix as NS sees it (``W``, the wide orientation), ``W <- diag(s) W`` with
+    ``s_i = (sum_j |W W^T|_ij)^(-1/2)``, which bounds the spectral norm by 1 (Prach & Lampert's AOL bound) and lifts
+    the small singular values more than a Frobenius normalisation does. Float32 Gram matrix; returns float32."""
+    tall = X.shape[-2] > X.shape[-1]
+    W = (X.mT if tall else X).float()
+    s = torch.rsqrt((W @ W.mT).abs().sum(dim=-1).clamp_min(1e-30))
+    W = W * s.unsqueeze(-1)
+    return W.mT if tall else W
+
+
+def _aol_reference(X: Tensor) -> Tensor:
+    tall = X.shape[0] > X.shape[1]
+    W = (X.T if tall else X).double()
+    m, n = W.shape
+    out = torch.empty(m, n, dtype=torch.float64)
+    for i in range(m):
+        total = sum(abs(sum(float(W[i, k]) * float(W[j, k]) for k in range(n))) for j in range(m))
+        for k in range(n):
+            out[i, k] = float(W[i, k]) / max(total, 1e-30) ** 0.5
+    return out.T if tall else out
+
+
+def row_normalise(X: Tensor) -> Tensor:
+    """MuonEq's row normalisation (R): every row (output feature) of each matrix to unit Euclidean norm (a zero row
+    stays 0). Returns float32."""
+    X = X.float()
+    return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def _row_normalise_reference(X: Tensor) -> Tensor:
+    out = X.double().clone()
+    for i in range(out.shape[0]):
+        norm = float(out[i].square().sum()) ** 0.5
+        out[i] = out[i] / max(norm, 1e-30)
+    return out
+
+
 NORMUON_BETA2 = 0.95  # the paper's and its reference code's default
 _TINY = 1e-10  # the reference code's guard in both divisions
 
@@ -159,6 +201,22 @@ _BUILT_IN = (
         "x <- x - lr (u + wd [u x >= 0] x), entrywise; no new hyper-parameter",
     ),
     Stage(
+        "precondition",
+        "aol",
+        aol,
+        _aol_reference,
+        "Turbo-Muon (Boissin et al. 2025, arXiv 2512.04632): AOL rescaling W <- diag(s) W, s_i = (sum_j |W W^T|_ij)"
+        "^(-1/2), on the wide orientation, in place of the Frobenius normalisation (spectral norm <= 1)",
+        normalises=True,
+    ),
+    Stage(
+        "precondition",
+        "row_norm",
+        row_normalise,
+        _row_normalise_reference,
+        "MuonEq, row form R (arXiv 2603.28254): each row of the momentum matrix to unit norm before NS",
+    ),
+    Stage(
         "postscale",
         "normuon",
         normuon,
@@ -185,6 +243,8 @@ def register(stage: Stage) -> Stage:
         raise ValueError(f"{stage.slot} stage {stage.name!r} is already registered")
     if stage.rows_state and stage.slot != "postscale":
         raise ValueError(f"only postscale stages may keep per-row state, not {stage.slot} stage {stage.name!r}")
+    if stage.normalises and stage.slot != "precondition":
+        raise ValueError(f"only precondition stages may normalise NS's input, not {stage.slot} stage {stage.name!r}")
     _REGISTRY[stage.slot][stage.name] = stage
     return stage
 

@@ -209,6 +209,12 @@ def ns_jobs(
             srcs = list(pre.fast(torch.stack(srcs).reshape(-1, *shape[-2:])).reshape(len(srcs), *shape).unbind(0))
         if method == "svd":
             ortho = orthogonalize(torch.stack(srcs), method="svd")
+        elif pre.normalises:  # spectral norm <= 1 already: NS takes it as it is (wide, in the NS precision)
+            X = torch.stack(srcs).reshape(-1, *shape[-2:])
+            tall = X.shape[-2] > X.shape[-1]
+            X = (X.mT if tall else X).to(work).contiguous()
+            ortho = NSCall.prenormalised_call(rows, work, method, restarts).run(X, fresh=True)
+            ortho = (ortho.mT if tall else ortho).reshape(len(srcs), *shape)
         else:  # possibly a CUDA graph's static output: consumed below
             ortho = orthogonalize_stack(srcs, NSCall.of(rows, preset.norm_scale, eps, work, method, restarts))
             ortho = ortho.reshape(len(srcs), *srcs[0].shape)  # "batch" views have leading dims
