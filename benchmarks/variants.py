@@ -20,7 +20,7 @@ from muonkit.train import SIZES, LMTask, builtin_corpus, run_comparison, run_key
 from muonkit.train.recipe import Recipe
 from muonkit.train.report import environment
 
-VARIANTS = ("muon", "muon_cwd", "normuon", "adamw")
+VARIANTS = ("muon", "muon_cwd", "normuon", "muon_aol", "adamw")
 
 
 def at_wall(result: Any, seconds: float) -> float:

@@ -69,6 +69,11 @@ def test_each_optimizer_gets_its_own_standard_weight_decay():
     heads = make_optimizer("muon_heads", model, {"muon_heads": 0.02, "adamw": 1e-3}, split_qkv=True)
     splits = {n: g["split"] for g in heads.param_groups for n in g.get("param_names", ()) if g["algorithm"] == "muon"}
     assert splits["blocks.0.attn.qkv.weight"] == 3 * TINY.n_head  # q, k, v of each head: its own NS
+    nor = make_optimizer("normuon", model, {"normuon": 0.02, "adamw": 1e-3}, weight_decay=0.01)
+    assert {g["postscale"] for g in nor.param_groups if g["algorithm"] == "muon"} == {"normuon"}
+    aol = make_optimizer("muon_aol", model, {"muon_aol": 0.02, "adamw": 1e-3}, weight_decay=0.01)
+    assert {(g["precondition"], g["ns_steps"]) for g in aol.param_groups if g["algorithm"] == "muon"} == {("aol", 4)}
+    assert r.decay_for("normuon") == r.decay_for("muon_aol") == 0.01
 
 
 def test_a_run_follows_the_schedule_and_clips(task, monkeypatch):
