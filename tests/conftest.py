@@ -36,6 +36,30 @@ def upper_only(T, tile: int):
     return T.masked_fill(r[:, None] > r[None, :], float("nan"))
 
 
+def stand_in_timing(monkeypatch, ms_of):
+    """CPU stand-ins for the kernel tuner's CUDA timing (``accel.kernels._tune``): no capture under way, no tuned
+    shapes yet, and events whose elapsed time is ``ms_of()`` (the milliseconds of the configuration run last)."""
+    from muonkit.accel import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(kernels, "_best", {})
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return ms_of()
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+
+
 def scalar_phi(rows, x):
     """Compose the odd polynomials of ``rows`` on the scalars ``x`` (float64)."""
     x = np.asarray(x, dtype=np.float64)

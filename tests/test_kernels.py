@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import muonkit
-from conftest import upper_only
+from conftest import stand_in_timing, upper_only
 from muonkit.accel import kernels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -126,28 +126,6 @@ def test_triton_sym_product_matches_torch_and_is_symmetric(shape):
     assert (B.float() - ref_b).abs().max() < 2e-2 * ref_b.abs().max()
 
 
-def _stand_in_timing(monkeypatch, ms_of):
-    """CPU stand-ins for the tuner's CUDA timing: no capture under way, no tuned shapes yet, and events whose
-    elapsed time is ``ms_of()`` (the milliseconds of the configuration run last)."""
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(kernels, "_best", {})
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return ms_of()
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-
-
 def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
     """A configuration whose shared memory the GPU lacks (Triton raises at its first launch) is skipped, not
     fatal; none fitting is a clear error. CUDA events stand in for timing (CPU)."""
@@ -162,7 +140,7 @@ def test_tuner_skips_configurations_the_gpu_has_no_room_for(monkeypatch):
             raise errors.OutOfResources(160 * 1024, 100 * 1024, "shared memory")
         last.append(cfg)
 
-    _stand_in_timing(monkeypatch, lambda: ms[last[-1]])
+    stand_in_timing(monkeypatch, lambda: ms[last[-1]])
     assert kernels._tune(run, (1, 768, 768, True, torch.bfloat16, False, True)) == (128, 64, 8, 4)
     too_big = set(ms)
     with pytest.raises(RuntimeError, match="no tile configuration"):
@@ -224,7 +202,7 @@ def test_tuner_gives_upper_storage_calls_only_upper_tile_sized_tiles(monkeypatch
     pytest.importorskip("triton")
     monkeypatch.setattr(kernels, "CONFIGS", ((64, 64, 4, 3), (128, 64, 8, 3), (128, 256, 8, 3)))
     tried: list = []
-    _stand_in_timing(monkeypatch, lambda: {(64, 64, 4, 3): 1.0, (128, 64, 8, 3): 2.0}.get(tried[-1], 3.0))
+    stand_in_timing(monkeypatch, lambda: {(64, 64, 4, 3): 1.0, (128, 64, 8, 3): 2.0}.get(tried[-1], 3.0))
     assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, False, True)) == (64, 64, 4, 3)
     tried.clear()
     assert kernels._tune(tried.append, (1, 768, 768, True, torch.bfloat16, True, False)) == (128, 64, 8, 3)
@@ -241,7 +219,7 @@ def test_tuned_choices_are_bounded_oldest_first(monkeypatch):
     monkeypatch.setattr(kernels, "_best", {})
     monkeypatch.setattr(kernels, "_MAX_BEST", 3)
     tried: list = []
-    _stand_in_timing(monkeypatch, lambda: 1.0)
+    stand_in_timing(monkeypatch, lambda: 1.0)
     keys = [(b, 768, 768, True, torch.bfloat16, False, True, "gpu") for b in range(1, 6)]
     for key in keys:
         kernels._tune(tried.append, key)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import stand_in_timing
 from muonkit.accel import kernels, tile_cache
 
 CONFIGS = ((128, 64, 8, 3), (128, 64, 4, 3))
@@ -78,26 +79,10 @@ def test_the_tuner_reads_what_an_earlier_process_timed(monkeypatch, cache_dir):
     written choice without timing anything."""
     pytest.importorskip("triton")
     monkeypatch.setattr(kernels, "CONFIGS", CONFIGS)
-    monkeypatch.setattr(kernels, "_best", {})
     monkeypatch.setattr(kernels._Disk, "loaded", False)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     ms = {(128, 64, 8, 3): 2.0, (128, 64, 4, 3): 1.0}
     last: list = []
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return ms[last[-1]]
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    stand_in_timing(monkeypatch, lambda: ms[last[-1]])
     key = (*KEY[:5], True, False, "gpu")  # not upper storage: every configuration is a candidate
     assert kernels._tune(last.append, key) == (128, 64, 4, 3) and last
     assert tile_cache.load(CONFIGS) == {key: (128, 64, 4, 3)}
