@@ -142,3 +142,12 @@ def test_functional_step_without_the_state_is_a_clear_error():
     state = torch.zeros(4, 1)
     muon_step([p], [g], [b], **kw, stage_states=[state])
     assert state.abs().sum() > 0 and p.abs().sum() > 0
+
+
+def test_a_column_matrix_gets_its_state_too():
+    """A (rows, 1) parameter's state has the parameter's own shape: it is still made, not taken for existing."""
+    p = nn.Parameter(torch.randn(5, 1))
+    opt = Muon([p], postscale="normuon")
+    p.grad = torch.randn(5, 1)
+    opt.step()
+    assert opt.state[p]["postscale_state"].shape == (5, 1) and opt.state[p]["postscale_state"].abs().sum() > 0

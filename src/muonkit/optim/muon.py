@@ -340,7 +340,8 @@ class Muon(Optimizer):
             bufs.append(state["momentum_buffer"])
             if stateful:
                 shape = row_state_shape(p.shape, group["matrix_view"])
-                if tuple(state.get("postscale_state", p).shape) != shape:  # new, or the view changed
+                kept = state.get("postscale_state")
+                if kept is None or tuple(kept.shape) != shape:  # new, or the group's matrix view changed
                     state["postscale_state"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
                 states.append(state["postscale_state"])
         if any(sharded):
