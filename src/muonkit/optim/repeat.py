@@ -109,7 +109,7 @@ def repeatable(
         structure = [(read, _snapshot(read(g))) for g, _, _ in gathered for read in [_READ[g["algorithm"]]]]
     except KeyError:  # an option missing (a group dict edited by hand; load_state_dict fills later ones)
         return None
-    names = [(gi, i) for _, end, gi, _, _ in calls for i in range(len(gathered[gi][1]))]
+    names = [(gi, i) for _, _, gi, _, _ in calls for i in range(len(gathered[gi][1]))]
     names += [(gi, i) for _, _, gi in spans for i in range(len(gathered[gi][1]))]
     steps = [opt.state[p]["step"] for p in flat[n_muon:]]
     return Repeat(
