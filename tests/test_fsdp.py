@@ -44,6 +44,20 @@ class Net(nn.Module):
         return self.head(h)
 
 
+class ExpertNet(Net):
+    """``Net`` with a stack of four 10 x 6 expert matrices (``matrix_view="batch"``), sharded on the expert dim
+    (2 + 2 over 2 ranks, 2 + 2 + 0 over 3) and orthogonalized per expert on its owner."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(4, D, 6) / D**0.5)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = h + torch.einsum("btd,edf->btf", h, self.experts).repeat(1, 1, 2)[..., :D] / 4
+        return self.head(h + self.fc2(torch.relu(self.fc(self.norm(h)))))
+
+
 def _optimizer(model, **kw):
     groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
@@ -70,7 +84,7 @@ def _worker(rank, world, out, task):
     # a CPU mesh, stated: without one, fully_shard takes the accelerator's device type (CUDA where there is one)
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
-    model = Net()
+    model = ExpertNet() if task == "experts" else Net()
     for module in (model.qkv, model.kv, model.fc, model.fc2, model.head):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -120,8 +134,8 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoint."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan"])}
-    runs[3] = spawn(_worker, 3, out, ["train", "resume:save"])
+    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts"])}
+    runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts"])
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
     return runs
 
@@ -174,6 +188,36 @@ def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(runs):
     torch.manual_seed(0)
     fresh = Net().state_dict()
     assert all(torch.equal(results[0]["state"][k], v) for k, v in fresh.items())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_expert_stacks_equal_single_process(world, runs):
+    """Expert stacks sharded on the expert dim (a rank may hold none) step as in one process."""
+    _assert_close(runs[world]["experts"], single_run(ExpertNet, _optimizer, STEPS), atol=1e-6)
+
+
+def test_an_expert_stack_is_orthogonalized_per_expert():
+    """In one process (what the sharded runs equal): each expert's update is the orthogonalized momentum of that
+    expert alone, never of the stack as one 4 x 60 slab."""
+    torch.manual_seed(0)
+    model = ExpertNet()
+    opt = _optimizer(model)
+    group = next(g for g in opt.param_groups if "experts" in g.get("param_names", ()))
+    assert group["matrix_view"] == "batch"
+    before = model.experts.detach().clone()
+    x, y = batch(0)
+    loss(model, x, y).backward()
+    g = model.experts.grad.clone()
+    opt.step()
+    lr = group["lr"]
+    step = before * (1 - lr * group["weight_decay"]) - model.experts.detach()
+    scale = lr * (D / 6) ** 0.5  # rows over cols of one expert: the "original" lr rule
+    u = g * (1 - 0.95) * (1 + 0.95)  # first step: buf = 0.05 g, Nesterov u = g.lerp(buf, 0.95)
+    for e in range(4):
+        want = muonkit.orthogonalize(u[e], dtype=torch.float32, method="newton_schulz") * scale
+        torch.testing.assert_close(step[e], want, rtol=1e-4, atol=1e-6)
+    slab = muonkit.orthogonalize(u.reshape(4, -1), dtype=torch.float32, method="newton_schulz").reshape(g.shape)
+    assert not torch.allclose(step, slab * scale, atol=1e-3)
 
 
 @pytest.mark.parametrize("resume_world", [3, 1])
