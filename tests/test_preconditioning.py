@@ -88,3 +88,24 @@ def test_muon_with_aol_equals_the_reference_step():
             _reference_aol_step(p, gr, b, lr=0.05)
     for got, want in zip(params, ref):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [{"precondition": "aol", "ns_steps": 4}, {"postscale": "normuon"}])
+def test_stages_on_cuda_match_the_cpu_step(options):
+    """The torch path these stages take on CUDA (NS graphs, a prenormalised call for AOL) gives the CPU's steps."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(64, 32), (32, 96), (48, 48)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    results = []
+    for device in ("cpu", "cuda"):
+        params = [nn.Parameter(p.clone().to(device)) for p in start]
+        opt = Muon(params, lr=0.05, ns_dtype=torch.float32, method="newton_schulz", **options)
+        for step in grads:
+            for p, gr in zip(params, step):
+                p.grad = gr.to(device)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
