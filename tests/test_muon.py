@@ -587,6 +587,37 @@ def test_accel_switch_is_checked_read_from_the_environment_at_construction_and_a
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_pickled_or_copied_optimizer_keeps_its_settings_and_steps_the_same(how):
+    """torch.optim pickles only defaults, state and groups: Muon's own settings (the non-finite policy and its
+    count, diagnostics, the AdamW defaults) come along too, and the copy continues the same trajectory."""
+    import pickle
+
+    torch.manual_seed(3)
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(4))]
+    opt = Muon([{"params": params[:1]}, {"params": params[1:], "algorithm": "adamw"}], nonfinite="skip",
+               diagnostics=True, adamw_lr=1e-3)  # fmt: skip
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()  # skipped and counted
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    bundle = {"params": params, "opt": opt}
+    copy_ = pickle.loads(pickle.dumps(bundle)) if how == "pickle" else copy.deepcopy(bundle)
+    twin, twin_params = copy_["opt"], copy_["params"]
+    assert (twin.nonfinite, twin.nonfinite_skips, twin.diagnostics) == ("skip", 1, True)
+    assert twin._adamw_defaults["lr"] == 1e-3 and twin.executor is None
+    for ps in (params, twin_params):
+        for p, g in zip(ps, (torch.ones(6, 4), torch.ones(4))):
+            p.grad = g.clone()
+    opt.step()
+    twin.step()
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+    assert set(twin.stats()) == set(opt.stats())
+
+
 def test_an_optimizer_pickled_before_the_accel_option_still_steps():
     p = nn.Parameter(torch.randn(6, 4))
     opt = Muon([p])

@@ -32,6 +32,8 @@ from .tuning import pretune
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
 ALGORITHMS = ("muon", "adamw")
+# Muon's own settings that pickle and deepcopy keep (``Muon.__getstate__``); the rest is made afresh
+_PICKLED = ("accel", "nonfinite", "_nonfinite_skips", "comm_dtype", "diagnostics", "_adamw_defaults")
 
 
 class Muon(Optimizer):
@@ -449,6 +451,30 @@ class Muon(Optimizer):
         return out
 
     # ------------------------------------------------------------------ state
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: torch.optim's three members (defaults, state, groups) and
+        Muon's own settings (``_PICKLED``). The executor is not kept (it holds a process group): an unpickled
+        optimizer has none until one is assigned (``opt.executor = ReplicatedExecutor()``)."""
+        settle(self)  # a pending step's skip is counted before it is saved
+        state = super().__getstate__()
+        state["muonkit"] = {name: getattr(self, name) for name in _PICKLED if hasattr(self, name)}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        kept = state.pop("muonkit", {})  # absent in an optimizer pickled before Muon kept its settings
+        super().__setstate__(state)
+        adamw = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": self.defaults.get("weight_decay", 0.0)}
+        defaults = {"accel": _accel.from_env(), "nonfinite": "raise", "_nonfinite_skips": 0, "comm_dtype": None,
+                    "diagnostics": False, "_adamw_defaults": adamw}  # the constructor's defaults  # fmt: skip
+        for name in _PICKLED:
+            setattr(self, name, kept.get(name, defaults[name]))
+        self.executor = None
+        self._sharded_bytes = [0]
+        self._stats = {}
+        self._repeat = None
+        self._nonfinite_pending = self._finite_host = self._nonfinite_error = None
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``'s. With ``ReplicatedExecutor(shard_state=True)`` the momentum rows of all ranks are
