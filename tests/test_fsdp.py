@@ -88,7 +88,7 @@ def _worker(rank, world, out, task):
     for module in (model.qkv, model.kv, model.fc, model.fc2, model.head):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {}
+    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {"postscale": "normuon"} if task == "normuon" else {}
     opt = _optimizer(model, **kw)
     first, steps = 0, STEPS
     if task == "resume":
@@ -134,8 +134,8 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoint."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts"])}
-    runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts"])
+    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts", "normuon"])}
+    runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts", "normuon"])
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
     return runs
 
@@ -194,6 +194,15 @@ def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(runs):
 def test_fsdp2_expert_stacks_equal_single_process(world, runs):
     """Expert stacks sharded on the expert dim (a rank may hold none) step as in one process."""
     _assert_close(runs[world]["experts"], single_run(ExpertNet, _optimizer, STEPS), atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_runs_a_stage_with_row_state_as_one_process_does(world, runs):
+    """NorMuon's per-row state, whole on every rank: each owner updates its matrices' and one all-reduce shares
+    them, so every rank steps as one process does."""
+    alone = single_run(Net, lambda m: _optimizer(m, postscale="normuon"))
+    _assert_close(runs[world]["normuon"], alone, atol=1e-6)
+    assert not torch.allclose(alone["fc.weight"], _single()["fc.weight"], atol=1e-3)
 
 
 def test_an_expert_stack_is_orthogonalized_per_expert():

@@ -320,13 +320,7 @@ class Muon(Optimizer):
         rows_only = self._shard_state()
         stateful = get_stage("postscale", group["postscale"]).rows_state
         sharded = [is_sharded(p) for p in params]
-        if stateful and (rows_only or any(sharded)):
-            raise ValueError(
-                f"postscale={group['postscale']!r} keeps state per matrix row, which sharded parameters (FSDP2/"
-                "DTensor) and ZeRO-1 rows (shard_state=True) do not support yet; use one process or DDP with "
-                "ReplicatedExecutor()"
-            )
-        states = []
+        states: list[Tensor] = []  # a rows_state stage's, whole on every rank (one number per matrix row)
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -356,8 +350,10 @@ class Muon(Optimizer):
                 comm_dtype=self.comm_dtype,
                 stats=stats,
                 counter=self._sharded_bytes,
+                stage_states=pick(states, True) if stateful else None,
             )
             params, grads, bufs = pick(params, False), pick(grads, False), pick(bufs, False)
+            states = pick(states, False) if stateful else states
         if rows_only:
             zero_muon_step(
                 params,
@@ -368,6 +364,7 @@ class Muon(Optimizer):
                 comm_dtype=self.comm_dtype,
                 stats=stats,
                 counter=self._sharded_bytes,
+                stage_states=states if stateful else None,
             )
             return []
         opts = {**step_options(group), "executor": self.executor, "stats": stats}

@@ -24,7 +24,8 @@ e.g. NorMuon's second moment per output neuron). Its ``fast(O, S)`` then also ta
 updates it in place; its ``reference(O, s)`` takes one matrix's ``(rows, 1)``. ``Muon`` keeps it per parameter
 under ``state["postscale_state"]`` (shape ``row_state_shape``: saved, loaded and resumed with the rest), and
 ``muon_step`` takes it as ``stage_states``. The DDP executor keeps it equal on every rank (it travels with the
-results); sharded parameters (FSDP2/DTensor) and ZeRO-1 rows refuse such a stage.
+results); with sharded parameters (FSDP2/DTensor) and ZeRO-1 rows it is whole on every rank, updated by each
+matrix's owner and shared by one all-reduce (``sharded._ShardedExchange``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..newton_schulz import default_ns_dtype
 from .options import DEFAULTS, NS_OPTIONS, STEP_OPTIONS
 from .pipeline import get_stage
-from .shards import RankGroup, assign_jobs, local, shard_group, shard_rows, start_row_gather
+from .shards import RankGroup, assign_jobs, local, shard_group, shard_rows, start_row_gather, unpack
 from .stages import lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 
 __all__ = ["sharded_muon_step", "zero_muon_step"]
@@ -65,9 +65,12 @@ def sharded_muon_step(
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
+    stage_states: Sequence[Tensor] | None = None,
     **options: Any,
 ) -> None:
     """One Muon step for DTensor parameters sharded on dim 0 (see the module docstring). In place.
+    ``stage_states``: a ``rows_state`` postscale stage's state per parameter, whole on every rank (one number
+    per matrix row: small); the owner updates it and every rank receives the result (``_ShardedExchange``).
 
     ``comm_dtype`` (``None``: exact) is the dtype updates travel in to their owners; results travel back
     in the NS dtype when all of a parameter's parts share one lr scale (exact), else in the update dtype.
@@ -89,16 +92,18 @@ def sharded_muon_step(
     new_updates: list[Tensor | None] = [None] * len(params)
     for group, index in by_group.items():
         world, rank = infos[index[0]][1], infos[index[0]][2]
+        states = None if stage_states is None else [stage_states[i] for i in index]
         if group is None or world == 1:  # replicated DTensors: the local tensor is the whole matrix
             outs = [torch.empty_like(updates[i]) for i in index]
-            run_all(ns_jobs([updates[i] for i in index], outs, lr=lr, adjust_lr=adjust_lr, ns=ns, stats=stats))
+            ups = [updates[i] for i in index]
+            run_all(ns_jobs(ups, outs, lr=lr, adjust_lr=adjust_lr, ns=ns, stats=stats, states=states))
             for i, o in zip(index, outs):
                 new_updates[i] = o
             continue
         exchange = _ShardedExchange(group, world, rank, comm_dtype, counter)
-        for i, o in zip(
-            index, exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, ns, stats)
-        ):
+        results = exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, ns, stats,
+                               states)  # fmt: skip
+        for i, o in zip(index, results):
             new_updates[i] = o
     assert all(u is not None for u in new_updates)
     get_stage("update", opts["update"]).fast(local_params, new_updates, lr, opts["weight_decay"])
@@ -113,6 +118,7 @@ def zero_muon_step(
     comm_dtype: torch.dtype | None = None,
     stats: dict[str, list[Tensor]] | None = None,
     counter: list[int] | None = None,
+    stage_states: Sequence[Tensor] | None = None,
     **options: Any,
 ) -> None:
     """Muon for replicated (DDP) parameters with ZeRO-1 style momentum: this rank keeps only its
@@ -122,7 +128,7 @@ def zero_muon_step(
     owners as in the FSDP2 path (``all_to_all``, NS there, rows back), then one ``all_gather`` per
     same-shape bucket gives every rank the whole update. The result equals single-process Muon; the
     state takes 1/W of the memory, for more bytes than the replicated exchange (1.75x on 2 GPUs for the
-    1B-class set of benchmarks/distributed.py). ``options`` as for ``sharded_muon_step``.
+    1B-class set of benchmarks/distributed.py). ``options`` and ``stage_states`` as for ``sharded_muon_step``.
     """
     opts, ns = _step_options(options, "zero_muon_step")
     if not params:
@@ -140,7 +146,7 @@ def zero_muon_step(
         row_grads.append(g[start : start + rows[rank]])
     updates = momentum_update(row_grads, row_buffers, opts["momentum"], opts["nesterov"])
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
-    stacks = exchange.run_stacked(params, updates, opts["lr"], opts["adjust_lr"], ns, stats)
+    stacks = exchange.run_stacked(params, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states)
     pending = [  # stack: (n, rows_me, *tail) -> every rank's rows, one all-gather per bucket in flight
         (order, start_row_gather(stack, int(params[order[0]].shape[0]), executor, counter)) for order, stack in stacks
     ]
@@ -189,10 +195,13 @@ class _ShardedExchange:
         adjust_lr: Any,
         ns: dict[str, Any],
         stats: dict[str, list[Tensor]] | None,
+        states: Sequence[Tensor] | None = None,
     ) -> list[tuple[list[int], Tensor]]:
         """Scaled orthogonalized updates, this rank's rows: per bucket ``(order, (n, rows_me, *tail))``.
 
-        ``params`` give the global shapes; ``updates`` are this rank's dim-0 rows of each update.
+        ``params`` give the global shapes; ``updates`` are this rank's dim-0 rows of each update. ``states``: a
+        ``rows_state`` postscale stage's state per parameter, whole and equal on every rank: each owner updates
+        those of its matrices, then one all-reduce gives every rank every owner's result.
         """
         world, rank = self.world, self.rank
         groups: dict[tuple, list[int]] = {}
@@ -239,12 +248,17 @@ class _ShardedExchange:
                     if b.uniform
                     else {"lr": lr, "adjust_lr": adjust_lr}
                 )
-                run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, **rule))
+                first_mine = sum(b.count[:rank])
+                kept = None if states is None else [states[i] for i in b.order[first_mine : first_mine + mine]]
+                run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, states=kept, **rule))
             offsets = [sum(b.rows[:r]) for r in range(world)]
             send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, b.rows)])
             send_splits = [mine * r * b.row_numel for r in b.rows]
             recv_splits = [c * b.rows[rank] * b.row_numel for c in b.count]
             b.out_recv, b.out_work = self._a2a(send, send_splits, recv_splits)
+
+        if states is not None:  # every owner's new states to every rank: the others add zeros
+            self._share_states(buckets, states)
 
         # 3. this rank's rows of every result: one (n, rows_me, *tail) tensor per bucket, owner-sorted
         stacks = []
@@ -260,6 +274,20 @@ class _ShardedExchange:
                 out.copy_(got)
             stacks.append((b.order, out))
         return stacks
+
+    def _share_states(self, buckets: list[_Bucket], states: Sequence[Tensor]) -> None:
+        """One all-reduce (sum) in which each state holds its owner's new values and zeros elsewhere."""
+        mine = set()
+        for b in buckets:
+            first = sum(b.count[: self.rank])
+            mine.update(b.order[first : first + b.count[self.rank]])
+        ordered = [i for b in buckets for i in b.order]
+        flat = torch.cat([states[i].reshape(-1) if i in mine else torch.zeros_like(states[i]).reshape(-1)
+                          for i in ordered])  # fmt: skip
+        dist.all_reduce(flat, group=self.group)
+        if self.counter is not None:
+            self.counter[0] += 2 * (self.world - 1) * flat.numel() * flat.element_size() // self.world
+        unpack(flat, [states[i] for i in ordered])
 
     def run(self, params: Sequence[Tensor], updates: Sequence[Tensor], *args: Any) -> list[Tensor]:
         """``run_stacked``'s results as one tensor per parameter, in the parameters' order."""
