@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..accel import from_env as accel_from_env
 from .options import DEFAULTS, group_errors
 from .pipeline import row_state_shape
 from .shards import gather_rows, is_sharded, my_rows, shard_rows
@@ -176,6 +177,23 @@ def whole_buffers(opt: Muon, sd: dict[str, Any]) -> dict[str, Any]:
                 }
         sd["state"] = state
     return sd
+
+
+# Muon's own settings that pickle and deepcopy keep (``Muon.__getstate__``), with the constructor's defaults for an
+# optimizer pickled before they were kept; what steps build as they run is made afresh (``Muon._reset_runtime``)
+PICKLED = ("accel", "nonfinite", "_nonfinite_skips", "comm_dtype", "diagnostics", "_adamw_defaults")
+
+
+def pickled_settings(opt: Muon) -> dict[str, Any]:
+    return {name: getattr(opt, name) for name in PICKLED if hasattr(opt, name)}
+
+
+def restore_settings(opt: Muon, kept: dict[str, Any]) -> None:
+    adamw = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": opt.defaults.get("weight_decay", 0.0)}
+    defaults = {"accel": accel_from_env(), "nonfinite": "raise", "_nonfinite_skips": 0, "comm_dtype": None,
+                "diagnostics": False, "_adamw_defaults": adamw}  # fmt: skip
+    for name in PICKLED:
+        setattr(opt, name, kept.get(name, defaults[name]))
 
 
 def restore_after_load(opt: Muon, state_dict: dict[str, Any]) -> None:

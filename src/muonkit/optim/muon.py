@@ -18,22 +18,29 @@ from .. import accel as _accel
 from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
 from .functional import _muon_steps
-from .loading import _check_buffer, _check_loadable, _meta, _static, check_group, restore_after_load, whole_buffers
-from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, found_inf_flag, nonfinite_skip, settle
+from .loading import (
+    _check_buffer,
+    _check_loadable,
+    _static,
+    check_group,
+    pickled_settings,
+    restore_after_load,
+    restore_settings,
+    whole_buffers,
+)
+from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, nonfinite_skip, settle
 from .options import step_options
 from .pipeline import get_stage, row_state_shape
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
 from .shards import is_sharded, local, shard_rows
-from .stages import AdjustLR, Executor, adamw_step, fused_adamw_applies, lr_scale, matrix_parts
+from .stages import AdjustLR, Executor, adamw_step, fused_adamw_applies, summarise_stats
 from .tuning import pretune
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
 
 ALGORITHMS = ("muon", "adamw")
-# Muon's own settings that pickle and deepcopy keep (``Muon.__getstate__``); the rest is made afresh
-_PICKLED = ("accel", "nonfinite", "_nonfinite_skips", "comm_dtype", "diagnostics", "_adamw_defaults")
 
 
 class Muon(Optimizer):
@@ -98,6 +105,12 @@ class Muon(Optimizer):
             process for a 12 x 768 GPT on an H200 (Triton compiling), 0.6-2.0 s with the kernels compiled.
     """
 
+    _stats: dict[int, dict[str, list[Tensor]]]
+    _repeat: Repeat | None
+    _nonfinite_pending: Any
+    _finite_host: Tensor | None
+    _nonfinite_error: NonFiniteGradientError | None
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -137,17 +150,12 @@ class Muon(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         self._nonfinite_skips = 0
-        self._nonfinite_pending: Any = None  # a step checked on the device, not yet read (``nonfinite.defer``)
-        self._finite_host: Tensor | None = None  # pinned host memory that step's per-gradient results go to
-        self._nonfinite_error: NonFiniteGradientError | None = None  # found there, for the next step() to raise
         self.executor = executor
         if comm_dtype is not None and not (isinstance(comm_dtype, torch.dtype) and comm_dtype.is_floating_point):
             raise ValueError(f"comm_dtype must be None or a floating torch.dtype, got {comm_dtype!r}")
         self.comm_dtype = comm_dtype
-        self._sharded_bytes = [0]
         self.diagnostics = diagnostics
-        self._stats: dict[int, dict[str, list[Tensor]]] = {}
-        self._repeat: Repeat | None = None
+        self._reset_runtime()
         self._adamw_defaults = {
             "lr": adamw_lr,
             "betas": tuple(adamw_betas),
@@ -237,6 +245,15 @@ class Muon(Optimizer):
         with _accel.disabled():
             return self._run_step(closure)
 
+    def _reset_runtime(self) -> None:
+        """What steps build as they run, which no copy carries (``__setstate__`` makes it afresh too)."""
+        self._sharded_bytes = [0]
+        self._stats = {}
+        self._repeat = None
+        self._nonfinite_pending = None  # a step checked on the device, not yet read (``nonfinite.defer``)
+        self._finite_host = None  # pinned host memory that step's per-gradient results go to
+        self._nonfinite_error = None  # found there, for the next step() to raise
+
     @property
     def nonfinite_skips(self) -> int:
         """Steps skipped for a non-finite gradient (policy ``"skip"``). Reading it waits for a step checked on
@@ -247,19 +264,6 @@ class Muon(Optimizer):
     @nonfinite_skips.setter
     def nonfinite_skips(self, value: int) -> None:
         self._nonfinite_skips = int(value)
-
-    def _device_flag(self, grads: list[Tensor]) -> Tensor | None:
-        """The ``found_inf`` flag the fused kernels of a checked step over ``grads`` read
-        (``nonfinite.found_inf_flag``), where they all lie on one CUDA device with acceleration on, no executor and
-        no sharded parameter; else ``None``."""
-        if self.executor is not None or not fused.fused_enabled() or not grads:
-            return None
-        device = grads[0].device
-        if device.type != "cuda" or torch.compiler.is_compiling() or self._has_sharded():
-            return None
-        if any(g.device != device for g in grads):
-            return None
-        return found_inf_flag(device)
 
     @torch.no_grad()
     def _run_step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -283,7 +287,7 @@ class Muon(Optimizer):
         gathered = self._gather()
         flag = None
         if self.nonfinite != "ignore":
-            flag = self._device_flag([g for _, _, gs in gathered for g in gs])
+            flag = device_flag(self, [g for _, _, gs in gathered for g in gs])
             if nonfinite_skip(self, gathered, flag):
                 return loss
 
@@ -428,50 +432,24 @@ class Muon(Optimizer):
         """
         if not self.diagnostics:
             raise RuntimeError("construct Muon(..., diagnostics=True) to collect statistics")
-        out: dict[str, float] = {}
-        for gi, values in self._stats.items():
-            group = self.param_groups[gi]
-            for key, tensors in values.items():
-                if tensors:
-                    stacked = torch.stack([t.float().cpu() for t in tensors])
-                    out[f"group{gi}/{key}"] = float(stacked.min() if key == "sigma_min" else stacked.max())
-            if values.get("epsilon"):
-                eps = out[f"group{gi}/epsilon"]
-                out[f"group{gi}/chi"] = 1 / (1 - eps) if eps < 1 else float("inf")
-            shapes = [
-                (int(part.shape[-2]), int(part.shape[-1]))
-                for p in group["params"]
-                for part in matrix_parts(_meta(p), group["matrix_view"], group["split"])
-            ]
-            out[f"group{gi}/lr"] = float(group["lr"])
-            out[f"group{gi}/lr_max"] = max((lr_scale(group["adjust_lr"], group["lr"], s) for s in shapes), default=0.0)
-        return out
+        return summarise_stats(self._stats, self.param_groups)
 
     # ------------------------------------------------------------------ state
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``pickle`` and ``copy.deepcopy`` keep: torch.optim's three members (defaults, state, groups) and
-        Muon's own settings (``_PICKLED``). The executor is not kept (it holds a process group): an unpickled
+        Muon's own settings (``loading.PICKLED``). The executor is not kept (it holds a process group): an unpickled
         optimizer has none until one is assigned (``opt.executor = ReplicatedExecutor()``)."""
         settle(self)  # a pending step's skip is counted before it is saved
-        state = super().__getstate__()
-        state["muonkit"] = {name: getattr(self, name) for name in _PICKLED if hasattr(self, name)}
-        return state
+        return {**super().__getstate__(), "muonkit": pickled_settings(self)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         kept = state.pop("muonkit", {})  # absent in an optimizer pickled before Muon kept its settings
         super().__setstate__(state)
-        adamw = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": self.defaults.get("weight_decay", 0.0)}
-        defaults = {"accel": _accel.from_env(), "nonfinite": "raise", "_nonfinite_skips": 0, "comm_dtype": None,
-                    "diagnostics": False, "_adamw_defaults": adamw}  # the constructor's defaults  # fmt: skip
-        for name in _PICKLED:
-            setattr(self, name, kept.get(name, defaults[name]))
+        restore_settings(self, kept)
         self.executor = None
-        self._sharded_bytes = [0]
-        self._stats = {}
-        self._repeat = None
-        self._nonfinite_pending = self._finite_host = self._nonfinite_error = None
+        self._reset_runtime()
 
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim``'s. With ``ReplicatedExecutor(shard_state=True)`` the momentum rows of all ranks are

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..accel import fused
 from .shards import any_rank, local
 from .stages import all_finite
 
@@ -34,6 +35,7 @@ __all__ = [
     "NonFiniteGradientError",
     "defer",
     "device_check",
+    "device_flag",
     "found_inf_flag",
     "nonfinite_names",
     "nonfinite_skip",
@@ -58,6 +60,20 @@ def found_inf_flag(device: torch.device) -> Tensor:
     if flag is None:
         flag = _FLAGS[device] = torch.zeros(1, dtype=torch.float32, device=device)
     return flag
+
+
+def device_flag(opt: Muon, grads: list[Tensor]) -> Tensor | None:
+    """The ``found_inf`` flag the fused kernels of ``opt``'s checked step over ``grads`` read (``found_inf_flag``),
+    where they all lie on one CUDA device with acceleration on, no executor and no sharded parameter; else
+    ``None`` (the check stays on the host)."""
+    if opt.executor is not None or not fused.fused_enabled() or not grads:
+        return None
+    device = grads[0].device
+    if device.type != "cuda" or torch.compiler.is_compiling() or opt._has_sharded():
+        return None
+    if any(g.device != device for g in grads):
+        return None
+    return found_inf_flag(device)
 
 
 def device_check(grads: list[Tensor], flag: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..accel import guards as _guards
 from ..coefficients import is_file_spec
 from .functional import _STEP_DEFAULTS
-from .nonfinite import defer, device_check
+from .nonfinite import defer, device_check, device_flag
 from .options import REPEAT_KEY
 from .plans import _decays, _streams
 from .remembered import _Remembered, _same_environment
@@ -55,7 +55,7 @@ class Repeat(NamedTuple):
     bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
     light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)
     entry: _Remembered
-    found_inf: Tensor | None  # where the gradients are checked on the device: the flag (``Muon._device_flag``)
+    found_inf: Tensor | None  # where the gradients are checked on the device: the flag (``nonfinite.device_flag``)
     names: list[tuple[int, int]]  # per entry of ``flat``: (group index, index in the group), for errors
     steps: list[Tensor]  # the AdamW parameters' step counts (``nonfinite.defer``)
 
@@ -114,7 +114,7 @@ def repeatable(
     steps = [opt.state[p]["step"] for p in flat[n_muon:]]
     return Repeat(
         opt.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-        n_muon, calls, spans, guard, bufs, light, entry, opt._device_flag(grads), names, steps,
+        n_muon, calls, spans, guard, bufs, light, entry, device_flag(opt, grads), names, steps,
     )  # fmt: skip
 
 

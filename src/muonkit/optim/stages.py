@@ -287,6 +287,29 @@ def _record_stats(stats: dict[str, list[Tensor]], ortho: Tensor, rms: float) -> 
     stats.setdefault("epsilon", []).append(torch.maximum(top - 1, 1 - bottom).max())
 
 
+def summarise_stats(stats: dict[int, dict[str, list[Tensor]]], groups: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``Muon.stats()``: per group index of ``stats`` (what ``_record_stats`` appended), each statistic's worst
+    value as a float (one host sync), ``chi`` from ``epsilon``, and the group's lr and largest shape-adjusted lr."""
+    out: dict[str, float] = {}
+    for gi, values in stats.items():
+        group = groups[gi]
+        for key, tensors in values.items():
+            if tensors:
+                stacked = torch.stack([t.float().cpu() for t in tensors])
+                out[f"group{gi}/{key}"] = float(stacked.min() if key == "sigma_min" else stacked.max())
+        if values.get("epsilon"):
+            eps = out[f"group{gi}/epsilon"]
+            out[f"group{gi}/chi"] = 1 / (1 - eps) if eps < 1 else float("inf")
+        shapes = [
+            (int(part.shape[-2]), int(part.shape[-1]))
+            for p in group["params"]
+            for part in matrix_parts(torch.empty(p.shape, device="meta"), group["matrix_view"], group["split"])
+        ]
+        out[f"group{gi}/lr"] = float(group["lr"])
+        out[f"group{gi}/lr_max"] = max((lr_scale(group["adjust_lr"], group["lr"], s) for s in shapes), default=0.0)
+    return out
+
+
 def _top_singular_value(O: Tensor, iters: int = 30) -> Tensor:
     """Power-iteration estimate (from below) of each matrix's largest singular value; no host sync."""
     v = torch.ones((*O.shape[:-2], O.shape[-1], 1), dtype=O.dtype, device=O.device)
