@@ -88,7 +88,9 @@ def _worker(rank, world, out, task):
     for module in (model.qkv, model.kv, model.fc, model.fc2, model.head):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {"postscale": "normuon"} if task == "normuon" else {}
+    normuon = task.startswith("normuon")  # also normuon-save and normuon-resume (its state through DCP)
+    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {"postscale": "normuon"} if normuon else {}
+    task = task.removeprefix("normuon-") if task != "normuon" else task
     opt = _optimizer(model, **kw)
     first, steps = 0, STEPS
     if task == "resume":
@@ -121,7 +123,7 @@ def _worker(rank, world, out, task):
         result["error"] = str(err)
     if task == "save":
         msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/{task}.dcp")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/{'normuon-' if normuon else ''}{task}.dcp")
     result["state"] = _full_state(model)
     result["bytes"] = opt.bytes_communicated
     buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
@@ -134,8 +136,9 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoint."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts", "normuon"])}
-    runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts", "normuon"])
+    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts", "normuon",
+                                      "normuon-save"])}  # fmt: skip
+    runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts", "normuon", "normuon-resume:normuon-save"])
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
     return runs
 
@@ -203,6 +206,8 @@ def test_fsdp2_runs_a_stage_with_row_state_as_one_process_does(world, runs):
     alone = single_run(Net, lambda m: _optimizer(m, postscale="normuon"))
     _assert_close(runs[world]["normuon"], alone, atol=1e-6)
     assert not torch.allclose(alone["fc.weight"], _single()["fc.weight"], atol=1e-3)
+    if world == 3:  # saved through DCP at 2 ranks after 2 steps, resumed here: the row state came along
+        _assert_close(runs[3]["normuon-resume:normuon-save"], alone, atol=1e-6)
 
 
 def test_an_expert_stack_is_orthogonalized_per_expert():
