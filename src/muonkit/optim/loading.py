@@ -91,6 +91,34 @@ def _check_tensor(name: str, key: str, value: Any, shape: tuple[int, ...]) -> No
     raise ValueError(f"state {key!r} of parameter {name} has shape {tuple(value.shape)}, it must be {shape}")
 
 
+def muon_state(opt: Muon, group: dict[str, Any], params: list[Tensor], rows_only: bool,
+               stateful: bool) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """The momentum buffers of a Muon group's ``params`` (made on first use, checked after: ``_check_buffer``), and
+    with ``stateful`` (a ``rows_state`` postscale stage) their row states, float32 zeros of ``row_state_shape``,
+    whole on every rank. ``rows_only``: ZeRO-1, where a replicated parameter's buffer holds this rank's rows."""
+    bufs, states = [], []
+    for p in params:
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            dtype = group["momentum_dtype"] or p.dtype
+            if rows_only and not is_sharded(p):  # ZeRO-1: this rank's rows only
+                rows = shard_rows(p.shape[0], opt.executor.world_size)[opt.executor.rank]  # type: ignore[union-attr]
+                state["momentum_buffer"] = torch.zeros((rows, *p.shape[1:]), dtype=dtype, device=p.device)
+            else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            _static(state["momentum_buffer"])
+        else:
+            _check_buffer(opt, group, p, state["momentum_buffer"], rows_only)
+        bufs.append(state["momentum_buffer"])
+        if stateful:
+            shape = row_state_shape(p.shape, group["matrix_view"])
+            kept = state.get("postscale_state")
+            if kept is None or tuple(kept.shape) != shape:  # new, or the group's matrix view changed
+                state["postscale_state"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            states.append(state["postscale_state"])
+    return bufs, states
+
+
 def _check_buffer(opt: Muon, group: dict[str, Any], p: Tensor, buf: Any, rows_only: bool) -> None:
     """A stored momentum buffer fits its parameter (whole, or this rank's rows with ZeRO-1 state), else
     ``ValueError`` naming the parameter; called before the step changes anything. Cheap where it fits (every

@@ -19,10 +19,10 @@ from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
 from .functional import _muon_steps
 from .loading import (
-    _check_buffer,
     _check_loadable,
     _static,
     check_group,
+    muon_state,
     pickled_settings,
     restore_after_load,
     restore_settings,
@@ -30,11 +30,11 @@ from .loading import (
 )
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, nonfinite_skip, settle
 from .options import step_options
-from .pipeline import get_stage, row_state_shape
+from .pipeline import get_stage
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
-from .shards import is_sharded, local, shard_rows
+from .shards import is_sharded, local
 from .stages import AdjustLR, Executor, adamw_step, fused_adamw_applies, summarise_stats
 from .tuning import pretune
 
@@ -320,30 +320,10 @@ class Muon(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], stats: dict | None = None
     ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], dict[str, Any]]]:
         """Steps the group's sharded parameters (and ZeRO-1 rows) now; returns the ``muon_steps`` call for the rest."""
-        bufs = []
         rows_only = self._shard_state()
         stateful = get_stage("postscale", group["postscale"]).rows_state
         sharded = [is_sharded(p) for p in params]
-        states: list[Tensor] = []  # a rows_state stage's, whole on every rank (one number per matrix row)
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                dtype = group["momentum_dtype"] or p.dtype
-                if rows_only and not is_sharded(p):  # ZeRO-1: this rank's rows only
-                    rows = shard_rows(p.shape[0], self.executor.world_size)[self.executor.rank]  # type: ignore[union-attr]
-                    state["momentum_buffer"] = torch.zeros((rows, *p.shape[1:]), dtype=dtype, device=p.device)
-                else:  # zeros_like keeps a DTensor's sharding, so the state is sharded like the parameter
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-                _static(state["momentum_buffer"])
-            else:
-                _check_buffer(self, group, p, state["momentum_buffer"], rows_only)
-            bufs.append(state["momentum_buffer"])
-            if stateful:
-                shape = row_state_shape(p.shape, group["matrix_view"])
-                kept = state.get("postscale_state")
-                if kept is None or tuple(kept.shape) != shape:  # new, or the group's matrix view changed
-                    state["postscale_state"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-                states.append(state["postscale_state"])
+        bufs, states = muon_state(self, group, params, rows_only, stateful)
         if any(sharded):
             pick = lambda xs, want: [x for x, s in zip(xs, sharded) if s == want]
             sharded_muon_step(
