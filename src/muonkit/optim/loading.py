@@ -4,6 +4,7 @@ state dict is written and restored (``whole_buffers``, ``restore_after_load``), 
 
 from __future__ import annotations
 
+import inspect
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -217,9 +218,13 @@ def pickled_settings(opt: Muon) -> dict[str, Any]:
 
 
 def restore_settings(opt: Muon, kept: dict[str, Any]) -> None:
-    adamw = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": opt.defaults.get("weight_decay", 0.0)}
-    defaults = {"accel": accel_from_env(), "nonfinite": "raise", "_nonfinite_skips": 0, "comm_dtype": None,
-                "diagnostics": False, "_adamw_defaults": adamw}  # fmt: skip
+    """``kept`` (``pickled_settings``) back on ``opt``; what it lacks takes the constructor's default."""
+    arg = {name: p.default for name, p in inspect.signature(type(opt).__init__).parameters.items()}
+    adamw = {"lr": arg["adamw_lr"], "betas": tuple(arg["adamw_betas"]), "eps": arg["adamw_eps"],
+             "weight_decay": opt.defaults.get("weight_decay", arg["weight_decay"])}  # fmt: skip
+    defaults = {"accel": accel_from_env(), "nonfinite": arg["nonfinite"], "_nonfinite_skips": 0,
+                "comm_dtype": arg["comm_dtype"], "diagnostics": arg["diagnostics"],
+                "_adamw_defaults": adamw}  # fmt: skip
     for name in PICKLED:
         setattr(opt, name, kept.get(name, defaults[name]))
 

@@ -259,7 +259,7 @@ class Muon(Optimizer):
         """Steps skipped for a non-finite gradient (policy ``"skip"``). Reading it waits for a step checked on
         the GPU, if one is still in flight."""
         settle(self)
-        return getattr(self, "_nonfinite_skips", 0)
+        return self._nonfinite_skips
 
     @nonfinite_skips.setter
     def nonfinite_skips(self, value: int) -> None:
@@ -267,9 +267,8 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def _run_step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if getattr(self, "_nonfinite_pending", None) is not None:
-            settle(self)  # the previous step, checked on the device
-        error = getattr(self, "_nonfinite_error", None)
+        settle(self)  # the previous step, if it was checked on the device
+        error = self._nonfinite_error
         if error is not None:
             self._nonfinite_error = None
             raise error
@@ -280,7 +279,7 @@ class Muon(Optimizer):
 
         compiling = torch.compiler.is_compiling()  # traced: no repeat (and no attribute assignment)
         if not compiling:
-            repeat_ = getattr(self, "_repeat", None)  # absent on an optimizer unpickled by torch's __setstate__
+            repeat_ = self._repeat
             if repeat_ is not None and self._step_again(repeat_):
                 return loss
             self._repeat = None

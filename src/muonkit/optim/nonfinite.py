@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..accel import fused
 from .shards import any_rank, local
-from .stages import all_finite
+from .stages import all_finite, finite_on_device
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -80,13 +80,8 @@ def device_flag(opt: Muon, grads: list[Tensor]) -> Tensor | None:
 
 def device_check(grads: list[Tensor], flag: Tensor) -> Tensor:
     """Per gradient, whether it is finite (a bool tensor on ``flag``'s device, no host sync), and ``flag`` set to
-    1 where any is not, else 0. The largest ``|x|`` of each in one multi-tensor pass, as ``stages.all_finite``."""
-    nonempty = [g for g in grads if g.numel()]
-    peaks = list(torch._foreach_norm(nonempty, float("inf"))) if nonempty else []
-    if len(nonempty) < len(grads):  # an empty tensor is finite (and has no max)
-        it, zero = iter(peaks), torch.zeros((), device=flag.device)
-        peaks = [next(it) if g.numel() else zero for g in grads]
-    finite = torch.stack(peaks).isfinite()
+    1 where any is not, else 0 (``stages.finite_on_device``)."""
+    finite = finite_on_device(grads, flag.device)
     flag.copy_(finite.all().logical_not().view(1))
     return finite
 
@@ -102,7 +97,7 @@ class _Pending(NamedTuple):
 
 def defer(opt: Muon, finite: Tensor, names: list[tuple[int, int]], steps: list[Tensor]) -> None:
     """Start reading ``finite`` (``device_check``'s result) to the host without waiting; ``settle`` reads it."""
-    host = getattr(opt, "_finite_host", None)
+    host = opt._finite_host
     if host is None or host.numel() != finite.numel():
         host = opt._finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=finite.is_cuda)
     host.copy_(finite, non_blocking=True)
@@ -118,7 +113,7 @@ def settle(opt: Muon) -> None:
     finite; else the AdamW step counters it advanced are put back and the step is counted in
     ``nonfinite_skips`` (policy ``"skip"``) or a ``NonFiniteGradientError`` is kept for the next ``step()`` to
     raise (``"raise"``). Waits for that step's kernels (not for later work) where they have not finished."""
-    pending = getattr(opt, "_nonfinite_pending", None)
+    pending = opt._nonfinite_pending
     if pending is None:
         return
     opt._nonfinite_pending = None
@@ -129,7 +124,7 @@ def settle(opt: Muon) -> None:
     for t in pending.steps:
         t -= 1
     if opt.nonfinite == "skip":
-        opt.nonfinite_skips = getattr(opt, "_nonfinite_skips", 0) + 1
+        opt._nonfinite_skips += 1
         return
     bad = [
         opt._param_name(opt.param_groups[gi], gi, i)
@@ -184,6 +179,6 @@ def nonfinite_skip(opt: Muon, gathered: Gathered, flag: Tensor | None = None) ->
     if not bad:
         return False
     if opt.nonfinite == "skip":
-        opt.nonfinite_skips = getattr(opt, "_nonfinite_skips", 0) + 1
+        opt._nonfinite_skips += 1
         return True
     raise NonFiniteGradientError(_message(bad, "No parameter or state was changed."))

@@ -43,6 +43,7 @@ __all__ = [
     "StepCall",
     "adamw_step",
     "all_finite",
+    "finite_on_device",
     "lr_scale",
     "matrix_offsets",
     "matrix_parts",
@@ -405,15 +406,24 @@ def fused_adamw_applies(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bo
     )  # fmt: skip
 
 
+def finite_on_device(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """One bool per tensor (all on ``device``), on that device, no host sync: no NaN/Inf in it. The largest |x| of
+    every tensor in one multi-tensor kernel per dtype (an inf-norm cannot overflow the way a 2-norm of 1e30 would);
+    an empty tensor is finite (and has no max)."""
+    nonempty = [t for t in tensors if t.numel()]
+    peaks = list(torch._foreach_norm(nonempty, float("inf"))) if nonempty else []
+    if len(nonempty) < len(tensors):
+        it, zero = iter(peaks), torch.zeros((), device=device)
+        peaks = [next(it) if t.numel() else zero for t in tensors]
+    return torch.stack(peaks).isfinite()
+
+
 def all_finite(tensors: list[Tensor]) -> Tensor:
-    """One bool per tensor (on the CPU): no NaN/Inf in it. The largest |x| of every tensor in one multi-tensor
-    kernel per device and dtype (an inf-norm cannot overflow the way a 2-norm of 1e30 would), one sync."""
+    """One bool per tensor (on the CPU): no NaN/Inf in it (``finite_on_device`` per device), one sync."""
     flags = torch.ones(len(tensors), dtype=torch.bool)
     by_device: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel():  # an empty tensor is finite (and has no max)
-            by_device.setdefault(t.device, []).append(i)
-    for index in by_device.values():
-        peaks = torch._foreach_norm([tensors[i] for i in index], float("inf"))
-        flags[index] = torch.stack(peaks).isfinite().cpu()
+        by_device.setdefault(t.device, []).append(i)
+    for device, index in by_device.items():
+        flags[index] = finite_on_device([tensors[i] for i in index], device).cpu()
     return flags
