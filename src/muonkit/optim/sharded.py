@@ -56,6 +56,11 @@ class _Bucket:
         self.out_work: Any = None
         self.uniform, self.scale = True, 1.0  # one lr scale for all parts, and which (set in step 2)
 
+    def owned(self, rank: int) -> list[int]:
+        """The bucket's parameters whose owner is ``rank``, in ``order``."""
+        first = sum(self.count[:rank])
+        return self.order[first : first + self.count[rank]]
+
 
 def sharded_muon_step(
     params: Sequence[Tensor],
@@ -248,8 +253,7 @@ class _ShardedExchange:
                     if b.uniform
                     else {"lr": lr, "adjust_lr": adjust_lr}
                 )
-                first_mine = sum(b.count[:rank])
-                kept = None if states is None else [states[i] for i in b.order[first_mine : first_mine + mine]]
+                kept = None if states is None else [states[i] for i in b.owned(rank)]
                 run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, states=kept, **rule))
             offsets = [sum(b.rows[:r]) for r in range(world)]
             send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, b.rows)])
@@ -277,10 +281,7 @@ class _ShardedExchange:
 
     def _share_states(self, buckets: list[_Bucket], states: Sequence[Tensor]) -> None:
         """One all-reduce (sum) in which each state holds its owner's new values and zeros elsewhere."""
-        mine = set()
-        for b in buckets:
-            first = sum(b.count[: self.rank])
-            mine.update(b.order[first : first + b.count[self.rank]])
+        mine = {i for b in buckets for i in b.owned(self.rank)}
         ordered = [i for b in buckets for i in b.order]
         flat = torch.cat([states[i].reshape(-1) if i in mine else torch.zeros_like(states[i]).reshape(-1)
                           for i in ordered])  # fmt: skip
