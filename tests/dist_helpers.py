@@ -9,8 +9,41 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import muonkit
+
 BATCH = 12
 STEPS = 4
+D = 10
+
+
+class Net(nn.Module):
+    """The sharded tests' model (FSDP2, tensor parallel). Shapes chosen so shards are uneven (22 rows over 3 or 4
+    ranks), fused QKV parts straddle shard boundaries, and one split has parts with different lr scales (``kv``:
+    16 + 8 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, D)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.kv = nn.Linear(D, 24, bias=False)
+        self.fc = nn.Linear(D, 22)
+        self.fc2 = nn.Linear(22, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 16)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = h + torch.softmax(q @ k.mT / 3.0, -1) @ v
+        h = h + self.kv(h)[..., :D]
+        h = h + self.fc2(torch.relu(self.fc(self.norm(h))))
+        return self.head(h)
+
+
+def net_optimizer(model, **kw):
+    """Muon for ``Net`` as the sharded tests run it (QKV split in three, ``kv`` in 16 + 8 rows, float32 NS)."""
+    groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
+    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
 
 
 def batch(t):

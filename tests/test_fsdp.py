@@ -11,37 +11,12 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, batch, loss, single_run, spawn
+from dist_helpers import BATCH, STEPS, D, Net, batch, loss, net_optimizer, single_run, spawn
 from muonkit.distributed import shard_rows
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
-
-D = 10
-
-
-class Net(nn.Module):
-    """Shapes chosen so shards are uneven (22 rows over 3 or 4 ranks), fused QKV parts straddle shard
-    boundaries, and one split has parts with different lr scales (``kv``: 16 + 8 rows)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(16, D)
-        self.qkv = nn.Linear(D, 3 * D, bias=False)
-        self.kv = nn.Linear(D, 24, bias=False)
-        self.fc = nn.Linear(D, 22)
-        self.fc2 = nn.Linear(22, D)
-        self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, 16)
-
-    def forward(self, idx):
-        h = self.emb(idx)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        h = h + torch.softmax(q @ k.mT / 3.0, -1) @ v
-        h = h + self.kv(h)[..., :D]
-        h = h + self.fc2(torch.relu(self.fc(self.norm(h))))
-        return self.head(h)
 
 
 class ExpertNet(Net):
@@ -58,13 +33,8 @@ class ExpertNet(Net):
         return self.head(h + self.fc2(torch.relu(self.fc(self.norm(h)))))
 
 
-def _optimizer(model, **kw):
-    groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
-    return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
-
-
 def _single(steps=STEPS):
-    return single_run(Net, _optimizer, steps)
+    return single_run(Net, net_optimizer, steps)
 
 
 def _full_state(model):
@@ -91,7 +61,7 @@ def _worker(rank, world, out, task):
     normuon = task.startswith("normuon")  # also normuon-save and normuon-resume (its state through DCP)
     kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {"postscale": "normuon"} if normuon else {}
     task = task.removeprefix("normuon-") if task != "normuon" else task
-    opt = _optimizer(model, **kw)
+    opt = net_optimizer(model, **kw)
     first, steps = 0, STEPS
     if task == "resume":
         msd, osd = get_state_dict(model, opt)
@@ -196,14 +166,14 @@ def test_fsdp2_nan_on_one_rank_makes_every_rank_raise(runs):
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_expert_stacks_equal_single_process(world, runs):
     """Expert stacks sharded on the expert dim (a rank may hold none) step as in one process."""
-    _assert_close(runs[world]["experts"], single_run(ExpertNet, _optimizer, STEPS), atol=1e-6)
+    _assert_close(runs[world]["experts"], single_run(ExpertNet, net_optimizer, STEPS), atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_runs_a_stage_with_row_state_as_one_process_does(world, runs):
     """NorMuon's per-row state, whole on every rank: each owner updates its matrices' and one all-reduce shares
     them, so every rank steps as one process does."""
-    alone = single_run(Net, lambda m: _optimizer(m, postscale="normuon"))
+    alone = single_run(Net, lambda m: net_optimizer(m, postscale="normuon"))
     _assert_close(runs[world]["normuon"], alone, atol=1e-6)
     assert not torch.allclose(alone["fc.weight"], _single()["fc.weight"], atol=1e-3)
     if world == 3:  # saved through DCP at 2 ranks after 2 steps, resumed here: the row state came along
@@ -215,7 +185,7 @@ def test_an_expert_stack_is_orthogonalized_per_expert():
     expert alone, never of the stack as one 4 x 60 slab."""
     torch.manual_seed(0)
     model = ExpertNet()
-    opt = _optimizer(model)
+    opt = net_optimizer(model)
     group = next(g for g in opt.param_groups if "experts" in g.get("param_names", ()))
     assert group["matrix_view"] == "batch"
     before = model.experts.detach().clone()

@@ -1,12 +1,14 @@
 """Muon's step paths for parameters or state sharded across ranks, which ``Muon`` takes by itself.
 
-*Sharded parameters (FSDP2 ``fully_shard``, DTensor ``Shard(0)``)* - ``sharded_muon_step``. Momentum is kept and
-updated on the local shards (so the optimizer state is sharded like the parameters). Each parameter gets an owner
-rank (FLOP-balanced); one ``all_to_all`` per same-shape bucket sends every rank's rows of that bucket's updates to
-their owners, which assemble whole matrices and orthogonalize them in batched calls; a second ``all_to_all`` sends
-each rank its rows of the result. Every element crosses the network once each way. The exchange of the next
-bucket is in flight while a bucket's NS runs. Results are written in the NS dtype and scaled on arrival exactly as
-a single process scales them, so bf16 NS means bf16 traffic back and identical weights.
+*Sharded parameters (DTensors: FSDP2 ``fully_shard``, tensor parallel, both on a 2-D mesh)* - ``sharded_muon_step``.
+Momentum is kept and updated on the local shards (so the optimizer state is sharded like the parameters). Each
+parameter gets an owner rank (FLOP-balanced) among the ranks that shard it; one ``all_to_all`` per bucket (same
+global shape and layout) sends every rank's block of that bucket's updates to their owners, which assemble whole
+matrices and orthogonalize them in batched calls; a second ``all_to_all`` sends each rank its block of the result.
+Every element crosses the network once each way, so the update is single-process Muon's whatever the placements
+(a tensor-parallel shard is never orthogonalized on its own). The exchange of the next bucket is in flight while
+a bucket's NS runs. Results are written in the NS dtype and scaled on arrival exactly as a single process scales
+them, so bf16 NS means bf16 traffic back and identical weights.
 
 *Sharded state (ZeRO-1)* - ``zero_muon_step``: replicated parameters, each rank keeping only its rows of every
 momentum buffer (``muonkit.distributed.ReplicatedExecutor(shard_state=True)``).
@@ -29,27 +31,39 @@ from torch import Tensor
 from ..newton_schulz import default_ns_dtype
 from .options import DEFAULTS, NS_OPTIONS, STEP_OPTIONS
 from .pipeline import get_stage
-from .shards import RankGroup, assign_jobs, local, shard_group, shard_rows, start_row_gather, unpack
+from .shards import (
+    Block,
+    RankGroup,
+    assign_jobs,
+    local,
+    row_blocks,
+    shard_layout,
+    shard_rows,
+    start_row_gather,
+    unpack,
+    volume,
+)
 from .stages import lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
 
 __all__ = ["sharded_muon_step", "zero_muon_step"]
 
 
 class _Bucket:
-    """Parameters of one global shape and dtype, exchanged and orthogonalized together.
+    """Parameters of one global shape, dtype and layout (``Block`` per rank), exchanged and orthogonalized together.
 
     ``order`` lists the bucket's parameters sorted by owner rank, so that every buffer below is one
-    stacked tensor: rank r's rows of all the bucket's updates are ``(n, rows_r, cols)`` with the
-    parameters owned by rank 0 first, and the owner's whole matrices are ``(n_mine, rows, cols)``.
+    stacked tensor: rank r's blocks of all the bucket's updates are ``(n, *size_r)`` with the parameters
+    owned by rank 0 first, and the owner's whole matrices are ``(n_mine, *shape)``.
     """
 
-    def __init__(self, shape: tuple[int, ...], index: list[int], owners: list[int], world: int):
+    def __init__(self, shape: tuple[int, ...], blocks: tuple[Block, ...], index: list[int], owners: list[int]):
         self.shape = shape
-        self.rows = shard_rows(shape[0], world)  # each rank's rows of this shape
-        self.row_numel = _numel(shape[1:])
+        self.sizes = [tuple(n for _, n in b) for b in blocks]  # each rank's block shape
+        self.numel = [volume(b) for b in blocks]
+        self.where = [(slice(None), *(slice(s, s + n) for s, n in b)) for b in blocks]  # in (n, *shape)
         pairs = sorted(zip(owners, index))  # stable by owner, then by position
         self.order = [i for _, i in pairs]
-        self.count = [sum(1 for o, _ in pairs if o == r) for r in range(world)]
+        self.count = [sum(1 for o, _ in pairs if o == r) for r in range(len(blocks))]
         self.recv: Tensor | None = None
         self.work: Any = None
         self.out_recv: Tensor | None = None
@@ -73,7 +87,7 @@ def sharded_muon_step(
     stage_states: Sequence[Tensor] | None = None,
     **options: Any,
 ) -> None:
-    """One Muon step for DTensor parameters sharded on dim 0 (see the module docstring). In place.
+    """One Muon step for DTensor parameters (see the module docstring; placements as ``shards.shard_layout``). In place.
     ``stage_states``: a ``rows_state`` postscale stage's state per parameter, whole on every rank (one number
     per matrix row: small); the owner updates it and every rank receives the result (``_ShardedExchange``).
 
@@ -90,15 +104,15 @@ def sharded_muon_step(
     updates = momentum_update(
         [local(g) for g in grads], [local(b) for b in momentum_buffers], opts["momentum"], opts["nesterov"]
     )
-    by_group: dict[Any, list[int]] = defaultdict(list)
-    infos = [shard_group(p) for p in params]
-    for i, (group, _, _) in enumerate(infos):
-        by_group[group].append(i)
+    by_group: dict[tuple[Any, int], list[int]] = defaultdict(list)  # (group, its size): None is the world or none
+    layouts = [shard_layout(p) for p in params]
+    for i, layout in enumerate(layouts):
+        by_group[layout.group, layout.world].append(i)
     new_updates: list[Tensor | None] = [None] * len(params)
-    for group, index in by_group.items():
-        world, rank = infos[index[0]][1], infos[index[0]][2]
+    for (group, _), index in by_group.items():
+        world, rank = layouts[index[0]].world, layouts[index[0]].rank
         states = None if stage_states is None else [stage_states[i] for i in index]
-        if group is None or world == 1:  # replicated DTensors: the local tensor is the whole matrix
+        if world == 1:  # replicated DTensors: the local tensor is the whole matrix
             outs = [torch.empty_like(updates[i]) for i in index]
             ups = [updates[i] for i in index]
             run_all(ns_jobs(ups, outs, lr=lr, adjust_lr=adjust_lr, ns=ns, stats=stats, states=states))
@@ -106,8 +120,8 @@ def sharded_muon_step(
                 new_updates[i] = o
             continue
         exchange = _ShardedExchange(group, world, rank, comm_dtype, counter)
-        results = exchange.run([params[i] for i in index], [updates[i] for i in index], lr, adjust_lr, ns, stats,
-                               states)  # fmt: skip
+        results = exchange.run([params[i] for i in index], [layouts[i].blocks for i in index],
+                               [updates[i] for i in index], lr, adjust_lr, ns, stats, states)  # fmt: skip
         for i, o in zip(index, results):
             new_updates[i] = o
     assert all(u is not None for u in new_updates)
@@ -151,7 +165,8 @@ def zero_muon_step(
         row_grads.append(g[start : start + rows[rank]])
     updates = momentum_update(row_grads, row_buffers, opts["momentum"], opts["nesterov"])
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
-    stacks = exchange.run_stacked(params, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states)
+    blocks = [row_blocks(p.shape, world) for p in params]
+    stacks = exchange.run_stacked(params, blocks, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states)
     pending = [  # stack: (n, rows_me, *tail) -> every rank's rows, one all-gather per bucket in flight
         (order, start_row_gather(stack, int(params[order[0]].shape[0]), executor, counter)) for order, stack in stacks
     ]
@@ -195,6 +210,7 @@ class _ShardedExchange:
     def run_stacked(
         self,
         params: Sequence[Tensor],
+        blocks: Sequence[tuple[Block, ...]],
         updates: Sequence[Tensor],
         lr: float,
         adjust_lr: Any,
@@ -202,37 +218,38 @@ class _ShardedExchange:
         stats: dict[str, list[Tensor]] | None,
         states: Sequence[Tensor] | None = None,
     ) -> list[tuple[list[int], Tensor]]:
-        """Scaled orthogonalized updates, this rank's rows: per bucket ``(order, (n, rows_me, *tail))``.
+        """Scaled orthogonalized updates, this rank's blocks: per bucket ``(order, (n, *my_block_size))``.
 
-        ``params`` give the global shapes; ``updates`` are this rank's dim-0 rows of each update. ``states``: a
-        ``rows_state`` postscale stage's state per parameter, whole and equal on every rank: each owner updates
-        those of its matrices, then one all-reduce gives every rank every owner's result.
+        ``params`` give the global shapes, ``blocks`` every rank's ``Block`` of each; ``updates`` are this rank's
+        blocks of each update. ``states``: a ``rows_state`` postscale stage's state per parameter, whole and equal
+        on every rank: each owner updates those of its matrices, then one all-reduce gives every rank every
+        owner's result.
         """
         world, rank = self.world, self.rank
         groups: dict[tuple, list[int]] = {}
         for i, (p, u) in enumerate(zip(params, updates)):
-            groups.setdefault((tuple(p.shape), u.dtype), []).append(i)
+            groups.setdefault((tuple(p.shape), u.dtype, blocks[i]), []).append(i)
         load = [0.0] * world
         buckets = []
-        for (shape, _), index in groups.items():
-            b = _Bucket(shape, index, assign_jobs([float(ns_flops(shape))] * len(index), world, load), world)
+        for (shape, _, layout), index in groups.items():
+            b = _Bucket(shape, layout, index, assign_jobs([float(ns_flops(shape))] * len(index), world, load))
             for i in index:
-                if tuple(updates[i].shape) != (b.rows[rank], *shape[1:]):
+                if tuple(updates[i].shape) != b.sizes[rank]:
                     raise ValueError(
                         f"a DTensor of shape {shape} has a local shard of shape {tuple(updates[i].shape)} on rank "
-                        f"{rank}; Muon expects torch.chunk-style Shard(0) ({b.rows[rank]} rows here)"
+                        f"{rank}; its placements put a block of shape {b.sizes[rank]} there"
                     )
             buckets.append(b)
 
-        # 1. every bucket's rows go to their owners (all in flight at once; NCCL runs them in order)
+        # 1. every bucket's blocks go to their owners (all in flight at once; NCCL runs them in order)
         for b in buckets:
             wire = self.comm_dtype or updates[b.order[0]].dtype
-            send = torch.stack([updates[i] for i in b.order]).to(wire)  # (n, rows_me, *tail), owner-sorted
-            send_splits = [c * b.rows[rank] * b.row_numel for c in b.count]
-            recv_splits = [b.count[rank] * r * b.row_numel for r in b.rows]
+            send = torch.stack([updates[i] for i in b.order]).to(wire)  # (n, *size_me), owner-sorted
+            send_splits = [c * b.numel[rank] for c in b.count]
+            recv_splits = [b.count[rank] * n for n in b.numel]
             b.recv, b.work = self._a2a(send.reshape(-1), send_splits, recv_splits)
 
-        # 2. per bucket: whole matrices on their owner, NS there, each rank's rows sent back
+        # 2. per bucket: whole matrices on their owner, NS there, each rank's block sent back
         for b in buckets:
             mine = b.count[rank]
             first = updates[b.order[0]]
@@ -243,9 +260,9 @@ class _ShardedExchange:
             assert b.recv is not None
             outs = torch.empty((mine, *b.shape), dtype=out_dtype, device=first.device)
             if mine:
-                tail = b.shape[1:]
-                blocks = b.recv.split([mine * r * b.row_numel for r in b.rows])
-                full = torch.cat([blk.view(mine, r, *tail) for blk, r in zip(blocks, b.rows)], dim=1).to(first.dtype)
+                full = torch.empty((mine, *b.shape), dtype=first.dtype, device=first.device)
+                for where, size, piece in zip(b.where, b.sizes, b.recv.split([mine * n for n in b.numel])):
+                    full[where] = piece.view(mine, *size)
                 # with one lr scale per parameter, results travel unscaled in the NS dtype and the receiver
                 # scales them as one process does; otherwise they travel scaled, in the update dtype
                 rule = (
@@ -255,10 +272,9 @@ class _ShardedExchange:
                 )
                 kept = None if states is None else [states[i] for i in b.owned(rank)]
                 run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, states=kept, **rule))
-            offsets = [sum(b.rows[:r]) for r in range(world)]
-            send = torch.cat([outs[:, o : o + r].reshape(-1) for o, r in zip(offsets, b.rows)])
-            send_splits = [mine * r * b.row_numel for r in b.rows]
-            recv_splits = [c * b.rows[rank] * b.row_numel for c in b.count]
+            send = torch.cat([outs[where].reshape(-1) for where in b.where])
+            send_splits = [mine * n for n in b.numel]
+            recv_splits = [c * b.numel[rank] for c in b.count]
             b.out_recv, b.out_work = self._a2a(send, send_splits, recv_splits)
 
         if states is not None:  # every owner's new states to every rank: the others add zeros
@@ -270,7 +286,7 @@ class _ShardedExchange:
             b.out_work.wait()
             assert b.out_recv is not None
             first = updates[b.order[0]]
-            got = b.out_recv.view(len(b.order), *first.shape)
+            got = b.out_recv.view(len(b.order), *b.sizes[rank])
             out = torch.empty(got.shape, dtype=first.dtype, device=first.device)
             if b.uniform:
                 torch.mul(got, b.scale, out=out)
@@ -290,21 +306,14 @@ class _ShardedExchange:
             self.counter[0] += 2 * (self.world - 1) * flat.numel() * flat.element_size() // self.world
         unpack(flat, [states[i] for i in ordered])
 
-    def run(self, params: Sequence[Tensor], updates: Sequence[Tensor], *args: Any) -> list[Tensor]:
+    def run(self, params: Sequence[Tensor], *args: Any) -> list[Tensor]:
         """``run_stacked``'s results as one tensor per parameter, in the parameters' order."""
         results: list[Tensor | None] = [None] * len(params)
-        for order, stack in self.run_stacked(params, updates, *args):
+        for order, stack in self.run_stacked(params, *args):
             for i, o in zip(order, stack.unbind(0)):
                 results[i] = o
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _uniform_scale(shape: tuple[int, ...], lr: float, adjust_lr: Any, view: str, split: Any) -> tuple[bool, float]:

@@ -1,20 +1,22 @@
 """Ranks and shards, for the sharded step paths (``sharded``) and the executors of ``muonkit.distributed``: which
 rank owns which matrix (``assign_jobs``), agreeing on a flag (``any_rank``), DTensor shards (``is_sharded``,
-``local``, ``shard_group``), the rows each rank holds of a ``Shard(0)`` placement (``shard_rows``) and moving those
-rows (``gather_rows``, ``my_rows``). Bytes counted are what this rank sends under ring algorithms."""
+``local``, and ``shard_layout``: which block of the global tensor each rank holds, for FSDP2, tensor parallel and
+both), the rows each rank holds of a ``Shard(0)`` placement (``shard_rows``, ``row_blocks``) and moving those rows
+(``gather_rows``, ``my_rows``). Bytes counted are what this rank sends under ring algorithms."""
 
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RankGroup", "any_rank", "assign_jobs", "gather_rows", "is_sharded", "local", "my_rows", "pack",
-           "shard_group", "shard_rows", "start_row_gather", "unpack"]  # fmt: skip
+__all__ = ["Block", "Layout", "RankGroup", "any_rank", "assign_jobs", "gather_rows", "is_sharded", "local", "my_rows",
+           "pack", "row_blocks", "shard_layout", "shard_rows", "start_row_gather", "unpack", "volume"]  # fmt: skip
 
 
 class RankGroup(Protocol):
@@ -72,18 +74,13 @@ def unpack(flat: Tensor, tensors: Sequence[Tensor]) -> None:
         torch._foreach_copy_(list(tensors), _views(flat, tensors))
 
 
-_DTensor: Any = None
-try:
-    from torch.distributed.tensor import DTensor
-
-    _DTensor = DTensor
-except ImportError:  # pragma: no cover - torch without DTensor
-    pass
-
-
 def is_sharded(t: Any) -> bool:
-    """True for a DTensor (FSDP2 ``fully_shard`` parameters and their gradients are DTensors)."""
-    return _DTensor is not None and isinstance(t, _DTensor)
+    """True for a DTensor (FSDP2 ``fully_shard`` and tensor-parallel parameters and their gradients are DTensors).
+
+    A DTensor can only exist once ``torch.distributed.tensor`` is imported, so this looks there instead of
+    importing it (that import costs about a second at ``import muonkit``)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Any) -> Tensor:
@@ -100,37 +97,118 @@ def shard_rows(rows: int, world_size: int) -> list[int]:
     return [max(0, min(chunk, rows - r * chunk)) for r in range(world_size)]
 
 
-def shard_group(p: Any) -> tuple[dist.ProcessGroup | None, int, int]:
-    """(process group, world size, rank) over which a DTensor's dim 0 is sharded; ``(None, 1, 0)`` if replicated.
+Block = tuple[tuple[int, int], ...]  # a rank's piece of a tensor: (start, size) along each tensor dim
 
-    Supported placements: ``Shard(0)`` on one mesh dimension, ``Replicate()`` on any others (FSDP2, HSDP).
+
+def row_blocks(shape: Sequence[int], world_size: int) -> tuple[Block, ...]:
+    """Each rank's block of a tensor of ``shape`` split on dim 0 as ``shard_rows`` splits it."""
+    sizes = shard_rows(int(shape[0]), world_size)
+    tail = tuple((0, int(d)) for d in shape[1:])
+    return tuple(((sum(sizes[:r]), n), *tail) for r, n in enumerate(sizes))
+
+
+class Layout(NamedTuple):
+    """How a DTensor's elements lie on the ranks that shard it: its exchange ``group`` (``None``: the world, or no
+    exchange when ``world`` is 1), this rank's place in it, and every rank's ``Block`` of the global tensor."""
+
+    group: Any
+    world: int
+    rank: int
+    blocks: tuple[Block, ...]
+
+
+def shard_layout(p: Any) -> Layout:
+    """The ``Layout`` of DTensor ``p`` (a collective over its exchange group the first time a mesh, placements and
+    shape are seen: every rank of the group must call it; cached after).
+
+    Any ``Shard``/``Replicate`` placements on any mesh are supported where each rank's local tensor is one
+    rectangular block of the global tensor (FSDP2 ``Shard(0)``, tensor-parallel ``Shard(0)``/``Shard(1)``, both on
+    a 2-D mesh, HSDP): the exchange group spans the mesh dimensions that shard ``p``; ranks that differ only along
+    replicated dimensions hold the same blocks and exchange among themselves.
     """
-    key = (id(p.device_mesh), tuple(p.placements))
-    cached = _GROUPS.get(key)
+    key = (id(p.device_mesh), tuple(p.placements), tuple(p.shape))
+    cached = _LAYOUTS.get(key)
     if cached is not None and cached[0] is p.device_mesh:  # the same live mesh, not a reused id
         return cached[1]
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    sharded = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
-    others_ok = all(isinstance(pl, Replicate) for d, pl in enumerate(p.placements) if d not in sharded)
-    if len(sharded) > 1 or not others_ok or (sharded and p.placements[sharded[0]].dim != 0):
+    shape = tuple(int(d) for d in p.shape)
+    placements = tuple(p.placements)
+    sharded = [d for d, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+    # FSDP2 over tensor parallel writes _StridedShard (not a Shard subclass in every torch); the tiling check
+    # below holds any placement to "one rectangular block per rank"
+    if not all(isinstance(placements[d], Shard) or type(placements[d]).__name__ == "_StridedShard" for d in sharded):
         raise ValueError(
-            f"Muon supports DTensor parameters sharded on dim 0 (FSDP2 fully_shard, Shard(0)) and replicated "
-            f"elsewhere; got placements {tuple(p.placements)} for a parameter of shape {tuple(p.shape)}"
+            f"Muon supports DTensor parameters with Shard and Replicate placements (not Partial); got {placements} "
+            f"for a parameter of shape {shape}"
         )
     if not sharded:
-        found: tuple[Any, int, int] = (None, 1, 0)
+        found = Layout(None, 1, 0, (tuple((0, d) for d in shape),))
     else:
-        group = p.device_mesh.get_group(sharded[0])
-        found = (group, dist.get_world_size(group), dist.get_rank(group))
-    if len(_GROUPS) >= _MAX_GROUPS:  # bounded: it holds the meshes it has seen alive
-        _GROUPS.clear()
-    _GROUPS[key] = (p.device_mesh, found)
+        group = _mesh_group(p.device_mesh, sharded, placements)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes, offsets = compute_local_shape_and_global_offset(shape, p.device_mesh, placements)
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        mine = torch.tensor([*offsets, *sizes], dtype=torch.int64, device=device)
+        every = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(every, mine, group=group)
+        n = len(shape)
+        rows = every.view(world, 2 * n).tolist()
+        blocks = tuple(tuple(zip(row[:n], row[n:])) for row in rows)
+        _check_tiling(blocks, shape, placements)
+        found = Layout(group, world, rank, blocks)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:  # bounded: it holds the meshes it has seen alive (cleared alike on every rank)
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (p.device_mesh, found)
     return found
 
 
-_GROUPS: dict[tuple, tuple[Any, tuple[Any, int, int]]] = {}  # (mesh id, placements) -> (mesh, answer)
-_MAX_GROUPS = 64
+_LAYOUTS: dict[tuple, tuple[Any, Layout]] = {}  # (mesh id, placements, shape) -> (mesh, layout)
+_MAX_LAYOUTS = 256
+
+
+def _mesh_group(mesh: Any, dims: list[int], placements: tuple) -> Any:
+    """The process group spanning mesh dimensions ``dims`` (this rank's coordinates fixed along the others)."""
+    if len(dims) == 1:
+        return mesh.get_group(dims[0])
+    if len(dims) == mesh.ndim and mesh.size() == dist.get_world_size():
+        return None  # the whole world (group ranks are global ranks; the blocks are gathered in that order)
+    names = mesh.mesh_dim_names
+    if names is not None:
+        sub = mesh[tuple(names[d] for d in dims)]
+        if hasattr(sub, "_flatten"):
+            return sub._flatten().get_group()
+    raise ValueError(
+        f"a DTensor sharded along mesh dimensions {dims} of a {tuple(mesh.shape)} mesh (placements {placements}) "
+        f"needs a process group spanning them: name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...)) "
+        f"on a torch whose DeviceMesh has _flatten, or use a mesh that covers the world"
+    )
+
+
+def _check_tiling(blocks: tuple[Block, ...], shape: tuple[int, ...], placements: tuple) -> None:
+    """Every element of the global tensor in exactly one rank's block, else a ``ValueError``."""
+    volumes = [volume(b) for b in blocks]
+    overlap = any(
+        volumes[a]
+        and volumes[b]
+        and all(sa < sb + nb and sb < sa + na for (sa, na), (sb, nb) in zip(blocks[a], blocks[b]))
+        for a in range(len(blocks))
+        for b in range(a + 1, len(blocks))
+    )
+    if overlap or sum(volumes) != volume(tuple((0, d) for d in shape)):
+        raise ValueError(
+            f"the local tensors of a DTensor of shape {shape} with placements {placements} are not one rectangular "
+            f"block of it per rank (blocks {blocks}); Muon cannot reassemble its matrices"
+        )
+
+
+def volume(block: Block) -> int:
+    """How many elements ``block`` holds."""
+    n = 1
+    for _, size in block:
+        n *= size
+    return n
 
 
 def start_row_gather(
