@@ -20,6 +20,7 @@ re-exports the public names here and of ``shards``. Bytes counted are what this 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,6 @@ from .shards import (
     row_blocks,
     shard_layout,
     shard_rows,
-    start_row_gather,
     unpack,
     volume,
 )
@@ -144,10 +144,12 @@ def zero_muon_step(
     ``shard_rows`` of each momentum buffer (``row_buffers``).
 
     Momentum runs on this rank's rows of the (already averaged) gradient; the rows go to the matrices'
-    owners as in the FSDP2 path (``all_to_all``, NS there, rows back), then one ``all_gather`` per
-    same-shape bucket gives every rank the whole update. The result equals single-process Muon; the
-    state takes 1/W of the memory, for more bytes than the replicated exchange (1.75x on 2 GPUs for the
-    1B-class set of benchmarks/distributed.py). ``options`` and ``stage_states`` as for ``sharded_muon_step``.
+    owners as in the FSDP2 path (one ``all_to_all`` per same-shape bucket, NS there), then a second
+    ``all_to_all`` per bucket sends each owner's whole results to every rank (an all-gather of uneven shares,
+    without padding). Per rank that sends its rows of the matrices others own, and each result it owns to the
+    W-1 other ranks: about ``1 + 1/W`` times the replicated exchange's bytes, on a balanced plan. The result
+    equals single-process Muon; the state takes 1/W of the memory. ``options`` and ``stage_states`` as for
+    ``sharded_muon_step``.
     """
     opts, ns = _step_options(options, "zero_muon_step")
     if not params:
@@ -166,15 +168,7 @@ def zero_muon_step(
     updates = momentum_update(row_grads, row_buffers, opts["momentum"], opts["nesterov"])
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
     blocks = [row_blocks(p.shape, world) for p in params]
-    stacks = exchange.run_stacked(params, blocks, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states)
-    pending = [  # stack: (n, rows_me, *tail) -> every rank's rows, one all-gather per bucket in flight
-        (order, start_row_gather(stack, int(params[order[0]].shape[0]), executor, counter)) for order, stack in stacks
-    ]
-    full_updates: list[Tensor | None] = [None] * len(params)
-    for order, finish in pending:
-        for i, u in zip(order, finish().unbind(0)):
-            full_updates[i] = u
-    assert all(u is not None for u in full_updates)
+    full_updates = exchange.run(params, blocks, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states, True)
     get_stage("update", opts["update"]).fast(params, full_updates, opts["lr"], opts["weight_decay"])
 
 
@@ -217,8 +211,11 @@ class _ShardedExchange:
         ns: dict[str, Any],
         stats: dict[str, list[Tensor]] | None,
         states: Sequence[Tensor] | None = None,
+        whole: bool = False,
     ) -> list[tuple[list[int], Tensor]]:
-        """Scaled orthogonalized updates, this rank's blocks: per bucket ``(order, (n, *my_block_size))``.
+        """Scaled orthogonalized updates, this rank's blocks: per bucket ``(order, (n, *my_block_size))``; with
+        ``whole``, every rank receives every whole result instead (for replicated parameters: each owner sends its
+        results to every rank, one all-to-all per bucket): ``(order, (n, *shape))``.
 
         ``params`` give the global shapes, ``blocks`` every rank's ``Block`` of each; ``updates`` are this rank's
         blocks of each update. ``states``: a ``rows_state`` postscale stage's state per parameter, whole and equal
@@ -249,7 +246,8 @@ class _ShardedExchange:
             recv_splits = [b.count[rank] * n for n in b.numel]
             b.recv, b.work = self._a2a(send.reshape(-1), send_splits, recv_splits)
 
-        # 2. per bucket: whole matrices on their owner, NS there, each rank's block sent back
+        # 2. per bucket: whole matrices on their owner, NS there, each rank's block sent back (or every result to
+        # every rank)
         for b in buckets:
             mine = b.count[rank]
             first = updates[b.order[0]]
@@ -272,6 +270,11 @@ class _ShardedExchange:
                 )
                 kept = None if states is None else [states[i] for i in b.owned(rank)]
                 run_all(ns_jobs(list(full.unbind(0)), list(outs.unbind(0)), ns=ns, stats=stats, states=kept, **rule))
+            if whole:  # this rank's results to every rank: an all-gather of uneven shares, without padding
+                each = math.prod(b.shape)
+                send = outs.reshape(1, -1).expand(world, -1).reshape(-1)
+                b.out_recv, b.out_work = self._a2a(send, [mine * each] * world, [c * each for c in b.count])
+                continue
             send = torch.cat([outs[where].reshape(-1) for where in b.where])
             send_splits = [mine * n for n in b.numel]
             recv_splits = [c * b.numel[rank] for c in b.count]
@@ -280,13 +283,13 @@ class _ShardedExchange:
         if states is not None:  # every owner's new states to every rank: the others add zeros
             self._share_states(buckets, states)
 
-        # 3. this rank's rows of every result: one (n, rows_me, *tail) tensor per bucket, owner-sorted
+        # 3. this rank's block of every result (or the whole results): one tensor per bucket, owner-sorted
         stacks = []
         for b in buckets:
             b.out_work.wait()
             assert b.out_recv is not None
             first = updates[b.order[0]]
-            got = b.out_recv.view(len(b.order), *b.sizes[rank])
+            got = b.out_recv.view(len(b.order), *(b.shape if whole else b.sizes[rank]))
             out = torch.empty(got.shape, dtype=first.dtype, device=first.device)
             if b.uniform:
                 torch.mul(got, b.scale, out=out)
