@@ -14,7 +14,9 @@ or their Shard(0) pieces for FSDP2; gradient communication itself is not timed, 
   as it is computed; ``ddp-all_gather-once``: one all-gather at the end (``overlap=False``); ``ddp-zero1``:
   momentum rows sharded across ranks (``shard_state=True``);
 * ``fsdp2`` / ``fsdp2-bf16``: DTensor ``Shard(0)`` parameters (as ``fully_shard`` makes them); updates travel
-  to their owners in fp32 / bf16, results come back in the NS dtype.
+  to their owners in fp32 / bf16, results come back in the NS dtype;
+* ``tp``: tensor-parallel DTensors, ``Shard(0)`` (column-wise) and ``Shard(1)`` (row-wise) alternating; each
+  matrix is assembled on its owner from every rank's block as under FSDP2.
 
 ``max_rel_diff`` compares each mode's weights after all its steps with the naive mode's (= a single-device
 run): 0 up to rounding for the exact modes.
@@ -39,19 +41,21 @@ SETS = {
     "gpt2-small": (12, [(2304, 768), (768, 768), (3072, 768), (768, 3072)]),
     "1b": (16, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
 }
-MODES = ("naive", "ddp-all_gather", "ddp-all_gather-once", "ddp-all_reduce", "ddp-zero1", "fsdp2", "fsdp2-bf16")
+MODES = ("naive", "ddp-all_gather", "ddp-all_gather-once", "ddp-all_reduce", "ddp-zero1", "fsdp2", "fsdp2-bf16", "tp")
 
 
 def _make(mode, base, grads, device):
     """Parameters (with gradients) and the optimizer for one mode."""
-    if mode.startswith("fsdp2"):
+    if mode.startswith("fsdp2") or mode == "tp":
         from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         params = []
-        for b, g in zip(base, grads):
-            p = torch.nn.Parameter(distribute_tensor(b.clone(), mesh, [Shard(0)]))
-            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        for i, (b, g) in enumerate(zip(base, grads)):
+            # tp: as parallelize_module leaves a block: column-wise Shard(0) and row-wise Shard(1) weights alternate
+            place = [Shard(i % 2 if mode == "tp" else 0)]
+            p = torch.nn.Parameter(distribute_tensor(b.clone(), mesh, place))
+            p.grad = distribute_tensor(g, mesh, place)
             params.append(p)
         comm = torch.bfloat16 if mode == "fsdp2-bf16" else None
         return params, muonkit.Muon(params, nonfinite="ignore", comm_dtype=comm)
