@@ -238,17 +238,23 @@ class _ShardedExchange:
                     )
             buckets.append(b)
 
-        # 1. every bucket's blocks go to their owners (all in flight at once; NCCL runs them in order)
-        for b in buckets:
+        # 1. a bucket's blocks go to their owners: the next bucket's are in flight while one bucket's NS runs (one
+        # bucket ahead, so the staging buffers hold two buckets at most, never the whole model)
+        def send_to_owners(b: _Bucket) -> None:
             wire = self.comm_dtype or updates[b.order[0]].dtype
             send = torch.stack([updates[i] for i in b.order]).to(wire)  # (n, *size_me), owner-sorted
             send_splits = [c * b.numel[rank] for c in b.count]
             recv_splits = [b.count[rank] * n for n in b.numel]
             b.recv, b.work = self._a2a(send.reshape(-1), send_splits, recv_splits)
 
+        if buckets:
+            send_to_owners(buckets[0])
+
         # 2. per bucket: whole matrices on their owner, NS there, each rank's block sent back (or every result to
         # every rank)
-        for b in buckets:
+        for k, b in enumerate(buckets):
+            if k + 1 < len(buckets):
+                send_to_owners(buckets[k + 1])
             mine = b.count[rank]
             first = updates[b.order[0]]
             b.uniform, b.scale = _uniform_scale(b.shape, lr, adjust_lr, ns["matrix_view"], ns["split"])
@@ -256,10 +262,11 @@ class _ShardedExchange:
             out_dtype = self.comm_dtype or (work_dtype if b.uniform else first.dtype)
             b.work.wait()
             assert b.recv is not None
+            recv, b.recv = b.recv, None  # freed with this bucket
             outs = torch.empty((mine, *b.shape), dtype=out_dtype, device=first.device)
             if mine:
                 full = torch.empty((mine, *b.shape), dtype=first.dtype, device=first.device)
-                for where, size, piece in zip(b.where, b.sizes, b.recv.split([mine * n for n in b.numel])):
+                for where, size, piece in zip(b.where, b.sizes, recv.split([mine * n for n in b.numel])):
                     full[where] = piece.view(mine, *size)
                 # with one lr scale per parameter, results travel unscaled in the NS dtype and the receiver
                 # scales them as one process does; otherwise they travel scaled, in the update dtype
