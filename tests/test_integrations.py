@@ -38,6 +38,41 @@ def test_amp_gradscaler_clipping_in_the_documented_order():
 
 
 @pytest.mark.slow
+def test_a_compiled_step_takes_schedules_held_as_tensors_without_recompiling():
+    """lr, momentum and weight decay changed every step, held as 0-d tensors and filled in place: the compiled
+    step makes its graphs on the first step and no more (a float schedule of momentum or weight decay recompiles
+    every step), and follows the eager run with the same values as floats."""
+    from torch._dynamo.utils import counters
+
+    def schedule(t):
+        return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
+
+    torch._dynamo.reset()
+    eager_model, compiled_model = _model(), _model()
+    eager = muonkit.Muon(muonkit.param_groups(eager_model), nonfinite="ignore", weight_decay=0.01)
+    held = {k: torch.tensor(v) for k, v in schedule(0).items()}
+    compiled = muonkit.Muon(muonkit.param_groups(compiled_model), nonfinite="ignore", **held)
+    step = torch.compile(compiled.step)
+    graphs = []
+    for t in range(6):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t))
+        for m in (eager_model, compiled_model):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        for ge, gc in zip(eager.param_groups, compiled.param_groups):
+            if ge["algorithm"] == "muon":
+                for k, v in schedule(t).items():
+                    ge[k] = v
+                    gc[k].fill_(v)
+        eager.step()
+        step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and len(set(graphs)) == 1, graphs
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_compiled_step_matches_eager():
     eager_model, compiled_model = _model(), _model()
     eager = muonkit.Muon(muonkit.param_groups(eager_model), nonfinite="ignore")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import muonkit
 from muonkit import Muon
 from muonkit.cli import main
 from muonkit.train import SIZES, LMTask, builtin_corpus, make_optimizer, train_one
@@ -199,6 +200,22 @@ def test_momentum_warmup_raises_muons_momentum_and_leaves_adamw_alone():
     schedule.set(20)
     assert by_algorithm["muon"]["momentum"] == 0.95
     assert "Muon momentum from 0.85 over 4 steps" in r.describe(20, ["muon"])
+
+
+def test_the_schedule_fills_values_held_as_tensors_in_place():
+    """A group holding lr and momentum as tensors (for a step under torch.compile) keeps the same tensor objects:
+    the schedule writes into them."""
+    model = GPT(TINY)
+    opt = Muon(muonkit.param_groups(model), lr=torch.tensor(0.02), momentum=torch.tensor(0.95), adamw_lr=1e-3)
+    held = [(g["lr"], g.get("momentum")) for g in opt.param_groups]
+    recipe = Recipe(warmup=2, momentum_warmup=4)
+    Schedule(opt, recipe, 20).set(1)
+    for g, (lr, momentum) in zip(opt.param_groups, held):
+        peak = 0.02 if g["algorithm"] == "muon" else 1e-3  # the AdamW groups' lr (adamw_lr) is a float
+        assert (g["lr"] is lr) == isinstance(lr, torch.Tensor)
+        assert float(g["lr"]) == pytest.approx(peak * recipe.lr_factor(1, 20))
+        if g["algorithm"] == "muon":
+            assert g["momentum"] is momentum and float(momentum) == pytest.approx(0.85)
 
 
 def test_the_demo_takes_a_momentum_warmup(tmp_path, capsys):

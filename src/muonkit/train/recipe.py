@@ -136,16 +136,25 @@ class Recipe:
 class Schedule:
     """Sets the learning rate of every parameter group of ``opt`` for each step: its peak (the lr the group had
     when this was made) times ``recipe.lr_factor``; and, with ``recipe.momentum_warmup``, the momentum of
-    muonkit's Muon groups (``recipe.momentum``)."""
+    muonkit's Muon groups (``recipe.momentum``). A value the group holds as a tensor is filled in place (what a
+    step compiled with ``torch.compile`` needs to see a new value without recompiling)."""
 
     def __init__(self, opt: torch.optim.Optimizer, recipe: Recipe, steps: int) -> None:
         self.opt, self.recipe, self.steps = opt, recipe, steps
-        self.peaks = [g["lr"] for g in opt.param_groups]
-        self.momenta = [g["momentum"] if g.get("algorithm") == "muon" else None for g in opt.param_groups]
+        self.peaks = [float(g["lr"]) for g in opt.param_groups]
+        self.momenta = [float(g["momentum"]) if g.get("algorithm") == "muon" else None for g in opt.param_groups]
 
     def set(self, step: int) -> None:
         factor = self.recipe.lr_factor(step, self.steps)
         for group, peak, momentum in zip(self.opt.param_groups, self.peaks, self.momenta):
-            group["lr"] = peak * factor
+            assign(group, "lr", peak * factor)
             if momentum is not None and self.recipe.momentum_warmup:
-                group["momentum"] = self.recipe.momentum(step, momentum)
+                assign(group, "momentum", self.recipe.momentum(step, momentum))
+
+
+def assign(group: dict[str, Any], key: str, value: float) -> None:
+    """``group[key] = value``, or ``group[key].fill_(value)`` where the group holds a tensor there."""
+    if isinstance(group[key], torch.Tensor):
+        group[key].fill_(value)
+    else:
+        group[key] = value
