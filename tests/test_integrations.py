@@ -163,3 +163,34 @@ def test_sigma_max_estimate_reports_the_ns_band_edge():
     est = _top_singular_value(O)
     assert torch.all(est <= true + 1e-9) and torch.allclose(est, true, rtol=3e-2)
     assert 1.0 < float(est.max()) < 1.3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fused step, CUDA graphs)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_schedules_held_as_tensors_on_cuda_follow_the_float_schedule(compiled):
+    """On CUDA (fused passes, CUDA graphs of repeated steps; or the compiled step), lr, momentum and weight decay
+    held as 0-d CPU tensors and filled in place step as the same values given as floats."""
+
+    def schedule(t):
+        return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
+
+    torch._dynamo.reset()
+    models = [_model().cuda(), _model().cuda()]
+    floats = muonkit.Muon(muonkit.param_groups(models[0]), nonfinite="ignore", weight_decay=0.01)
+    held = muonkit.Muon(muonkit.param_groups(models[1]), nonfinite="ignore",
+                        **{k: torch.tensor(v) for k, v in schedule(0).items()})  # fmt: skip
+    step = torch.compile(held.step) if compiled else held.step
+    for t in range(6):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t)).cuda()
+        for m in models:
+            m.zero_grad()
+            m(x).square().mean().backward()
+        for gf, gh in zip(floats.param_groups, held.param_groups):
+            if gf["algorithm"] == "muon":
+                for k, v in schedule(t).items():
+                    gf[k] = v
+                    gh[k].fill_(v)
+        floats.step()
+        step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 NS on CUDA: the same arithmetic, rounded alike

@@ -27,7 +27,7 @@ from ..newton_schulz import (
     Restarts,
     default_ns_dtype,
 )
-from .options import NS_OPTIONS
+from .options import NS_OPTIONS, as_numbers, holds_tensors
 from .pipeline import SLOTS, fused_stages, get_stage
 from .plans import _fused_muon_steps, _streams
 from .remembered import _remember, _Remembered, _remembered_plan, _state_key
@@ -138,7 +138,8 @@ def _muon_steps(calls: Sequence[StepCall], found_inf: Tensor | None = None) -> _
     caller that knows the next step's structure is the same may run again (``Muon._step_again``).
     ``found_inf``: the flag the fused kernels read (``plans._StepPlan.run``); the torch path ignores it (its
     caller checked the gradients before)."""
-    full = [(params, grads, bufs, {**_STEP_DEFAULTS, **options}) for params, grads, bufs, options in calls if params]
+    full = [(params, grads, bufs, as_numbers({**_STEP_DEFAULTS, **options})) for params, grads, bufs, options in calls
+            if params]  # fmt: skip
     if not full:
         return None
     streams = _streams(full)
@@ -154,6 +155,7 @@ def _muon_steps(calls: Sequence[StepCall], found_inf: Tensor | None = None) -> _
         if (
             opts["executor"] is None
             and opts["method"] != "svd"
+            and not holds_tensors(opts)
             and fused_stages(opts)
             and _fused_step_applies(params, grads, bufs, opts["ns_dtype"])
         ):

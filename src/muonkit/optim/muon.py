@@ -29,7 +29,7 @@ from .loading import (
     whole_buffers,
 )
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, nonfinite_skip, settle
-from .options import step_options
+from .options import as_numbers, step_options
 from .pipeline import get_stage
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
@@ -389,11 +389,10 @@ class Muon(Optimizer):
             [local(m) for m in exp_avgs],
             [local(v) for v in exp_avg_sqs],
             steps,
-            lr=group["lr"],
+            **as_numbers({"lr": group["lr"], "weight_decay": group["weight_decay"]}),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
             fused=fused.fused_enabled() and fused_adamw_applies(params, grads),
             found_inf=found_inf,
         )

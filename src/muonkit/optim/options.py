@@ -174,5 +174,25 @@ def plan_key(opts: dict[str, Any]) -> tuple:
 
 
 def step_options(group: dict[str, Any]) -> dict[str, Any]:
-    """A Muon group's options as the step functions take them (all but ``momentum_dtype``, used for state)."""
-    return {name: group[name] for name in STEP_OPTIONS}
+    """A Muon group's options as the step functions take them (all but ``momentum_dtype``, used for state), the
+    scheduled numbers as ``as_numbers`` gives them."""
+    return as_numbers({name: group[name] for name in STEP_OPTIONS})
+
+
+SCHEDULED = ("lr", "momentum", "weight_decay")  # what schedules change, which a group may hold as 0-d tensors
+
+
+def as_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the ``SCHEDULED`` entries held as tensors read as floats (a CPU tensor is read without a
+    device sync), except while ``torch.compile`` traces: there they stay tensors, so that the compiled step reads
+    them as inputs and does not recompile for each new value (such a call takes the torch path)."""
+    if torch.compiler.is_compiling():
+        return values
+    held = [k for k in SCHEDULED if isinstance(values.get(k), torch.Tensor)]
+    return {**values, **{k: float(values[k]) for k in held}} if held else values
+
+
+def holds_tensors(values: dict[str, Any]) -> bool:
+    """Whether a step's ``SCHEDULED`` numbers include a tensor (only while ``torch.compile`` traces, after
+    ``as_numbers``): the fused CUDA kernels take them as numbers, so such a step takes the torch path."""
+    return any(isinstance(values.get(k), torch.Tensor) for k in SCHEDULED)

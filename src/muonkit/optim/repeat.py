@@ -18,7 +18,7 @@ from ..accel import guards as _guards
 from ..coefficients import is_file_spec
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
-from .options import REPEAT_KEY
+from .options import REPEAT_KEY, SCHEDULED, as_numbers
 from .plans import _decays, _streams
 from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
@@ -155,7 +155,7 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
     calls = []
     for start, end, gi, opts, decays in rec.calls:
         group = groups[gi]
-        opts["lr"], opts["momentum"], opts["weight_decay"] = group["lr"], group["momentum"], group["weight_decay"]
+        opts.update(as_numbers({k: group[k] for k in SCHEDULED}))
         if _decays(opts) != decays:
             return False
         calls.append((rec.flat[start:end], grads[start:end], bufs[start:end], opts))
