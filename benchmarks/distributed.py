@@ -18,6 +18,8 @@ or their Shard(0) pieces for FSDP2; gradient communication itself is not timed, 
 * ``tp``: tensor-parallel DTensors, ``Shard(0)`` (column-wise) and ``Shard(1)`` (row-wise) alternating; each
   matrix is assembled on its owner from every rank's block as under FSDP2.
 
+``step peak MB`` (CUDA only) is what a step allocates at its peak beyond the memory that stays allocated between
+steps (parameters, gradients, optimizer state, cached graphs): the exchange's staging buffers and NS workspaces.
 ``max_rel_diff`` compares each mode's weights after all its steps with the naive mode's (= a single-device
 run): 0 up to rounding for the exact modes.
 """
@@ -101,6 +103,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         params, opt = _make(mode, base, grads, device)
         opt.step()
+        if cuda:  # what a step allocates beyond what stays between steps (parameters, gradients, state, caches)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
         times = []
         for _ in range(args.reps):
             dist.barrier()
@@ -123,6 +129,7 @@ def main() -> None:
                 key = "cuda_time_total" if cuda else "cpu_time_total"
                 print(f"--- profile: {mode}")
                 print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=40))
+        peak = torch.cuda.max_memory_allocated(device) - resident if cuda else None
         final = [_full(p) for p in params]
         if reference is None:
             reference = final
@@ -136,17 +143,22 @@ def main() -> None:
                 "ms_min": min(times),
                 "bytes_per_step": opt.bytes_communicated / (args.reps + 1),
                 "state_bytes_per_rank": state,
+                "step_peak_extra_bytes": peak,
                 "max_rel_diff_vs_first_mode": diff,
             }
         )
         del params, opt
     if rank == 0:
         print(f"set {args.set}, {world} rank(s), {'nccl' if cuda else 'gloo'}; reference for diffs: {rows[0]['mode']}")
-        print(f"{'mode':<20} {'ms/step':>9} {'MB sent/step':>13} {'state MB/rank':>14} {'max rel diff':>13}")
+        print(
+            f"{'mode':<20} {'ms/step':>9} {'MB sent/step':>13} {'state MB/rank':>14} {'step peak MB':>13} "
+            f"{'max rel diff':>13}"
+        )
         for r in rows:
+            peak = "n/a" if r["step_peak_extra_bytes"] is None else f"{r['step_peak_extra_bytes'] / 2**20:.1f}"
             print(
                 f"{r['mode']:<20} {r['ms']:>9.2f} {r['bytes_per_step'] / 2**20:>13.2f} "
-                f"{r['state_bytes_per_rank'] / 2**20:>14.1f} {r['max_rel_diff_vs_first_mode']:>13.2e}"
+                f"{r['state_bytes_per_rank'] / 2**20:>14.1f} {peak:>13} {r['max_rel_diff_vs_first_mode']:>13.2e}"
             )
         write_json(args.out, {"environment": environment(device), "set": args.set, "rows": rows})
     dist.barrier()

@@ -2,7 +2,8 @@
 
 For gradient-like matrices (singular values spread log-uniformly over [1e-3, 1] or [1e-5, 1], and Gaussian ones) the
 program runs Jordan's quintic for 1..8 steps after each precondition stage (``muonkit.optim.pipeline``: ``none`` =
-the Frobenius normalisation, ``aol`` = Turbo-Muon's AOL rescaling, ``row_norm`` = MuonEq's row normalisation) and
+the Frobenius normalisation, ``aol`` = Turbo-Muon's AOL rescaling, ``schatten4`` = CANS's Schatten-4 normalisation,
+``row_norm`` = MuonEq's row normalisation) and
 reports two measures per step count, in float64 (the counts do not depend on the hardware):
 
 - lifted: the fraction of the output's singular values at or above 0.5. Jordan's coefficients do not converge to 1:
@@ -30,7 +31,7 @@ from muonkit.coefficients import as_preset
 from muonkit.optim.pipeline import get_stage
 from muonkit.train.report import environment
 
-STAGES = ("none", "aol", "row_norm")
+STAGES = ("none", "aol", "schatten4", "row_norm")
 
 
 def matrices(kind: str, m: int, n: int, count: int, seed: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Pre-conditioning stages before NS (``precondition="aol"`` from Turbo-Muon, ``"row_norm"`` from MuonEq): batched
-forms against their per-entry references, AOL's spectral bound, and the whole step against a transcription."""
+"""Pre-conditioning stages before NS (``precondition="aol"`` from Turbo-Muon, ``"schatten4"`` from CANS,
+``"row_norm"`` from MuonEq): batched forms against their per-entry references, the spectral bounds, and the whole
+step against a transcription."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from muonkit.coefficients import as_preset
 from muonkit.optim import pipeline
 
 
-@pytest.mark.parametrize("name", ["aol", "row_norm"])
+@pytest.mark.parametrize("name", ["aol", "schatten4", "row_norm"])
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6), (7, 7)])
 def test_fast_stage_equals_its_reference(name, shape):
     stage = pipeline.get_stage("precondition", name)
@@ -29,29 +30,57 @@ def test_aol_bounds_the_spectral_norm_and_row_norm_makes_unit_rows(shape):
     m, n = shape
     for sigmas in ([1.0] * min(m, n), torch.logspace(-5, 2, min(m, n)).tolist()):
         X = matrix_with_spectrum(m, n, sigmas, seed=3, dtype=torch.float32)
-        W = pipeline.aol(X)
-        assert torch.linalg.matrix_norm(W.double(), ord=2) <= 1 + 1e-5
+        for W in (pipeline.aol(X), pipeline.schatten4(X)):
+            assert torch.linalg.matrix_norm(W.double(), ord=2) <= 1 + 1e-5
         R = pipeline.row_normalise(X)
         torch.testing.assert_close(R.norm(dim=-1), torch.ones(m), rtol=1e-5, atol=0)
     assert pipeline.get_stage("precondition", "aol").normalises
+    assert pipeline.get_stage("precondition", "schatten4").normalises
     assert not pipeline.get_stage("precondition", "row_norm").normalises
 
 
-def test_aol_lifts_at_least_as_many_small_singular_values_as_frobenius_normalisation():
-    """What Turbo-Muon's rescaling buys: from a decaying spectrum, after each of the first steps of Jordan's NS at
-    least as many singular values are in the band (>= 0.5) as after the Frobenius normalisation
-    (``benchmarks/precondition.py`` measures the steps it saves)."""
+@pytest.mark.parametrize("name", ["aol", "schatten4"])
+def test_stage_lifts_at_least_as_many_small_singular_values_as_frobenius_normalisation(name):
+    """What Turbo-Muon's rescaling and CANS's Schatten-4 normalisation buy: from a decaying spectrum, after each
+    of the first steps of Jordan's NS at least as many singular values are in the band (>= 0.5) as after the
+    Frobenius normalisation, and more after some (``benchmarks/precondition.py`` measures the steps saved)."""
     G = matrix_with_spectrum(32, 96, torch.logspace(-3, 0, 32).tolist(), seed=1)
     lifted = {}
-    for name in ("none", "aol"):
-        X = G / G.norm() if name == "none" else pipeline.aol(G).double()
+    for stage in ("none", name):
+        X = G / G.norm() if stage == "none" else pipeline.get_stage("precondition", name).fast(G).double()
         counts = []
         for a, b, c in as_preset("jordan").schedule(5):
             A = X @ X.mT
             X = a * X + (b * A + c * A @ A) @ X
             counts.append(int((torch.linalg.svdvals(X) >= 0.5).sum()))
-        lifted[name] = counts
-    assert all(x >= y for x, y in zip(lifted["aol"], lifted["none"])) and lifted["aol"] != lifted["none"]
+        lifted[stage] = counts
+    assert all(x >= y for x, y in zip(lifted[name], lifted["none"])) and lifted[name] != lifted["none"]
+
+
+def test_muon_with_schatten4_equals_the_reference_step():
+    """The Schatten-4 normalisation in place of the Frobenius one, then Jordan's NS in float32, the shape scale."""
+    g = torch.Generator().manual_seed(6)
+    shapes = [(12, 8), (8, 20)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+    params = [nn.Parameter(p.clone()) for p in start]
+    opt = Muon(params, lr=0.05, precondition="schatten4", method="newton_schulz", nesterov=False)
+    for step in grads:
+        for p, gr in zip(params, step):
+            p.grad = gr.clone()
+        opt.step()
+    ref, bufs = [p.clone() for p in start], [torch.zeros_like(p) for p in start]
+    for step in grads:
+        for p, gr, b in zip(ref, step, bufs):
+            b.lerp_(gr, 0.05)
+            W = b.T if b.shape[0] > b.shape[1] else b
+            X = W / (W @ W.T).norm() ** 0.5
+            for a, bb, c in as_preset("jordan").schedule(5):
+                A = X @ X.T
+                X = a * X + (bb * A + c * A @ A) @ X
+            p.sub_(0.05 * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * (X.T if b.shape[0] > b.shape[1] else X))
+    for got, want in zip(params, ref):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
 
 
 def _reference_aol_step(p, g, buf, lr, momentum=0.95, steps=4):
@@ -91,7 +120,9 @@ def test_muon_with_aol_equals_the_reference_step():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("options", [{"precondition": "aol", "ns_steps": 4}, {"postscale": "normuon"}])
+@pytest.mark.parametrize(
+    "options", [{"precondition": "aol", "ns_steps": 4}, {"precondition": "schatten4"}, {"postscale": "normuon"}]
+)
 def test_stages_on_cuda_match_the_cpu_step(options):
     """The torch path these stages take on CUDA (NS graphs, a prenormalised call for AOL) gives the CPU's steps."""
     g = torch.Generator().manual_seed(4)

@@ -141,6 +141,28 @@ def _aol_reference(X: Tensor) -> Tensor:
     return out.T if tall else out
 
 
+def schatten4(X: Tensor) -> Tensor:
+    """Schatten-4 normalisation (CANS): each matrix divided by ``||X||_S4 = ||W W^T||_F^(1/2)`` (``W`` the wide
+    orientation), the ``k = 2`` case of Gelfand's bound ``||X||_2 <= ||(W W^T)^k||_F^(1/(2k))``: the spectral norm
+    is then at most 1, and the small singular values start larger than after dividing by ``||X||_F``. Divided by
+    the Frobenius norm first, so the Gram product cannot overflow. Float32 Gram matrix; returns float32."""
+    tall = X.shape[-2] > X.shape[-1]
+    W = (X.mT if tall else X).float()
+    W = W / torch.linalg.matrix_norm(W, keepdim=True).clamp_min(1e-30)
+    s4 = torch.linalg.matrix_norm(W @ W.mT, keepdim=True).sqrt()  # in [1/sqrt(rank), 1] after the division above
+    W = W / s4.clamp_min(1e-30)
+    return W.mT if tall else W
+
+
+def _schatten4_reference(X: Tensor) -> Tensor:
+    tall = X.shape[0] > X.shape[1]
+    W = (X.T if tall else X).double()
+    m, n = W.shape
+    total = sum(sum(float(W[i, k]) * float(W[j, k]) for k in range(n)) ** 2 for i in range(m) for j in range(m))
+    out = W / max(total, 1e-300) ** 0.25
+    return out.T if tall else out
+
+
 def row_normalise(X: Tensor) -> Tensor:
     """MuonEq's row normalisation (R): every row (output feature) of each matrix to unit Euclidean norm (a zero row
     stays 0). Returns float32."""
@@ -208,6 +230,15 @@ _BUILT_IN = (
         _aol_reference,
         "Turbo-Muon (Boissin et al. 2025, arXiv 2512.04632): AOL rescaling W <- diag(s) W, s_i = (sum_j |W W^T|_ij)"
         "^(-1/2), on the wide orientation, in place of the Frobenius normalisation (spectral norm <= 1)",
+        normalises=True,
+    ),
+    Stage(
+        "precondition",
+        "schatten4",
+        schatten4,
+        _schatten4_reference,
+        "CANS (Grishina, Smirnov & Rakhuba 2025, arXiv 2506.10935), which bounds the spectral norm by Gelfand's "
+        "formula: X / ||W W^T||_F^(1/2) (the Schatten-4 norm) in place of X / ||X||_F; one Gram product more",
         normalises=True,
     ),
     Stage(
