@@ -74,6 +74,16 @@ def split_groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
     return [{"params": qkv, "split": 3}, {"params": rest}]
 
 
+STAGE_VARIANTS: dict[str, dict[str, Any]] = {
+    "aol 4 NS steps": {"precondition": "aol", "ns_steps": 4},
+    "schatten4": {"precondition": "schatten4"},
+    "row_norm": {"precondition": "row_norm"},
+    "normuon": {"postscale": "normuon"},
+    "cautious": {"update": "cautious", "weight_decay": 0.01},
+    "decoupled wd 0.01": {"weight_decay": 0.01},  # what the cautious row compares against
+}
+
+
 def optimizers(
     params: list[torch.nn.Parameter], device: torch.device
 ) -> dict[str, Callable[[], torch.optim.Optimizer]]:
@@ -90,6 +100,9 @@ def optimizers(
             params, method="gram", restarts=[2], nonfinite="ignore"
         ),
     }
+    # the step pipeline's shipped stages, one at a time (each takes the torch path: no fused CUDA form yet)
+    for name, kw in STAGE_VARIANTS.items():
+        opts[f"muonkit [{name}]"] = functools.partial(lambda kw: muonkit.Muon(groups(), nonfinite="ignore", **kw), kw)
     if device.type == "cuda":
         for mode in ("default", "reduce-overhead"):
             opts[f"muonkit+compile({mode})"] = functools.partial(compiled_muonkit, groups, mode)
