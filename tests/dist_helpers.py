@@ -46,6 +46,32 @@ def net_optimizer(model, **kw):
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
 
 
+def full_state(model):
+    """``model``'s state dict with every DTensor gathered whole (a collective where there are any)."""
+    state = model.state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
+
+
+def load_checkpoint(model, opt, path):
+    """Load a ``torch.distributed.checkpoint`` written by ``save_checkpoint`` into ``model`` and ``opt`` (any layout,
+    any world size: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save_checkpoint(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
 def batch(t):
     """Step t's batch: tokens 0..15 and the next-token rule y = 5 x + 3 mod 16."""
     gen = torch.Generator().manual_seed(100 + t)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, D, Net, batch, loss, net_optimizer, single_run, spawn
+from dist_helpers import BATCH, STEPS, D, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import load_checkpoint as load
+from dist_helpers import save_checkpoint as save
 from muonkit.distributed import shard_rows
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -37,16 +39,8 @@ def _single(steps=STEPS):
     return single_run(Net, net_optimizer, steps)
 
 
-def _full_state(model):
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
-
-
 def _worker(rank, world, out, task):
     """One task on this rank (see ``dist_helpers.spawn``): train (or save / resume) and return what tests read."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -64,10 +58,7 @@ def _worker(rank, world, out, task):
     opt = net_optimizer(model, **kw)
     first, steps = 0, STEPS
     if task == "resume":
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=f"{out}/{source}.dcp")
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load(model, opt, f"{out}/{source}.dcp")
         first = 2
     if task == "save":
         steps = 2
@@ -92,9 +83,8 @@ def _worker(rank, world, out, task):
     except muonkit.NonFiniteGradientError as err:
         result["error"] = str(err)
     if task == "save":
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/{'normuon-' if normuon else ''}{task}.dcp")
-    result["state"] = _full_state(model)
+        save(model, opt, f"{out}/{'normuon-' if normuon else ''}{task}.dcp")
+    result["state"] = full_state(model)
     result["bytes"] = opt.bytes_communicated
     buf = opt.state[model.fc.weight].get("momentum_buffer")  # none after a step that raised
     result["buffer_local_rows"] = None if buf is None else buf.to_local().shape[0]

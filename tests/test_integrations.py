@@ -37,36 +37,46 @@ def test_amp_gradscaler_clipping_in_the_documented_order():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def _schedule(t):
+    """Step t's lr, momentum and weight decay: all three change every step."""
+    return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
+
+
+def _run_schedules(device, compiled, steps=6):
+    """Two copies of ``_model`` on ``device``: one Muon given the schedule as floats, one holding it as 0-d CPU
+    tensors filled in place (its step compiled or not). Returns both models and the graph count after each step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    models = [_model().to(device), _model().to(device)]
+    floats = muonkit.Muon(muonkit.param_groups(models[0]), nonfinite="ignore", weight_decay=0.01)
+    held = muonkit.Muon(muonkit.param_groups(models[1]), nonfinite="ignore",
+                        **{k: torch.tensor(v) for k, v in _schedule(0).items()})  # fmt: skip
+    step = torch.compile(held.step) if compiled else held.step
+    graphs = []
+    for t in range(steps):
+        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t)).to(device)
+        for m in models:
+            m.zero_grad()
+            m(x).square().mean().backward()
+        for gf, gh in zip(floats.param_groups, held.param_groups):
+            if gf["algorithm"] == "muon":
+                for k, v in _schedule(t).items():
+                    gf[k] = v
+                    gh[k].fill_(v)
+        floats.step()
+        step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    return models, graphs
+
+
 @pytest.mark.slow
 def test_a_compiled_step_takes_schedules_held_as_tensors_without_recompiling():
     """lr, momentum and weight decay changed every step, held as 0-d tensors and filled in place: the compiled
     step makes its graphs on the first step and no more (a float schedule of momentum or weight decay recompiles
     every step), and follows the eager run with the same values as floats."""
-    from torch._dynamo.utils import counters
-
-    def schedule(t):
-        return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
-
-    torch._dynamo.reset()
-    eager_model, compiled_model = _model(), _model()
-    eager = muonkit.Muon(muonkit.param_groups(eager_model), nonfinite="ignore", weight_decay=0.01)
-    held = {k: torch.tensor(v) for k, v in schedule(0).items()}
-    compiled = muonkit.Muon(muonkit.param_groups(compiled_model), nonfinite="ignore", **held)
-    step = torch.compile(compiled.step)
-    graphs = []
-    for t in range(6):
-        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t))
-        for m in (eager_model, compiled_model):
-            m.zero_grad()
-            m(x).square().mean().backward()
-        for ge, gc in zip(eager.param_groups, compiled.param_groups):
-            if ge["algorithm"] == "muon":
-                for k, v in schedule(t).items():
-                    ge[k] = v
-                    gc[k].fill_(v)
-        eager.step()
-        step()
-        graphs.append(counters["stats"]["unique_graphs"])
+    (eager_model, compiled_model), graphs = _run_schedules("cpu", compiled=True)
     assert graphs[0] > 0 and len(set(graphs)) == 1, graphs
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
@@ -170,27 +180,6 @@ def test_sigma_max_estimate_reports_the_ns_band_edge():
 def test_schedules_held_as_tensors_on_cuda_follow_the_float_schedule(compiled):
     """On CUDA (fused passes, CUDA graphs of repeated steps; or the compiled step), lr, momentum and weight decay
     held as 0-d CPU tensors and filled in place step as the same values given as floats."""
-
-    def schedule(t):
-        return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
-
-    torch._dynamo.reset()
-    models = [_model().cuda(), _model().cuda()]
-    floats = muonkit.Muon(muonkit.param_groups(models[0]), nonfinite="ignore", weight_decay=0.01)
-    held = muonkit.Muon(muonkit.param_groups(models[1]), nonfinite="ignore",
-                        **{k: torch.tensor(v) for k, v in schedule(0).items()})  # fmt: skip
-    step = torch.compile(held.step) if compiled else held.step
-    for t in range(6):
-        x = torch.randn(5, 8, generator=torch.Generator().manual_seed(t)).cuda()
-        for m in models:
-            m.zero_grad()
-            m(x).square().mean().backward()
-        for gf, gh in zip(floats.param_groups, held.param_groups):
-            if gf["algorithm"] == "muon":
-                for k, v in schedule(t).items():
-                    gf[k] = v
-                    gh[k].fill_(v)
-        floats.step()
-        step()
+    models, _ = _run_schedules("cuda", compiled)
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 NS on CUDA: the same arithmetic, rounded alike

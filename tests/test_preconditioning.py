@@ -26,7 +26,7 @@ def test_fast_stage_equals_its_reference(name, shape):
 
 
 @pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
-def test_aol_bounds_the_spectral_norm_and_row_norm_makes_unit_rows(shape):
+def test_normalising_stages_bound_the_spectral_norm_and_row_norm_makes_unit_rows(shape):
     m, n = shape
     for sigmas in ([1.0] * min(m, n), torch.logspace(-5, 2, min(m, n)).tolist()):
         X = matrix_with_spectrum(m, n, sigmas, seed=3, dtype=torch.float32)
@@ -57,41 +57,16 @@ def test_stage_lifts_at_least_as_many_small_singular_values_as_frobenius_normali
     assert all(x >= y for x, y in zip(lifted[name], lifted["none"])) and lifted[name] != lifted["none"]
 
 
-def test_muon_with_schatten4_equals_the_reference_step():
-    """The Schatten-4 normalisation in place of the Frobenius one, then Jordan's NS in float32, the shape scale."""
-    g = torch.Generator().manual_seed(6)
-    shapes = [(12, 8), (8, 20)]
-    start = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
-    params = [nn.Parameter(p.clone()) for p in start]
-    opt = Muon(params, lr=0.05, precondition="schatten4", method="newton_schulz", nesterov=False)
-    for step in grads:
-        for p, gr in zip(params, step):
-            p.grad = gr.clone()
-        opt.step()
-    ref, bufs = [p.clone() for p in start], [torch.zeros_like(p) for p in start]
-    for step in grads:
-        for p, gr, b in zip(ref, step, bufs):
-            b.lerp_(gr, 0.05)
-            W = b.T if b.shape[0] > b.shape[1] else b
-            X = W / (W @ W.T).norm() ** 0.5
-            for a, bb, c in as_preset("jordan").schedule(5):
-                A = X @ X.T
-                X = a * X + (bb * A + c * A @ A) @ X
-            p.sub_(0.05 * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * (X.T if b.shape[0] > b.shape[1] else X))
-    for got, want in zip(params, ref):
-        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
-
-
-def _reference_aol_step(p, g, buf, lr, momentum=0.95, steps=4):
-    """Momentum, Nesterov blend, AOL on the wide orientation in place of the Frobenius normalisation, Jordan's NS
-    in float32 without normalising again, the shape scale, the update: written out for one 2-D parameter."""
+def _reference_step(p, g, buf, precondition, lr=0.05, momentum=0.95, steps=5):
+    """Momentum, Nesterov blend, the stage on the wide orientation in place of the Frobenius normalisation (AOL's
+    row scales, or the Schatten-4 norm), Jordan's NS in float32 without normalising again, the shape scale, the
+    update: written out for one 2-D parameter."""
     buf.lerp_(g, 1 - momentum)
     u = g.lerp(buf, momentum)
     tall = u.shape[0] > u.shape[1]
-    W = u.T if tall else u
-    s = (W @ W.T).abs().sum(dim=1).rsqrt()
-    X = W * s[:, None]
+    X = u.T if tall else u
+    aol = precondition == "aol"
+    X = X * (X @ X.T).abs().sum(dim=1).rsqrt()[:, None] if aol else X / (X @ X.T).norm() ** 0.5
     for a, b, c in as_preset("jordan").schedule(steps):
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
@@ -99,13 +74,14 @@ def _reference_aol_step(p, g, buf, lr, momentum=0.95, steps=4):
     p.sub_(lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5 * O)
 
 
-def test_muon_with_aol_equals_the_reference_step():
+@pytest.mark.parametrize(("precondition", "steps"), [("aol", 4), ("schatten4", 5)])
+def test_muon_with_a_normalising_stage_equals_the_reference_step(precondition, steps):
     g = torch.Generator().manual_seed(2)
     shapes = [(12, 8), (8, 20)]
     start = [torch.randn(s, generator=g) for s in shapes]
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
     params = [nn.Parameter(p.clone()) for p in start]
-    opt = Muon(params, lr=0.05, precondition="aol", ns_steps=4, method="newton_schulz")
+    opt = Muon(params, lr=0.05, precondition=precondition, ns_steps=steps, method="newton_schulz")
     for step in grads:
         for p, gr in zip(params, step):
             p.grad = gr.clone()
@@ -114,7 +90,7 @@ def test_muon_with_aol_equals_the_reference_step():
     bufs = [torch.zeros_like(p) for p in start]
     for step in grads:
         for p, gr, b in zip(ref, step, bufs):
-            _reference_aol_step(p, gr, b, lr=0.05)
+            _reference_step(p, gr, b, precondition, steps=steps)
     for got, want in zip(params, ref):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
 

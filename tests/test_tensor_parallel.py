@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, Net, batch, loss, net_optimizer, single_run, spawn
+from dist_helpers import BATCH, STEPS, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import load_checkpoint as load
+from dist_helpers import save_checkpoint as save
 from muonkit.optim.shards import Layout, _check_tiling, row_blocks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -60,27 +62,15 @@ def _build(mode, rank, world):
     return model, call, net_optimizer(model, **kw), share
 
 
-def _full(model):
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
-
-
 def _worker(rank, world, out, task):
     """``train-MODE``: 4 steps; ``save-MODE``: 2 steps, then a DCP checkpoint ``MODE.dcp``; ``load-MODE:SOURCE``:
     load ``SOURCE.dcp`` into ``MODE``'s layout, then steps 2 and 3."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     kind, _, source = task.partition(":")
     action, mode = kind.split("-", 1)
     model, call, opt, (index, count) = _build(mode, rank, world)
     first, steps = 0, STEPS
     if action == "load":
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=f"{out}/{source}.dcp")
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load(model, opt, f"{out}/{source}.dcp")
         first = 2
     if action == "save":
         steps = 2
@@ -91,11 +81,10 @@ def _worker(rank, world, out, task):
         loss(call, x[index * per : (index + 1) * per], y[index * per : (index + 1) * per]).backward()
         opt.step()
     if action == "save":
-        msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{out}/{mode}.dcp")
+        save(model, opt, f"{out}/{mode}.dcp")
     buf = opt.state[model.fc2.weight]["momentum_buffer"]
     return {
-        "state": _full(model),
+        "state": full_state(model),
         "bytes": opt.bytes_communicated,
         "fc2_buffer": (tuple(getattr(buf, "placements", ())), tuple(muonkit.distributed.local(buf).shape)),
     }
