@@ -75,6 +75,11 @@ def test_each_optimizer_gets_its_own_standard_weight_decay():
     aol = make_optimizer("muon_aol", model, {"muon_aol": 0.02, "adamw": 1e-3}, weight_decay=0.01)
     assert {(g["precondition"], g["ns_steps"]) for g in aol.param_groups if g["algorithm"] == "muon"} == {("aol", 4)}
     assert r.decay_for("normuon") == r.decay_for("muon_aol") == 0.01
+    for name, stage in (("muon_eq", "row_norm"), ("muon_cans", "schatten4")):
+        pre = make_optimizer(name, model, {name: 0.02, "adamw": 1e-3}, weight_decay=0.01)
+        muon_groups = [g for g in pre.param_groups if g["algorithm"] == "muon"]
+        assert {(g["precondition"], g["ns_steps"]) for g in muon_groups} == {(stage, 5)}
+        assert r.decay_for(name) == 0.01
 
 
 def test_a_run_follows_the_schedule_and_clips(task, monkeypatch):

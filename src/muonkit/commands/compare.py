@@ -369,7 +369,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizers",
         default=None,
-        help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon,muon_cwd,muon_heads,normuon,muon_aol",
+        help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon,muon_cwd,muon_heads,normuon,muon_aol,"
+        "muon_eq,muon_cans",
     )
     p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
     p.add_argument("--tokens", type=_POSITIVE, default=None, metavar="N",

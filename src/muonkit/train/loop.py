@@ -33,7 +33,8 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol")
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol",
+              "muon_eq", "muon_cans")  # fmt: skip
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -58,11 +59,12 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             0.008: 0.0243, 0.032: 0.0248); muon in {0.0025 .. 0.08} with its AdamW part at 0.016 -> 0.005 (0.0390;
 #             0.02: 0.0395, 0.0025: 0.0951): single-seed sweeps had put each best on a different grid point. sgd
 #             (constant lr, one seed) in {0.03 .. 1.0} -> 0.1.
-# muon_svd, torch_muon, muon_cwd, muon_heads, normuon and muon_aol use Muon's lr (the same update norm: exact polar
-# factor; torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per attention head; NorMuon,
-# which rescales its normalised update to the NS output's norm; AOL pre-conditioning with 4 NS steps); sgd outside
+# muon_svd, torch_muon, muon_cwd, muon_heads, normuon, muon_aol, muon_eq and muon_cans use Muon's lr (the same
+# update norm: exact polar factor; torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per
+# attention head; NorMuon, which rescales its normalised update to the NS output's norm; AOL pre-conditioning with 4
+# NS steps; MuonEq's row normalisation; CANS's Schatten-4 normalisation); sgd outside
 # lm-small and digits is not swept and uses lm-small's value.
-_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol")
+_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol", "muon_eq", "muon_cans")
 _SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
 _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -93,15 +95,17 @@ def make_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
-    if name in ("muon", "muon_svd", "muon_cwd", "muon_heads", "normuon", "muon_aol"):
+    if name in _MUONS and name != "torch_muon":
         parts = _heads(model) if name == "muon_heads" else 3  # muon_heads: q, k and v of every head on its own
         groups = param_groups(model, split={"*.qkv.weight": parts} if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
         update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
         postscale = "normuon" if name == "normuon" else "none"  # normuon: rows normalised by their second moment
-        aol = name == "muon_aol"  # Turbo-Muon: AOL rescaling in place of the normalisation, one NS step fewer
+        # muon_aol: Turbo-Muon's AOL rescaling in place of the normalisation, one NS step fewer; muon_eq: MuonEq's
+        # rows to unit norm; muon_cans: the Schatten-4 normalisation in place of the Frobenius one
+        precondition = {"muon_aol": "aol", "muon_eq": "row_norm", "muon_cans": "schatten4"}.get(name, "none")
         return Muon(groups, lr=lr, method=method, update=update, postscale=postscale, weight_decay=weight_decay,
-                    precondition="aol" if aol else "none", ns_steps=4 if aol else 5, adamw_lr=lrs["adamw"],
+                    precondition=precondition, ns_steps=4 if name == "muon_aol" else 5, adamw_lr=lrs["adamw"],
                     adamw_betas=(0.9, 0.95))  # fmt: skip
     if name == "torch_muon":
         return _torch_muon(model, lr, lrs["adamw"], weight_decay)

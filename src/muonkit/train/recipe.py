@@ -31,6 +31,8 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "muon_heads": 0.01,
     "normuon": 0.01,
     "muon_aol": 0.01,
+    "muon_eq": 0.01,
+    "muon_cans": 0.01,
     "torch_muon": 0.01,
     "adamw": 0.1,
     "sgd": 0.0,
