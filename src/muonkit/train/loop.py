@@ -101,8 +101,7 @@ def make_optimizer(
         method = "svd" if name == "muon_svd" else "auto"
         update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
         postscale = "normuon" if name == "normuon" else "none"  # normuon: rows normalised by their second moment
-        # muon_aol: Turbo-Muon's AOL rescaling in place of the normalisation, one NS step fewer; muon_eq: MuonEq's
-        # rows to unit norm; muon_cans: the Schatten-4 normalisation in place of the Frobenius one
+        # muon_aol (one NS step fewer), muon_eq, muon_cans: the precondition stages of Turbo-Muon, MuonEq and CANS
         precondition = {"muon_aol": "aol", "muon_eq": "row_norm", "muon_cans": "schatten4"}.get(name, "none")
         return Muon(groups, lr=lr, method=method, update=update, postscale=postscale, weight_decay=weight_decay,
                     precondition=precondition, ns_steps=4 if name == "muon_aol" else 5, adamw_lr=lrs["adamw"],
