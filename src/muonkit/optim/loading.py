@@ -176,9 +176,11 @@ def check_group(opt: Muon, group: dict[str, Any], gi: int) -> None:
 
 def _static(*tensors: Tensor) -> None:
     """Tell torch.compile the state lives at a fixed address, as torch.optim does for its state: the
-    compiled step may then mutate it inside a CUDA graph (mode="reduce-overhead") instead of skipping graphs."""
+    compiled step may then mutate it inside a CUDA graph (mode="reduce-overhead") instead of skipping graphs.
+    State made while torch.compile traces (a compiled first step) is not marked: dynamo forbids tracing the call
+    (found by the CUDA test of a compiled first step; on the CPU nothing is marked)."""
     mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
-    if mark is None:  # pragma: no cover - torch without dynamo
+    if mark is None or torch.compiler.is_compiling():
         return
     for t in tensors:
         if not is_sharded(t) and t.device.type == "cuda":
