@@ -168,7 +168,8 @@ def zero_muon_step(
     updates = momentum_update(row_grads, row_buffers, opts["momentum"], opts["nesterov"])
     exchange = _ShardedExchange(executor.group, world, rank, comm_dtype, counter)
     blocks = [row_blocks(p.shape, world) for p in params]
-    full_updates = exchange.run(params, blocks, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states, True)
+    full_updates = exchange.run(params, blocks, updates, opts["lr"], opts["adjust_lr"], ns, stats, stage_states,
+                                whole=True)  # fmt: skip
     get_stage("update", opts["update"]).fast(params, full_updates, opts["lr"], opts["weight_decay"])
 
 
@@ -316,10 +317,10 @@ class _ShardedExchange:
             self.counter[0] += 2 * (self.world - 1) * flat.numel() * flat.element_size() // self.world
         unpack(flat, [states[i] for i in ordered])
 
-    def run(self, params: Sequence[Tensor], *args: Any) -> list[Tensor]:
+    def run(self, params: Sequence[Tensor], *args: Any, **kwargs: Any) -> list[Tensor]:
         """``run_stacked``'s results as one tensor per parameter, in the parameters' order."""
         results: list[Tensor | None] = [None] * len(params)
-        for order, stack in self.run_stacked(params, *args):
+        for order, stack in self.run_stacked(params, *args, **kwargs):
             for i, o in zip(order, stack.unbind(0)):
                 results[i] = o
         assert all(r is not None for r in results)
