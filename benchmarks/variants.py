@@ -39,15 +39,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", default=None, help="a file, a directory or a glob of text (default: built-in)")
     ap.add_argument("--momentum-warmup", type=int, default=0, help="Muon's momentum from 0.85 over these steps")
+    ap.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="another learning rate for one optimizer (repeatable), e.g. muon_heads_o=0.02",
+    )
     ap.add_argument("--out", default="variants.json")
     args = ap.parse_args()
     names = args.optimizers.split(",")
+    lrs = {}
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        if name not in names or not value:
+            ap.error(f"--lr {item!r}: give NAME=LR for one of --optimizers ({', '.join(names)})")
+        lrs[name] = float(value)
     corpus = text_corpus(args.data) if args.data else builtin_corpus()
     task = LMTask(corpus, SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size)
     recipe = Recipe(momentum_warmup=args.momentum_warmup)
     results, _ = run_comparison(
         task, names, steps=args.steps, eval_every=max(1, args.steps // 30), seeds=args.seeds, recipe=recipe,
-        progress=False,
+        lrs=lrs or None, progress=False,
     )  # fmt: skip
     seeds = range(args.seeds)
     wall = min(r.eval_wall[-1] for r in results.values())
@@ -65,9 +78,9 @@ def main() -> None:
             "seconds": statistics.fmean(r.train_seconds for r in runs),
         })  # fmt: skip
     print(f"{args.seeds} seeds, {args.steps} steps, equal wall-clock = {wall:.1f} s of training")
-    print(f"{'optimizer':<10} {'lr':>8} {'val @ steps':>17} {'val @ wall-clock':>17} {'train s':>8}")
+    print(f"{'optimizer':<12} {'lr':>8} {'val @ steps':>17} {'val @ wall-clock':>17} {'train s':>8}")
     for r in rows:
-        print(f"{r['optimizer']:<10} {r['lr']:>8.3g} {r['val_loss_at_steps']:>9.4f} ± {r['val_loss_at_steps_sd']:.4f}"
+        print(f"{r['optimizer']:<12} {r['lr']:>8.3g} {r['val_loss_at_steps']:>9.4f} ± {r['val_loss_at_steps_sd']:.4f}"
               f" {r['val_loss_at_wall']:>9.4f} ± {r['val_loss_at_wall_sd']:.4f} {r['seconds']:>8.1f}")  # fmt: skip
     meta = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "batch_size": task.batch_size,
             "data": args.data, "tokens": corpus.n_tokens, "equal_wall_seconds": wall, "recipe": recipe.to_dict(),

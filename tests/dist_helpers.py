@@ -18,8 +18,9 @@ D = 10
 
 class Net(nn.Module):
     """The sharded tests' model (FSDP2, tensor parallel). Shapes chosen so shards are uneven (22 rows over 3 or 4
-    ranks), fused QKV parts straddle shard boundaries, and one split has parts with different lr scales (``kv``:
-    16 + 8 rows)."""
+    ranks), fused QKV parts straddle shard boundaries, two splits have parts with different lr scales (``kv``:
+    16 + 8 rows; ``fc2``: 8 + 14 columns, as a per-head output projection is split, whose columns tensor parallel
+    shards)."""
 
     def __init__(self):
         super().__init__()
@@ -41,8 +42,9 @@ class Net(nn.Module):
 
 
 def net_optimizer(model, **kw):
-    """Muon for ``Net`` as the sharded tests run it (QKV split in three, ``kv`` in 16 + 8 rows, float32 NS)."""
-    groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8]})
+    """Muon for ``Net`` as the sharded tests run it (QKV split in three, ``kv`` in 16 + 8 rows, ``fc2`` in 8 + 14
+    columns, float32 NS)."""
+    groups = muonkit.param_groups(model, split={"qkv.weight": 3, "kv.weight": [16, 8], "fc2.weight": {"cols": [8, 14]}})
     return muonkit.Muon(groups, ns_dtype=torch.float32, weight_decay=0.01, adamw_lr=3e-3, **kw)
 
 

@@ -123,6 +123,23 @@ def test_groups_feed_muon_and_cover_every_trainable_parameter():
     assert all(p in opt.state for g in groups for p in g["params"] if p.grad is not None)
 
 
+def test_per_head_splits_group_equal_splits_however_written():
+    """Per-head Q/K/V rows and output-projection columns (``{"cols": heads}``): the blocks' projections share a
+    group when their splits are equal, whether written with lists or tuples."""
+    model = GPTish(tie=False)
+    split = {"blocks.0.proj.weight": {"cols": [8, 8]}, "blocks.1.proj.weight": {"cols": (8, 8)}, "*.qkv.weight": 6}
+    groups = param_groups(model, split=split)
+    by_names = {tuple(g["param_names"]): g for g in groups}
+    proj = by_names[("blocks.0.proj.weight", "blocks.1.proj.weight")]
+    assert proj["split"] == {"cols": [8, 8]} and by_names[("blocks.0.qkv.weight", "blocks.1.qkv.weight")]["split"] == 6
+    assert "split {'cols': [8, 8]}" in describe(model, split=split)
+    opt = Muon(groups)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[model.blocks[0].proj.weight]["momentum_buffer"].shape == (16, 16)
+
+
 def test_public_api():
     for name in ("Muon", "orthogonalize", "param_groups", "classify", "coefficients", "polar_svd"):
         assert hasattr(muonkit, name)

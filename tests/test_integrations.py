@@ -42,16 +42,17 @@ def _schedule(t):
     return {"lr": 0.02 * (1 - t / 10), "momentum": 0.85 + 0.01 * t, "weight_decay": 0.01 * (1 + t / 10)}
 
 
-def _run_schedules(device, compiled, steps=6):
+def _run_schedules(device, compiled, steps=6, **options):
     """Two copies of ``_model`` on ``device``: one Muon given the schedule as floats, one holding it as 0-d CPU
-    tensors filled in place (its step compiled or not). Returns both models and the graph count after each step."""
+    tensors filled in place (its step compiled or not), both with ``options``. Returns both models and the graph
+    count after each step."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     models = [_model().to(device), _model().to(device)]
-    floats = muonkit.Muon(muonkit.param_groups(models[0]), nonfinite="ignore", weight_decay=0.01)
-    held = muonkit.Muon(muonkit.param_groups(models[1]), nonfinite="ignore",
+    floats = muonkit.Muon(muonkit.param_groups(models[0]), nonfinite="ignore", weight_decay=0.01, **options)
+    held = muonkit.Muon(muonkit.param_groups(models[1]), nonfinite="ignore", **options,
                         **{k: torch.tensor(v) for k, v in _schedule(0).items()})  # fmt: skip
     step = torch.compile(held.step) if compiled else held.step
     graphs = []
@@ -179,7 +180,9 @@ def test_sigma_max_estimate_reports_the_ns_band_edge():
 @pytest.mark.parametrize("compiled", [False, True])
 def test_schedules_held_as_tensors_on_cuda_follow_the_float_schedule(compiled):
     """On CUDA (fused passes, CUDA graphs of repeated steps; or the compiled step), lr, momentum and weight decay
-    held as 0-d CPU tensors and filled in place step as the same values given as floats."""
-    models, _ = _run_schedules("cuda", compiled)
+    held as 0-d CPU tensors and filled in place step as the same values given as floats. The compiled step takes
+    the torch path and the eager one the fused step, whose bf16 roundings differ (measured on an H200: 4.4e-3
+    apart after 6 steps): that pair runs NS in float32, where the two paths agree to rounding."""
+    models, _ = _run_schedules("cuda", compiled, ns_dtype=torch.float32 if compiled else None)
     for a, b in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 NS on CUDA: the same arithmetic, rounded alike
+        torch.testing.assert_close(a, b, atol=1e-4 if compiled else 2e-3, rtol=0)

@@ -151,3 +151,26 @@ def test_a_column_matrix_gets_its_state_too():
     p.grad = torch.randn(5, 1)
     opt.step()
     assert opt.state[p]["postscale_state"].shape == (5, 1) and opt.state[p]["postscale_state"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("split, widths", [({"cols": [3, 5]}, [3, 5]), ({"rows": 2, "cols": 2}, [4, 4])])
+def test_column_parts_each_keep_their_own_row_state(split, widths):
+    """A per-head output projection (``split={"cols": heads}``): each column block is a matrix of its own, with its
+    own second moment per row, as if it were a separate parameter; the state has one column per column part."""
+    g = torch.Generator().manual_seed(2)
+    start = torch.randn(6, 8, generator=g)
+    steps = [torch.randn(6, 8, generator=g) for _ in range(3)]
+    p = nn.Parameter(start.clone())
+    opt = Muon([p], lr=0.05, weight_decay=0.1, postscale="normuon", method="newton_schulz", split=split)
+    for grad in steps:
+        p.grad = grad.clone()
+        opt.step()
+    assert opt.state[p]["postscale_state"].shape == (6, len(widths))
+    row_blocks = 2 if "rows" in split else 1
+
+    def blocks(t):
+        return [c for r in t.chunk(row_blocks, dim=0) for c in r.split(widths, dim=1)]
+
+    want = _reference_normuon(blocks(start.clone()), [blocks(grad) for grad in steps], lr=0.05, wd=0.1)
+    rows = [torch.cat(want[i : i + len(widths)], dim=1) for i in range(0, len(want), len(widths))]
+    torch.testing.assert_close(p.detach(), torch.cat(rows, dim=0), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from muonkit.accel import fused
-from muonkit.optim import functional, plans, remembered, stages
+from muonkit.optim import functional, plans, remembered
+from muonkit.optim.parts import matrix_offsets, matrix_parts
 
 CUDA = torch.cuda.is_available()
 
@@ -95,8 +96,8 @@ def test_applies_only_where_the_kernels_can_run():
 )  # fmt: skip
 def test_matrix_offsets_locate_every_matrix_of_matrix_parts(shape, view, split):
     t = torch.arange(float(torch.Size(shape).numel())).view(shape)
-    parts = stages.matrix_parts(t, view, split)
-    located = stages.matrix_offsets(shape, view, split)
+    parts = matrix_parts(t, view, split)
+    located = matrix_offsets(shape, view, split)
     assert len(located) == len(parts)
     for part, (r, c, offsets) in zip(parts, located):
         want = list(part.reshape(-1, r, c).unbind(0))

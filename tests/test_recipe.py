@@ -70,6 +70,11 @@ def test_each_optimizer_gets_its_own_standard_weight_decay():
     heads = make_optimizer("muon_heads", model, {"muon_heads": 0.02, "adamw": 1e-3}, split_qkv=True)
     splits = {n: g["split"] for g in heads.param_groups for n in g.get("param_names", ()) if g["algorithm"] == "muon"}
     assert splits["blocks.0.attn.qkv.weight"] == 3 * TINY.n_head  # q, k, v of each head: its own NS
+    assert splits["blocks.0.attn.proj.weight"] is None
+    heads_o = make_optimizer("muon_heads_o", model, {"muon_heads_o": 0.02, "adamw": 1e-3}, split_qkv=True)
+    splits = {n: g["split"] for g in heads_o.param_groups for n in g.get("param_names", ()) if g["algorithm"] == "muon"}
+    assert splits["blocks.0.attn.qkv.weight"] == 3 * TINY.n_head
+    assert splits["blocks.0.attn.proj.weight"] == {"cols": TINY.n_head}  # the output projection per head too
     nor = make_optimizer("normuon", model, {"normuon": 0.02, "adamw": 1e-3}, weight_decay=0.01)
     assert {g["postscale"] for g in nor.param_groups if g["algorithm"] == "muon"} == {"normuon"}
     aol = make_optimizer("muon_aol", model, {"muon_aol": 0.02, "adamw": 1e-3}, weight_decay=0.01)

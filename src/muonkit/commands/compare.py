@@ -119,8 +119,9 @@ def _steps_for_tokens(args: argparse.Namespace, task: str, size: str) -> int | N
 
 def _config_from_args(args: argparse.Namespace, task: str) -> dict[str, Any]:
     optimizers = _parse_optimizers(args.optimizers or "muon,adamw")
-    if task == "digits" and "muon_heads" in optimizers:
-        raise UsageError("muon_heads orthogonalizes attention heads: the language-model task only")
+    for name in ("muon_heads", "muon_heads_o"):
+        if task == "digits" and name in optimizers:
+            raise UsageError(f"{name} orthogonalizes attention heads: the language-model task only")
     quick = QUICK[task] if args.quick else {}
     size = quick.get("size", args.size or "small")
     steps = _steps_for_tokens(args, task, size) or args.steps or quick.get("steps") or DEFAULT_STEPS[task]
@@ -369,8 +370,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optimizers",
         default=None,
-        help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon,muon_cwd,muon_heads,normuon,muon_aol,"
-        "muon_eq,muon_cans",
+        help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon,muon_cwd,muon_heads,muon_heads_o,normuon,"
+        "muon_aol,muon_eq,muon_cans",
     )
     p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
     p.add_argument("--tokens", type=_POSITIVE, default=None, metavar="N",

@@ -28,13 +28,13 @@ from ..newton_schulz import (
     default_ns_dtype,
 )
 from .options import NS_OPTIONS, as_numbers, holds_tensors
+from .parts import SplitSpec, split_axes
 from .pipeline import SLOTS, fused_stages, get_stage
 from .plans import _fused_muon_steps, _streams
 from .remembered import _remember, _Remembered, _remembered_plan, _state_key
 from .stages import (
     AdjustLR,
     Executor,
-    SplitSpec,
     StepCall,
     momentum_update,
     ns_jobs,
@@ -74,7 +74,7 @@ def muon_step(
 
     ``precondition``, ``postscale``, ``update``: the stages of those pipeline slots, by name (``pipeline``).
     ``stage_states``: per parameter, the state of a postscale stage that keeps one (``rows_state``, e.g.
-    ``"normuon"``), float32 zeros of ``pipeline.row_state_shape(p.shape, matrix_view)`` at the start, updated in
+    ``"normuon"``), float32 zeros of ``parts.row_state_shape(p.shape, matrix_view, split)`` at the start, updated in
     place.
 
     With ``stats`` (a dict), each job appends device tensors, no host sync: ``"orth_error"`` the largest
@@ -157,6 +157,7 @@ def _muon_steps(calls: Sequence[StepCall], found_inf: Tensor | None = None) -> _
             and opts["method"] != "svd"
             and not holds_tensors(opts)
             and fused_stages(opts)
+            and split_axes(opts["split"])[1] is None  # the fused kernels address row-contiguous matrices only
             and _fused_step_applies(params, grads, bufs, opts["ns_dtype"])
         ):
             fused_calls.append((params, grads, bufs, opts))

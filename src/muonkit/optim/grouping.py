@@ -14,7 +14,7 @@ Rules, applied in order to every trainable parameter (``requires_grad=False`` on
    e.g. MoE expert stacks ``(experts, d_in, d_out)``). ``nn.MultiheadAttention``'s fused ``in_proj_weight`` is
    split into its query, key and value blocks unless ``split`` says otherwise.
 
-A ``split`` that does not fit a parameter's rows is refused here, as ``Muon`` would refuse it.
+A ``split`` that does not fit a parameter's shape is refused here, as ``Muon`` would refuse it.
 
 Patterns are ``fnmatch`` globs on the qualified parameter name (``"blocks.*.attn.qkv.weight"``).
 This follows practice (Jordan 2024; Liu et al. 2025): Muon for hidden matrices, AdamW for the
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .stages import SplitSpec, matrix_parts
+from .parts import SplitSpec, matrix_parts, split_key
 
 __all__ = ["EMBEDDING_NAMES", "HEAD_NAMES", "ParamPlan", "classify", "describe", "param_groups"]
 
@@ -174,8 +174,9 @@ def param_groups(
         adamw: name patterns that force a parameter to AdamW.
         muon: name patterns that force a parameter to Muon.
         head: ``"auto"`` (default), module names/patterns of the output head, or ``None``.
-        split: ``{pattern: k or [rows, ...]}``: fused matrices whose row blocks are orthogonalized
-            separately, e.g. ``{"*.qkv.weight": 3}``.
+        split: ``{pattern: split}``: matrices whose row (or column) blocks are orthogonalized separately, e.g.
+            ``{"*.qkv.weight": 3}`` (fused Q, K, V) or per head ``{"*.q.weight": 12, "*.o.weight": {"cols": 12}}``
+            (``muonkit.optim.parts``).
         muon_options: extra options for the Muon groups (``lr``, ``weight_decay``, ...).
         adamw_options: extra options for the AdamW groups.
 
@@ -186,8 +187,7 @@ def param_groups(
     groups: dict[tuple, dict[str, Any]] = {}
     for plan in classify(model, adamw=adamw, muon=muon, head=head, split=split):
         if plan.algorithm == "muon":
-            split_key = tuple(plan.split) if isinstance(plan.split, (list, tuple)) else plan.split
-            key: tuple = ("muon", plan.matrix_view, split_key)
+            key: tuple = ("muon", plan.matrix_view, split_key(plan.split))
             extra: dict[str, Any] = {
                 "matrix_view": plan.matrix_view,
                 "split": plan.split,

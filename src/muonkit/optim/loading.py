@@ -13,9 +13,8 @@ from torch import Tensor
 
 from ..accel import from_env as accel_from_env
 from .options import DEFAULTS, group_errors
-from .pipeline import row_state_shape
+from .parts import matrix_parts, row_state_shape
 from .shards import gather_rows, is_sharded, my_rows, shard_rows
-from .stages import matrix_parts
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -70,7 +69,7 @@ def _check_loadable(opt: Muon, state_dict: dict[str, Any]) -> None:
                 )
             for key, value in entry.items():
                 if key == "postscale_state":  # a rows_state stage's (pipeline): one number per matrix row
-                    _check_tensor(name, key, value, row_state_shape(p.shape, loaded["matrix_view"]))
+                    _check_tensor(name, key, value, row_state_shape(p.shape, loaded["matrix_view"], loaded["split"]))
                 elif key != "step":
                     _check_tensor(name, key, value, tuple(p.shape))
                 elif not isinstance(value, Tensor) or value.numel() != 1:
@@ -112,9 +111,9 @@ def muon_state(opt: Muon, group: dict[str, Any], params: list[Tensor], rows_only
             _check_buffer(opt, group, p, state["momentum_buffer"], rows_only)
         bufs.append(state["momentum_buffer"])
         if stateful:
-            shape = row_state_shape(p.shape, group["matrix_view"])
+            shape = row_state_shape(p.shape, group["matrix_view"], group["split"])
             kept = state.get("postscale_state")
-            if kept is None or tuple(kept.shape) != shape:  # new, or the group's matrix view changed
+            if kept is None or tuple(kept.shape) != shape:  # new, or the group's matrix view or split changed
                 state["postscale_state"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             states.append(state["postscale_state"])
     return bufs, states
@@ -139,7 +138,7 @@ def _check_buffer(opt: Muon, group: dict[str, Any], p: Tensor, buf: Any, rows_on
 def check_group(opt: Muon, group: dict[str, Any], gi: int) -> None:
     """Raise ``ValueError`` naming the group or parameter unless a group being added is one ``opt`` can step:
     valid options (``options.group_errors``), floating parameters with storage, and for Muon real matrices whose
-    views and splits work (``stages.matrix_parts``)."""
+    views and splits work (``parts.matrix_parts``)."""
 
     def check(ok: bool, message: str) -> None:
         if not ok:

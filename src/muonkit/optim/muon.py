@@ -30,6 +30,7 @@ from .loading import (
 )
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, nonfinite_skip, settle
 from .options import as_numbers, step_options
+from .parts import SplitSpec
 from .pipeline import get_stage
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
@@ -69,8 +70,10 @@ class Muon(Optimizer):
             placement measured for 5 steps, at two restarts' cost (see ``orthogonalize``).
         matrix_view: how a parameter with more than 2 dims becomes matrices: ``"flatten"`` (conv
             kernels, ``(out, in*kh*kw)``) or ``"batch"`` (leading dims index independent matrices).
-        split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts; each part
-            is orthogonalized separately (fused QKV). Usually set per group.
+        split: ``None``, ``k`` (cut the rows into k equal parts) or a list of row counts, or
+            ``{"rows": ..., "cols": ...}`` to cut columns too; each part is orthogonalized separately (fused QKV:
+            ``3``; per attention head: ``heads`` rows of Q/K/V, ``{"cols": heads}`` of the output projection;
+            ``muonkit.optim.parts``). Usually set per group. Column parts take the torch path, not the fused step.
         momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
         max_batch: at most this many same-shape matrices per batched NS call (``None``: no cap).
         precondition, postscale, update: the stages of the step pipeline's slots, by name
@@ -127,7 +130,7 @@ class Muon(Optimizer):
         method: str = "auto",
         restarts: Sequence[int] | None = None,
         matrix_view: str = "flatten",
-        split: int | list[int] | None = None,
+        split: SplitSpec = None,
         momentum_dtype: torch.dtype | None = torch.float32,
         max_batch: int | None = None,
         precondition: str = "none",

@@ -17,6 +17,7 @@ import torch
 
 from ..coefficients import as_preset
 from ..newton_schulz import METHODS, NS_DTYPES, restart_positions
+from .parts import split_key
 from .pipeline import SLOTS, stage_names
 
 __all__ = ["ADJUST_LR_MODES", "DEFAULTS", "MATRIX_VIEWS", "NS_OPTIONS", "OPTIONS", "Option", "group_errors"]
@@ -115,7 +116,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("method", "auto", _must(lambda v: v in METHODS, f"one of {METHODS}")),
     Option("restarts", None, _unchecked),  # checked with method and coefficients: group_errors
     Option("matrix_view", "flatten", _must(lambda v: v in MATRIX_VIEWS, f"one of {MATRIX_VIEWS}")),
-    Option("split", None, _unchecked),  # checked against each parameter's rows by Muon
+    Option("split", None, _unchecked),  # checked against each parameter's shape by Muon (parts.matrix_parts)
     Option("max_batch", None, _must(lambda v: v is None or _int(v, 1), "None or an int >= 1")),
     Option(
         "momentum_dtype",
@@ -161,12 +162,14 @@ def group_errors(group: dict[str, Any]) -> list[str]:
 
 def plan_key(opts: dict[str, Any]) -> tuple:
     """The options a step plan depends on, hashable: the coefficients as their ``Preset`` (a saved ``.json``
-    preset is re-read when the file changes), lists as tuples."""
+    preset is re-read when the file changes), lists as tuples, the split as ``parts.split_key``."""
     key = []
     for name in PLAN_KEY:
         value = opts[name]
         if name == "coefficients":
             value = as_preset(value)
+        elif name == "split":
+            value = split_key(value)
         elif isinstance(value, list):
             value = tuple(value)
         key.append(value)

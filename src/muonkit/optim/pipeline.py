@@ -13,11 +13,11 @@ every step path (the class, ``muon_step``, the DDP executor, FSDP2/DTensor and Z
     update         the parameters, ``(params, updates, lr, wd)``     "decoupled": ``p <- p (1 - lr wd) - update``
 
 A matrix stage sees matrices as the parameter has them (rows = output features, after conv flattening and the
-``split`` of fused rows), in a batch ``(b, rows, cols)`` of the update's dtype; the lr scale of ``adjust_lr`` is
-applied after ``postscale``. Its reference takes one ``(rows, cols)`` float64 matrix. An update stage's
-``fast(params, updates, lr, weight_decay)`` steps lists of tensors in place (``updates`` already carry their lr);
-its reference steps one tensor. Only the defaults have a fused CUDA form: a group with another stage takes the
-torch path (``functional``), whose speed the stage's own code decides.
+``split`` into row or column parts: ``parts``), in a batch ``(b, rows, cols)`` of the update's dtype; the lr scale
+of ``adjust_lr`` is applied after ``postscale``. Its reference takes one ``(rows, cols)`` float64 matrix. An
+update stage's ``fast(params, updates, lr, weight_decay)`` steps lists of tensors in place (``updates`` already
+carry their lr); its reference steps one tensor. Only the defaults have a fused CUDA form: a group with another
+stage takes the torch path (``functional``), whose speed the stage's own code decides.
 
 A postscale stage may keep state: one float32 number per row of each matrix (``Stage(..., rows_state=True)``,
 e.g. NorMuon's second moment per output neuron). Its ``fast(O, S)`` then also takes ``S``, ``(b, rows, 1)``, and
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .parts import row_state_shape
 
 __all__ = [
     "SLOTS",
@@ -204,14 +206,6 @@ def _normuon_reference(O: Tensor, s: Tensor) -> Tensor:
             out[i, j] = float(O[i, j]) / (float(s[i, 0]) ** 0.5 + _TINY)
     after = float(out.square().sum()) ** 0.5
     return out * (before / (after + _TINY))
-
-
-def row_state_shape(shape: Sequence[int], matrix_view: str) -> tuple[int, ...]:
-    """The shape of a ``rows_state`` stage's state for a parameter of ``shape``: one number per row of each of its
-    matrices (``stages.matrix_parts``: a conv kernel's output channels; a ``"batch"`` view's leading dims kept)."""
-    if len(shape) > 2 and matrix_view == "flatten":
-        return (shape[0], 1)
-    return (*shape[:-1], 1)
 
 
 _BUILT_IN = (

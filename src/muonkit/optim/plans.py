@@ -31,12 +31,8 @@ from ..newton_schulz import (
     restart_positions,
 )
 from .options import plan_key
-from .stages import (
-    StepCall,
-    _record_stats,
-    lr_scale,
-    matrix_offsets,
-)
+from .parts import matrix_offsets
+from .stages import StepCall, _record_stats, lr_scale
 
 __all__: list[str] = []
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..newton_schulz import default_ns_dtype
 from .options import DEFAULTS, NS_OPTIONS, STEP_OPTIONS
+from .parts import matrix_parts
 from .pipeline import get_stage
 from .shards import (
     Block,
@@ -43,7 +44,7 @@ from .shards import (
     unpack,
     volume,
 )
-from .stages import lr_scale, matrix_parts, momentum_update, ns_flops, ns_jobs, run_all
+from .stages import lr_scale, momentum_update, ns_flops, ns_jobs, run_all
 
 __all__ = ["sharded_muon_step", "zero_muon_step"]
 

@@ -1,7 +1,7 @@
 """The stages of a Muon step, each a small function on lists of tensors, and AdamW's step.
 
     momentum          buf <- buf.lerp(g, 1 - mu); u <- g.lerp(buf, mu) if nesterov else buf     momentum_update
-    matrices          conv kernels flattened, stacks batched, fused rows split                  matrix_parts
+    matrices          conv kernels flattened, stacks batched, split into row/column parts       parts.matrix_parts
     [precondition]    X -> X' per batch of matrices (a pipeline slot; default: none)            ns_jobs
     orthogonalize     same-shape matrices batched, O = orthogonalize(u) per batch               ns_jobs, ns_batches
     [postscale]       O -> O' per batch (a pipeline slot; default: none)                        ns_jobs
@@ -34,6 +34,7 @@ from ..newton_schulz import (
     orthogonalize_stack,
 )
 from .options import ADJUST_LR_MODES, NS_OPTIONS
+from .parts import SplitSpec, matrix_parts, row_state_parts
 from .pipeline import SLOTS, get_stage
 
 __all__ = [
@@ -45,18 +46,14 @@ __all__ = [
     "all_finite",
     "finite_on_device",
     "lr_scale",
-    "matrix_offsets",
-    "matrix_parts",
     "momentum_update",
     "ns_batches",
     "ns_flops",
     "ns_jobs",
     "run_all",
-    "split_sizes",
 ]
 
 AdjustLR = str | float | None | Callable[[float, tuple[int, int]], float]
-SplitSpec = int | Sequence[int] | None
 
 
 @dataclass
@@ -105,49 +102,6 @@ def lr_scale(adjust_lr: AdjustLR, lr: float, shape: tuple[int, int]) -> float:
     raise ValueError(f"adjust_lr must be one of {ADJUST_LR_MODES}, a number > 0 or a callable, got {adjust_lr!r}")
 
 
-def split_sizes(split: SplitSpec, rows: int) -> list[int]:
-    """Row sizes of the parts a fused matrix with ``rows`` rows is cut into (``[rows]`` when not split)."""
-    if split is None:
-        return [rows]
-    if isinstance(split, bool):
-        raise ValueError(f"split must be None, an int or a list of row counts, got {split!r}")
-    if isinstance(split, int):
-        if split < 1 or rows % split:
-            raise ValueError(f"split={split}: {rows} rows cannot be cut into {split} equal parts")
-        return [rows // split] * split
-    sizes = [int(s) for s in split]
-    if any(s < 1 for s in sizes) or sum(sizes) != rows:
-        raise ValueError(f"split={list(split)}: part sizes must be positive and add up to the {rows} rows")
-    return sizes
-
-
-def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
-    """The matrices Muon orthogonalizes for one parameter-shaped update ``u``, as views of ``u``.
-
-    2-D: ``u`` itself. More dims: ``"flatten"`` (conv kernels) gives ``(out, in*k*...)``; ``"batch"``
-    keeps leading dims as a batch of matrices (e.g. MoE expert stacks). ``split`` cuts the rows
-    (dim -2 of that view) into parts orthogonalized separately (e.g. fused Q, K, V).
-    """
-    if u.ndim > 2 and matrix_view == "flatten":
-        u = u.reshape(u.shape[0], -1)
-    return list(u.split(split_sizes(split, u.shape[-2]), dim=-2))
-
-
-def matrix_offsets(shape: Sequence[int], matrix_view: str, split: SplitSpec) -> list[tuple[int, int, list[int]]]:
-    """Where the matrices of ``matrix_parts`` lie in a contiguous tensor of ``shape``: per part, ``(rows, cols,
-    element offsets of its matrices)`` (one offset per leading index of a ``"batch"`` view). Arithmetic only:
-    no tensor is looked at (``storage_offset()`` would break a ``torch.compile`` graph)."""
-    if len(shape) > 2 and matrix_view == "flatten":
-        shape = (shape[0], math.prod(shape[1:]))
-    rows, cols = shape[-2], shape[-1]
-    count = math.prod(shape[:-2])
-    parts, r0 = [], 0
-    for r in split_sizes(split, rows):
-        parts.append((r, cols, [e * rows * cols + r0 * cols for e in range(count)]))
-        r0 += r
-    return parts
-
-
 def momentum_update(
     grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float, nesterov: bool
 ) -> list[Tensor]:
@@ -192,7 +146,7 @@ def ns_jobs(
         )
     batches: dict[tuple, list[tuple[Tensor, Tensor, Tensor | None]]] = defaultdict(list)
     for k, (u, out) in enumerate(zip(updates, outputs)):
-        kept = matrix_parts(states[k], view, split) if post.rows_state else repeat(None)  # type: ignore[index]
+        kept = row_state_parts(states[k], split) if post.rows_state else repeat(None)  # type: ignore[index]
         for src, dst, st in zip(matrix_parts(u, view, split), matrix_parts(out, view, split), kept):
             batches[(tuple(src.shape), src.dtype, src.device)].append((src, dst, st))
 

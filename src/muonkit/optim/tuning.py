@@ -14,9 +14,10 @@ from ..accel import kernels
 from ..coefficients import as_preset
 from ..newton_schulz import default_ns_dtype
 from .options import NS_OPTIONS, step_options
+from .parts import matrix_offsets, split_axes
 from .plans import merge_key
 from .shards import is_sharded
-from .stages import matrix_offsets, ns_batches
+from .stages import ns_batches
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -38,7 +39,7 @@ def pretune(opt: Muon) -> None:
                 by_device.setdefault(p.device, []).append(tuple(p.shape))
         for device, shapes in by_device.items():
             work = group["ns_dtype"] or default_ns_dtype(device, torch.float32)
-            if opt.executor is None and group["method"] != "svd":
+            if opt.executor is None and group["method"] != "svd" and split_axes(group["split"])[1] is None:
                 merged[(device, work)].append((shapes, step_options(group)))
                 continue
             batches = ns_batches(

@@ -33,8 +33,8 @@ __all__ = [
     "train_one",
 ]
 
-OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol",
-              "muon_eq", "muon_cans")  # fmt: skip
+OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "muon_heads_o", "normuon",
+              "muon_aol", "muon_eq", "muon_cans")  # fmt: skip
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -59,12 +59,13 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             0.008: 0.0243, 0.032: 0.0248); muon in {0.0025 .. 0.08} with its AdamW part at 0.016 -> 0.005 (0.0390;
 #             0.02: 0.0395, 0.0025: 0.0951): single-seed sweeps had put each best on a different grid point. sgd
 #             (constant lr, one seed) in {0.03 .. 1.0} -> 0.1.
-# muon_svd, torch_muon, muon_cwd, muon_heads, normuon, muon_aol, muon_eq and muon_cans use Muon's lr (the same
-# update norm: exact polar factor; torch.optim.Muon's NS with the same shape scale; Muon with cautious decay; Muon per
-# attention head; NorMuon, which rescales its normalised update to the NS output's norm; AOL pre-conditioning with 4
-# NS steps; MuonEq's row normalisation; CANS's Schatten-4 normalisation); sgd outside
-# lm-small and digits is not swept and uses lm-small's value.
-_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "normuon", "muon_aol", "muon_eq", "muon_cans")
+# muon_svd, torch_muon, muon_cwd, muon_heads, muon_heads_o, normuon, muon_aol, muon_eq and muon_cans use Muon's lr
+# (the same update norm: exact polar factor; torch.optim.Muon's NS with the same shape scale; Muon with cautious decay;
+# Muon per attention head, for Q/K/V and also the output projection; NorMuon, which rescales its normalised update to
+# the NS output's norm; AOL pre-conditioning with 4 NS steps; MuonEq's row normalisation; CANS's Schatten-4
+# normalisation); sgd outside lm-small and digits is not swept and uses lm-small's value.
+_MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "muon_heads_o", "normuon", "muon_aol", "muon_eq",
+          "muon_cans")  # fmt: skip
 _SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
 _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {
@@ -96,8 +97,7 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     lr = lrs[name]
     if name in _MUONS and name != "torch_muon":
-        parts = _heads(model) if name == "muon_heads" else 3  # muon_heads: q, k and v of every head on its own
-        groups = param_groups(model, split={"*.qkv.weight": parts} if split_qkv else None)
+        groups = param_groups(model, split=_demo_split(name, model) if split_qkv else None)
         method = "svd" if name == "muon_svd" else "auto"
         update = "cautious" if name == "muon_cwd" else "decoupled"  # muon_cwd: cautious decay on the Muon matrices
         postscale = "normuon" if name == "normuon" else "none"  # normuon: rows normalised by their second moment
@@ -119,12 +119,20 @@ def make_optimizer(
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
 
 
-def _heads(model: nn.Module) -> int:
-    """``3 x`` the attention heads of ``model`` (the fused QKV rows: q, k, v, each ``heads x head_dim``)."""
+def _demo_split(name: str, model: nn.Module) -> dict[str, Any]:
+    """The splits of the demo GPT's attention for optimizer ``name``: the fused QKV in q, k and v; ``muon_heads``:
+    in q, k and v of every head (``3 x heads`` row blocks); ``muon_heads_o``: that, and the output projection in
+    the column block of every head (its input features are the heads' outputs)."""
+    if name not in ("muon_heads", "muon_heads_o"):
+        return {"*.qkv.weight": 3}
     heads = {n for m in model.modules() if isinstance(n := getattr(m, "n_head", None), int)}
     if len(heads) != 1:
-        raise ValueError("muon_heads needs a model whose attention layers share one head count (the demo's GPT)")
-    return 3 * heads.pop()
+        raise ValueError(f"{name} needs a model whose attention layers share one head count (the demo's GPT)")
+    h = heads.pop()
+    split: dict[str, Any] = {"*.qkv.weight": 3 * h}
+    if name == "muon_heads_o":
+        split["*.attn.proj.weight"] = {"cols": h}
+    return split
 
 
 class Combined(torch.optim.Optimizer):
@@ -340,8 +348,8 @@ def _record_ns_stats(result: RunResult, opt: Muon) -> None:
 def orthogonalized_matrices(opt: Muon, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """The matrices ``opt``'s last step orthogonalized, rebuilt in ``dtype`` from each Muon parameter's gradient
     and momentum buffer (the Nesterov blend ``g.lerp(buf, momentum)``, or the buffer) and viewed as the step views
-    them (conv kernels flattened, fused rows split). Parameters without a gradient or a buffer are left out."""
-    from ..optim.stages import matrix_parts
+    them (conv kernels flattened, split into parts). Parameters without a gradient or a buffer are left out."""
+    from ..optim.parts import matrix_parts
 
     for group in opt.param_groups:
         if group.get("algorithm") != "muon":

@@ -29,6 +29,7 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "muon_svd": 0.01,
     "muon_cwd": 0.01,
     "muon_heads": 0.01,
+    "muon_heads_o": 0.01,
     "normuon": 0.01,
     "muon_aol": 0.01,
     "muon_eq": 0.01,
