@@ -19,6 +19,16 @@ def test_describe_builtin_gpt_with_split(capsys):
     assert "wte.weight" in out and "embedding" in out
 
 
+def test_describe_splits_columns_per_head(capsys):
+    """Per head: the fused QKV's rows in 3 x heads, the output projection's columns in heads (``cols:``)."""
+    argv = ["describe", "gpt:tiny", "--split", "*.qkv.weight=6", "--split", "*.attn.proj.weight=cols:2",
+            "--split", "*.fc.weight=rows:4", "--split", "*.fc.weight=cols:2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "muon (split 6)" in out and "muon (split {'cols': 2})" in out
+    assert "muon (split {'rows': 4, 'cols': 2})" in out
+
+
 def test_describe_json_from_a_factory(capsys):
     assert main(["describe", "tests.test_describe_cli:tiny_cnn", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
@@ -38,6 +48,8 @@ def test_describe_json_from_a_factory(capsys):
         (["describe", "json:dumps"], "calling json:dumps"),
         (["describe", "gpt:tiny", "--split", "qkv"], "PATTERN=K"),
         (["describe", "gpt:tiny", "--split", "*.qkv.weight=5"], "cannot be cut into 5"),  # Muon refuses it too
+        (["describe", "gpt:tiny", "--split", "*.qkv.weight=heads:2"], "'rows' or 'cols'"),
+        (["describe", "gpt:tiny", "--split", "*.attn.proj.weight=cols:5"], "columns cannot be cut into 5"),
     ],
 )
 def test_describe_input_errors_exit_2_with_one_line(argv, message, capsys):

@@ -49,17 +49,22 @@ def load_model(spec: str) -> Any:
 
 
 def _split(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    """``--split`` items as ``param_groups``' split mapping: ``PATTERN=K`` or ``PATTERN=R1,R2,...`` cut rows,
+    ``PATTERN=cols:K`` (or ``cols:C1,C2,...``) columns; the same pattern given for rows and columns cuts both."""
+    axes: dict[str, dict[str, Any]] = {}
     for item in items:
         pattern, sep, value = item.partition("=")
         if not sep:
-            raise DescribeError(f"--split takes PATTERN=K or PATTERN=R1,R2,..., got {item!r}")
+            raise DescribeError(f"--split takes PATTERN=K, PATTERN=R1,R2,... or PATTERN=cols:K, got {item!r}")
+        axis, _, counts = value.rpartition(":")
+        if axis not in ("", "rows", "cols"):
+            raise DescribeError(f"--split {item!r}: the axis before ':' must be 'rows' or 'cols'")
         try:
-            parts = [int(v) for v in value.split(",")]
+            parts = [int(v) for v in counts.split(",")]
         except ValueError:
-            raise DescribeError(f"--split {item!r}: the row counts must be integers") from None
-        out[pattern] = parts[0] if len(parts) == 1 else parts
-    return out
+            raise DescribeError(f"--split {item!r}: the part counts must be integers") from None
+        axes.setdefault(pattern, {})[axis or "rows"] = parts[0] if len(parts) == 1 else parts
+    return {pattern: split if "cols" in split else split["rows"] for pattern, split in axes.items()}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -98,7 +103,8 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="PATTERN=K",
-        help="fused matrices to orthogonalize in parts, e.g. '*.qkv.weight=3' (repeatable)",
+        help="matrices to orthogonalize in parts: rows, e.g. '*.qkv.weight=3', or columns, e.g. "
+        "'*.attn.proj.weight=cols:4' (repeatable)",
     )
     p.add_argument("--adamw", action="append", default=[], metavar="PATTERN", help="force these to AdamW")
     p.add_argument("--muon", action="append", default=[], metavar="PATTERN", help="force these to Muon")
