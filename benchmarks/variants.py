@@ -3,7 +3,10 @@
 Every optimizer trains the same model from the same seeds on the same batches with the demo's recipe (warmup,
 cosine decay, each optimizer's weight decay, clipping: ``muonkit.train.recipe``) at its default learning rate.
 Per optimizer: final validation loss at equal steps, and at equal wall-clock (the last evaluation within the
-shortest run's training time), mean and sample standard deviation over the seeds. Prints a table, writes JSON.
+shortest run's training time), mean and sample standard deviation over the seeds. Before the timed runs each
+optimizer trains ``--warmup-steps`` steps once, unrecorded, so that one-time costs of the process (kernel tuning,
+compilation, CUDA graph capture: see docs/performance.md for their size) do not land in the first seed's
+wall-clock. Prints a table, writes JSON.
 
     python benchmarks/variants.py --seeds 3 --out benchmarks/results/variants_lm_small_cpu.json        # 2-core CPU
     python benchmarks/variants.py --size medium --device cuda --data 'corpus/**/*.txt' --out variants_h200.json
@@ -46,6 +49,7 @@ def main() -> None:
         metavar="NAME=LR",
         help="another learning rate for one optimizer (repeatable), e.g. muon_heads_o=0.02",
     )
+    ap.add_argument("--warmup-steps", type=int, default=3, help="unrecorded steps per optimizer first (0: none)")
     ap.add_argument("--out", default="variants.json")
     args = ap.parse_args()
     names = args.optimizers.split(",")
@@ -58,6 +62,9 @@ def main() -> None:
     corpus = text_corpus(args.data) if args.data else builtin_corpus()
     task = LMTask(corpus, SIZES[args.size], batch_size=args.batch_size or 16, device=args.device, size=args.size)
     recipe = Recipe(momentum_warmup=args.momentum_warmup)
+    if args.warmup_steps:
+        run_comparison(task, names, steps=args.warmup_steps, eval_every=args.warmup_steps, seed=args.seeds,
+                       lrs=lrs or None, recipe=recipe, progress=False)  # fmt: skip
     results, _ = run_comparison(
         task, names, steps=args.steps, eval_every=max(1, args.steps // 30), seeds=args.seeds, recipe=recipe,
         lrs=lrs or None, progress=False,
@@ -84,6 +91,7 @@ def main() -> None:
               f" {r['val_loss_at_wall']:>9.4f} ± {r['val_loss_at_wall_sd']:.4f} {r['seconds']:>8.1f}")  # fmt: skip
     meta = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "batch_size": task.batch_size,
             "data": args.data, "tokens": corpus.n_tokens, "equal_wall_seconds": wall, "recipe": recipe.to_dict(),
+            "warmup_steps": args.warmup_steps,
             **environment(args.device)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)

@@ -6,8 +6,9 @@ launch-bound (an H100 ran 8 x 768^2 eagerly in 1.04 ms, about four times its GPU
 call for a given (device, stream, shape, dtype, schedule) is therefore captured into a CUDA graph; later
 calls copy their input into the graph's static input tensor and replay it: one launch per call.
 
-What it costs: each cached graph keeps its static input and its private memory pool (its intermediate
-tensors) allocated for as long as it stays cached. The cache is bounded by ``max_bytes`` (least recently
+What it costs: each cached graph keeps its static input and its memory pool (its intermediate tensors)
+allocated for as long as it stays cached; the whole-batch sequences of the fused step (``Replays``) share one
+pool per device and stream. The cache is bounded by ``max_bytes`` (least recently
 used graphs are dropped first; a call whose graph alone would exceed the bound runs eagerly), and holds
 graphs only for the calls made so far. It is not used inside ``torch.compile``, under an enclosing graph
 capture, for inputs that need autograd, or when disabled (``muonkit.accel.disabled()``, ``Muon(accel=False)``,
@@ -76,14 +77,15 @@ def capture(fn: Callable[[Tensor], Tensor], example: Tensor, warmup: Callable[[]
     return _capture_on(fn, static)
 
 
-def _capture_on(fn: Callable[[Tensor], Any], static: Tensor) -> Graphed:
-    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus the private pool it grew."""
+def _capture_on(fn: Callable[[Tensor], Any], static: Tensor, pool: Any = None) -> Graphed:
+    """``fn(static)`` captured into a CUDA graph, its size counted as ``static`` plus what its memory pool grew
+    (a private pool, or ``pool``, shared with other graphs: ``Replays``)."""
     device = static.device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()  # as torch.cuda.graph does on entry: what stays reserved after it is the pool
     reserved = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = fn(static)
     grown = max(0, torch.cuda.memory_reserved(device) - reserved)
     return Graphed(static, output, graph, static.nbytes + grown)
@@ -187,16 +189,23 @@ class Replays:
     before compiled and tuned every kernel) and from then on replays it while the addresses stay. Where the
     addresses change from step to step (gradients reallocated elsewhere), every call runs eagerly; after
     ``max_captures`` captures of one slot it stops capturing that slot.
+
+    The sequences captured for one device and stream share one memory pool (``_pools``): a sequence keeps nothing
+    in it from one replay to the next (it writes only tensors allocated outside the capture), and the stream runs
+    the replays one after another, so each reuses the others' scratch memory. The graphs of a step then hold the
+    intermediates of its largest batch, not of every batch together.
     """
 
     def __init__(self, max_captures: int = 8) -> None:
         self.max_captures = max_captures
         self._last: dict[Hashable, Hashable] = {}
         self._captures: dict[Hashable, int] = {}
+        self._pools: dict[tuple[torch.device, tuple[int, int]], Any] = {}
 
     def clear(self) -> None:
         self._last.clear()
         self._captures.clear()
+        self._pools.clear()
 
     def run(self, slot: Hashable, addresses: Hashable, values: list[float], fn: Callable[[Tensor], Any],
             device: torch.device, estimate: int, replaces: Hashable = None) -> None:  # fmt: skip
@@ -211,7 +220,7 @@ class Replays:
                 self._captures[slot] = self._captures.get(slot, 0) + 1
                 if replaces is not None:
                     cache.discard(replaces)
-                entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device))
+                entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, self._pools))
         self._last[slot] = addresses
         if entry is None:
             scalars = torch.empty(len(values), dtype=torch.float32, device=device)
@@ -224,9 +233,16 @@ class Replays:
         entry.graph.replay()
 
 
-def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device) -> Graphed:
-    """``fn(scalars)`` captured, with ``scalars`` a static float32 tensor of ``n`` values (the graph's input)."""
-    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device))
+def _capture_effect(fn: Callable[[Tensor], Any], n: int, device: torch.device, pools: dict | None = None) -> Graphed:
+    """``fn(scalars)`` captured, with ``scalars`` a static float32 tensor of ``n`` values (the graph's input), into
+    the memory pool ``pools`` holds for the device's current stream (made on first use; ``None``: a private one)."""
+    pool = None
+    if pools is not None:
+        key = (device, stream_key(device))
+        pool = pools.get(key)
+        if pool is None:
+            pool = pools[key] = torch.cuda.graph_pool_handle()
+    return _capture_on(fn, torch.zeros(n, dtype=torch.float32, device=device), pool)
 
 
 _enabled = True
