@@ -41,6 +41,22 @@ class Net(nn.Module):
         return self.head(h)
 
 
+class ExpertNet(Net):
+    """``Net`` with a stack of four 10 x 6 expert matrices (``matrix_view="batch"``), orthogonalized per expert:
+    sharded on the expert dim under FSDP2 (2 + 2 over 2 ranks, 2 + 2 + 0 over 3), or expert parallel with each
+    expert's columns tensor parallel (``test_tensor_parallel``: a DTensor the forward gathers whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(4, D, 6) / D**0.5)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        experts = self.experts.full_tensor() if hasattr(self.experts, "full_tensor") else self.experts
+        h = h + torch.einsum("btd,edf->btf", h, experts).repeat(1, 1, 2)[..., :D] / 4
+        return self.head(h + self.fc2(torch.relu(self.fc(self.norm(h)))))
+
+
 def net_optimizer(model, **kw):
     """Muon for ``Net`` as the sharded tests run it (QKV split in three, ``kv`` in 16 + 8 rows, ``fc2`` in 8 + 14
     columns, float32 NS)."""

@@ -8,10 +8,9 @@ single-process run, that a NaN on one rank stops every rank, and that a checkpoi
 
 import pytest
 import torch
-from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, D, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import BATCH, STEPS, D, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
 from dist_helpers import load_checkpoint as load
 from dist_helpers import save_checkpoint as save
 from muonkit.distributed import shard_rows
@@ -19,20 +18,6 @@ from muonkit.distributed import shard_rows
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
     pytest.skip("this torch has no FSDP2 fully_shard", allow_module_level=True)
-
-
-class ExpertNet(Net):
-    """``Net`` with a stack of four 10 x 6 expert matrices (``matrix_view="batch"``), sharded on the expert dim
-    (2 + 2 over 2 ranks, 2 + 2 + 0 over 3) and orthogonalized per expert on its owner."""
-
-    def __init__(self):
-        super().__init__()
-        self.experts = nn.Parameter(torch.randn(4, D, 6) / D**0.5)
-
-    def forward(self, idx):
-        h = self.emb(idx)
-        h = h + torch.einsum("btd,edf->btf", h, self.experts).repeat(1, 1, 2)[..., :D] / 4
-        return self.head(h + self.fc2(torch.relu(self.fc(self.norm(h)))))
 
 
 def _single(steps=STEPS):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import BATCH, STEPS, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
 from dist_helpers import load_checkpoint as load
 from dist_helpers import save_checkpoint as save
 from muonkit.optim.shards import Layout, _check_tiling, row_blocks
@@ -34,9 +34,15 @@ def _build(mode, rank, world):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     torch.manual_seed(0)
-    model = Net()
+    model = ExpertNet() if mode == "ep_tp" else Net()
     call, share, kw = model, (rank, world), {}
     if mode == "single":
+        share = (0, 1)
+    elif mode == "ep_tp":  # expert parallel over "ep", each expert's columns tensor parallel over "tp"
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ep", "tp"))
+        model.experts = nn.Parameter(distribute_tensor(model.experts.data, mesh, [Shard(0), Shard(2)]))
         share = (0, 1)
     elif mode in ("ddp", "zero"):
         call = nn.parallel.DistributedDataParallel(model)
@@ -102,7 +108,7 @@ def runs(tmp_path_factory):
                                       *[f"load-{m}:{s}" for m in two for s in ["single", *two] if s != m]])  # fmt: skip
     four = ["train-tp", "train-tp_fsdp", *[f"load-tp_fsdp:{s}" for s in ["single", *two]], "save-tp_fsdp",
             *[f"load-{m}:tp_fsdp" for m in ("ddp", "fsdp", "tp")]]  # fmt: skip
-    runs[4] = spawn(_worker, 4, out, four)
+    runs[4] = spawn(_worker, 4, out, [*four, "train-ep_tp"])
     runs[1].update(spawn(_worker, 1, out, [f"load-single:{s}" for s in MODES if s != "single"]))
     return runs
 
@@ -127,6 +133,14 @@ def test_tensor_parallel_muon_equals_single_process(world, mode, runs, reference
     placements, local_shape = results[0]["fc2_buffer"]  # fc2 is row-wise: its weight (10 x 22) split on dim 1
     assert Shard(1) in placements and local_shape[1] < 22  # the momentum is sharded like the weight
     assert results[0]["bytes"] > 0  # whole matrices were assembled on their owners
+
+
+def test_expert_parallel_stacks_with_tensor_parallel_experts_equal_single_process(runs):
+    """Four experts over 2 expert-parallel ranks, each expert's 6 columns over 2 tensor-parallel ranks (a 2 x 2
+    mesh, ``[Shard(0), Shard(2)]``): each expert is assembled whole and orthogonalized on its own, as in one
+    process (``test_fsdp.test_an_expert_stack_is_orthogonalized_per_expert``)."""
+    _assert_close(runs[4]["train-ep_tp"], single_run(ExpertNet, net_optimizer, STEPS))
+    assert runs[4]["train-ep_tp"][0]["bytes"] > 0
 
 
 @pytest.mark.parametrize(("world", "mode", "source"), [
