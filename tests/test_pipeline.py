@@ -34,6 +34,12 @@ def test_registering_refuses_unknown_slots_taken_names_and_removing_defaults():
         pipeline.register(pipeline.Stage("postscale", "", noop.fast, noop.reference, ""))
     with pytest.raises(ValueError, match="cannot be removed"):
         pipeline.unregister("update", "decoupled")
+    with pytest.raises(ValueError, match="runs an added stage through its in_place form"):
+        pipeline.register(pipeline.Stage("postscale", "y", noop.fast, noop.reference, "", fused=True))
+    with pytest.raises(ValueError, match="only precondition stages have an in_place form"):
+        pipeline.register(pipeline.Stage("postscale", "y", noop.fast, noop.reference, "", in_place=lambda X: None))
+    assert not pipeline.fused_stages({"postscale": "normuon"})  # built in, without a fused form
+    assert all(pipeline.fused_stages({"precondition": name}) for name in ("row_norm", "aol", "schatten4"))
     with pytest.raises(ValueError, match=r"postscale must be one of \('none'"):
         pipeline.get_stage("postscale", "nope")
 

@@ -95,12 +95,59 @@ def test_muon_with_a_normalising_stage_equals_the_reference_step(precondition, s
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("precondition", "nesterov"), [("row_norm", True), ("aol", False), ("schatten4", True)])
+@pytest.mark.parametrize(("ns_dtype", "atol"), [(torch.float32, 2e-5), (torch.bfloat16, 5e-3)])
+def test_the_fused_step_runs_each_precondition_stage_as_the_torch_path_does(
+    precondition, nesterov, ns_dtype, atol, monkeypatch
+):
+    """The fused step (Triton's interpreter on CPU tensors; compiled on CUDA) applies the stage to its NS input in
+    place (``Stage.in_place``) and normalises again as the torch path does: the same three steps, for wide, tall
+    and square matrices, two of one shape in one batch, beside a group without the stage. In bfloat16 the fused
+    step hands NS its divisors instead of dividing (``orthogonalize_filled(unnormalised=True)``); the two paths
+    then round differently, by up to 2.3e-3 on these matrices without any stage as well."""
+    pytest.importorskip("triton")
+    import os
+
+    from muonkit.optim import functional, plans
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("no CUDA and Triton's interpreter is off")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    shapes = [(6, 10), (10, 6), (7, 7), (6, 10)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    opts = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1, coefficients="jordan", ns_steps=5,
+                adjust_lr="original", eps=1e-7, ns_dtype=ns_dtype, method="newton_schulz")  # fmt: skip
+    stage_opts = {**opts, "precondition": precondition}
+    results, ran = {}, []
+    real = plans._StepPlan.run  # every fused step runs a plan
+    monkeypatch.setattr(plans._StepPlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
+    for fused_path in (False, True):
+        if fused_path:
+            monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: True)
+        ps = [p.clone().to(device) for p in start]
+        bufs = [torch.zeros_like(p) for p in ps]
+        for step in grads:
+            gs = [gr.to(device) for gr in step]
+            functional.muon_steps([(ps[:3], gs[:3], bufs[:3], stage_opts), (ps[3:], gs[3:], bufs[3:], opts)])
+        results[fused_path] = [p.cpu() for p in ps]
+        assert len(ran) == (3 if fused_path else 0)  # the torch path first, then the fused one
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol)
+    moved = [p.cpu() for p in start]
+    assert all((a - m).abs().max() > 1e-2 for a, m in zip(results[True], moved))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    "options", [{"precondition": "aol", "ns_steps": 4}, {"precondition": "schatten4"}, {"postscale": "normuon"}]
-)
+    "options",
+    [{"precondition": "aol", "ns_steps": 4}, {"precondition": "schatten4"}, {"precondition": "row_norm"},
+     {"postscale": "normuon"}],
+)  # fmt: skip
 def test_stages_on_cuda_match_the_cpu_step(options):
-    """The torch path these stages take on CUDA (NS graphs, a prenormalised call for AOL) gives the CPU's steps."""
+    """The paths these stages take on CUDA (the fused step for the precondition stages, NS graphs and the torch path
+    for NorMuon) give the CPU's steps."""
     g = torch.Generator().manual_seed(4)
     shapes = [(64, 32), (32, 96), (48, 48)]
     start = [torch.randn(s, generator=g) for s in shapes]

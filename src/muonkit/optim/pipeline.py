@@ -16,8 +16,9 @@ A matrix stage sees matrices as the parameter has them (rows = output features, 
 ``split`` into row or column parts: ``parts``), in a batch ``(b, rows, cols)`` of the update's dtype; the lr scale
 of ``adjust_lr`` is applied after ``postscale``. Its reference takes one ``(rows, cols)`` float64 matrix. An
 update stage's ``fast(params, updates, lr, weight_decay)`` steps lists of tensors in place (``updates`` already
-carry their lr); its reference steps one tensor. Only the defaults have a fused CUDA form: a group with another
-stage takes the torch path (``functional``), whose speed the stage's own code decides.
+carry their lr); its reference steps one tensor. The defaults have a fused CUDA form, and so have precondition
+stages with an ``in_place`` form (the built-in ones): a group with another stage takes the torch path
+(``functional``), whose speed the stage's own code decides.
 
 A postscale stage may keep state: one float32 number per row of each matrix (``Stage(..., rows_state=True)``,
 e.g. NorMuon's second moment per output neuron). Its ``fast(O, S)`` then also takes ``S``, ``(b, rows, 1)``, and
@@ -59,9 +60,13 @@ __all__ = [
 class Stage:
     """One named stage of a slot: ``fast`` (batched, what the step runs), ``reference`` (one matrix or tensor,
     plain, what tests compare ``fast`` with), ``source`` (where the rule comes from), ``fused`` (the fused
-    CUDA step computes it too; only the defaults), ``rows_state`` (a postscale stage that keeps one number
-    per matrix row; see the module docstring) and ``normalises`` (a precondition stage whose output has spectral
-    norm at most 1: NS takes it as it is, without dividing by the Frobenius norm)."""
+    CUDA step computes it too: the defaults, and precondition stages with an ``in_place`` form), ``rows_state``
+    (a postscale stage that keeps one number per matrix row; see the module docstring), ``normalises`` (a
+    precondition stage whose output has spectral norm at most 1: NS takes it as it is, without dividing by the
+    Frobenius norm) and ``in_place`` (a precondition stage's form in the fused step: it transforms the step's NS
+    input in place, a batch ``(b, rows, cols)`` of the parameters' matrices with any strides, in the NS dtype
+    (bfloat16 on GPUs), already divided by its Frobenius norm; the step divides again after it unless the stage
+    ``normalises``)."""
 
     slot: str
     name: str
@@ -71,6 +76,7 @@ class Stage:
     fused: bool = False
     rows_state: bool = False
     normalises: bool = False
+    in_place: Callable[[Tensor], None] | None = None
 
 
 def _same(X: Tensor) -> Tensor:
@@ -172,6 +178,21 @@ def row_normalise(X: Tensor) -> Tensor:
     return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(1e-30)
 
 
+def _row_normalise_in_place(X: Tensor) -> None:
+    """``row_normalise`` on the fused step's NS input, in place: float32 norms, one pass that multiplies."""
+    norms = torch.linalg.vector_norm(X, dim=-1, keepdim=True, dtype=torch.float32)
+    X.mul_(norms.clamp_min_(1e-30).reciprocal_())
+
+
+def _copied_in_place(fast: Callable[[Tensor], Tensor]) -> Callable[[Tensor], None]:
+    """A stage's ``fast`` as an ``in_place`` form: its float32 result copied back into the NS input."""
+
+    def apply(X: Tensor) -> None:
+        X.copy_(fast(X))
+
+    return apply
+
+
 def _row_normalise_reference(X: Tensor) -> Tensor:
     out = X.double().clone()
     for i in range(out.shape[0]):
@@ -224,7 +245,9 @@ _BUILT_IN = (
         _aol_reference,
         "Turbo-Muon (Boissin et al. 2025, arXiv 2512.04632): AOL rescaling W <- diag(s) W, s_i = (sum_j |W W^T|_ij)"
         "^(-1/2), on the wide orientation, in place of the Frobenius normalisation (spectral norm <= 1)",
+        fused=True,
         normalises=True,
+        in_place=_copied_in_place(aol),
     ),
     Stage(
         "precondition",
@@ -233,7 +256,9 @@ _BUILT_IN = (
         _schatten4_reference,
         "CANS (Grishina, Smirnov & Rakhuba 2025, arXiv 2506.10935), which bounds the spectral norm by Gelfand's "
         "formula: X / ||W W^T||_F^(1/2) (the Schatten-4 norm) in place of X / ||X||_F; one Gram product more",
+        fused=True,
         normalises=True,
+        in_place=_copied_in_place(schatten4),
     ),
     Stage(
         "precondition",
@@ -241,6 +266,8 @@ _BUILT_IN = (
         row_normalise,
         _row_normalise_reference,
         "MuonEq, row form R (arXiv 2603.28254): each row of the momentum matrix to unit norm before NS",
+        fused=True,
+        in_place=_row_normalise_in_place,
     ),
     Stage(
         "postscale",
@@ -271,6 +298,13 @@ def register(stage: Stage) -> Stage:
         raise ValueError(f"only postscale stages may keep per-row state, not {stage.slot} stage {stage.name!r}")
     if stage.normalises and stage.slot != "precondition":
         raise ValueError(f"only precondition stages may normalise NS's input, not {stage.slot} stage {stage.name!r}")
+    if stage.in_place is not None and stage.slot != "precondition":
+        raise ValueError(f"only precondition stages have an in_place form, not {stage.slot} stage {stage.name!r}")
+    if stage.fused and stage.in_place is None:
+        raise ValueError(
+            f"{stage.slot} stage {stage.name!r}: the fused step runs an added stage through its in_place form "
+            "(precondition stages only); give one, or leave fused=False (the torch path runs it)"
+        )
     _REGISTRY[stage.slot][stage.name] = stage
     return stage
 
@@ -296,5 +330,6 @@ def get_stage(slot: str, name: Any) -> Stage:
 
 
 def fused_stages(opts: dict[str, Any]) -> bool:
-    """Whether every stage a group's options select has a fused CUDA form (the defaults)."""
+    """Whether every stage a group's options select has a fused CUDA form (the defaults; the built-in precondition
+    stages, through their ``in_place`` forms)."""
     return all(get_stage(slot, opts.get(slot, default)).fused for slot, default in SLOTS.items())

@@ -32,6 +32,7 @@ from ..newton_schulz import (
 )
 from .options import plan_key
 from .parts import matrix_offsets
+from .pipeline import get_stage
 from .stages import StepCall, _record_stats, lr_scale
 
 __all__: list[str] = []
@@ -52,6 +53,7 @@ class _Run:
     buf_dtype: torch.dtype
     nesterov: bool
     eps: float
+    precondition: str = "none"  # the pipeline stage applied to these matrices of the NS input (``in_place``)
 
 
 @dataclass
@@ -92,7 +94,8 @@ class _StepPlan:
             device = params[0].device
             for (r, c, _, _, buf_dtype), mats in per_shape.items():
                 work = opts["ns_dtype"] or default_ns_dtype(device, buf_dtype)
-                run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"])
+                run = _Run(j, 0, r, c, [], [], [], preset.norm_scale, buf_dtype, opts["nesterov"], opts["eps"],
+                           opts["precondition"])  # fmt: skip
                 merged[(*merge_key(r, c, work, schedule, opts), device)].extend((j, run, o, k) for o, k in mats)
         self.batches: list[_Batch] = []
         for (m, n, work, schedule, method, restarts, max_batch, device), entries in merged.items():
@@ -129,7 +132,7 @@ class _StepPlan:
         tensors = [(run, calls[run.call]) for run in batch.runs]
         runs = tuple(
             (run.rows, run.cols, call[1][run.owners[0]].dtype, call[2][run.owners[0]].dtype,
-             call[0][run.owners[0]].dtype, run.buf_dtype, run.nesterov, run.norm_scale, run.eps,
+             call[0][run.owners[0]].dtype, run.buf_dtype, run.nesterov, run.norm_scale, run.eps, run.precondition,
              _decays(call[3]), tuple(run.owners), tuple(run.offsets))
             for run, call in tensors
         )  # fmt: skip
@@ -172,6 +175,25 @@ class _StepPlan:
             )
 
 
+def _precondition(X: Tensor, divisors: Tensor | None, run: _Run) -> None:
+    """A run's precondition stage on its matrices ``X`` of the NS input (parameter orientation), in place
+    (``pipeline.Stage.in_place``), then NS's normalisation again as the torch path does it after the stage: none
+    for a stage that ``normalises``; else ``X / (norm_scale ||X||_F + eps)``. ``divisors``: the run's part of the
+    divisors NS divides by (``orthogonalize_filled(..., unnormalised=True)``), set instead of dividing ``X``."""
+    stage = get_stage("precondition", run.precondition)
+    assert stage.in_place is not None  # fused_stages: only such stages reach a plan
+    stage.in_place(X)
+    if stage.normalises:
+        if divisors is not None:
+            divisors.fill_(1.0)
+        return
+    divisor = torch.linalg.vector_norm(X, dim=(-2, -1), dtype=torch.float32) * run.norm_scale + run.eps
+    if divisors is not None:
+        divisors.copy_(divisor)
+    else:
+        X.mul_(divisor.reciprocal_().view(-1, 1, 1))
+
+
 def _decays(opts: dict[str, Any]) -> bool:
     """Whether the step has weight decay (a kernel argument, so part of a plan's structure)."""
     return 1 - opts["lr"] * opts["weight_decay"] != 1.0
@@ -210,11 +232,13 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
 
     def fill(X: Tensor, d: Tensor | None = None) -> None:
         for r in live:
+            part = None if d is None else d[r.run.first : r.run.first + len(r.run.owners)]
             fused.momentum_normalise(
                 r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
-                norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars,
-                denom=None if d is None else d[r.run.first : r.run.first + len(r.run.owners)], found_inf=found_inf,
+                norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars, denom=part, found_inf=found_inf,
             )  # fmt: skip
+            if r.run.precondition != "none":
+                _precondition(rows_of(X, r.run), part, r.run)
 
     # bf16 input inside a captured batch (or with graphs off): written undivided, the NS products divide (one pass
     # over the input fewer). Not with eps = 0: an undivided input of tiny entries could underflow in X X^T.
