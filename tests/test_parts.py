@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_cuda_steps_match_cpu
 from muonkit import Muon, orthogonalize
 from muonkit.optim import options
 from muonkit.optim.parts import (
@@ -119,19 +120,6 @@ def test_muon_orthogonalizes_each_column_part_on_its_own(split):
 def test_column_parts_on_cuda_match_the_cpu_step_beside_a_fused_group():
     """On CUDA a group with column parts takes the torch path (strided parts), a row-split group beside it the
     fused step; both give the CPU's steps."""
-    g = torch.Generator().manual_seed(4)
-    shapes = [(64, 96), (96, 64)]
-    start = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-    results = []
-    for device in ("cpu", "cuda"):
-        params = [torch.nn.Parameter(p.clone().to(device)) for p in start]
-        groups = [{"params": [params[0]], "split": {"cols": 4}}, {"params": [params[1]], "split": 2}]
-        opt = Muon(groups, lr=0.05, ns_dtype=torch.float32, method="newton_schulz")
-        for step in grads:
-            for p, gr in zip(params, step):
-                p.grad = gr.to(device)
-            opt.step()
-        results.append([p.detach().cpu() for p in params])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_cuda_steps_match_cpu(
+        [(64, 96), (96, 64)], lambda ps: [{"params": [ps[0]], "split": {"cols": 4}}, {"params": [ps[1]], "split": 2}]
+    )

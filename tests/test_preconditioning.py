@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import matrix_with_spectrum
+from conftest import assert_cuda_steps_match_cpu, matrix_with_spectrum
 from muonkit import Muon
 from muonkit.coefficients import as_preset
 from muonkit.optim import pipeline
@@ -148,18 +148,4 @@ def test_the_fused_step_runs_each_precondition_stage_as_the_torch_path_does(
 def test_stages_on_cuda_match_the_cpu_step(options):
     """The paths these stages take on CUDA (the fused step for the precondition stages, NS graphs and the torch path
     for NorMuon) give the CPU's steps."""
-    g = torch.Generator().manual_seed(4)
-    shapes = [(64, 32), (32, 96), (48, 48)]
-    start = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
-    results = []
-    for device in ("cpu", "cuda"):
-        params = [nn.Parameter(p.clone().to(device)) for p in start]
-        opt = Muon(params, lr=0.05, ns_dtype=torch.float32, method="newton_schulz", **options)
-        for step in grads:
-            for p, gr in zip(params, step):
-                p.grad = gr.to(device)
-            opt.step()
-        results.append([p.detach().cpu() for p in params])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_cuda_steps_match_cpu([(64, 32), (32, 96), (48, 48)], **options)
