@@ -1,4 +1,4 @@
-"""Learning-rate sweep behind the demo's defaults (``muonkit.train.loop.DEFAULT_LR``).
+"""Learning-rate sweep behind the demo's defaults (``muonkit.train.optimizers.DEFAULT_LR``).
 
 For each optimizer, trains the demo model (same seed, batches and steps) at a few learning rates and
 reports the final validation loss (``--seeds N``: its mean over N initialisations). Muon runs use

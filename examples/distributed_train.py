@@ -36,7 +36,7 @@ import muonkit
 from muonkit.distributed import ReplicatedExecutor
 from muonkit.train import GPT, SIZES, builtin_corpus
 from muonkit.train.corpus import sample_batch
-from muonkit.train.loop import resolve_lrs
+from muonkit.train.optimizers import resolve_lrs
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ def test_effective_l_is_the_smallest_singular_value_holding_the_energy():
 def test_torch_muon_is_a_demo_optimizer_that_learns_and_resumes(corpus, tmp_path):
     """torch.optim.Muon on the hidden matrices plus AdamW on the rest, as one optimizer of the comparison: it
     learns, and a run resumed from its checkpoint continues bitwise as the uninterrupted one."""
-    from muonkit.train.loop import Combined, make_optimizer, resolve_lrs
+    from muonkit.train.optimizers import Combined, make_optimizer, resolve_lrs
 
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     opt = make_optimizer("torch_muon", task.build_model(), resolve_lrs("lm-tiny"))

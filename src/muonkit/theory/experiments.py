@@ -146,7 +146,7 @@ def _train_variants(
 
 
 def _lrs(task_name: str) -> dict[str, float]:
-    from ..train.loop import resolve_lrs
+    from ..train.optimizers import resolve_lrs
 
     return resolve_lrs("digits" if task_name == "digits" else "lm-small")
 
@@ -194,7 +194,8 @@ def achieved(
     from ..newton_schulz import orthogonalize
     from ..optim import Muon, param_groups
     from ..train import SIZES, LMTask, builtin_corpus, train_one
-    from ..train.loop import orthogonalized_matrices, resolve_lrs
+    from ..train.loop import orthogonalized_matrices
+    from ..train.optimizers import resolve_lrs
 
     lrs = resolve_lrs("lm-small")
     out: dict[str, Any] = {"steps": steps, "every": every, "seed": seed, "cuts": list(cuts), "presets": {}}

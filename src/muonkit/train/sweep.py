@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .loop import resolve_lrs, train_one
+from .loop import train_one
+from .optimizers import resolve_lrs
 from .recipe import Recipe
 from .tasks import Task
 

@@ -28,7 +28,7 @@ class Task:
 
     @property
     def lr_key(self) -> str:
-        """Key of this task's tuned learning rates in ``loop.DEFAULT_LR``."""
+        """Key of this task's tuned learning rates in ``optimizers.DEFAULT_LR``."""
         return self.name
 
     def build_model(self) -> nn.Module:
