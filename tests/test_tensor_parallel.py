@@ -164,6 +164,16 @@ def test_expert_parallel_stacks_with_tensor_parallel_experts_equal_single_proces
     assert runs[4]["train-ep_tp"][0]["bytes"] > 0
 
 
+def test_the_exchange_sends_each_element_once_each_way(runs):
+    """The bytes of one all-to-all of the updates to their owners plus one of the results back, and nothing more:
+    every element of a Muon matrix that its owner does not hold crosses once each way, 4 bytes each (float32
+    updates, float32 NS). At 2 ranks every sharded dim splits evenly, so whichever rank owns a matrix holds half
+    of it; expert parallel with TP experts on 2 x 2: each rank holds a quarter of the (4, 10, 6) stack."""
+    muon_numel = 30 * 10 + 24 * 10 + 22 * 10 + 10 * 22  # qkv, kv, fc (column-wise), fc2 (row-wise); the rest AdamW
+    assert sum(r["bytes"] for r in runs[2]["train-tp"]) == STEPS * (muon_numel // 2) * (4 + 4)
+    assert sum(r["bytes"] for r in runs[4]["train-ep_tp"]) == STEPS * (240 - 60) * (4 + 4)
+
+
 @pytest.mark.parametrize(("world", "mode", "source"), [
     *[(2, m, s) for m in ("ddp", "zero", "fsdp", "tp") for s in ("single", "ddp", "zero", "fsdp", "tp") if s != m],
     *[(4, "tp_fsdp", s) for s in ("single", "ddp", "zero", "fsdp", "tp")],
