@@ -80,7 +80,7 @@ def _view(shape: Sequence[int], matrix_view: str) -> tuple[int, ...]:
 def matrix_parts(u: Tensor, matrix_view: str, split: SplitSpec) -> list[Tensor]:
     """The matrices Muon orthogonalizes for one parameter-shaped update ``u``, as views of ``u`` (row parts,
     then within each row part its column parts)."""
-    u = u.reshape(_view(u.shape, matrix_view)) if u.ndim > 2 and matrix_view == "flatten" else u
+    u = u.reshape(_view(u.shape, matrix_view))  # the same shape (a view of u itself) unless a kernel is flattened
     rows, cols = split_axes(split)
     by_rows = u.split(split_sizes(rows, u.shape[-2]), dim=-2)
     if cols is None:
