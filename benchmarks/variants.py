@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from typing import Any
 
 from muonkit.train import SIZES, LMTask, builtin_corpus, run_comparison, run_key, text_corpus
@@ -89,7 +90,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['optimizer']:<12} {r['lr']:>8.3g} {r['val_loss_at_steps']:>9.4f} ± {r['val_loss_at_steps_sd']:.4f}"
               f" {r['val_loss_at_wall']:>9.4f} ± {r['val_loss_at_wall_sd']:.4f} {r['seconds']:>8.1f}")  # fmt: skip
-    meta = {"size": args.size, "steps": args.steps, "seeds": args.seeds, "batch_size": task.batch_size,
+    meta = {"command": " ".join(["python", *sys.argv]), "size": args.size, "steps": args.steps,
+            "seeds": args.seeds, "batch_size": task.batch_size,
             "data": args.data, "tokens": corpus.n_tokens, "equal_wall_seconds": wall, "recipe": recipe.to_dict(),
             "warmup_steps": args.warmup_steps,
             **environment(args.device)}  # fmt: skip
