@@ -9,22 +9,29 @@ with default options. Each variant starts from the same weights and batches, run
 (``accel=False`` all of them); the last column, "off costs", is variant / default - 1 for the whole iteration:
 what the piece buys in this loop. Fused AdamW on every parameter is the baseline. With ``--paired`` each variant
 runs alternating with the defaults, iteration by iteration, in one process (``paired``): the comparison that
-decides whether a piece earns its place (at least 3% of an iteration).
+decides whether a piece earns its place (at least 3% of an iteration). With ``--profile`` each variant's
+``--steps`` iterations run under torch.profiler instead, and the optimizer step of each is taken apart
+(``_trace``): host time, time the host waited for the GPU, the step's GPU work, and the GPU's idle time inside
+the step (a step bound by its host shows there).
 
     python benchmarks/train_loop.py --out train_loop_h200.json            # needs CUDA
     python benchmarks/train_loop.py --paired --out train_loop_paired.json # what each piece buys, paired
+    python benchmarks/train_loop.py --profile --only "muonkit (defaults),AdamW (fused)" --steps 10 --out p.json
     python benchmarks/train_loop.py --size tiny --steps 3 --warmup 1      # a quick run on any device
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
 from typing import Any
 
 import torch
 from _common import environment, write_json
+from _trace import step_windows, summarise
 
 import muonkit
 from muonkit.accel import cuda_graphs, fused, guards, kernels
@@ -171,6 +178,26 @@ def paired(name: str, args: argparse.Namespace, device: torch.device) -> dict[st
     }
 
 
+def profiled(name: str, args: argparse.Namespace, device: torch.device, trace_path: str) -> dict[str, Any]:
+    """``--warmup`` iterations, then ``--steps`` under torch.profiler; each optimizer step taken apart (``_trace``)
+    from torch.optim's own range around ``step()``. The profiler's own cost inflates host times alike for all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda_graphs.cache.clear()
+    trainer = Trainer(name, args, device)
+    for _ in range(args.warmup):
+        trainer.iteration()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            trainer.iteration()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        trace = json.load(f)
+    windows = step_windows(trace, f"Optimizer.step#{type(trainer.opt).__name__}.step")
+    return {"variant": name, **summarise(windows), "per_step": windows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="large", choices=sorted(SIZES))
@@ -179,6 +206,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only", default=None, help="comma-separated variant names, run in that order")
     ap.add_argument("--paired", action="store_true", help="each variant alternating with the defaults (see paired)")
+    ap.add_argument("--profile", action="store_true", help="take each variant's optimizer step apart (see profiled)")
     ap.add_argument("--out", default="train_loop.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,6 +216,16 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [profiled(n, args, device, f"{tmp}/trace.json") for n in names]
+        cols = ("host_ms", "wait_ms", "gpu_ms", "span_ms", "idle_ms", "launches")
+        print(f"{'variant':<22}" + "".join(f"{c.replace('_', ' '):>10}" for c in cols) + "  GPU ms by kind")
+        for r in rows:
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind_ms"].items())
+            print(f"{r['variant']:<22}" + "".join(f"{r[c]:>10.2f}" for c in cols) + f"  {kinds}")
+        write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
+        return
     if args.paired:
         rows = [paired(n, args, device) for n in names if not n.startswith(("muonkit", "AdamW"))]
         print(f"{'variant':<22} {'ms/iter':>8} {'default':>8} {'diff q1/med/q3 ms':>20} {'step diff':>10} {'buys':>7}")

@@ -24,6 +24,7 @@ from typing import Any
 import _parent  # noqa: F401  (benchmarks/ on sys.path)
 import torch
 from _common import environment, matmul_peak_tflops, time_ms, write_json
+from _trace import kernel_kind
 from step import SETS, make_params, split_groups
 
 import muonkit
@@ -56,19 +57,6 @@ def batches(layers: int, shapes: list[tuple[int, int]], split_qkv: bool) -> dict
     return dict(count)
 
 
-def kind(name: str) -> str:
-    low = name.lower()
-    if any(s in low for s in ("momentum_kernel", "normalise_kernel", "norms_kernel", "update_kernel")):
-        return "fused elementwise"  # muonkit.accel.fused
-    if any(s in low for s in ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "matmul", "sym_product")):
-        return "gemm"
-    if any(s in low for s in ("reduce", "norm", "welford")):
-        return "reduction"
-    if any(s in low for s in ("copy", "cat", "memcpy", "memset")):
-        return "copy"
-    return "elementwise/other"
-
-
 def profile(step: Callable[[], Any], reps: int = 5) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -95,8 +83,8 @@ def profile(step: Callable[[], Any], reps: int = 5) -> dict[str, Any]:
     by_kind: dict[str, float] = collections.defaultdict(float)
     launches: dict[str, float] = collections.defaultdict(float)
     for name, (ms, calls) in per_kernel.items():
-        by_kind[kind(name)] += ms
-        launches[kind(name)] += calls
+        by_kind[kernel_kind(name)] += ms
+        launches[kernel_kind(name)] += calls
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
     return {
         "host_ms_per_step": host_ms,

@@ -1,0 +1,72 @@
+"""``benchmarks/_trace.py``: the step breakdown that ``train_loop.py --profile`` reports, on a trace whose answer is
+known, and on a real profiler trace of a Muon step (the range name and trace format it relies on)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import muonkit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _trace
+
+STEP = "Optimizer.step#Muon.step"
+
+
+def _x(name, cat, ts, dur, tid=1, corr=None):
+    return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 7, "tid": tid,
+            "args": {} if corr is None else {"correlation": corr}}  # fmt: skip
+
+
+def test_a_step_is_taken_apart_into_host_wait_gpu_work_and_idle_time():
+    """Two steps: the first launches a kernel and a CUDA graph (two kernels, overlapping), waits on a stream sync;
+    launches from another thread (backward's) and after the range do not count. The second launches nothing."""
+    events = [
+        _x(STEP, "user_annotation", 100, 100),
+        _x("cudaLaunchKernel", "cuda_runtime", 110, 2, corr=1),
+        _x("cudaGraphLaunch", "cuda_runtime", 120, 3, corr=2),
+        _x("cudaStreamSynchronize", "cuda_runtime", 150, 30, corr=3),
+        _x("cudaLaunchKernel", "cuda_runtime", 130, 2, tid=2, corr=4),  # another thread
+        _x("cudaLaunchKernel", "cuda_runtime", 250, 2, corr=5),  # after the step
+        _x("sm90_xmma_gemm_bf16", "kernel", 300, 10, tid=9, corr=1),
+        _x("fused_momentum_kernel", "kernel", 315, 5, tid=9, corr=2),
+        _x("vectorized_elementwise_kernel", "kernel", 318, 4, tid=9, corr=2),
+        _x("backward_kernel", "kernel", 330, 100, tid=9, corr=4),
+        _x("later_kernel", "kernel", 500, 10, tid=9, corr=5),
+        _x(STEP, "user_annotation", 600, 40),
+    ]
+    first, second = _trace.step_windows({"traceEvents": events}, STEP)
+    assert first["host_ms"] == pytest.approx(0.1) and first["wait_ms"] == pytest.approx(0.03)
+    assert first["gpu_ms"] == pytest.approx(0.019) and first["span_ms"] == pytest.approx(0.022)
+    assert first["idle_ms"] == pytest.approx(0.005)  # 310-315 between the kernel and the graph
+    assert (first["launches"], first["graph_launches"]) == (2, 1)
+    assert first["by_kind_ms"] == pytest.approx({"gemm": 0.01, "fused elementwise": 0.005, "elementwise/other": 0.004})
+    assert second == {"host_ms": 0.04, "wait_ms": 0.0, "gpu_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0,
+                      "launches": 0, "graph_launches": 0, "by_kind_ms": {}}  # fmt: skip
+    summary = _trace.summarise([first, second])
+    assert summary["steps"] == 2 and summary["host_ms"] == pytest.approx(0.07)
+    assert summary["by_kind_ms"]["gemm"] == pytest.approx(0.005)  # median of 0.01 and (absent) 0
+    with pytest.raises(ValueError, match="no steps"):
+        _trace.summarise(_trace.step_windows({"traceEvents": events}, "Optimizer.step#AdamW.step"))
+
+
+def test_a_real_profile_of_muon_steps_has_one_window_per_step(tmp_path):
+    """torch.optim's range around ``Muon.step`` is what ``train_loop.py --profile`` looks for: one window per step,
+    its host time inside the profiled wall-clock (on the CPU: no GPU work)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w = nn.Parameter(torch.randn(32, 16))
+    opt = muonkit.Muon([w])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            w.grad = torch.randn(32, 16)
+            opt.step()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    windows = _trace.step_windows(_trace.load(str(tmp_path / "trace.json")), STEP)
+    assert len(windows) == 3
+    assert all(0 < w["host_ms"] < 10_000 and w["gpu_ms"] == 0 and w["launches"] == 0 for w in windows)
