@@ -7,7 +7,10 @@ with default options. Each variant starts from the same weights and batches, run
 (the first step tunes and captures), then times ``--steps`` iterations with CUDA events: the whole iteration
 (forward, backward, clipping, step) and the optimizer step inside it, medians. Variants switch one piece off
 (``accel=False`` all of them); the last column, "off costs", is variant / default - 1 for the whole iteration:
-what the piece buys in this loop. Fused AdamW on every parameter is the baseline. With ``--paired`` each variant
+what the piece buys in this loop. The baselines, each with its own standard recipe: fused AdamW on every parameter;
+torch.optim.Muon (its defaults, "original" shape scale, the fused QKV as one matrix) on the matrices that
+``param_groups`` gives Muon, fused AdamW on the rest; KellerJordan's ``SingleDeviceMuon`` likewise, where its
+``muon-optimizer`` wheel is installed (skipped, and said so, where not). With ``--paired`` each variant
 runs alternating with the defaults, iteration by iteration, in one process (``paired``): the comparison that
 decides whether a piece earns its place (at least 3% of an iteration). With ``--profile`` each variant's
 ``--steps`` iterations run under torch.profiler instead, and the optimizer step of each is taken apart
@@ -30,12 +33,14 @@ import time
 from typing import Any
 
 import torch
-from _common import environment, write_json
+from _common import competitors, environment, write_json
 from _trace import step_windows, summarise
+from torch.profiler import record_function
 
 import muonkit
 from muonkit.accel import cuda_graphs, fused, guards, kernels
 from muonkit.train.model import GPT, SIZES
+from muonkit.train.optimizers import Combined
 
 # name -> (Muon keyword arguments, setting applied while the variant runs and undone after)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
@@ -48,7 +53,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "plain NS everywhere": ({"method": "newton_schulz"}, None),  # the default ("auto") runs Gram NS on wide matrices
     "non-finite check off": ({"nonfinite": "ignore"}, None),  # the default checks on the GPU from the 2nd step on
     "AdamW (fused)": ({}, None),
+    "torch.optim.Muon + AdamW": ({}, None),
+    "KellerJordan SingleDeviceMuon + AdamW": ({}, None),
 }
+BASELINES = ("AdamW (fused)", "torch.optim.Muon + AdamW", "KellerJordan SingleDeviceMuon + AdamW")
+STEP_RANGE = "train_loop: optimizer step"  # the profiler range around every optimizer step (``--profile``)
 _GUARDS_AVAILABLE = guards.available
 
 
@@ -66,8 +75,20 @@ def _setting(which: str | None, on: bool) -> None:
 
 
 def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: bool) -> torch.optim.Optimizer:
-    if name.startswith("AdamW"):
+    if name == "AdamW (fused)":
         return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=cuda)
+    if name in BASELINES:  # another Muon on the matrices muonkit would give Muon, fused AdamW on the rest
+        matrices, rest = [], []
+        for group in muonkit.param_groups(model):
+            (matrices if group.get("algorithm", "muon") == "muon" else rest).extend(group["params"])
+        if name.startswith("torch.optim.Muon"):
+            muon: torch.optim.Optimizer = torch.optim.Muon(
+                matrices, lr=0.02, weight_decay=0.01, adjust_lr_fn="original"
+            )
+        else:
+            muon = competitors()["KellerJordan"].SingleDeviceMuon(matrices, lr=0.02, weight_decay=0.01)
+        adamw = torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.01, fused=cuda)
+        return Combined(muon, adamw)
     groups = muonkit.param_groups(model, split={"*.qkv.weight": 3})
     return muonkit.Muon(groups, lr=0.02, weight_decay=0.01, adamw_lr=3e-4, **kwargs)
 
@@ -116,7 +137,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             if events:
                 events[1].record()
-            self.opt.step()
+            with record_function(STEP_RANGE):
+                self.opt.step()
             if events:
                 events[2].record()
                 events[2].synchronize()
@@ -180,7 +202,7 @@ def paired(name: str, args: argparse.Namespace, device: torch.device) -> dict[st
 
 def profiled(name: str, args: argparse.Namespace, device: torch.device, trace_path: str) -> dict[str, Any]:
     """``--warmup`` iterations, then ``--steps`` under torch.profiler; each optimizer step taken apart (``_trace``)
-    from torch.optim's own range around ``step()``. The profiler's own cost inflates host times alike for all."""
+    from the range ``STEP_RANGE`` around it. The profiler's own cost inflates host times alike for all."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda_graphs.cache.clear()
@@ -194,7 +216,7 @@ def profiled(name: str, args: argparse.Namespace, device: torch.device, trace_pa
     prof.export_chrome_trace(trace_path)
     with open(trace_path) as f:
         trace = json.load(f)
-    windows = step_windows(trace, f"Optimizer.step#{type(trainer.opt).__name__}.step")
+    windows = step_windows(trace, STEP_RANGE)
     return {"variant": name, **summarise(windows), "per_step": windows}
 
 
@@ -215,24 +237,30 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if "KellerJordan" not in competitors() and BASELINES[2] in names:
+        names = [n for n in names if n != BASELINES[2]]
+        print(f"skipped {BASELINES[2]!r}: KellerJordan's muon-optimizer wheel is not installed")
+    if not hasattr(torch.optim, "Muon") and BASELINES[1] in names:
+        names = [n for n in names if n != BASELINES[1]]
+        print(f"skipped {BASELINES[1]!r}: torch.optim.Muon needs torch >= 2.9, this is {torch.__version__}")
     print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
     if args.profile:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [profiled(n, args, device, f"{tmp}/trace.json") for n in names]
         cols = ("host_ms", "wait_ms", "gpu_ms", "span_ms", "idle_ms", "launches")
-        print(f"{'variant':<22}" + "".join(f"{c.replace('_', ' '):>10}" for c in cols) + "  GPU ms by kind")
+        print(f"{'variant':<38}" + "".join(f"{c.replace('_', ' '):>10}" for c in cols) + "  GPU ms by kind")
         for r in rows:
             kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind_ms"].items())
-            print(f"{r['variant']:<22}" + "".join(f"{r[c]:>10.2f}" for c in cols) + f"  {kinds}")
+            print(f"{r['variant']:<38}" + "".join(f"{r[c]:>10.2f}" for c in cols) + f"  {kinds}")
         write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
         return
     if args.paired:
-        rows = [paired(n, args, device) for n in names if not n.startswith(("muonkit", "AdamW"))]
-        print(f"{'variant':<22} {'ms/iter':>8} {'default':>8} {'diff q1/med/q3 ms':>20} {'step diff':>10} {'buys':>7}")
+        rows = [paired(n, args, device) for n in names if n != "muonkit (defaults)" and n not in BASELINES]
+        print(f"{'variant':<38} {'ms/iter':>8} {'default':>8} {'diff q1/med/q3 ms':>20} {'step diff':>10} {'buys':>7}")
         for r in rows:
             d = r["diff_ms_per_iteration"]
             print(
-                f"{r['variant']:<22} {r['ms_per_iteration']:>8.2f} {r['default_ms_per_iteration']:>8.2f} "
+                f"{r['variant']:<38} {r['ms_per_iteration']:>8.2f} {r['default_ms_per_iteration']:>8.2f} "
                 f"{d['q1']:>6.2f}/{d['median']:>5.2f}/{d['q3']:>5.2f} {r['diff_ms_per_optimizer_step']:>10.2f} "
                 f"{r['piece_buys']:>+7.1%}"
             )
@@ -240,16 +268,16 @@ def main() -> None:
         return
     rows = [run(n, args, device) for n in names]
     base = next((r["ms_per_iteration"] for r in rows if r["variant"] == "muonkit (defaults)"), None)
-    print(f"{'variant':<22} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'off costs':>10}")
+    print(f"{'variant':<38} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'off costs':>10}")
     for r in rows:
         buys = (
             ""
-            if base is None or r["variant"].startswith(("muonkit", "AdamW"))
+            if base is None or r["variant"] == "muonkit (defaults)" or r["variant"] in BASELINES
             else f"{r['ms_per_iteration'] / base - 1:+.1%}"
         )
         r["piece_buys"] = None if not buys else r["ms_per_iteration"] / base - 1
         print(
-            f"{r['variant']:<22} {r['ms_per_iteration']:>8.2f} {r['ms_per_optimizer_step']:>8.2f} {r['build_s']:>8.2f} "
+            f"{r['variant']:<38} {r['ms_per_iteration']:>8.2f} {r['ms_per_optimizer_step']:>8.2f} {r['build_s']:>8.2f} "
             f"{r['first_iteration_s']:>10.2f} {buys:>10}"
         )
     write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})

@@ -70,3 +70,22 @@ def test_a_real_profile_of_muon_steps_has_one_window_per_step(tmp_path):
     windows = _trace.step_windows(_trace.load(str(tmp_path / "trace.json")), STEP)
     assert len(windows) == 3
     assert all(0 < w["host_ms"] < 10_000 and w["gpu_ms"] == 0 and w["launches"] == 0 for w in windows)
+
+
+def test_train_loop_profile_reports_each_variants_steps(tmp_path):
+    """``train_loop.py --profile`` on the CPU: one row per variant asked for, in order, each with one window per
+    timed step (the range it wraps around ``opt.step()`` found in the trace), and torch.optim.Muon as a baseline."""
+    import json
+    import os
+    import subprocess
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    out = tmp_path / "loop.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bench.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    names = ["muonkit (defaults)", "torch.optim.Muon + AdamW"]
+    subprocess.run([sys.executable, "train_loop.py", "--profile", "--size", "tiny", "--batch", "2", "--steps", "3",
+                    "--warmup", "1", "--only", ",".join(names), "--out", str(out)], cwd=bench, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == names
+    assert all(r["steps"] == 3 and len(r["per_step"]) == 3 and r["host_ms"] > 0 for r in rows)
