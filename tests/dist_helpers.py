@@ -57,6 +57,11 @@ class ExpertNet(Net):
         return self.head(h + self.fc2(torch.relu(self.fc(self.norm(h)))))
 
 
+# Built-in stages of every slot at once (MuonEq's row normalisation, NorMuon with its row state, cautious decay): the
+# sharded tests run them in each layout against one process with the same options
+STAGES = {"precondition": "row_norm", "postscale": "normuon", "update": "cautious"}
+
+
 def net_optimizer(model, **kw):
     """Muon for ``Net`` as the sharded tests run it (QKV split in three, ``kv`` in 16 + 8 rows, ``fc2`` in 8 + 14
     columns, float32 NS)."""

@@ -10,7 +10,20 @@ import pytest
 import torch
 
 import muonkit
-from dist_helpers import BATCH, STEPS, D, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import (
+    BATCH,
+    STAGES,
+    STEPS,
+    D,
+    ExpertNet,
+    Net,
+    batch,
+    full_state,
+    loss,
+    net_optimizer,
+    single_run,
+    spawn,
+)
 from dist_helpers import load_checkpoint as load
 from dist_helpers import save_checkpoint as save
 from muonkit.distributed import shard_rows
@@ -38,7 +51,9 @@ def _worker(rank, world, out, task):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     normuon = task.startswith("normuon")  # also normuon-save and normuon-resume (its state through DCP)
-    kw = {"comm_dtype": torch.bfloat16} if task == "bf16" else {"postscale": "normuon"} if normuon else {}
+    kw = {"bf16": {"comm_dtype": torch.bfloat16}, "stages": STAGES}.get(
+        task, {"postscale": "normuon"} if normuon else {}
+    )
     task = task.removeprefix("normuon-") if task != "normuon" else task
     opt = net_optimizer(model, **kw)
     first, steps = 0, STEPS
@@ -81,7 +96,7 @@ def runs(tmp_path_factory):
     """Every multi-process scenario of this file, in three process starts: ``runs[world][task]`` holds each
     rank's result. The world of 2 runs first: the worlds of 3 and 1 resume its checkpoint."""
     out = tmp_path_factory.mktemp("fsdp")
-    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts", "normuon",
+    runs = {2: spawn(_worker, 2, out, ["train", "accumulate", "bf16", "save", "nan", "experts", "normuon", "stages",
                                       "normuon-save"])}  # fmt: skip
     runs[3] = spawn(_worker, 3, out, ["train", "resume:save", "experts", "normuon", "normuon-resume:normuon-save"])
     runs[1] = spawn(_worker, 1, out, ["train", "resume:save"])
@@ -153,6 +168,11 @@ def test_fsdp2_runs_a_stage_with_row_state_as_one_process_does(world, runs):
     assert not torch.allclose(alone["fc.weight"], _single()["fc.weight"], atol=1e-3)
     if world == 3:  # saved through DCP at 2 ranks after 2 steps, resumed here: the row state came along
         _assert_close(runs[3]["normuon-resume:normuon-save"], alone, atol=1e-6)
+
+
+def test_fsdp2_runs_the_built_in_stages_as_one_process_does(runs):
+    """Row normalisation before NS, NorMuon after it and cautious decay at once, on FSDP2 at 2 ranks."""
+    _assert_close(runs[2]["stages"], single_run(Net, lambda m: net_optimizer(m, **STAGES)), atol=1e-6)
 
 
 def test_an_expert_stack_is_orthogonalized_per_expert():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STEPS, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
+from dist_helpers import BATCH, STAGES, STEPS, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
 from dist_helpers import load_checkpoint as load
 from dist_helpers import save_checkpoint as save
 from muonkit.optim.shards import Layout, _check_tiling, row_blocks
@@ -25,7 +25,7 @@ if not hasattr(fsdp, "fully_shard"):  # pragma: no cover - torch < 2.6
 MODES = ("single", "ddp", "zero", "fsdp", "tp", "tp_fsdp")
 
 
-def _build(mode, rank, world):
+def _build(mode, rank, world, **options):
     """The model in ``mode``'s layout, the module to call, the optimizer, and this rank's share of each batch
     ``(index, count)``: tensor-parallel ranks of one data-parallel rank see the same batch."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -65,7 +65,7 @@ def _build(mode, rank, world):
                 fully_shard(module, mesh=mesh["dp"])
             fully_shard(model, mesh=mesh["dp"])
             share = (mesh["dp"].get_local_rank(), 2)
-    return model, call, net_optimizer(model, **kw), share
+    return model, call, net_optimizer(model, **kw, **options), share
 
 
 def _given_grads(model, t):
@@ -88,10 +88,11 @@ def _given_grads(model, t):
 
 def _worker(rank, world, out, task):
     """``train-MODE``: 4 steps; ``save-MODE``: 2 steps, then a DCP checkpoint ``MODE.dcp``; ``load-MODE:SOURCE``:
-    load ``SOURCE.dcp`` into ``MODE``'s layout, then steps 2 and 3; ``given-MODE``: 4 steps on ``_given_grads``."""
+    load ``SOURCE.dcp`` into ``MODE``'s layout, then steps 2 and 3; ``given-MODE``: 4 steps on ``_given_grads``;
+    ``stages-MODE``: 4 steps with the built-in stages ``STAGES``."""
     kind, _, source = task.partition(":")
     action, mode = kind.split("-", 1)
-    model, call, opt, (index, count) = _build(mode, rank, world)
+    model, call, opt, (index, count) = _build(mode, rank, world, **(STAGES if action == "stages" else {}))
     first, steps = 0, STEPS
     if action == "load":
         load(model, opt, f"{out}/{source}.dcp")
@@ -125,10 +126,10 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
     two = [m for m in MODES if m not in ("single", "tp_fsdp")]
     runs = {1: spawn(_worker, 1, out, ["save-single", "given-single", "given-single_ep"])}
-    runs[2] = spawn(_worker, 2, out, ["train-tp", *[f"save-{m}" for m in two],
+    runs[2] = spawn(_worker, 2, out, ["train-tp", "stages-tp", *[f"save-{m}" for m in two],
                                       *[f"load-{m}:{s}" for m in two for s in ["single", *two] if s != m]])  # fmt: skip
-    four = ["train-tp", "train-tp_fsdp", *[f"load-tp_fsdp:{s}" for s in ["single", *two]], "save-tp_fsdp",
-            *[f"load-{m}:tp_fsdp" for m in ("ddp", "fsdp", "tp")]]  # fmt: skip
+    four = ["train-tp", "train-tp_fsdp", "stages-tp_fsdp", *[f"load-tp_fsdp:{s}" for s in ["single", *two]],
+            "save-tp_fsdp", *[f"load-{m}:tp_fsdp" for m in ("ddp", "fsdp", "tp")]]  # fmt: skip
     runs[4] = spawn(_worker, 4, out, [*four, "train-ep_tp", *[f"given-{m}" for m in MODES[1:]], "given-ep_tp"])
     runs[1].update(spawn(_worker, 1, out, [f"load-single:{s}" for s in MODES if s != "single"]))
     return runs
@@ -154,6 +155,15 @@ def test_tensor_parallel_muon_equals_single_process(world, mode, runs, reference
     placements, local_shape = results[0]["fc2_buffer"]  # fc2 is row-wise: its weight (10 x 22) split on dim 1
     assert Shard(1) in placements and local_shape[1] < 22  # the momentum is sharded like the weight
     assert results[0]["bytes"] > 0  # whole matrices were assembled on their owners
+
+
+@pytest.mark.parametrize(("world", "mode"), [(2, "tp"), (4, "tp_fsdp")])
+def test_built_in_stages_under_tensor_parallel_equal_single_process(world, mode, runs):
+    """Row normalisation before NS, NorMuon's row state after it and cautious decay, on TP and TP + FSDP2: as one
+    process with the same options, which differs from plain Muon's result."""
+    alone = single_run(Net, lambda m: net_optimizer(m, **STAGES), STEPS)
+    _assert_close(runs[world][f"stages-{mode}"], alone)
+    assert not torch.allclose(alone["fc.weight"], single_run(Net, net_optimizer, STEPS)["fc.weight"], atol=1e-3)
 
 
 def test_expert_parallel_stacks_with_tensor_parallel_experts_equal_single_process(runs):
