@@ -87,6 +87,16 @@ def load_checkpoint(model, opt, path):
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def checkpoint_steps(model, opt, out, action, source):
+    """The steps ``range`` a checkpoint task takes: ``"load"`` reads ``SOURCE.dcp`` (written after 2 steps, by
+    ``save_checkpoint`` in any layout) into ``model`` and ``opt``, then steps 2 to ``STEPS``; ``"save"`` steps 0 and 1
+    (its caller saves after); any other action every step."""
+    if action == "load":
+        load_checkpoint(model, opt, f"{out}/{source}.dcp")
+        return range(2, STEPS)
+    return range(2 if action == "save" else STEPS)
+
+
 def save_checkpoint(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

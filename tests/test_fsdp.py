@@ -18,13 +18,13 @@ from dist_helpers import (
     ExpertNet,
     Net,
     batch,
+    checkpoint_steps,
     full_state,
     loss,
     net_optimizer,
     single_run,
     spawn,
 )
-from dist_helpers import load_checkpoint as load
 from dist_helpers import save_checkpoint as save
 from muonkit.distributed import shard_rows
 
@@ -56,15 +56,10 @@ def _worker(rank, world, out, task):
     )
     task = task.removeprefix("normuon-") if task != "normuon" else task
     opt = net_optimizer(model, **kw)
-    first, steps = 0, STEPS
-    if task == "resume":
-        load(model, opt, f"{out}/{source}.dcp")
-        first = 2
-    if task == "save":
-        steps = 2
+    steps = checkpoint_steps(model, opt, out, "load" if task == "resume" else task, source)
     result = {}
     try:
-        for t in range(first, steps):
+        for t in steps:
             x, y = batch(t)
             per = BATCH // world
             opt.zero_grad()

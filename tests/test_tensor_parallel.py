@@ -12,8 +12,20 @@ import torch
 from torch import nn
 
 import muonkit
-from dist_helpers import BATCH, STAGES, STEPS, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
-from dist_helpers import load_checkpoint as load
+from dist_helpers import (
+    BATCH,
+    STAGES,
+    STEPS,
+    ExpertNet,
+    Net,
+    batch,
+    checkpoint_steps,
+    full_state,
+    loss,
+    net_optimizer,
+    single_run,
+    spawn,
+)
 from dist_helpers import save_checkpoint as save
 from muonkit.optim.shards import Layout, _check_tiling, row_blocks
 
@@ -93,13 +105,7 @@ def _worker(rank, world, out, task):
     kind, _, source = task.partition(":")
     action, mode = kind.split("-", 1)
     model, call, opt, (index, count) = _build(mode, rank, world, **(STAGES if action == "stages" else {}))
-    first, steps = 0, STEPS
-    if action == "load":
-        load(model, opt, f"{out}/{source}.dcp")
-        first = 2
-    if action == "save":
-        steps = 2
-    for t in range(first, steps):
+    for t in checkpoint_steps(model, opt, out, action, source):
         x, y = batch(t)
         per = BATCH // count
         opt.zero_grad()
