@@ -9,22 +9,9 @@ single-process run, that a NaN on one rank stops every rank, and that a checkpoi
 import pytest
 import torch
 
+import dist_helpers
 import muonkit
-from dist_helpers import (
-    BATCH,
-    STAGES,
-    STEPS,
-    D,
-    ExpertNet,
-    Net,
-    batch,
-    checkpoint_steps,
-    full_state,
-    loss,
-    net_optimizer,
-    single_run,
-    spawn,
-)
+from dist_helpers import BATCH, STEPS, D, ExpertNet, Net, batch, full_state, loss, net_optimizer, single_run, spawn
 from dist_helpers import save_checkpoint as save
 from muonkit.distributed import shard_rows
 
@@ -51,12 +38,12 @@ def _worker(rank, world, out, task):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     normuon = task.startswith("normuon")  # also normuon-save and normuon-resume (its state through DCP)
-    kw = {"bf16": {"comm_dtype": torch.bfloat16}, "stages": STAGES}.get(
+    kw = {"bf16": {"comm_dtype": torch.bfloat16}, "stages": dist_helpers.STAGES}.get(
         task, {"postscale": "normuon"} if normuon else {}
     )
     task = task.removeprefix("normuon-") if task != "normuon" else task
     opt = net_optimizer(model, **kw)
-    steps = checkpoint_steps(model, opt, out, "load" if task == "resume" else task, source)
+    steps = dist_helpers.checkpoint_steps(model, opt, out, "load" if task == "resume" else task, source)
     result = {}
     try:
         for t in steps:
@@ -167,7 +154,7 @@ def test_fsdp2_runs_a_stage_with_row_state_as_one_process_does(world, runs):
 
 def test_fsdp2_runs_the_built_in_stages_as_one_process_does(runs):
     """Row normalisation before NS, NorMuon after it and cautious decay at once, on FSDP2 at 2 ranks."""
-    _assert_close(runs[2]["stages"], single_run(Net, lambda m: net_optimizer(m, **STAGES)), atol=1e-6)
+    _assert_close(runs[2]["stages"], single_run(Net, lambda m: net_optimizer(m, **dist_helpers.STAGES)), atol=1e-6)
 
 
 def test_an_expert_stack_is_orthogonalized_per_expert():
