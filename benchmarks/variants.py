@@ -24,7 +24,8 @@ from muonkit.train import SIZES, LMTask, builtin_corpus, run_comparison, run_key
 from muonkit.train.recipe import Recipe
 from muonkit.train.report import environment
 
-VARIANTS = ("muon", "muon_cwd", "normuon", "muon_aol", "adamw")
+VARIANTS = ("muon", "adamw", "muon_cwd", "muon_heads", "muon_heads_o", "normuon", "muon_aol", "muon_eq", "muon_cans",
+            "muon_mw")  # fmt: skip
 
 
 def at_wall(result: Any, seconds: float) -> float:

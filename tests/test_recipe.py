@@ -212,6 +212,28 @@ def test_momentum_warmup_raises_muons_momentum_and_leaves_adamw_alone():
     assert "Muon momentum from 0.85 over 4 steps" in r.describe(20, ["muon"])
 
 
+def test_muon_mw_warms_its_momentum_up_over_a_sixth_of_the_run_and_plain_muon_does_not():
+    """The optimizer ``muon_mw``: without a recipe-wide momentum warmup, its Muon groups' momentum rises from 0.85 over
+    the first sixth of the run (5 of 30 steps); plain Muon's stays; a recipe-wide warmup applies to both alike."""
+    r = Recipe()
+    assert (r.momentum_warmup_for("muon_mw", 30), r.momentum_warmup_for("muon", 30)) == (5, 0)
+    assert r.momentum_warmup_for("muon_mw", 2) == 1
+    assert Recipe(momentum_warmup=7).momentum_warmup_for("muon_mw", 30) == 7
+    momenta = {}
+    for name in ("muon", "muon_mw"):
+        opt = make_optimizer(name, GPT(TINY), {name: 0.02, "adamw": 1e-3})
+        schedule = Schedule(opt, r, 30, name)
+        muon_group = next(g for g in opt.param_groups if g["algorithm"] == "muon")
+        momenta[name] = []
+        for step in (1, 3, 6, 30):
+            schedule.set(step)
+            momenta[name].append(muon_group["momentum"])
+    assert momenta["muon"] == [0.95] * 4
+    assert momenta["muon_mw"] == pytest.approx([0.85, 0.89, 0.95, 0.95])
+    assert "muon_mw momentum from 0.85 over 5 steps" in r.describe(30, ["muon", "muon_mw"])
+    assert "momentum" not in r.describe(30, ["muon", "adamw"])
+
+
 def test_the_schedule_fills_values_held_as_tensors_in_place():
     """A group holding lr and momentum as tensors (for a step under torch.compile) keeps the same tensor objects:
     the schedule writes into them."""

@@ -371,7 +371,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--optimizers",
         default=None,
         help="comma-separated: muon,adamw (default),sgd,muon_svd,torch_muon,muon_cwd,muon_heads,muon_heads_o,normuon,"
-        "muon_aol,muon_eq,muon_cans",
+        "muon_aol,muon_eq,muon_cans,muon_mw",
     )
     p.add_argument("--steps", type=_POSITIVE, default=None, help="training steps per optimizer (default 300)")
     p.add_argument("--tokens", type=_POSITIVE, default=None, metavar="N",

@@ -117,7 +117,7 @@ def train_one(
     else:
         wd = recipe.decay_for(name) if recipe is not None else 0.0
         opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm", weight_decay=wd)
-    schedule = Schedule(opt, recipe, steps) if recipe is not None else None  # peaks read before any loading
+    schedule = Schedule(opt, recipe, steps, name) if recipe is not None else None  # peaks read before any loading
     gen = torch.Generator().manual_seed(seed + 1)
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -19,7 +19,7 @@ from ..optim import Muon, param_groups
 __all__ = ["DEFAULT_LR", "OPTIMIZERS", "Combined", "make_optimizer", "resolve_lrs"]
 
 OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "muon_heads_o", "normuon",
-              "muon_aol", "muon_eq", "muon_cans")  # fmt: skip
+              "muon_aol", "muon_eq", "muon_cans", "muon_mw")  # fmt: skip
 
 # Peak learning rates, each the best of a sweep with benchmarks/lr_sweep.py (JSON with the hardware in
 # benchmarks/results/): same seed and batches as the demo, final validation loss after the given steps.
@@ -44,13 +44,14 @@ OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muo
 #             0.008: 0.0243, 0.032: 0.0248); muon in {0.0025 .. 0.08} with its AdamW part at 0.016 -> 0.005 (0.0390;
 #             0.02: 0.0395, 0.0025: 0.0951): single-seed sweeps had put each best on a different grid point. sgd
 #             (constant lr, one seed) in {0.03 .. 1.0} -> 0.1.
-# muon_svd, torch_muon, muon_cwd, muon_heads, muon_heads_o, normuon, muon_aol, muon_eq and muon_cans use Muon's lr
-# (the same update norm: exact polar factor; torch.optim.Muon's NS with the same shape scale; Muon with cautious decay;
-# Muon per attention head, for Q/K/V and also the output projection; NorMuon, which rescales its normalised update to
-# the NS output's norm; AOL pre-conditioning with 4 NS steps; MuonEq's row normalisation; CANS's Schatten-4
-# normalisation); sgd outside lm-small and digits is not swept and uses lm-small's value.
+# muon_svd, torch_muon, muon_cwd, muon_heads, muon_heads_o, normuon, muon_aol, muon_eq, muon_cans and muon_mw use
+# Muon's lr (the same update norm: exact polar factor; torch.optim.Muon's NS with the same shape scale; Muon with
+# cautious decay; Muon per attention head, for Q/K/V and also the output projection; NorMuon, which rescales its
+# normalised update to the NS output's norm; AOL pre-conditioning with 4 NS steps; MuonEq's row normalisation; CANS's
+# Schatten-4 normalisation; Muon whose momentum warms up, ``recipe.momentum_warmup_for``); sgd outside lm-small and
+# digits is not swept and uses lm-small's value.
 _MUONS = ("muon", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "muon_heads_o", "normuon", "muon_aol", "muon_eq",
-          "muon_cans")  # fmt: skip
+          "muon_cans", "muon_mw")  # fmt: skip
 _SMALL = {**dict.fromkeys(_MUONS, 0.04), "adamw": 2e-3, "sgd": 0.01}
 _GPU = {**dict.fromkeys(_MUONS, 0.02), "sgd": 0.01}
 DEFAULT_LR: dict[str, dict[str, float]] = {

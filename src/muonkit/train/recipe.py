@@ -21,9 +21,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_WEIGHT_DECAY", "SCHEDULES", "Recipe"]
+__all__ = ["DEFAULT_WEIGHT_DECAY", "MOMENTUM_WARMUP_FRACTION", "SCHEDULES", "Recipe"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
+# ``muon_mw`` (Muon with momentum warmup) warms its momentum up over this fraction of the run where the recipe sets no
+# momentum warmup of its own: the modded-nanogpt speedrun raises Muon's momentum from 0.85 to 0.95 over its first 300
+# steps, about a sixth of its run
+MOMENTUM_WARMUP_FRACTION = 1 / 6
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "muon": 0.01,
     "muon_svd": 0.01,
@@ -34,6 +38,7 @@ DEFAULT_WEIGHT_DECAY: dict[str, float] = {
     "muon_aol": 0.01,
     "muon_eq": 0.01,
     "muon_cans": 0.01,
+    "muon_mw": 0.01,
     "torch_muon": 0.01,
     "adamw": 0.1,
     "sgd": 0.0,
@@ -53,7 +58,8 @@ class Recipe:
     ``weight_decay``: per optimizer name (missing names: ``DEFAULT_WEIGHT_DECAY``). ``clip``: the largest gradient
     norm (``torch.nn.utils.clip_grad_norm_`` over all parameters), ``None`` for none. ``momentum_warmup``: steps
     over which the momentum of muonkit's Muon groups rises linearly from ``momentum_start`` to the group's own
-    (0: none; the momentum is read every step, so this needs no new CUDA-graph capture)."""
+    (0: none, except for the optimizer ``muon_mw``: ``momentum_warmup_for``; the momentum is read every step, so
+    this needs no new CUDA-graph capture)."""
 
     schedule: str = "cosine"
     warmup: int | None = None
@@ -115,18 +121,25 @@ class Recipe:
         }[self.schedule]
         wd = ", ".join(f"{n} {self.decay_for(n):g}" for n in names)
         clip = f"clip {self.clip:g}" if self.clip is not None else "no clipping"
-        momentum = (
-            f"; Muon momentum from {self.momentum_start:g} over {self.momentum_warmup} steps"
-            if self.momentum_warmup
-            else ""
-        )
+        who = "Muon" if self.momentum_warmup else "muon_mw" if "muon_mw" in names else None
+        warm_momentum = self.momentum_warmup_for("muon_mw", steps)
+        momentum = f"; {who} momentum from {self.momentum_start:g} over {warm_momentum} steps" if who else ""
         return f"lr: {shape}; weight decay: {wd}; {clip}{momentum}"
 
-    def momentum(self, step: int, peak: float) -> float:
-        """The momentum of a Muon group at step ``step`` (1, 2, ...), rising linearly to ``peak``."""
-        if not self.momentum_warmup or step > self.momentum_warmup:
+    def momentum_warmup_for(self, name: str | None, steps: int) -> int:
+        """Steps of momentum warmup in a run of optimizer ``name`` of ``steps`` steps: ``momentum_warmup``, or where
+        that is 0, for ``muon_mw`` the first ``MOMENTUM_WARMUP_FRACTION`` of the run (at least one step)."""
+        if self.momentum_warmup or name != "muon_mw":
+            return self.momentum_warmup
+        return max(1, round(MOMENTUM_WARMUP_FRACTION * steps))
+
+    def momentum(self, step: int, peak: float, warmup: int | None = None) -> float:
+        """The momentum of a Muon group at step ``step`` (1, 2, ...), rising linearly to ``peak`` over ``warmup``
+        steps (``None``: ``momentum_warmup``)."""
+        warmup = self.momentum_warmup if warmup is None else warmup
+        if not warmup or step > warmup:
             return peak
-        return self.momentum_start + (peak - self.momentum_start) * (step - 1) / self.momentum_warmup
+        return self.momentum_start + (peak - self.momentum_start) * (step - 1) / warmup
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,11 +152,13 @@ class Recipe:
 class Schedule:
     """Sets the learning rate of every parameter group of ``opt`` for each step: its peak (the lr the group had
     when this was made) times ``recipe.lr_factor``; and, with ``recipe.momentum_warmup``, the momentum of
-    muonkit's Muon groups (``recipe.momentum``). A value the group holds as a tensor is filled in place (what a
-    step compiled with ``torch.compile`` needs to see a new value without recompiling)."""
+    muonkit's Muon groups (``recipe.momentum``; ``name``, the optimizer's, for ``recipe.momentum_warmup_for``). A
+    value the group holds as a tensor is filled in place (what a step compiled with ``torch.compile`` needs to see a
+    new value without recompiling)."""
 
-    def __init__(self, opt: torch.optim.Optimizer, recipe: Recipe, steps: int) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, recipe: Recipe, steps: int, name: str | None = None) -> None:
         self.opt, self.recipe, self.steps = opt, recipe, steps
+        self.momentum_warmup = recipe.momentum_warmup_for(name, steps)
         self.peaks = [float(g["lr"]) for g in opt.param_groups]
         self.momenta = [float(g["momentum"]) if g.get("algorithm") == "muon" else None for g in opt.param_groups]
 
@@ -151,8 +166,8 @@ class Schedule:
         factor = self.recipe.lr_factor(step, self.steps)
         for group, peak, momentum in zip(self.opt.param_groups, self.peaks, self.momenta):
             assign(group, "lr", peak * factor)
-            if momentum is not None and self.recipe.momentum_warmup:
-                assign(group, "momentum", self.recipe.momentum(step, momentum))
+            if momentum is not None and self.momentum_warmup:
+                assign(group, "momentum", self.recipe.momentum(step, momentum, self.momentum_warmup))
 
 
 def assign(group: dict[str, Any], key: str, value: float) -> None:
