@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from _common import competitors, environment, write_json
 from _trace import step_windows, summarise
-from torch.profiler import record_function
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import muonkit
 from muonkit.accel import cuda_graphs, fused, guards, kernels
@@ -203,8 +203,6 @@ def paired(name: str, args: argparse.Namespace, device: torch.device) -> dict[st
 def profiled(name: str, args: argparse.Namespace, device: torch.device, trace_path: str) -> dict[str, Any]:
     """``--warmup`` iterations, then ``--steps`` under torch.profiler; each optimizer step taken apart (``_trace``)
     from the range ``STEP_RANGE`` around it. The profiler's own cost inflates host times alike for all."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda_graphs.cache.clear()
     trainer = Trainer(name, args, device)
     for _ in range(args.warmup):
