@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import muonkit
 from muonkit.accel import cuda_graphs, fused, guards, kernels
 from muonkit.train.model import GPT, SIZES
-from muonkit.train.optimizers import Combined
+from muonkit.train.optimizers import Combined, hidden_matrices
 
 # name -> (Muon keyword arguments, setting applied while the variant runs and undone after)
 VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
@@ -78,9 +78,7 @@ def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: 
     if name == "AdamW (fused)":
         return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=cuda)
     if name in BASELINES:  # another Muon on the matrices muonkit would give Muon, fused AdamW on the rest
-        matrices, rest = [], []
-        for group in muonkit.param_groups(model):
-            (matrices if group.get("algorithm", "muon") == "muon" else rest).extend(group["params"])
+        matrices, rest = hidden_matrices(model)
         if name.startswith("torch.optim.Muon"):
             muon: torch.optim.Optimizer = torch.optim.Muon(
                 matrices, lr=0.02, weight_decay=0.01, adjust_lr_fn="original"

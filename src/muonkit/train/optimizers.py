@@ -16,7 +16,7 @@ from torch import nn
 
 from ..optim import Muon, param_groups
 
-__all__ = ["DEFAULT_LR", "OPTIMIZERS", "Combined", "make_optimizer", "resolve_lrs"]
+__all__ = ["DEFAULT_LR", "OPTIMIZERS", "Combined", "hidden_matrices", "make_optimizer", "resolve_lrs"]
 
 OPTIMIZERS = ("muon", "adamw", "sgd", "muon_svd", "torch_muon", "muon_cwd", "muon_heads", "muon_heads_o", "normuon",
               "muon_aol", "muon_eq", "muon_cans", "muon_mw")  # fmt: skip
@@ -152,6 +152,17 @@ class Combined(torch.optim.Optimizer):
             o.load_state_dict(sd)
 
 
+def hidden_matrices(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(matrices, rest)``: the 2-D parameters ``param_groups`` gives Muon, and every other parameter (what another
+    Muon implementation, which takes plain matrices only, and the AdamW beside it get)."""
+    matrices: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    for group in param_groups(model):
+        for p in group["params"]:
+            (matrices if group.get("algorithm", "muon") == "muon" and p.ndim == 2 else rest).append(p)
+    return matrices, rest
+
+
 def _torch_muon(model: nn.Module, lr: float, adamw_lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """torch.optim.Muon (its defaults: Nesterov, momentum 0.95, NS5 in bf16, its "original" shape scale, no QKV
     split) on the 2-D matrices ``param_groups`` gives Muon, AdamW (betas 0.9, 0.95) on everything else, both with
@@ -159,11 +170,7 @@ def _torch_muon(model: nn.Module, lr: float, adamw_lr: float, weight_decay: floa
     AdamW."""
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"torch_muon needs torch.optim.Muon (torch >= 2.9); this torch is {torch.__version__}")
-    matrices: list[torch.Tensor] = []
-    rest: list[torch.Tensor] = []
-    for group in param_groups(model):
-        for p in group["params"]:
-            (matrices if group.get("algorithm", "muon") == "muon" and p.ndim == 2 else rest).append(p)
+    matrices, rest = hidden_matrices(model)
     muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay)
     adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     return Combined(muon, adamw)
