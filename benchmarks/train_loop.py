@@ -1,11 +1,16 @@
 """A real training loop, and what each piece of ``muonkit.accel`` buys in it.
 
 The demo's byte-level GPT (``--size large``: 12 layers, width 768, context 512) trains on random bytes with
-bf16 autocast, gradient clipping and ``zero_grad(set_to_none=True)``; the optimizer is what the README example
-builds: ``Muon(param_groups(model, split={"*.qkv.weight": 3}), lr=0.02, weight_decay=0.01, adamw_lr=3e-4)``
+bf16 autocast, gradient clipping, ``zero_grad(set_to_none=True)`` and an lr scheduler stepped every iteration
+(warmup, then cosine); the optimizer is what the README example builds:
+``Muon(param_groups(model, split={"*.qkv.weight": 3}), lr=0.02, weight_decay=0.01, adamw_lr=3e-4)``
 with default options. Each variant starts from the same weights and batches, runs ``--warmup`` iterations
 (the first step tunes and captures), then times ``--steps`` iterations with CUDA events: the whole iteration
-(forward, backward, clipping, step) and the optimizer step inside it, medians. Variants switch one piece off
+(forward, backward, clipping, step) and the optimizer step inside it, medians; the step's share of the
+iteration and its ratio to fused AdamW's step; the first iteration's extra seconds over a later one (fused
+AdamW runs first, unrecorded, so that the process's own start-up lands on no variant); the optimizer state, the
+most memory a step allocated beyond what was allocated before it, and the memory of muonkit's cached CUDA
+graphs. Variants switch one piece off
 (``accel=False`` all of them); the last column, "off costs", is variant / default - 1 for the whole iteration:
 what the piece buys in this loop. The baselines, each with its own standard recipe: fused AdamW on every parameter;
 torch.optim.Muon (its defaults, "original" shape scale, the fused QKV as one matrix) on the matrices that
@@ -26,7 +31,10 @@ the step (a step bound by its host shows there).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import math
+import os
 import statistics
 import tempfile
 import time
@@ -91,6 +99,21 @@ def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: 
     return muonkit.Muon(groups, lr=0.02, weight_decay=0.01, adamw_lr=3e-4, **kwargs)
 
 
+def _lr_factor(t: int, warmup: int = 20, total: int = 2000) -> float:
+    """Linear warmup over ``warmup`` iterations, then cosine decay to 0 at ``total``."""
+    if t < warmup:
+        return (t + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(t - warmup, total) / total))
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (every part's, for a combination of optimizers)."""
+    parts = getattr(opt, "optimizers", (opt,))
+    return sum(
+        t.nbytes for o in parts for state in o.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+    )
+
+
 class Trainer:
     """One variant's model, optimizer and batches, stepped one iteration at a time (with its setting applied
     during the iteration only, so that two trainers may alternate in one process)."""
@@ -108,9 +131,12 @@ class Trainer:
             self.build_s = time.perf_counter() - start
         finally:
             _setting(self.which, True)
+        # the lr changes every iteration, as in a real run: linear warmup, then cosine decay
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_factor)
         self.gen = torch.Generator(device=device).manual_seed(1)
         self.iters: list[float] = []
         self.steps: list[float] = []
+        self.peak_extra = 0  # the most memory a step allocated beyond what was allocated before it (CUDA)
         self.first_s = 0.0
         self.count = 0
         self.loss = float("nan")
@@ -135,9 +161,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             if events:
                 events[1].record()
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             with record_function(STEP_RANGE):
                 self.opt.step()
+            self.sched.step()
             if events:
+                self.peak_extra = max(self.peak_extra, torch.cuda.max_memory_allocated(device) - before)
                 events[2].record()
                 events[2].synchronize()
                 iter_ms, step_ms = events[0].elapsed_time(events[2]), events[1].elapsed_time(events[2])
@@ -155,12 +185,18 @@ class Trainer:
         return iter_ms, step_ms
 
     def row(self) -> dict[str, Any]:
+        iteration, step = statistics.median(self.iters), statistics.median(self.steps)
         return {
             "variant": self.name,
-            "ms_per_iteration": statistics.median(self.iters),
-            "ms_per_optimizer_step": statistics.median(self.steps),
+            "ms_per_iteration": iteration,
+            "ms_per_optimizer_step": step,
+            "step_share": step / iteration,
             "build_s": self.build_s,
             "first_iteration_s": self.first_s,
+            "later_iteration_s": iteration / 1e3,
+            "state_mb": _state_bytes(self.opt) / 2**20,
+            "step_peak_extra_mb": self.peak_extra / 2**20,
+            "graphs_mb": cuda_graphs.cache.nbytes / 2**20,
             "final_loss": self.loss,
         }
 
@@ -172,6 +208,14 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, 
     for _ in range(args.warmup + args.steps):
         trainer.iteration()
     return trainer.row()
+
+
+def warm_process(args: argparse.Namespace, device: torch.device) -> None:
+    """Fused AdamW for ``--warmup`` iterations, unrecorded: the process's one-time costs (CUDA context, the
+    model's forward and backward kernels, autocast) then land on no variant's first iteration."""
+    trainer = Trainer("AdamW (fused)", args, device)
+    for _ in range(max(1, args.warmup)):
+        trainer.iteration()
 
 
 def paired(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -212,6 +256,10 @@ def profiled(name: str, args: argparse.Namespace, device: torch.device, trace_pa
     prof.export_chrome_trace(trace_path)
     with open(trace_path) as f:
         trace = json.load(f)
+    if args.trace_dir:
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        with gzip.open(os.path.join(args.trace_dir, f"trace_{slug}.json.gz"), "wt") as f:
+            json.dump(trace, f)
     windows = step_windows(trace, STEP_RANGE)
     return {"variant": name, **summarise(windows), "per_step": windows}
 
@@ -225,6 +273,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant names, run in that order")
     ap.add_argument("--paired", action="store_true", help="each variant alternating with the defaults (see paired)")
     ap.add_argument("--profile", action="store_true", help="take each variant's optimizer step apart (see profiled)")
+    ap.add_argument("--trace-dir", default=None, help="with --profile: keep each variant's trace there (gzip)")
     ap.add_argument("--out", default="train_loop.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -262,9 +311,12 @@ def main() -> None:
             )
         write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
         return
+    warm_process(args, device)
     rows = [run(n, args, device) for n in names]
     base = next((r["ms_per_iteration"] for r in rows if r["variant"] == "muonkit (defaults)"), None)
-    print(f"{'variant':<38} {'ms/iter':>8} {'ms/step':>8} {'build s':>8} {'1st iter s':>10} {'off costs':>10}")
+    adamw = next((r["ms_per_optimizer_step"] for r in rows if r["variant"] == "AdamW (fused)"), None)
+    print(f"{'variant':<38} {'ms/iter':>8} {'ms/step':>8} {'share':>6} {'x AdamW':>8} {'build s':>8} "
+          f"{'1st +s':>7} {'state MB':>9} {'peak+ MB':>9} {'graph MB':>9} {'off costs':>10}")  # fmt: skip
     for r in rows:
         buys = (
             ""
@@ -272,9 +324,13 @@ def main() -> None:
             else f"{r['ms_per_iteration'] / base - 1:+.1%}"
         )
         r["piece_buys"] = None if not buys else r["ms_per_iteration"] / base - 1
+        r["step_vs_fused_adamw"] = None if adamw is None else r["ms_per_optimizer_step"] / adamw
+        r["first_iteration_extra_s"] = r["first_iteration_s"] - r["later_iteration_s"]
+        ratio = "" if adamw is None else f"{r['step_vs_fused_adamw']:.2f}"
         print(
-            f"{r['variant']:<38} {r['ms_per_iteration']:>8.2f} {r['ms_per_optimizer_step']:>8.2f} {r['build_s']:>8.2f} "
-            f"{r['first_iteration_s']:>10.2f} {buys:>10}"
+            f"{r['variant']:<38} {r['ms_per_iteration']:>8.2f} {r['ms_per_optimizer_step']:>8.2f} "
+            f"{r['step_share']:>6.1%} {ratio:>8} {r['build_s']:>8.2f} {r['first_iteration_extra_s']:>7.2f} "
+            f"{r['state_mb']:>9.0f} {r['step_peak_extra_mb']:>9.0f} {r['graphs_mb']:>9.0f} {buys:>10}"
         )
     write_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
 

@@ -296,6 +296,41 @@ def test_whole_batch_replays_follow_schedules_and_moved_gradients(method, ns_dty
 
 
 @cuda
+def test_whole_batch_graphs_replay_on_gradients_reallocated_every_step():
+    """A loop that frees its gradients every step (``zero_grad(set_to_none=True)``) gets them at new addresses;
+    the captured graphs read the gradients' addresses from device memory, so each batch is captured once and
+    replayed from then on (not run eagerly for want of a repeated address), and every step equals the eager
+    one to the bit."""
+    kernels.set_mode("triton")
+
+    def run(graphs):
+        cuda_graphs.set_cuda_graphs(graphs)
+        cuda_graphs.cache.clear()
+        cuda_graphs.replays.clear()
+        torch.manual_seed(0)
+        shapes = [(96, 32), (32, 96), (64, 64), (3 * 32, 32)]
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        opt = muonkit.Muon([dict(params=params[:3]), dict(params=params[3:], split=3)], lr=0.02, weight_decay=0.01)
+        held = []
+        for t in range(6):
+            opt.zero_grad(set_to_none=True)
+            for i, p in enumerate(params):
+                gen = torch.Generator("cuda").manual_seed(10 * t + i)
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            held.append([p.grad for p in params])  # kept alive: each step's gradients lie elsewhere
+            opt.step()
+        assert len({tuple(g.data_ptr() for g in gs) for gs in held}) == len(held)
+        captures = sum(cuda_graphs.replays._captures.values())
+        graphs = sum(isinstance(k, tuple) and k[0] == "replay" for k in cuda_graphs.cache._entries)
+        return [p.detach().clone() for p in params], captures, graphs
+
+    (eager, _, _), (graphed, captures, graphs) = run(False), run(True)
+    assert graphs > 0 and captures == graphs  # one capture per batch, never again
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+
+
+@cuda
 def test_whole_batch_graphs_share_one_memory_pool():
     """Two batches of the fused step captured one after the other: the second reuses the first's scratch memory
     (one pool per stream), so the graphs together hold about the larger batch's intermediates, not their sum;

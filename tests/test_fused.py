@@ -111,6 +111,42 @@ def test_momentum_normalise_matches_torch(launchers, g_dtype, b_dtype, ns_dtype,
     torch.testing.assert_close(norms, torch.full_like(norms, 1 / 1.01), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("ns_dtype,denom", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_gradient_addresses_from_a_device_table_give_the_same_step(launchers, ns_dtype, denom):
+    """``grad_table``: the kernels read each gradient's address from device memory (what lets a captured graph
+    follow gradients that a loop reallocates) and compute exactly what they compute with the addresses as
+    arguments, over two launches of slots, parts of a fused tensor, both NS-input passes (bf16 in place, float16
+    recomputed) and the divisors form; the table is checked."""
+    torch.manual_seed(5)
+    rows, cols = 24, 40
+    shapes = [(3 * rows, cols)] + [(rows, cols)] * 15
+    parts = [(0, 0), (0, rows), (0, 2 * rows)] + [(i, 0) for i in range(1, 16)]
+    grads = [torch.randn(s, device=DEVICE) for s in shapes]
+    start = [torch.randn(s, device=DEVICE) for s in shapes]
+    results = []
+    for table in (False, True):
+        bufs = [b.clone() for b in start]
+        g, b = _mats(grads, rows, cols, parts), _mats(bufs, rows, cols, parts)
+        out = torch.full((len(parts), rows, cols), float("nan"), device=DEVICE).to(ns_dtype)
+        d = torch.empty(len(parts), device=DEVICE) if denom else None
+        t = torch.tensor(g.addresses(), dtype=torch.int64, device=DEVICE) if table else None
+        fused.momentum_normalise(
+            g, b, out, momentum=0.9, nesterov=True, norm_scale=1.01, eps=1e-7, denom=d, grad_table=t
+        )  # fmt: skip
+        results.append((bufs, out, d))
+    (bufs0, out0, d0), (bufs1, out1, d1) = results
+    assert not out1.isnan().any()
+    assert torch.equal(out0, out1) and all(torch.equal(x, y) for x, y in zip(bufs0, bufs1))
+    if denom:
+        assert torch.equal(d0, d1)
+    g = _mats(grads, rows, cols, parts)
+    with pytest.raises(ValueError, match="grad_table"):
+        fused.momentum_normalise(
+            g, _mats(start, rows, cols, parts), out0, momentum=0.9, nesterov=True, norm_scale=1.0, eps=1e-7,
+            grad_table=torch.zeros(3, dtype=torch.int64, device=DEVICE),
+        )  # fmt: skip
+
+
 def test_zero_gradient_with_zero_eps_stays_zero(launchers):
     grads = [torch.zeros(8, 16, device=DEVICE)]
     bufs = [torch.zeros(8, 16, device=DEVICE)]

@@ -108,7 +108,7 @@ def test_the_fused_step_runs_each_precondition_stage_as_the_torch_path_does(
     pytest.importorskip("triton")
     import os
 
-    from muonkit.optim import functional, plans
+    from muonkit.optim import functional, plans, remembered
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("no CUDA and Triton's interpreter is off")
@@ -123,9 +123,9 @@ def test_the_fused_step_runs_each_precondition_stage_as_the_torch_path_does(
     results, ran = {}, []
     real = plans._StepPlan.run  # every fused step runs a plan
     monkeypatch.setattr(plans._StepPlan, "run", lambda self, *a: ran.append(1) or real(self, *a))
-    for fused_path in (False, True):
-        if fused_path:
-            monkeypatch.setattr(functional, "_fused_step_applies", lambda *a: True)
+    for fused_path in (False, True):  # on CUDA the fused path is the default: the torch path is asked for too
+        monkeypatch.setattr(functional, "_fused_step_applies", lambda *a, use=fused_path: use)
+        monkeypatch.setattr(remembered, "_REMEMBERED", [])  # no plan remembered from another test runs instead
         ps = [p.clone().to(device) for p in start]
         bufs = [torch.zeros_like(p) for p in ps]
         for step in grads:

@@ -35,6 +35,18 @@ def pick(s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
 
 
 @triton.jit
+def grad_address(s, row0, GT, G_TABLE: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+                 a15):  # fmt: skip
+    # the gradient of slot s: with G_TABLE from the int64 table GT in device memory (entry row0 + s), which the
+    # caller fills before each launch or graph replay, so that a captured graph follows gradients that move
+    if G_TABLE:
+        a = tl.load(GT + row0 + s).to(tl.uint64)
+    else:
+        a = pick(s, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+    return a
+
+
+@triton.jit
 def lerp(a, b, w):
     # torch.lerp's two forms (ATen's lerp), in float32
     return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
@@ -87,15 +99,17 @@ def load_gb(g_ptr, b_ptr, offs, mask, B_T: tl.constexpr):
 def momentum_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu, S, F,
+    P, row0, O, sob, sor, soc, R, C, tiles_c, T, w, mu, S, F, GT,
     NESTEROV: tl.constexpr, WRITE_U: tl.constexpr, FROM_S: tl.constexpr, CHECK: tl.constexpr, G_T: tl.constexpr,
-    B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    B_T: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, G_TABLE: tl.constexpr,
 ):  # fmt: skip
     if FROM_S:  # hyper-parameters read from device memory (a captured graph replays with new values)
         w = tl.load(S + 2)
         mu = tl.load(S + 3)
     s = tl.program_id(1)
-    g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
+    g_ptr = grad_address(s, row0, GT, G_TABLE, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(
+        tl.pointer_type(G_T)
+    )
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
     rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)
@@ -125,14 +139,16 @@ def norms_kernel(P, D, T, norm_scale, eps, BLOCK: tl.constexpr, ITERS: tl.conste
 def normalise_kernel(
     g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15,
     b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-    D, row0, O, sob, sor, soc, R, C, tiles_c, mu, S,
+    D, row0, O, sob, sor, soc, R, C, tiles_c, mu, S, GT,
     NESTEROV: tl.constexpr, FROM_S: tl.constexpr, G_T: tl.constexpr, B_T: tl.constexpr, BR: tl.constexpr,
-    BC: tl.constexpr,
+    BC: tl.constexpr, G_TABLE: tl.constexpr,
 ):  # fmt: skip
     if FROM_S:
         mu = tl.load(S + 3)
     s = tl.program_id(1)
-    g_ptr = pick(s, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(tl.pointer_type(G_T))
+    g_ptr = grad_address(s, row0, GT, G_TABLE, g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15).to(
+        tl.pointer_type(G_T)
+    )
     b_ptr = pick(s, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15).to(tl.pointer_type(B_T))
     rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
     g, b = load_gb(g_ptr, b_ptr, offs, mask, B_T)

@@ -139,6 +139,7 @@ def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:
 def momentum_normalise(
     grads: Matrices, bufs: Matrices, out: Tensor, *, momentum: float, nesterov: bool, norm_scale: float, eps: float,
     scalars: Tensor | None = None, denom: Tensor | None = None, found_inf: Tensor | None = None,
+    grad_table: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Advance the momentum buffers in place and write ``u_i / (norm_scale ||u_i||_F + eps)`` into ``out[i]``
     (``(b, rows, cols)``, any strides: a transposed view writes the NS orientation directly).
@@ -152,9 +153,16 @@ def momentum_normalise(
 
     ``found_inf`` (eager only): a float32 one-element CUDA tensor; where it holds a nonzero value when the kernel
     runs, the buffers are left as they were (``out`` is still written). What lets a step check its gradients for
-    NaN/Inf on the device, without a host sync: see ``muonkit.optim.nonfinite``."""
+    NaN/Inf on the device, without a host sync: see ``muonkit.optim.nonfinite``.
+
+    ``grad_table`` (eager only): an int64 CUDA tensor of ``len(grads)`` entries holding ``grads.addresses()``,
+    written by the caller; the kernels read the gradients' addresses from it instead of taking them as
+    arguments. A captured graph then reads whatever gradients the table names when it replays: a training loop
+    that frees its gradients every step (``zero_grad(set_to_none=True)``) gets new addresses each time."""
     if len(grads) == 0:
         return
+    if grad_table is not None and (grad_table.dtype != torch.int64 or grad_table.shape != (len(grads),)):
+        raise ValueError(f"grad_table needs int64, shape ({len(grads)},); got {grad_table.dtype}, {grad_table.shape}")
     if denom is not None and (out.dtype not in (torch.bfloat16, torch.float32) or denom.shape != (len(grads),)):
         raise ValueError(f"denom needs a bf16/float32 output and shape ({len(grads)},), got {out.dtype}, {denom.shape}")
     if torch.compiler.is_compiling():
@@ -163,7 +171,9 @@ def momentum_normalise(
             out, momentum, nesterov, norm_scale, eps,
         )  # fmt: skip
         return
-    _build().momentum_normalise(grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars, denom, found_inf)
+    _build().momentum_normalise(
+        grads, bufs, out, momentum, nesterov, norm_scale, eps, scalars, denom, found_inf, grad_table
+    )
 
 
 def scaled_update(
@@ -231,6 +241,7 @@ def _build() -> Any:
     def momentum_normalise(
         grads: Matrices, bufs: Matrices, out: Tensor, momentum: float, nesterov: bool, norm_scale: float, eps: float,
         scalars: Tensor | None = None, divisors: Tensor | None = None, found_inf: Tensor | None = None,
+        grad_table: Tensor | None = None,
     ) -> None:  # fmt: skip
         R, C = grads.rows, grads.cols
         b = len(grads)
@@ -238,16 +249,19 @@ def _build() -> Any:
         partial = torch.empty((b, T), dtype=torch.float64, device=out.device)
         denom = torch.empty((b,), dtype=torch.float32, device=out.device) if divisors is None else divisors
         types = dict(NESTEROV=nesterov, G_T=tl_dtype[grads.dtype], B_T=tl_dtype[bufs.dtype], BR=br, BC=bc,
-                     FROM_S=scalars is not None)  # fmt: skip
+                     FROM_S=scalars is not None, G_TABLE=grad_table is not None)  # fmt: skip
         s = denom if scalars is None else scalars  # any tensor when unused
         f = denom if found_inf is None else found_inf
-        launches = slots(grads.addresses(), bufs.addresses())
+        gt = denom if grad_table is None else grad_table
+        b_addresses = bufs.addresses()
+        # with a table the gradient arguments are unused: the buffers' addresses stand in (valid integers)
+        launches = slots(b_addresses if grad_table is not None else grads.addresses(), b_addresses)
         dense = out if out.is_contiguous() else out.mT  # the (b, R, C) or (b, C, R) block the NS products read
         in_place = (out.dtype == torch.bfloat16 and dense.is_contiguous()) or divisors is not None
         strides = (out.stride(0), out.stride(1), out.stride(2))
         for row0, n, args in launches:
             K.momentum_kernel[(T, n)](
-                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s, f,
+                *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s, f, gt,
                 WRITE_U=in_place, CHECK=found_inf is not None, **types,
             )  # fmt: skip
         K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
@@ -258,7 +272,7 @@ def _build() -> Any:
             K.scale_kernel[(triton.cdiv(R * C, block), b)](dense, denom, R * C, BLOCK=block, num_warps=4)
             return
         for row0, n, args in launches:
-            K.normalise_kernel[(T, n)](*args, denom, row0, out, *strides, R, C, tiles_c, momentum, s, **types)
+            K.normalise_kernel[(T, n)](*args, denom, row0, out, *strides, R, C, tiles_c, momentum, s, gt, **types)
 
     def scaled_update(
         params: Matrices, O: Tensor, scale: float, decay: float, update_dtype: torch.dtype,

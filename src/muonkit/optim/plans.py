@@ -73,6 +73,8 @@ class _Batch:
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
     restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
+    grad_table: Tensor | None = None  # the gradients' addresses on the device, read by its captured graph
+    grad_addresses: list[int] | None = None  # what ``grad_table`` holds now
 
 
 class _StepPlan:
@@ -162,17 +164,40 @@ class _StepPlan:
             flag = found_inf if found_inf is not None and found_inf.device == batch.device else None
             step = functools.partial(_run_batch, batch, calls, numbers, stats, flag)
             if not batch.slot or not graphable[batch.device]:
-                step(None)
+                step(None, None)
                 continue
-            addresses = []
+            table = _grad_table(batch, calls)
+            addresses = [table.data_ptr()]  # the gradients' own addresses are read from the table, not captured
             for run in batch.runs:  # read per batch, so that the first batch replays before the rest are read
-                for ts in calls[run.call][:3]:
-                    addresses += [ts[o].data_ptr() for o in run.distinct]
+                params, _, bufs, _ = calls[run.call]
+                addresses += [params[o].data_ptr() for o in run.distinct]
+                addresses += [bufs[o].data_ptr() for o in run.distinct]
             values = [v for scale, decay, mu in numbers for v in (scale, decay, 1 - mu, mu)]
             slot = batch.slot if flag is None else batch.checked_slot  # the flag's address is in the capture
             cuda_graphs.replays.run(
-                slot, tuple(addresses), values, step, batch.device, batch.estimate, replaces=batch.ns_graph
-            )
+                slot, tuple(addresses), values, functools.partial(step, table), batch.device, batch.estimate,
+                replaces=batch.ns_graph,
+            )  # fmt: skip
+
+
+def _grad_table(batch: _Batch, calls: Sequence[StepCall]) -> Tensor:
+    """The batch's gradient addresses in device memory (``fused.momentum_normalise``'s ``grad_table``), written
+    where they changed since the last step: its captured graph then replays on gradients that a loop allocated
+    anew (``zero_grad(set_to_none=True)`` lets them land elsewhere from one step to the next). The copy from
+    pageable host memory is staged by the driver: no host sync, ordered before the replay on the stream."""
+    addresses: list[int] = []
+    for run in batch.runs:
+        grads = calls[run.call][1]
+        base = {o: grads[o].data_ptr() for o in run.distinct}
+        size = grads[run.owners[0]].element_size()
+        addresses += [base[o] + k * size for o, k in zip(run.owners, run.offsets)]
+    table = batch.grad_table
+    if table is None:
+        table = batch.grad_table = torch.empty(batch.size, dtype=torch.int64, device=batch.device)
+    if addresses != batch.grad_addresses:
+        table.copy_(torch.tensor(addresses, dtype=torch.int64), non_blocking=True)
+        batch.grad_addresses = addresses
+    return table
 
 
 def _precondition(X: Tensor, divisors: Tensor | None, run: _Run) -> None:
@@ -214,10 +239,12 @@ class _Live(NamedTuple):
 
 
 def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[float, float, float]],
-               stats: list[dict | None], found_inf: Tensor | None, scalars: Tensor | None) -> None:  # fmt: skip
+               stats: list[dict | None], found_inf: Tensor | None, grad_table: Tensor | None,
+               scalars: Tensor | None) -> None:  # fmt: skip
     """The kernels of one merged batch: per run a momentum pass writing its slice of the NS input, the NS
     products, per run an update pass. ``scalars``: per run ``[scale, decay, 1 - momentum, momentum]`` on the
-    device (what a captured graph reads), or ``None`` for plain kernel arguments. ``found_inf``: see
+    device (what a captured graph reads), or ``None`` for plain kernel arguments. ``grad_table``: the batch's
+    gradient addresses on the device (``_grad_table``), or ``None`` for kernel arguments. ``found_inf``: see
     ``_StepPlan.run``."""
     live = []
     for j, run in enumerate(batch.runs):
@@ -236,6 +263,7 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
             fused.momentum_normalise(
                 r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
                 norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars, denom=part, found_inf=found_inf,
+                grad_table=None if grad_table is None else grad_table[r.run.first : r.run.first + len(r.run.owners)],
             )  # fmt: skip
             if r.run.precondition != "none":
                 _precondition(rows_of(X, r.run), part, r.run)
