@@ -100,7 +100,8 @@ def optimizers(
             params, method="gram", restarts=[2], nonfinite="ignore"
         ),
     }
-    # the step pipeline's shipped stages, one at a time (each takes the torch path: no fused CUDA form yet)
+    # the step pipeline's shipped stages, one at a time (the precondition stages run in the fused step; NorMuon and
+    # cautious decay take the torch path)
     for name, kw in STAGE_VARIANTS.items():
         opts[f"muonkit [{name}]"] = functools.partial(lambda kw: muonkit.Muon(groups(), nonfinite="ignore", **kw), kw)
     if device.type == "cuda":
