@@ -28,7 +28,9 @@ about 68 for the torch path. The kernels read each
 matrix through its own address (no stacked copy of the gradients): up to ``SLOTS`` addresses travel in one
 launch as plain integer arguments, so a launch is a fixed sequence of arguments that CUDA graphs capture and
 ``torch.compile`` calls as an opaque custom op (``torch.ops.muonkit.momentum_normalise`` /
-``muonkit.scaled_update``, torch >= 2.4); no address table has to be uploaded.
+``muonkit.scaled_update``, torch >= 2.4); no address table has to be uploaded. The exception is the gradients of a
+step replayed from a CUDA graph: a loop that frees its gradients every step gets them at new addresses, so there the
+momentum pass reads them from a small table in device memory that the step rewrites (``grad_table``).
 
 The arithmetic follows ``torch.lerp`` (small weight: ``a + w (b - a)``, else ``b - (b - a)(1 - w)``) and the
 torch path's casts, so results agree with it to rounding (the norm's float64 partial sums are grouped
