@@ -187,10 +187,7 @@ def _grad_table(batch: _Batch, calls: Sequence[StepCall]) -> Tensor:
     pageable host memory is staged by the driver: no host sync, ordered before the replay on the stream."""
     addresses: list[int] = []
     for run in batch.runs:
-        grads = calls[run.call][1]
-        base = {o: grads[o].data_ptr() for o in run.distinct}
-        size = grads[run.owners[0]].element_size()
-        addresses += [base[o] + k * size for o, k in zip(run.owners, run.offsets)]
+        addresses += fused.Matrices(calls[run.call][1], run.owners, run.offsets, run.rows, run.cols).addresses()
     table = batch.grad_table
     if table is None:
         table = batch.grad_table = torch.empty(batch.size, dtype=torch.int64, device=batch.device)
@@ -259,11 +256,12 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
 
     def fill(X: Tensor, d: Tensor | None = None) -> None:
         for r in live:
-            part = None if d is None else d[r.run.first : r.run.first + len(r.run.owners)]
+            mine = slice(r.run.first, r.run.first + len(r.run.owners))  # this run's entries of d and the table
+            part = None if d is None else d[mine]
             fused.momentum_normalise(
                 r.grads, r.bufs, rows_of(X, r.run), momentum=r.momentum, nesterov=r.run.nesterov,
                 norm_scale=r.run.norm_scale, eps=r.run.eps, scalars=r.scalars, denom=part, found_inf=found_inf,
-                grad_table=None if grad_table is None else grad_table[r.run.first : r.run.first + len(r.run.owners)],
+                grad_table=None if grad_table is None else grad_table[mine],
             )  # fmt: skip
             if r.run.precondition != "none":
                 _precondition(rows_of(X, r.run), part, r.run)
