@@ -614,6 +614,60 @@ def test_repeated_step_leaves_nonfinite_and_invalid_gradients_to_the_full_step(l
         opt.step()
 
 
+def _counted(calls, foreach_add, tensors, *args):
+    """``torch._foreach_add_`` that records the length of each call over step counts (0-d tensors)."""
+    if tensors[0].dim() == 0:
+        calls.append(len(tensors))
+    return foreach_add(tensors, *args)
+
+
+def test_repeated_steps_advance_the_adamw_step_counts_in_one_call(launchers, monkeypatch):
+    """A recorded repeat packs each AdamW group's step counts into one tensor (``stages.pack_counts``): repeated
+    steps advance them with one ``add_`` (no multi-tensor call over the counts), the values stay those of the
+    unpacked counts, and a state dict of packed counts saves, loads and steps on like any other."""
+    import io
+
+    import muonkit
+
+    _force_fused(monkeypatch, True)
+    foreach_add = torch._foreach_add_
+    results = []
+    for pack in (True, False):
+        if not pack:
+            monkeypatch.setattr(stages, "pack_counts", lambda states: None)
+            monkeypatch.setattr(muonkit.optim.repeat, "pack_counts", lambda states: None)
+        torch.manual_seed(2)
+        hidden = [torch.nn.Parameter(torch.randn(16, 24, device=DEVICE))]
+        other = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(16,), (10, 16), (3,)]]
+        opt = muonkit.Muon([dict(params=hidden), dict(params=other, algorithm="adamw")], ns_dtype=torch.float32)
+        calls: list[int] = []
+        monkeypatch.setattr(torch, "_foreach_add_", functools.partial(_counted, calls, foreach_add))
+        for _ in range(5):
+            for p in hidden + other:
+                p.grad = torch.randn(p.shape, device=DEVICE)
+            opt.step()
+        monkeypatch.setattr(torch, "_foreach_add_", foreach_add)
+        counts = opt._repeat.adamw[0][3]
+        assert (counts is not None) == pack
+        assert calls == ([3] if pack else [3] * 5)  # the first, full step only
+        assert [opt.state[p]["step"].item() for p in other] == [5.0] * 3
+        if pack:
+            assert stages.is_packed(counts, [opt.state[p]["step"] for p in other])
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            opt.load_state_dict(torch.load(buffer, weights_only=True))
+            assert not stages.is_packed(counts, [opt.state[p]["step"] for p in other])  # loaded: the general path
+        for k in range(3):
+            for p in hidden + other:
+                p.grad = torch.full(p.shape, 0.1 * (k + 1), device=DEVICE)
+            opt.step()
+        assert [opt.state[p]["step"].item() for p in other] == [8.0] * 3
+        results.append([p.detach().clone() for p in hidden + other])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_no_plan_is_remembered_without_tensor_guards(launchers, monkeypatch):
     """Where torch's tensor guards are missing, every step takes the full path (and still matches the torch path)."""
     import muonkit

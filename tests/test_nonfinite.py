@@ -4,6 +4,7 @@ step), with the same outcome: the bad step changes nothing, and is counted or ra
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -24,6 +25,61 @@ def test_device_check_flags_each_gradient_and_sets_the_flag():
     grads[3][1, 0] = float("nan")
     assert nonfinite.device_check(grads[3:], flag).tolist() == [False] and flag.item() == 1.0
     assert nonfinite.device_check([torch.empty(0)], flag).tolist() == [True] and flag.item() == 0.0
+
+
+def _scanner():
+    """``FiniteScan`` where its kernel runs: compiled on CUDA, else in Triton's interpreter on CPU tensors."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and Triton's interpreter is off")
+    from muonkit.accel.finite import FiniteScan
+
+    return FiniteScan, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_scan_finds_each_non_finite_entry_like_the_multi_tensor_check():
+    """``FiniteScan`` (one kernel per dtype over chunks, reading the gradients through an address table) against
+    ``device_check``: random NaN/Inf placed at chunk edges and inside, float32 / bf16 / float16 / float64 (1e300
+    is finite there), an empty and a channels-last gradient; per gradient the same answer, and the same flag."""
+    FiniteScan, device = _scanner()
+    g = torch.Generator().manual_seed(3)
+    shapes = [((100,), torch.float32), ((7, 9), torch.bfloat16), ((0,), torch.float32), ((300,), torch.float16),
+              ((5, 40), torch.float64), ((2, 3, 4, 5), torch.float32), ((64,), torch.float32)]  # fmt: skip
+    base = [torch.randn(s, generator=g, dtype=torch.float64).to(dt) for s, dt in shapes]
+    base[4] *= 1e300
+    base[5] = base[5].to(memory_format=torch.channels_last)
+    flag = torch.zeros(1, device=device)
+    grads = [t.to(device) for t in base]
+    scan = FiniteScan(grads, flag, chunk=64)
+    assert sorted(set(scan.owners)) == [0, 1, 3, 4, 5, 6]  # the empty gradient has no chunk
+    for trial in range(12):
+        grads = [t.clone().to(device) for t in base]  # new addresses every time: the table follows them
+        for i in torch.randperm(len(grads), generator=g)[: trial % 4].tolist():
+            flat = grads[i].view(-1) if grads[i].is_contiguous() else grads[i].permute(0, 2, 3, 1).reshape(-1)
+            if flat.numel():
+                at = [0, 63, 64, flat.numel() - 1, int(torch.randint(flat.numel(), (1,), generator=g))][trial % 5]
+                flat[min(at, flat.numel() - 1)] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+        ok = scan.run(grads).cpu()
+        got_flag = flag.item()
+        expected = nonfinite.device_check(grads, flag).cpu().tolist()
+        per_gradient = [True] * len(grads)
+        for owner, good in zip(scan.owners, ok.tolist()):
+            per_gradient[owner] &= bool(good)
+        assert per_gradient == expected, trial
+        assert got_flag == flag.item() == float(not all(expected))
+
+
+def test_the_scan_takes_only_dense_float_gradients():
+    FiniteScan, device = _scanner()
+    flag = torch.zeros(1, device=device)
+    assert not FiniteScan.applies([torch.zeros(4, 6, device=device)[:, :3]])  # not dense
+    assert not FiniteScan.applies([torch.zeros(3, dtype=torch.int64, device=device)])
+    assert not FiniteScan.applies([])
+    assert FiniteScan.applies([torch.zeros(3, 4, device=device).mT])
+    with pytest.raises(ValueError, match="dense float"):
+        FiniteScan([torch.zeros(3, dtype=torch.int32, device=device)], flag)
+    with pytest.raises(ValueError, match="power of two"):
+        FiniteScan([torch.zeros(3, device=device)], flag, chunk=100)
 
 
 def _adamw_tensors(seed=0):
@@ -92,6 +148,19 @@ def test_a_bad_step_found_on_the_device_raises_at_the_next_step_and_nothing_chan
     assert opt.state[params[1]]["step"].item() == 2.0 and opt.nonfinite_skips == 0
 
 
+def test_per_chunk_results_name_the_gradients_they_cover():
+    """A step checked by ``FiniteScan`` leaves per-chunk results: the error names the gradient of each bad chunk."""
+    opt, params = _opt("raise")
+    opt.step()
+    steps = [opt.state[params[1]]["step"]]
+    steps[0] += 1
+    chunks = torch.tensor([1, 1, 0, 1], dtype=torch.int8)  # gradient 0's two chunks, then gradient 1's two
+    opt._nonfinite_pending = nonfinite._Pending(chunks, None, [(0, 0), (1, 0)], steps, owners=[0, 0, 1, 1])
+    with pytest.raises(NonFiniteGradientError, match=r"1 parameter\(s\): 'b'"):
+        opt.step()
+    assert opt.state[params[1]]["step"].item() == 1.0  # put back
+
+
 def test_a_bad_step_found_on_the_device_is_counted_when_read_and_in_the_state_dict():
     opt, params = _opt("skip")
     opt.step()
@@ -140,6 +209,7 @@ def test_repeated_gpu_step_with_a_nan_changes_nothing_without_a_host_sync(policy
     for step in range(6):  # both take the same good steps; opt also gets a bad one in between
         if step == 4:
             assert opt._repeat is not None and opt._repeat.found_inf is not None  # the device-checked path
+            assert opt._repeat.scan is not None  # by the scan kernel, replayed from a graph
             _grads(params, 99, bad=True)
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")

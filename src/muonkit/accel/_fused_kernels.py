@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.float64: tl.float64}  # fmt: skip
 
 
 @triton.jit
@@ -187,3 +188,25 @@ def scale_kernel(X, D, N, BLOCK: tl.constexpr):
     ptr = X + i * N + offs
     x = tl.load(ptr, mask=offs < N).to(tl.float32) / tl.load(D + i)
     tl.store(ptr, x.to(X.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def finite_kernel(TABLE, OWNER, START, NUMEL, OK, F, X_T: tl.constexpr, CMP_T: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    # chunk c of the tensors named by TABLE (int64 addresses): CHUNK entries of tensor OWNER[c] from entry START[c]
+    # on; OK[c] <- 1 if all are finite, else 0 and the float32 flag F <- 1 (F is zeroed before the launch). CMP_T:
+    # float32 for 16-bit and float32 tensors (exact: every finite value stays finite), float64 for float64 ones
+    c = tl.program_id(0)
+    t = tl.load(OWNER + c)
+    start = tl.load(START + c)
+    numel = tl.load(NUMEL + t)
+    x_ptr = tl.load(TABLE + t).to(tl.uint64).to(tl.pointer_type(X_T))
+    bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(CMP_T)
+        bad = tl.maximum(bad, tl.where(tl.abs(x) < float("inf"), 0, 1))  # NaN compares false too
+    found = tl.max(bad, axis=0)
+    tl.store(OK + c, (1 - found).to(tl.int8))
+    one = tl.arange(0, 1)
+    tl.store(F + one, tl.full((1,), 1.0, tl.float32), mask=(one + found) > 0)  # a vector mask (see ``kept``)

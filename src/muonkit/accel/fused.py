@@ -291,13 +291,22 @@ def _build() -> Any:
                 *args, row0, O, O.stride(0), O.stride(1), O.stride(2), R, C, tiles_c, scale, decay, s, f, **types
             )
 
+    def finite(table: Tensor, owner: Tensor, start: Tensor, numel: Tensor, ok: Tensor, flag: Tensor,
+               dtype: torch.dtype, chunk: int, block: int) -> None:  # fmt: skip
+        """``accel.finite.FiniteScan``'s kernel over the chunks of one dtype's tensors (``finite_kernel``)."""
+        cmp = tl_dtype[torch.float64 if dtype == torch.float64 else torch.float32]
+        K.finite_kernel[(owner.numel(),)](
+            table, owner, start, numel, ok, flag, X_T=tl_dtype[dtype], CMP_T=cmp, CHUNK=chunk, BLOCK=block
+        )
+
     _register()
-    return _Launchers(momentum_normalise, scaled_update)
+    return _Launchers(momentum_normalise, scaled_update, finite)
 
 
 class _Launchers(NamedTuple):
     momentum_normalise: Any
     scaled_update: Any
+    finite: Any
 
 
 def _register() -> None:

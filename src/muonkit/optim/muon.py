@@ -370,10 +370,12 @@ class Muon(Optimizer):
         return self._sharded_bytes[0] + int(getattr(self.executor, "bytes_communicated", 0))
 
     def _adamw_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], found_inf: Tensor | None = None
-    ) -> None:
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], found_inf: Tensor | None = None,
+        counts: Tensor | None = None,
+    ) -> None:  # fmt: skip
         """One AdamW step of ``group``; on CUDA with acceleration on, torch's fused AdamW kernel, which leaves
-        everything as it was where ``found_inf`` holds a nonzero value (``stages.adamw_step``)."""
+        everything as it was where ``found_inf`` holds a nonzero value (``stages.adamw_step``). ``counts``: the
+        parameters' step counts packed into one tensor (``stages.pack_counts``), if they were."""
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
@@ -398,6 +400,7 @@ class Muon(Optimizer):
             eps=group["eps"],
             fused=fused.fused_enabled() and fused_adamw_applies(params, grads),
             found_inf=found_inf,
+            counts=counts,
         )
 
     def stats(self) -> dict[str, float]:

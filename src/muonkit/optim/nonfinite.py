@@ -89,23 +89,26 @@ def device_check(grads: list[Tensor], flag: Tensor) -> Tensor:
 class _Pending(NamedTuple):
     """A step checked on the device, not yet read on the host."""
 
-    finite: Tensor  # per gradient, in (pinned) host memory once ``event`` has passed
+    finite: Tensor  # per gradient (or per chunk of ``owners``), in (pinned) host memory once ``event`` has passed
     event: Any  # torch.cuda.Event recorded after the copy (None: the copy was synchronous)
     names: list[tuple[int, int]]  # per gradient: (group index, parameter index), for the error's names
     steps: list[Tensor]  # the AdamW step counters the step advanced on the host (put back if it changed nothing)
+    owners: list[int] | None = None  # per entry of ``finite``, its gradient (``FiniteScan.owners``); None: itself
 
 
-def defer(opt: Muon, finite: Tensor, names: list[tuple[int, int]], steps: list[Tensor]) -> None:
-    """Start reading ``finite`` (``device_check``'s result) to the host without waiting; ``settle`` reads it."""
+def defer(opt: Muon, finite: Tensor, names: list[tuple[int, int]], steps: list[Tensor],
+          owners: list[int] | None = None) -> None:  # fmt: skip
+    """Start reading ``finite`` (``device_check``'s result, or ``FiniteScan.run``'s with its ``owners``) to the
+    host without waiting; ``settle`` reads it."""
     host = opt._finite_host
-    if host is None or host.numel() != finite.numel():
-        host = opt._finite_host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=finite.is_cuda)
+    if host is None or host.shape != finite.shape or host.dtype != finite.dtype:
+        host = opt._finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=finite.is_cuda)
     host.copy_(finite, non_blocking=True)
     event = None
     if finite.is_cuda:
         event = torch.cuda.Event()
         event.record()
-    opt._nonfinite_pending = _Pending(host, event, names, steps)
+    opt._nonfinite_pending = _Pending(host, event, names, steps, owners)
 
 
 def settle(opt: Muon) -> None:
@@ -126,11 +129,12 @@ def settle(opt: Muon) -> None:
     if opt.nonfinite == "skip":
         opt._nonfinite_skips += 1
         return
-    bad = [
-        opt._param_name(opt.param_groups[gi], gi, i)
-        for ok, (gi, i) in zip(pending.finite.tolist(), pending.names)
-        if not ok
-    ]
+    finite = pending.finite.tolist()
+    if pending.owners is not None:  # per chunk: a gradient is finite where all its chunks are
+        finite = [True] * len(pending.names)
+        for owner, ok in zip(pending.owners, pending.finite.tolist()):
+            finite[owner] = finite[owner] and bool(ok)
+    bad = [opt._param_name(opt.param_groups[gi], gi, i) for ok, (gi, i) in zip(finite, pending.names) if not ok]
     what = (
         "The step that received them was skipped on the GPU (it changed no parameter or state); this error comes "
         "from the step() after it, before that step changed anything."

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from torch import Tensor
 
 from ..accel import guards as _guards
+from ..accel.finite import FiniteScan
 from ..coefficients import is_file_spec
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
@@ -22,6 +23,7 @@ from .options import REPEAT_KEY, SCHEDULED, as_numbers
 from .plans import _decays, _streams
 from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
+from .stages import pack_counts
 
 if TYPE_CHECKING:
     from .muon import Muon
@@ -49,13 +51,15 @@ class Repeat(NamedTuple):
     flat: list[Tensor]  # the Muon groups' parameters, then the AdamW groups'
     muon: int  # how many of ``flat`` are Muon parameters
     calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
-    adamw: list[tuple[int, int, int]]  # per AdamW group: start, end in flat, group index
+    adamw: list[tuple[int, int, int, Tensor | None]]  # per AdamW group: start, end in flat, group index, and its
+    # step counts packed into one tensor (``stages.pack_counts``; None where they could not be)
     guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``plans._Remembered``'s own
     # guard covers the same Muon tensors; the AdamW gradients' dtypes and layouts were checked when gathered)
     bufs: list[Tensor]  # the momentum buffers then: while the state holds these very tensors, ``light`` suffices
     light: Any  # ``guard`` without the buffers (only this optimizer makes them; it never changes one's metadata)
     entry: _Remembered
     found_inf: Tensor | None  # where the gradients are checked on the device: the flag (``nonfinite.device_flag``)
+    scan: FiniteScan | None  # with it, where its kernel reads the gradients: the check (else ``device_check``)
     names: list[tuple[int, int]]  # per entry of ``flat``: (group index, index in the group), for errors
     steps: list[Tensor]  # the AdamW parameters' step counts (``nonfinite.defer``)
 
@@ -97,8 +101,8 @@ def repeatable(
             bufs += call_bufs
     n_muon = len(flat)
     spans = []
-    for gi, _, ps in adamw:
-        spans.append((len(flat), len(flat) + len(ps), gi))
+    for gi, _, ps in adamw:  # the step counts advance in one call from now on
+        spans.append((len(flat), len(flat) + len(ps), gi, pack_counts([opt.state[p] for p in ps])))
         flat += ps
         grads += gathered[gi][2]
     guard = _guards.tensor_guard([*flat[:n_muon], *grads, *bufs])
@@ -110,11 +114,13 @@ def repeatable(
     except KeyError:  # an option missing (a group dict edited by hand; load_state_dict fills later ones)
         return None
     names = [(gi, i) for _, _, gi, _, _ in calls for i in range(len(gathered[gi][1]))]
-    names += [(gi, i) for _, _, gi in spans for i in range(len(gathered[gi][1]))]
+    names += [(gi, i) for _, _, gi, _ in spans for i in range(len(gathered[gi][1]))]
     steps = [opt.state[p]["step"] for p in flat[n_muon:]]
+    flag = device_flag(opt, grads)
+    scan = FiniteScan(grads, flag) if flag is not None and FiniteScan.applies(grads) else None
     return Repeat(
         opt.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-        n_muon, calls, spans, guard, bufs, light, entry, device_flag(opt, grads), names, steps,
+        n_muon, calls, spans, guard, bufs, light, entry, flag, scan, names, steps,
     )  # fmt: skip
 
 
@@ -163,13 +169,17 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
     if not _same_environment(rec.entry, streams):
         return False
     flag = rec.found_inf if opt.nonfinite != "ignore" else None
-    if flag is not None:
-        finite = device_check(grads, flag)  # no host sync: the kernels read the flag
+    if flag is not None:  # no host sync: the kernels read the flag
+        if rec.scan is not None:  # one graph replay (the guard above checked the gradients' shapes and dtypes)
+            finite = rec.scan.run(grads, None if streams is None else streams.get(flag.device))
+        else:
+            finite = device_check(grads, flag)
     elif opt.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
         return False  # the full step raises or skips, and says which parameter
     rec.entry.plan.run(calls, streams, flag)
-    for start, end, gi in rec.adamw:
-        opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end], flag)
+    for start, end, gi, counts in rec.adamw:
+        opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end], flag, counts)
     if flag is not None:
-        defer(opt, finite, rec.names, rec.steps)  # read when the next step starts (``nonfinite.settle``)
+        owners = None if rec.scan is None else rec.scan.owners
+        defer(opt, finite, rec.names, rec.steps, owners)  # read when the next step starts (``nonfinite.settle``)
     return True

@@ -45,11 +45,13 @@ __all__ = [
     "adamw_step",
     "all_finite",
     "finite_on_device",
+    "is_packed",
     "lr_scale",
     "momentum_update",
     "ns_batches",
     "ns_flops",
     "ns_jobs",
+    "pack_counts",
     "run_all",
 ]
 
@@ -309,20 +311,26 @@ def adamw_step(
     weight_decay: float,
     fused: bool = False,
     found_inf: Tensor | None = None,
+    counts: Tensor | None = None,
 ) -> None:
     """One AdamW step, in place; the same arithmetic as ``torch.optim.AdamW`` (decoupled weight decay): its foreach
     form, or with ``fused`` (tensors that ``fused_adamw_applies`` takes) its fused kernel, which changes nothing
     where ``found_inf`` (a float32 one-element tensor on their device) holds a nonzero value. The step counts
-    (one-element CPU tensors) advance either way."""
+    (one-element CPU tensors) advance either way: in one call where they are the entries of ``counts`` in order
+    (``pack_counts``), else in one multi-tensor call."""
     if not params:
         return
-    counts = list(state_steps)
-    torch._foreach_add_(counts, 1)  # one call (53 counts: 0.19 ms against 0.35 ms in a loop, 2-core AMD EPYC)
+    if counts is not None and is_packed(counts, state_steps):
+        counts.add_(1)  # 53 counts: 6 us against 0.19 ms for the multi-tensor call (2-core AMD EPYC)
+        values = counts.tolist()
+    else:
+        torch._foreach_add_(list(state_steps), 1)  # one call (53 counts: 0.19 ms against 0.35 ms in a loop)
+        values = [float(t) for t in state_steps]  # CPU steps: no device sync
     # Bias corrections depend on the step count, which can differ between parameters that did not
     # always receive gradients: handle each step count as one multi-tensor batch.
     by_step: dict[tuple[float, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(counts):  # the fused kernel takes one dtype per call
-        by_step[(float(t), params[i].dtype if fused else torch.float32)].append(i)  # CPU steps: no device sync
+    for i, step in enumerate(values):  # the fused kernel takes one dtype per call
+        by_step[(step, params[i].dtype if fused else torch.float32)].append(i)
     for (step, _), idx in by_step.items():
         p = [params[i] for i in idx]
         g = [grads[i] for i in idx]
@@ -345,6 +353,30 @@ def adamw_step(
         torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, -step_size)
+
+
+def pack_counts(states: Sequence[dict[str, Any]]) -> Tensor | None:
+    """Make the AdamW step counts of ``states`` (one-element CPU tensors of one dtype) the entries of one tensor,
+    in order, each state then holding a view of its entry (same values; a state dict saves and loads them as
+    before); that tensor, or ``None`` where they are not such counts. ``adamw_step(..., counts=)`` then advances
+    them in one call."""
+    steps = [state.get("step") for state in states]
+    if not steps or not all(isinstance(t, Tensor) and t.dim() == 0 and t.device.type == "cpu" for t in steps):
+        return None
+    if len({t.dtype for t in steps}) != 1:  # type: ignore[union-attr]
+        return None
+    counts = torch.stack(steps)  # type: ignore[arg-type]
+    for i, state in enumerate(states):
+        state["step"] = counts[i]
+    return counts
+
+
+def is_packed(counts: Tensor, steps: Sequence[Tensor]) -> bool:
+    """Whether ``steps`` are the entries of ``counts`` in order (``pack_counts``) still: a state replaced by
+    ``load_state_dict`` or by hand is not."""
+    if len(steps) != counts.numel():
+        return False
+    return all(t._base is counts and t.storage_offset() == i for i, t in enumerate(steps))
 
 
 def fused_adamw_applies(params: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
