@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "tensor guards off": ({}, "guards"),
     "plain NS everywhere": ({"method": "newton_schulz"}, None),  # the default ("auto") runs Gram NS on wide matrices
     "non-finite check off": ({"nonfinite": "ignore"}, None),  # the default checks on the GPU from the 2nd step on
+    "NS batches whole": ({"max_batch": 1 << 30}, None),  # the default cuts batches so the graph pool stays small
     "AdamW (fused)": ({}, None),
     "torch.optim.Muon + AdamW": ({}, None),
     "KellerJordan SingleDeviceMuon + AdamW": ({}, None),

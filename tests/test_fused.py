@@ -337,13 +337,20 @@ def test_gram_restarts_reach_the_fused_path(launchers, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("max_batch", [None, 3])
+@pytest.mark.parametrize("max_batch", [None, 3, "pool"])
 def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch, max_batch):
     """Muon groups with different hyper-parameters: on the fused path their same-shape matrices (either way round)
     share NS batches, a ``max_batch`` cut may fall inside a group's run, and every parameter, buffer and
-    statistic equals what the torch path gives group by group."""
+    statistic equals what the torch path gives group by group. ``"pool"``: no ``max_batch``, batches cut by the
+    graph-pool bound (``plans.batch_sizes``, its floor lowered to these small matrices): each within half of
+    the step's matrix entries, in (nearly) equal parts."""
     import muonkit
     from muonkit import newton_schulz
+
+    pool = max_batch == "pool"
+    if pool:
+        monkeypatch.setattr(plans, "POOL_MIN_ENTRIES", 0)
+        max_batch = None
 
     torch.manual_seed(3)
     shapes = [[(48, 16)], [(16, 48), (48, 16), (16, 16)], [(48, 16), (16, 16)]]  # group 0 split in three 16 x 16
@@ -383,8 +390,10 @@ def test_groups_share_ns_batches_and_match_the_torch_path(launchers, monkeypatch
                 adjust_lr=None, eps=1e-7, max_batch=max_batch)  # fmt: skip
     planned = tuning.merged_ns_batches([(s, {**base, **o}) for s, o in zip(shapes, options)], torch.float32)
     # 16 x 16: 3 QKV parts + 1 + 1; 16 x 48: 2 + 1 (48 x 16 ones transposed): two batches, or cut into threes
-    assert sorted(planned) == ([(3, 16, 48), (5, 16, 16)] if max_batch is None else [(2, 16, 16), (3, 16, 16),
-                                                                                      (3, 16, 48)])  # fmt: skip
+    # with the pool bound: 3 x 768 + 5 x 256 entries, half is 1792: 16 x 48 as 2 + 1, 16 x 16 whole
+    expected = {None: [(3, 16, 48), (5, 16, 16)], 3: [(2, 16, 16), (3, 16, 16), (3, 16, 48)],
+                "pool": [(1, 16, 48), (2, 16, 48), (5, 16, 16)]}  # fmt: skip
+    assert sorted(planned) == sorted(expected["pool" if pool else max_batch])
     assert sorted(batches) == sorted(planned * len(grads))  # what the fused steps ran
 
 

@@ -372,3 +372,29 @@ def test_gradients_flow_through_orthogonalize():
     G = torch.randn(2, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     assert torch.autograd.gradcheck(lambda G: orthogonalize(G, steps=3), (G,))
     assert torch.autograd.gradcheck(lambda G: orthogonalize(G, steps=3, method="gram"), (G,))
+
+
+def test_the_iterations_free_the_input_they_are_handed_once_spent(monkeypatch):
+    """``_iterate`` keeps no reference to the batch it is handed: where the caller keeps none either (the fused
+    step's ``orthogonalize_filled``), the input is freed after the first step, one batch-sized buffer less at the
+    iterations' peak; a caller that keeps its own reference keeps its input, unchanged."""
+    import weakref
+
+    from muonkit.newton_schulz import iteration
+
+    alive = []
+    real = iteration._poly_in_gram
+    spy = lambda A, higher: alive.append(ref() is not None) or real(A, higher)
+    monkeypatch.setattr(iteration, "_poly_in_gram", spy)
+    rows = [[3.4445, -4.775, 2.0315]] * 3
+    X = torch.randn(2, 8, 16) / 8
+    kept = X.clone()
+    ref = weakref.ref(X)
+    held = [X]
+    del X
+    out = iteration._iterate(held.pop(), rows, "newton_schulz", ())
+    assert alive == [True, False, False]
+    alive.clear()
+    ref = weakref.ref(kept)
+    again = iteration._iterate(kept, rows, "newton_schulz", ())
+    assert alive == [True, True, True] and torch.equal(out, again)

@@ -157,7 +157,7 @@ def build() -> tuple[Any, Any, bool]:
             return C
         y = Y if Y is not None else C  # unused when HAS_Y is False
 
-        def run(cfg: Config) -> None:
+        def run(cfg: Config, ahead: bool = False) -> None:
             bm, bk, warps, stages = cfg
             tiles = triton.cdiv(m, bm)
             args = (
@@ -175,10 +175,17 @@ def build() -> tuple[Any, Any, bool]:
             )  # fmt: skip
             if wrap is not None:  # traced: tile sizes, warps and stages travel inside a one-config kernel (_fixed)
                 wrap(_fixed(cfg))[grid](*args, **flags)
+            elif ahead:  # compiled (on kernels._compile_ahead's threads), not launched
+                sym_product_kernel.warmup(*args, grid=grid, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
             else:
                 sym_product_kernel[grid](*args, **flags, BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
-        run(kernels._tune(run, (bsz, m, k, Y is not None, X.dtype, upper_in, mirror, _gpu_name(X.device))))
+        key = (bsz, m, k, Y is not None, X.dtype, upper_in, mirror, _gpu_name(X.device))
+        if kernels.compiling_ahead():
+            for cfg in kernels.ahead_configs(key):
+                run(cfg, ahead=True)
+            return C
+        run(kernels._tune(run, key))
         return C
 
     compile_ok = False

@@ -55,11 +55,11 @@ def orthogonalize_filled(
     if shape[-2] > shape[-1]:
         raise ValueError(f"orthogonalize_filled needs m <= n, got {shape}")
     if unnormalised:
-        X = torch.empty(shape, dtype=ns_dtype, device=device)
+        held = [torch.empty(shape, dtype=ns_dtype, device=device)]
         d = torch.empty(shape[0], dtype=torch.float32, device=device)
         positions = restart_positions(restarts, len(rows))
-        fill(X, d)
-        return _iterate(X, rows, method, positions, d)
+        fill(held[0], d)
+        return _iterate(held.pop(), rows, method, positions, d)  # handed over: freed once NS has spent it
     return NSCall.prenormalised_call(rows, ns_dtype, method, restarts).filled(fill, shape, ns_dtype, device)
 
 

@@ -205,6 +205,7 @@ def _first_step_unnormalised(X: Tensor, coefs: Sequence[float], divisor: Tensor)
     A = kernels.sym_product(X, divisor=divisor, power=2, upper_out=up)
     P = _kernel_polynomial(A, coefs, divisor, upper_in=up)
     if P is not None:
+        del A  # spent: not held through the product
         return P @ X
     return _divided(_times(X, _polynomial(A, coefs)), divisor)
 
@@ -229,16 +230,13 @@ def _newton_schulz(X: Tensor, rows: Sequence[Sequence[float]], divisor: Tensor |
     Per step, with ``A = X X^T``: ``X = (a I + b A + c A^2 + ...) X``, i.e. ``p(s) = a s + b s^3 + c s^5 + ...``
     on every singular value ``s``. ``divisor``: ``X`` is unnormalised and the input is ``X / divisor``.
     """
-    if divisor is None and not (kernels.use_kernel(X) or kernels.use_kernel(X, has_y=True)):  # no Triton kernel here
-        return newton_schulz_plain(X, rows)
     if divisor is not None:
         if not rows:
             return _divided(X, divisor)
         X, rows = _first_step_unnormalised(X, rows[0], divisor), rows[1:]
     up = _upper_chain(X, rows)
-    for coefs in rows:
-        A = kernels.sym_product(X, upper_out=up)  # X X^T (the Triton kernel where it applies)
-        X = _times(X, _polynomial(A, coefs, upper_in=up))
+    for coefs in rows:  # X X^T (the Triton kernel where it applies), a temporary: freed once the polynomial is made
+        X = _times(X, _polynomial(kernels.sym_product(X, upper_out=up), coefs, upper_in=up))
     return X
 
 
@@ -292,7 +290,13 @@ def _iterate(
 ) -> Tensor:
     """The NS iterations on a normalised batch ``X`` (``m <= n``), or on ``X / divisor`` (per matrix) without
     dividing ``X``: Gram NS for rectangular matrices when asked (``restarts``: the positions, as
-    ``restart_positions`` resolved and checked them)."""
-    if uses_gram(method, X.shape, X.device):
-        return _gram_newton_schulz(X, rows, tuple(restarts), divisor)
-    return _newton_schulz(X, rows, divisor)
+    ``restart_positions`` resolved and checked them). The iterations hold the only reference to ``X`` that
+    this call is given (it keeps none): where the caller keeps none either, ``X`` is freed once spent, one
+    batch-sized buffer less at the iterations' peak."""
+    held = [X]
+    del X
+    if uses_gram(method, held[0].shape, held[0].device):
+        return _gram_newton_schulz(held.pop(), rows, tuple(restarts), divisor)
+    if divisor is None and not (kernels.use_kernel(held[0]) or kernels.use_kernel(held[0], has_y=True)):
+        return newton_schulz_plain(held.pop(), rows)  # no Triton kernel here
+    return _newton_schulz(held.pop(), rows, divisor)

@@ -75,7 +75,9 @@ class Muon(Optimizer):
             ``3``; per attention head: ``heads`` rows of Q/K/V, ``{"cols": heads}`` of the output projection;
             ``muonkit.optim.parts``). Usually set per group. Column parts take the torch path, not the fused step.
         momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
-        max_batch: at most this many same-shape matrices per batched NS call (``None``: no cap).
+        max_batch: at most this many same-shape matrices per batched NS call (``None``: the fused CUDA step cuts
+            a batch of more than half of the step's matrix entries into equal parts, so that the memory its
+            CUDA graphs share stays under the momentum buffers, ``plans.batch_sizes``; the torch path: no cap).
         precondition, postscale, update: the stages of the step pipeline's slots, by name
             (``muonkit.optim.pipeline``): a transformation of each batch of matrices before NS and of NS's
             output after it (``"none"`` by default), and the weight update (``"decoupled"`` weight decay). A

@@ -15,7 +15,7 @@ from ..coefficients import as_preset
 from ..newton_schulz import default_ns_dtype
 from .options import NS_OPTIONS, step_options
 from .parts import matrix_offsets, split_axes
-from .plans import merge_key
+from .plans import batch_sizes, merge_key
 from .shards import is_sharded
 from .stages import ns_batches
 
@@ -68,8 +68,8 @@ def merged_ns_batches(
             for r, c, offsets in matrix_offsets(shape, opts["matrix_view"], opts["split"]):
                 if r and c:
                     counts[merge_key(r, c, work, schedule, opts)] += len(offsets)
+    total = sum(count * key[0] * key[1] for key, count in counts.items())
     batches = []
     for (m, n, *_, max_batch), count in counts.items():
-        chunk = max_batch or count
-        batches += [(min(chunk, count - start), m, n) for start in range(0, count, chunk)]
+        batches += [(size, m, n) for size in batch_sizes(count, m, n, max_batch, total)]
     return batches
