@@ -213,6 +213,51 @@ def test_tuner_gives_upper_storage_calls_only_upper_tile_sized_tiles(monkeypatch
         kernels._tune(tried.append, (2, 768, 768, True, torch.bfloat16, True, True))
 
 
+def test_compile_ahead_runs_the_tuning_pass_without_launches_and_never_stops_a_build(monkeypatch):
+    """``kernels._compile_ahead``: inside Triton's ``AsyncCompileMode`` (on a thread pool) it runs the pretune pass
+    on unwritten tensors with ``compiling_ahead()`` on, so the launcher compiles instead of launching; a failure
+    there stops nothing (the timing pass compiles again and reports); with a Triton that lacks the mode it does
+    nothing. ``ahead_configs``: a known choice alone, else every candidate the tuner will time."""
+    import sys
+    import types
+
+    entered = []
+
+    class Mode:
+        def __init__(self, pool):
+            self.pool = pool
+
+        def __enter__(self):
+            entered.append(self.pool)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    seen = []
+
+    def tuning_pass(batches, dtype, device, real=True):
+        seen.append((real, kernels.compiling_ahead()))
+        raise RuntimeError("a compile failed")
+
+    monkeypatch.setattr(kernels, "_pretune_pass", tuning_pass)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(AsyncCompileMode=Mode))
+    kernels._compile_ahead([(2, 256, 512)], torch.bfloat16, torch.device("cpu"))
+    assert seen == [(False, True)] and len(entered) == 1 and not kernels.compiling_ahead()
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace())  # no AsyncCompileMode: nothing ahead
+    kernels._compile_ahead([(2, 256, 512)], torch.bfloat16, torch.device("cpu"))
+    assert len(seen) == 1
+
+    monkeypatch.setattr(kernels, "_best", {})
+    monkeypatch.setattr(kernels._Disk, "loaded", True)
+    key = (2, 256, 512, True, torch.bfloat16, False, True, "a GPU")
+    assert kernels.ahead_configs(key) == kernels.candidates(key) == list(kernels.CONFIGS)
+    kernels._best[key] = kernels.CONFIGS[2]
+    assert kernels.ahead_configs(key) == [kernels.CONFIGS[2]]
+    upper = (2, 256, 256, True, torch.bfloat16, True, False, "a GPU")
+    assert all(c[0] == kernels.UPPER_TILE for c in kernels.ahead_configs(upper))
+
+
 def test_tuned_choices_are_bounded_oldest_first(monkeypatch):
     """The tuner's memory of choices holds at most ``_MAX_BEST`` shapes: a new one drops the oldest."""
     pytest.importorskip("triton")

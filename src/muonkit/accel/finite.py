@@ -76,7 +76,10 @@ class FiniteScan:
         # what a captured graph of the kernels reads and writes besides the gradients (which the tables name)
         self._targets = (self.flag.data_ptr(), self.ok.data_ptr(),
                          *(t.data_ptr() for launch in self._launches for t in launch[2:6]))  # fmt: skip
-        self._slot = ("finite_scan", self.device, chunk, tuple((tuple(g.shape), g.dtype) for g in grads))
+        # this scan's own slot (its result's address in it): two optimizers of one structure, stepped in turns,
+        # each replay their own graph (``cuda_graphs.Replays`` captures a slot seen twice in a row at one address)
+        self._slot = ("finite_scan", self.device, chunk, self.ok.data_ptr(),
+                      tuple((tuple(g.shape), g.dtype) for g in grads))  # fmt: skip
         self._addresses: list[int] | None = None
 
     @staticmethod

@@ -140,8 +140,8 @@ def _compile_ahead(batches: Any, dtype: torch.dtype, device: torch.device) -> No
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
         _Ahead.active = True
-        try:
-            with mode(pool):
+        try:  # it only saves time: whatever fails here, the timing pass compiles again and reports
+            with contextlib.suppress(Exception), mode(pool):
                 _pretune_pass(batches, dtype, device, real=False)
         finally:
             _Ahead.active = False
