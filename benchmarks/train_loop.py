@@ -26,6 +26,7 @@ the step (a step bound by its host shows there).
     python benchmarks/train_loop.py --paired --out train_loop_paired.json # what each piece buys, paired
     python benchmarks/train_loop.py --profile --only "muonkit (defaults),AdamW (fused)" --steps 10 --out p.json
     python benchmarks/train_loop.py --size tiny --steps 3 --warmup 1      # a quick run on any device
+    python benchmarks/train_loop.py --qkv separate --out train_loop_separate_qkv_h200.json  # q, k, v apart
 """
 
 from __future__ import annotations
@@ -96,8 +97,34 @@ def _optimizer(name: str, model: torch.nn.Module, kwargs: dict[str, Any], cuda: 
             muon = competitors()["KellerJordan"].SingleDeviceMuon(matrices, lr=0.02, weight_decay=0.01)
         adamw = torch.optim.AdamW(rest, lr=3e-4, weight_decay=0.01, fused=cuda)
         return Combined(muon, adamw)
-    groups = muonkit.param_groups(model, split={"*.qkv.weight": 3})
+    fused_qkv = any(n.endswith("qkv.weight") for n, _ in model.named_parameters())
+    groups = muonkit.param_groups(model, split={"*.qkv.weight": 3} if fused_qkv else None)
     return muonkit.Muon(groups, lr=0.02, weight_decay=0.01, adamw_lr=3e-4, **kwargs)
+
+
+class SeparateQKV(torch.nn.Module):
+    """Three ``d x d`` projections (``q``, ``k``, ``v``) where the model has one fused ``qkv``; the same output
+    (their results side by side) and, made from a fused layer, the same weights."""
+
+    def __init__(self, fused_qkv: torch.nn.Linear) -> None:
+        super().__init__()
+        d = fused_qkv.in_features
+        self.q, self.k, self.v = (torch.nn.Linear(d, d, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for part, rows in zip((self.q, self.k, self.v), fused_qkv.weight.detach().split(d)):
+                part.weight.copy_(rows)
+        self.to(fused_qkv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def separate_qkv(model: torch.nn.Module) -> None:
+    """Give every attention of ``model`` separate Q, K and V projections (``--qkv separate``): Muon then gets three
+    square matrices per layer without a ``split``, and torch.optim.Muon orthogonalizes each on its own too."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "qkv", None), torch.nn.Linear):
+            module.qkv = SeparateQKV(module.qkv)
 
 
 def _lr_factor(t: int, warmup: int = 20, total: int = 2000) -> float:
@@ -125,6 +152,8 @@ class Trainer:
         self.cfg = SIZES[args.size]
         torch.manual_seed(0)
         self.model = GPT(self.cfg).to(device)
+        if args.qkv == "separate":
+            separate_qkv(self.model)
         _setting(self.which, False)
         try:
             start = time.perf_counter()
@@ -271,6 +300,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--qkv", default="fused", choices=["fused", "separate"],
+                    help="attention's Q, K, V as one fused projection (Muon splits it in three) or three")  # fmt: skip
     ap.add_argument("--only", default=None, help="comma-separated variant names, run in that order")
     ap.add_argument("--paired", action="store_true", help="each variant alternating with the defaults (see paired)")
     ap.add_argument("--profile", action="store_true", help="take each variant's optimizer step apart (see profiled)")
@@ -289,7 +320,7 @@ def main() -> None:
     if not hasattr(torch.optim, "Muon") and BASELINES[1] in names:
         names = [n for n in names if n != BASELINES[1]]
         print(f"skipped {BASELINES[1]!r}: torch.optim.Muon needs torch >= 2.9, this is {torch.__version__}")
-    print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size}, batch {args.batch}")
+    print(f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, GPT {args.size} ({args.qkv} QKV), batch {args.batch}")
     if args.profile:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [profiled(n, args, device, f"{tmp}/trace.json") for n in names]

@@ -89,3 +89,27 @@ def test_train_loop_profile_reports_each_variants_steps(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == names
     assert all(r["steps"] == 3 and len(r["per_step"]) == 3 and r["host_ms"] > 0 for r in rows)
+
+
+def test_train_loop_with_separate_qkv_keeps_the_model_and_gives_muon_square_matrices():
+    """``train_loop.py --qkv separate``: each fused ``qkv`` projection becomes three square ones holding its row
+    blocks, so the model computes the same function; ``param_groups`` then hands Muon three ``d x d`` matrices per
+    layer where the fused model gave one ``3d x d`` matrix (split in three)."""
+    import train_loop
+
+    from muonkit.train.model import GPT, SIZES
+
+    cfg = SIZES["tiny"]
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 256, (2, cfg.ctx))
+    with torch.no_grad():
+        before = model(x)
+    train_loop.separate_qkv(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    muon = [p for g in muonkit.param_groups(model) if g.get("algorithm", "muon") == "muon" for p in g["params"]]
+    shapes = [tuple(p.shape) for p in muon]
+    d = cfg.d_model
+    assert shapes.count((d, d)) == 4 * cfg.n_layer  # q, k, v and the output projection
+    assert (3 * d, d) not in shapes
