@@ -16,10 +16,10 @@ Two ways to find out, with the same outcome for the parameters and the state:
   ``NonFiniteGradientError`` raised from that next ``step()`` before it changes anything.
 
 Measured on an H200 (GPT 12 x 768, a real loop, paired against ``nonfinite="ignore"``): the host sync of the first
-form cost 5.4% of each iteration
-  (``benchmarks/results/train_loop_paired_large_method_nonfinite_h200.json``), the second nothing measurable (median
-  +0.17 ms of about 32 ms, ``train_loop_paired_large_nonfinite_device_check_h200.json``); the multi-tensor pass's
-  host work (1.1 ms a step, before the first graph launch) was what ``FiniteScan`` removed.
+form cost 5.4% of each iteration (``benchmarks/results/train_loop_paired_large_method_nonfinite_h200.json``), the
+second nothing measurable (median +0.17 ms of about 32 ms,
+``train_loop_paired_large_nonfinite_device_check_h200.json``); the multi-tensor pass's host work (1.1 ms a step,
+before the first graph launch, profiled) was what ``FiniteScan`` removed.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def settle(opt: Muon) -> None:
         return
     finite = pending.finite.tolist()
     if pending.owners is not None:  # per chunk: a gradient is finite where all its chunks are
-        finite = [True] * len(pending.names)
-        for owner, ok in zip(pending.owners, pending.finite.tolist()):
+        chunks, finite = finite, [True] * len(pending.names)
+        for owner, ok in zip(pending.owners, chunks):
             finite[owner] = finite[owner] and bool(ok)
     bad = [opt._param_name(opt.param_groups[gi], gi, i) for ok, (gi, i) in zip(finite, pending.names) if not ok]
     what = (
