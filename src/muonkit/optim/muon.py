@@ -17,10 +17,10 @@ from torch.optim import Optimizer
 from .. import accel as _accel
 from ..accel import fused, kernels
 from ..coefficients import CoefficientSpec
+from .adamw import adamw_group
 from .functional import _muon_steps
 from .loading import (
     _check_loadable,
-    _static,
     check_group,
     muon_state,
     pickled_settings,
@@ -29,14 +29,14 @@ from .loading import (
     whole_buffers,
 )
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, nonfinite_skip, settle
-from .options import as_numbers, step_options
+from .options import step_options
 from .parts import SplitSpec
 from .pipeline import get_stage
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
-from .shards import is_sharded, local
-from .stages import AdjustLR, Executor, adamw_step, fused_adamw_applies, summarise_stats
+from .shards import is_sharded
+from .stages import AdjustLR, Executor, summarise_stats
 from .tuning import pretune
 
 __all__ = ["NONFINITE_POLICIES", "Muon", "NonFiniteGradientError"]
@@ -75,9 +75,8 @@ class Muon(Optimizer):
             ``3``; per attention head: ``heads`` rows of Q/K/V, ``{"cols": heads}`` of the output projection;
             ``muonkit.optim.parts``). Usually set per group. Column parts take the torch path, not the fused step.
         momentum_dtype: dtype of the momentum buffer (default float32; ``None``: the parameter's).
-        max_batch: at most this many same-shape matrices per batched NS call (``None``: the fused CUDA step cuts
-            a batch of more than half of the step's matrix entries into equal parts, so that the memory its
-            CUDA graphs share stays under the momentum buffers, ``plans.batch_sizes``; the torch path: no cap).
+        max_batch: at most this many same-shape matrices per batched NS call (``None``: on the fused CUDA step,
+            half the step's matrix entries at most, ``plans.batch_sizes``; on the torch path no cap).
         precondition, postscale, update: the stages of the step pipeline's slots, by name
             (``muonkit.optim.pipeline``): a transformation of each batch of matrices before NS and of NS's
             output after it (``"none"`` by default), and the weight update (``"decoupled"`` weight decay). A
@@ -304,7 +303,7 @@ class Muon(Optimizer):
                 pending.extend(self._muon_group(group, params, grads, stats))
         for group, params, grads in gathered:
             if group["algorithm"] == "adamw":
-                self._adamw_group(group, params, grads, flag)
+                adamw_group(self.state, group, params, grads, flag)
         entry = _muon_steps(pending, flag)  # None under torch.compile
         if entry is not None and not compiling:
             self._repeat = self._repeatable(gathered, pending, entry)
@@ -370,40 +369,6 @@ class Muon(Optimizer):
     def bytes_communicated(self) -> int:
         """Bytes this rank has sent for Muon's exchanges (sharded parameters and the executor, if any)."""
         return self._sharded_bytes[0] + int(getattr(self.executor, "bytes_communicated", 0))
-
-    def _adamw_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], found_inf: Tensor | None = None,
-        counts: Tensor | None = None,
-    ) -> None:  # fmt: skip
-        """One AdamW step of ``group``; on CUDA with acceleration on, torch's fused AdamW kernel, which leaves
-        everything as it was where ``found_inf`` holds a nonzero value (``stages.adamw_step``). ``counts``: the
-        parameters' step counts packed into one tensor (``stages.pack_counts``), if they were."""
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _static(state["exp_avg"], state["exp_avg_sq"])
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        adamw_step(  # elementwise: sharded tensors take the step on their local shards
-            [local(p) for p in params],
-            [local(g) for g in grads],
-            [local(m) for m in exp_avgs],
-            [local(v) for v in exp_avg_sqs],
-            steps,
-            **as_numbers({"lr": group["lr"], "weight_decay": group["weight_decay"]}),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            fused=fused.fused_enabled() and fused_adamw_applies(params, grads),
-            found_inf=found_inf,
-            counts=counts,
-        )
 
     def stats(self) -> dict[str, float]:
         """Statistics of the last step (needs ``diagnostics=True``); reading them syncs with the device once.

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..accel import guards as _guards
 from ..accel.finite import FiniteScan
 from ..coefficients import is_file_spec
+from .adamw import adamw_group
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
 from .options import REPEAT_KEY, SCHEDULED, as_numbers
@@ -178,7 +179,7 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
         return False  # the full step raises or skips, and says which parameter
     rec.entry.plan.run(calls, streams, flag)
     for start, end, gi, counts in rec.adamw:
-        opt._adamw_group(groups[gi], rec.flat[start:end], grads[start:end], flag, counts)
+        adamw_group(opt.state, groups[gi], rec.flat[start:end], grads[start:end], flag, counts)
     if flag is not None:
         owners = None if rec.scan is None else rec.scan.owners
         defer(opt, finite, rec.names, rec.steps, owners)  # read when the next step starts (``nonfinite.settle``)
