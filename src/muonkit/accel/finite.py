@@ -31,11 +31,8 @@ class _Launch(NamedTuple):
     """The kernel launch over one dtype's gradients."""
 
     dtype: torch.dtype
-    positions: list[int]  # its gradients' positions in the scan's list
-    table: Tensor  # their addresses (int64, on the device)
-    owner: Tensor  # per chunk: which of them (int32)
+    owner: Tensor  # per chunk: its gradient's position in the scan's list (int32)
     start: Tensor  # per chunk: its first entry (int64)
-    numel: Tensor  # per gradient: its entries (int64)
     ok: Tensor  # its chunks' part of ``FiniteScan.ok``
 
 
@@ -56,31 +53,29 @@ class FiniteScan:
         for i, g in enumerate(grads):
             if g.numel():
                 by_dtype.setdefault(g.dtype, []).append(i)
-        chunks = [(dtype, [(j, s) for j, i in enumerate(index) for s in range(0, grads[i].numel(), chunk)])
+        chunks = [(dtype, [(i, s) for i in index for s in range(0, grads[i].numel(), chunk)])
                   for dtype, index in by_dtype.items()]  # fmt: skip
-        self.owners = [by_dtype[dtype][j] for dtype, cs in chunks for j, _ in cs]
+        self.owners = [i for _, cs in chunks for i, _ in cs]
         self.ok = torch.ones(len(self.owners), dtype=torch.int8, device=self.device)
+        self._table = fused.AddressTable(len(grads), self.device)
+        self._numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64).to(self.device)
         self._launches: list[_Launch] = []
         first = 0
         for dtype, cs in chunks:
-            index = by_dtype[dtype]
             owner, start = zip(*cs)
             self._launches.append(_Launch(
-                dtype, index, torch.zeros(len(index), dtype=torch.int64, device=self.device),
-                torch.tensor(owner, dtype=torch.int32).to(self.device),
-                torch.tensor(start, dtype=torch.int64).to(self.device),
-                torch.tensor([grads[i].numel() for i in index], dtype=torch.int64).to(self.device),
-                self.ok[first : first + len(cs)],
+                dtype, torch.tensor(owner, dtype=torch.int32).to(self.device),
+                torch.tensor(start, dtype=torch.int64).to(self.device), self.ok[first : first + len(cs)],
             ))  # fmt: skip
             first += len(cs)
-        # what a captured graph of the kernels reads and writes besides the gradients (which the tables name)
-        self._targets = (self.flag.data_ptr(), self.ok.data_ptr(),
-                         *(t.data_ptr() for launch in self._launches for t in launch[2:6]))  # fmt: skip
+        # what a captured graph of the kernels reads and writes besides the gradients (which the table names)
+        held = [self.flag, self.ok, self._table.table, self._numel]
+        held += [t for launch in self._launches for t in (launch.owner, launch.start)]
+        self._targets = tuple(t.data_ptr() for t in held)
         # this scan's own slot (its result's address in it): two optimizers of one structure, stepped in turns,
         # each replay their own graph (``cuda_graphs.Replays`` captures a slot seen twice in a row at one address)
         self._slot = ("finite_scan", self.device, chunk, self.ok.data_ptr(),
                       tuple((tuple(g.shape), g.dtype) for g in grads))  # fmt: skip
-        self._addresses: list[int] | None = None
 
     @staticmethod
     def applies(grads: Sequence[Tensor]) -> bool:
@@ -96,12 +91,7 @@ class FiniteScan:
         ``owners`` says whose) and the flag are written on the device, in stream order, with no host sync.
         ``stream``: the device's current stream (``cuda_graphs.stream_key``) where graphs may replay, to replay
         the kernels from one (captured on the second call); else they are launched."""
-        addresses = [g.data_ptr() for g in grads]
-        if addresses != self._addresses:  # a loop that frees its gradients gets them elsewhere: tell the kernels
-            host = torch.tensor(addresses, dtype=torch.int64)
-            for launch in self._launches:  # pageable: staged by the driver, ordered before the kernels, no sync
-                launch.table.copy_(host[launch.positions], non_blocking=True)
-            self._addresses = addresses
+        self._table.update([g.data_ptr() for g in grads])  # a loop that frees its gradients gets them elsewhere
         if stream is None:
             self._launch()
         else:
@@ -113,7 +103,8 @@ class FiniteScan:
         kernel = fused._build().finite
         self.flag.zero_()
         for launch in self._launches:
-            kernel(*launch[2:], self.flag, launch.dtype, self.chunk, min(self.chunk, _BLOCK))
+            kernel(self._table.table, launch.owner, launch.start, self._numel, launch.ok, self.flag, launch.dtype,
+                   self.chunk, min(self.chunk, _BLOCK))  # fmt: skip
 
 
 def _dense(t: Tensor) -> bool:

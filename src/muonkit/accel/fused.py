@@ -54,6 +54,7 @@ from . import kernels
 
 __all__ = [
     "SLOTS",
+    "AddressTable",
     "Matrices",
     "applies",
     "fused_enabled",
@@ -116,6 +117,23 @@ class Matrices:
         n = self.rows * self.cols
         t = self.tensors
         return [t[o].reshape(-1)[k : k + n].view(self.rows, self.cols) for o, k in zip(self.owners, self.offsets)]
+
+
+class AddressTable:
+    """Tensors' addresses in device memory (int64), for kernels that read their operands through it (the momentum
+    pass's ``grad_table``, ``accel.finite.FiniteScan``): a captured graph of such kernels replays on tensors that a
+    loop allocated anew. :meth:`update` rewrites it only where the addresses changed; the copy from pageable host
+    memory is staged by the driver: no host sync, ordered before the kernels on the stream."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.table = torch.zeros(size, dtype=torch.int64, device=device)
+        self._held: list[int] | None = None
+
+    def update(self, addresses: list[int]) -> Tensor:
+        if addresses != self._held:
+            self.table.copy_(torch.tensor(addresses, dtype=torch.int64), non_blocking=True)
+            self._held = addresses
+        return self.table
 
 
 def applies(tensors: Sequence[Tensor], ns_dtype: torch.dtype) -> bool:

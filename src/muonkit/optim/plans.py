@@ -73,8 +73,7 @@ class _Batch:
     estimate: int = 0  # bytes its captured graph's pool takes (for the cache's bound)
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
     restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
-    grad_table: Tensor | None = None  # the gradients' addresses on the device, read by its captured graph
-    grad_addresses: list[int] | None = None  # what ``grad_table`` holds now
+    grad_table: fused.AddressTable | None = None  # the gradients' addresses on the device, read by its graph
 
 
 class _StepPlan:
@@ -186,20 +185,15 @@ class _StepPlan:
 
 
 def _grad_table(batch: _Batch, calls: Sequence[StepCall]) -> Tensor:
-    """The batch's gradient addresses in device memory (``fused.momentum_normalise``'s ``grad_table``), written
+    """The batch's gradient addresses in device memory (``fused.momentum_normalise``'s ``grad_table``), rewritten
     where they changed since the last step: its captured graph then replays on gradients that a loop allocated
-    anew (``zero_grad(set_to_none=True)`` lets them land elsewhere from one step to the next). The copy from
-    pageable host memory is staged by the driver: no host sync, ordered before the replay on the stream."""
+    anew (``zero_grad(set_to_none=True)`` lets them land elsewhere from one step to the next)."""
     addresses: list[int] = []
     for run in batch.runs:
         addresses += fused.Matrices(calls[run.call][1], run.owners, run.offsets, run.rows, run.cols).addresses()
-    table = batch.grad_table
-    if table is None:
-        table = batch.grad_table = torch.empty(batch.size, dtype=torch.int64, device=batch.device)
-    if addresses != batch.grad_addresses:
-        table.copy_(torch.tensor(addresses, dtype=torch.int64), non_blocking=True)
-        batch.grad_addresses = addresses
-    return table
+    if batch.grad_table is None:
+        batch.grad_table = fused.AddressTable(batch.size, batch.device)
+    return batch.grad_table.update(addresses)
 
 
 def _precondition(X: Tensor, divisors: Tensor | None, run: _Run) -> None:
