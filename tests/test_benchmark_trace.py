@@ -98,6 +98,7 @@ def test_train_loop_with_separate_qkv_keeps_the_model_and_gives_muon_square_matr
     import train_loop
 
     from muonkit.train.model import GPT, SIZES
+    from muonkit.train.optimizers import hidden_matrices
 
     cfg = SIZES["tiny"]
     torch.manual_seed(0)
@@ -108,8 +109,7 @@ def test_train_loop_with_separate_qkv_keeps_the_model_and_gives_muon_square_matr
     train_loop.separate_qkv(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
-    muon = [p for g in muonkit.param_groups(model) if g.get("algorithm", "muon") == "muon" for p in g["params"]]
-    shapes = [tuple(p.shape) for p in muon]
+    shapes = [tuple(p.shape) for p in hidden_matrices(model)[0]]
     d = cfg.d_model
     assert shapes.count((d, d)) == 4 * cfg.n_layer  # q, k, v and the output projection
     assert (3 * d, d) not in shapes
