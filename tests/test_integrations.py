@@ -142,6 +142,41 @@ def test_diagnostics_without_sync_until_read():
     assert stats[f"group{gi}/epsilon"] < 1e-3 and stats[f"group{gi}/chi"] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"nesterov": False, "coefficients": "polar_express", "split": 2}, {"postscale": "normuon"}],
+    ids=["defaults", "no-nesterov-split", "normuon"],
+)
+def test_recomputed_stats_are_those_the_diagnostics_step_measured(options):
+    """recompute_stats after a step without diagnostics gives what Muon(diagnostics=True).stats() measured in the
+    same step (same gradients, buffers and NS options), on steps that already carry momentum; only the row state
+    of a normuon postscale moves one step further."""
+    twins = [_model(), _model()]
+    opts = [muonkit.Muon(muonkit.param_groups(m), diagnostics=d, **options) for m, d in zip(twins, (True, False))]
+    for t in range(3):
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(t))
+        for m, o in zip(twins, opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    want, got = opts[0].stats(), opts[1].recompute_stats()
+    assert set(got) == set(want) and any(k.endswith("/orth_error") for k in got)
+    for key, value in want.items():
+        if options.get("postscale") == "normuon" and key.endswith(("update_rms", "sigma_max", "sigma_min",
+                                                                    "epsilon", "chi", "orth_error")):  # fmt: skip
+            assert got[key] == pytest.approx(value, rel=0.05), key
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert opts[1].diagnostics is False and not opts[1]._stats
+
+
+def test_recomputed_stats_need_whole_buffers():
+    opt = muonkit.Muon(muonkit.param_groups(_model()))
+    opt.executor = type("ZeroOne", (), {"shard_state": True, "world_size": 2})()
+    with pytest.raises(ValueError, match="diagnostics=True"):
+        opt.recompute_stats()
+
+
 def test_sigma_min_and_epsilon_estimates_report_the_ns_band():
     """Jordan's NS5 leaves singular values in a band below and above 1: the smallest-singular-value estimate sees
     its bottom (from above, within 3%), and epsilon = max |sigma - 1| is Kim & Oh's polar error of the output."""

@@ -32,6 +32,7 @@ from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, device_flag, 
 from .options import step_options
 from .parts import SplitSpec
 from .pipeline import get_stage
+from .probe import recompute_stats
 from .remembered import _Remembered
 from .repeat import Repeat, repeatable, step_again
 from .sharded import sharded_muon_step, zero_muon_step
@@ -92,7 +93,8 @@ class Muon(Optimizer):
         adamw_weight_decay: their decoupled weight decay (``None``: the same as ``weight_decay``).
         diagnostics: keep per-step statistics of the Muon groups as device tensors (no host sync):
             ``opt.stats()`` turns them into floats (one sync) - orthogonality error of the NS output, update
-            RMS, and each group's effective learning rates.
+            RMS, and each group's effective learning rates. Every step then runs its NS batches eagerly; to
+            look only now and then, leave it off and call ``opt.recompute_stats()`` after the steps to look at.
         executor: who runs the batched NS jobs. ``None``: all of them here. With replicated parameters
             under torch.distributed (DDP), ``muonkit.distributed.ReplicatedExecutor()`` gives each rank a
             FLOP-balanced share and exchanges the results; the non-finite check then agrees across ranks.
@@ -382,8 +384,17 @@ class Muon(Optimizer):
         (the group's lr and its largest shape-adjusted lr).
         """
         if not self.diagnostics:
-            raise RuntimeError("construct Muon(..., diagnostics=True) to collect statistics")
+            raise RuntimeError(
+                "construct Muon(..., diagnostics=True) to collect statistics, or call recompute_stats() after a step"
+            )
         return summarise_stats(self._stats, self.param_groups)
+
+    def recompute_stats(self) -> dict[str, float]:
+        """``stats()`` of the last step without ``diagnostics=True``: recomputed now from each Muon parameter's
+        gradient and momentum buffer (call it after ``step()``, before the gradients are cleared). The steps keep
+        their fast path; the cost (one eager NS pass and the power iterations) falls on this call. See
+        ``optim.probe``."""
+        return recompute_stats(self)
 
     # ------------------------------------------------------------------ state
 
