@@ -114,8 +114,11 @@ def test_a_run_with_the_recipe_resumes_on_the_same_trajectory(task, tmp_path):
     flat = train_one(task, "muon", steps=12, eval_every=4)
     assert full.train_loss != flat.train_loss  # the recipe changes the run
 
-    def interrupt(result):
-        if len(result.train_loss) == 7:
+    calls = [0]
+
+    def interrupt(result):  # called after every step
+        calls[0] += 1
+        if calls[0] == 7:
             raise KeyboardInterrupt
 
     ckpt = tmp_path / "ckpt.pt"

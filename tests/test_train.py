@@ -53,6 +53,45 @@ def test_quick_demo_writes_results_and_plots(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_wall_clock_counts_building_the_optimizer_and_steps_but_not_the_statistics(corpus, monkeypatch):
+    """A slow optimizer build lands in the run's wall-clock (from its first evaluation on); Muon's NS statistics
+    are recomputed while the clock is stopped, after the evaluated steps, each of them an ordinary one."""
+    import time
+
+    from muonkit import Muon
+    from muonkit.train import loop
+
+    task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
+    events = []
+    real_make, real_stats = loop.make_optimizer, Muon.recompute_stats
+    real_start, real_stop = loop._Clock.start, loop._Clock.stop
+
+    def slow_make(*args, **kwargs):
+        time.sleep(0.3)
+        return real_make(*args, **kwargs)
+
+    def stats(self):
+        events.append(("stats", self.diagnostics))
+        return real_stats(self)
+
+    def start(self):
+        events.append("start")
+        real_start(self)
+
+    def stop(self):
+        events.append("stop")
+        return real_stop(self)
+
+    monkeypatch.setattr(loop, "make_optimizer", slow_make)
+    monkeypatch.setattr(Muon, "recompute_stats", stats)
+    monkeypatch.setattr(loop._Clock, "start", start)
+    monkeypatch.setattr(loop._Clock, "stop", stop)
+    r = train_one(task, "muon", steps=6, eval_every=3)
+    assert r.eval_wall[0] >= 0.3 and r.train_seconds >= 0.3
+    assert events == ["start", "stop", ("stats", False), "start", "stop", ("stats", False), "start"]
+    assert len(r.ns_stats["orth_error"]) == 2 and len(r.train_loss) == 6 and r.optimizer_seconds > 0
+
+
 def test_same_seed_same_numbers(corpus):
     task = LMTask(corpus, TINY, batch_size=4, eval_batches=2)
     a = train_one(task, "muon", steps=6, eval_every=3)
@@ -112,8 +151,11 @@ def _interrupted_then_resumed(task, name, steps, stop, ckpt):
     """Train ``name`` for ``steps`` (evaluating every 4), interrupted after ``stop`` steps with a checkpoint at
     ``ckpt``, then resumed from it: ``(the evaluation steps the checkpoint held, the resumed run's result)``."""
 
-    def interrupt(result):
-        if len(result.train_loss) == stop:
+    calls = [0]
+
+    def interrupt(result):  # called after every step
+        calls[0] += 1
+        if calls[0] == stop:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

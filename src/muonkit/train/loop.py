@@ -7,6 +7,7 @@ exactly the trajectory an uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,12 +28,14 @@ __all__ = [
     "run_key",
     "steps_to_reach",
     "train_one",
+    "warm_up",
 ]
 
 
 @dataclass
 class RunResult:
-    """History of one optimizer's run. Wall-clock counts training steps, not evaluation."""
+    """History of one optimizer's run. Wall-clock counts building the optimizer and the training steps, not
+    evaluation (see ``train_one``)."""
 
     optimizer: str
     lr: float
@@ -45,7 +48,7 @@ class RunResult:
     optimizer_seconds: float = 0.0
     items: int = 0
     done: bool = False
-    # Muon only, at each evaluation after the first: the NS output's diagnostics on that step (``Muon.stats``),
+    # Muon only, at each evaluation after the first: the NS output's diagnostics on that step (``recompute_stats``),
     # largest over the groups (smallest for sigma_min): orth_error, sigma_min, sigma_max, epsilon, chi; and
     # l_effective (``effective_l``)
     ns_stats: dict[str, list[float]] = field(default_factory=dict)
@@ -85,6 +88,61 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class _Clock:
+    """A run's training and optimizer seconds, measured without stalling the device at every step (which would
+    expose each step's device work that a real loop overlaps with the next step's host work).
+
+    Training time runs from ``start`` to ``stop`` (the wall-clock, read after a device sync at each pause for an
+    evaluation). The optimizer's share: on CUDA, events recorded around each step, read at ``stop`` (the device's
+    time from the step's first launch to its last kernel's end); elsewhere the host clock around each step."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.events: list[tuple[Any, Any]] = []
+        self.host_step = 0.0
+        self.began = 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.began = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        if not self.cuda:
+            t = time.perf_counter()
+            yield
+            self.host_step += time.perf_counter() - t
+            return
+        stream = torch.cuda.current_stream(torch.device(self.device))
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record(stream)
+        yield
+        end.record(stream)
+        self.events.append((begin, end))
+
+    def stop(self) -> tuple[float, float]:
+        """``(training seconds, optimizer seconds)`` since ``start``."""
+        _sync(self.device)
+        train = time.perf_counter() - self.began
+        steps = sum(b.elapsed_time(e) for b, e in self.events) / 1e3 if self.cuda else self.host_step
+        self.events.clear()
+        self.host_step = 0.0
+        return train, steps
+
+
+def warm_up(task: Task, seed: int = 0) -> None:
+    """One untimed forward, backward and optimizer step of a throwaway model, so that a process's one-off costs
+    (the device's libraries and kernels loading on first use; torch importing its compiler, which the first
+    torch.optim optimizer built in a process does) land on none of the compared runs, whichever goes first."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    x, y = task.train_batch(torch.Generator().manual_seed(seed + 1))
+    task.loss(model, x, y).backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    _sync(task.device)
+
+
 def train_one(
     task: Task,
     name: str,
@@ -108,16 +166,24 @@ def train_one(
     ``resume`` is a checkpoint dict written by an earlier call; training continues from it. With
     ``checkpoint`` set, state is saved there at every evaluation. ``KeyboardInterrupt`` propagates
     after the last checkpoint (if any) is on disk: nothing gathered before it is lost.
+
+    Training wall-clock counts building the optimizer (Muon tunes its kernels then) and every step; not the
+    evaluations, nor Muon's NS statistics, which are recomputed after the evaluated steps (``recompute_stats``)
+    so that every step runs as an ordinary one. Training losses are read from the device at evaluations only.
     """
     torch.manual_seed(seed)
     model = task.build_model()
     lrs = resolve_lrs(task.lr_key, lrs)
+    _sync(task.device)
+    built = time.perf_counter()
     if optimizer_factory is not None:
         opt = optimizer_factory(model)
     else:
         wd = recipe.decay_for(name) if recipe is not None else 0.0
         opt = make_optimizer(name, model, lrs, split_qkv=task.name == "lm", weight_decay=wd)
     schedule = Schedule(opt, recipe, steps, name) if recipe is not None else None  # peaks read before any loading
+    _sync(task.device)
+    build_seconds = time.perf_counter() - built
     gen = torch.Generator().manual_seed(seed + 1)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -127,6 +193,7 @@ def train_one(
         result.steps_planned = steps
     else:
         result = RunResult(name, lrs[name], steps)
+        result.train_seconds = build_seconds
 
     def evaluate_and_save(step: int) -> None:
         result.eval_steps.append(step)
@@ -147,10 +214,11 @@ def train_one(
     start = result.eval_steps[-1] if result.eval_steps else 0
     if not result.eval_steps:
         evaluate_and_save(0)
+    clock = _Clock(task.device)
+    losses: list[torch.Tensor] = []
+    clock.start()
     for step in range(start + 1, steps + 1):
         x, y = task.train_batch(gen)
-        _sync(task.device)
-        t0 = time.perf_counter()
         loss = task.loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,25 +226,21 @@ def train_one(
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
         if schedule is not None:
             schedule.set(step)
-        _sync(task.device)
-        t1 = time.perf_counter()
-        evaluating = step % eval_every == 0 or step == steps
-        probe = opt if evaluating and isinstance(opt, Muon) else None
-        if probe is not None:
-            probe.diagnostics = True  # this step only: the statistics cost a few power iterations per batch
-        opt.step()
-        _sync(task.device)
-        t2 = time.perf_counter()
-        if probe is not None:
-            _record_ns_stats(result, probe)
-            probe.diagnostics = False
-            result.ns_stats.setdefault("l_effective", []).append(effective_l(probe))
-        result.train_seconds += t2 - t0
-        result.optimizer_seconds += t2 - t1
+        with clock.step():
+            opt.step()
+        losses.append(loss.detach())
         result.items += task.items_per_batch(x)
-        result.train_loss.append(loss.item())
-        if evaluating:
+        if step % eval_every == 0 or step == steps:
+            train_s, step_s = clock.stop()
+            result.train_seconds += train_s
+            result.optimizer_seconds += step_s
+            result.train_loss.extend(torch.stack(losses).float().tolist())
+            losses.clear()
+            if isinstance(opt, Muon):
+                _record_ns_stats(result, opt)
+                result.ns_stats.setdefault("l_effective", []).append(effective_l(opt))
             evaluate_and_save(step)
+            clock.start()
         if on_step is not None:
             on_step(result)
     result.done = True
@@ -184,8 +248,8 @@ def train_one(
 
 
 def _record_ns_stats(result: RunResult, opt: Muon) -> None:
-    """Append the step's NS statistics (``Muon.stats``, one host sync), reduced over the Muon groups."""
-    stats = opt.stats()
+    """Append the last step's NS statistics (``Muon.recompute_stats``), reduced over the Muon groups."""
+    stats = opt.recompute_stats()
     for key in ("orth_error", "sigma_min", "sigma_max", "epsilon", "chi"):
         values = [v for k, v in stats.items() if k.endswith("/" + key)]
         if values:
@@ -267,6 +331,8 @@ def run_comparison(
 
     results: dict[str, RunResult] = dict(previous or {})
     runs = [(name, s) for name in optimizers for s in range(seed, seed + seeds)]
+    if any(run_key(name, s, seeds) not in results or not results[run_key(name, s, seeds)].done for name, s in runs):
+        warm_up(task, seed)
     for name, run_seed in runs:
         key = run_key(name, run_seed, seeds)
         if key in results and results[key].done:
@@ -275,10 +341,12 @@ def run_comparison(
         resume = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
         done_before = resume["result"]["eval_steps"][-1] if resume else 0
         bar = tqdm(total=steps, initial=done_before, desc=f"{key:<8}", disable=not progress or None, leave=True)
+        shown = [0]  # evaluations shown in the bar's postfix (training losses are read at evaluations)
 
-        def tick(r: RunResult, bar: Any = bar) -> None:
+        def tick(r: RunResult, bar: Any = bar, shown: list[int] = shown) -> None:
             bar.update(1)
-            if len(r.train_loss) % 10 == 0:
+            if len(r.eval_steps) != shown[0] and r.train_loss:
+                shown[0] = len(r.eval_steps)
                 bar.set_postfix(loss=f"{r.train_loss[-1]:.3f}", val=f"{r.val_loss[-1]:.3f}")
             if on_step is not None:
                 on_step(r)
