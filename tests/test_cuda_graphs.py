@@ -200,8 +200,9 @@ class _EffectGraph:
 
 
 def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch):
-    """Eager until a slot's addresses repeat, then captured and replayed with each call's scalars; new addresses
-    run eagerly again; a slot that keeps moving stops being captured after max_captures."""
+    """Eager until a slot's addresses come back, then captured and replayed with each call's scalars; new addresses
+    run eagerly again; a slot that keeps moving stops being captured after max_captures; two sets of addresses
+    that alternate are captured one graph each."""
     captured = []
 
     def fake_capture(fn, n, device, pools=None):
@@ -255,6 +256,11 @@ def test_replays_capture_once_addresses_repeat_and_read_new_scalars(monkeypatch)
     run("D", 12.0, slot="u")  # not tried again, so that graph is left alone
     assert seen[-3:] == [[10.0, -10.0], [11.0, -11.0], [12.0, -12.0]]
     assert replays._captures["u"] == 1 and cuda_graphs.cache.peek("ns graph") is not None
+
+    monkeypatch.setattr(cuda_graphs, "_capture_effect", fake_capture)
+    for addresses in ("E", "F", "E", "F", "E", "F"):  # two optimizers of one structure, stepped in turns
+        run(addresses, 13.0, slot="v")
+    assert len(captured) == 5 and [c.graph.replays for c in captured[3:]] == [2, 2]
 
 
 @cuda

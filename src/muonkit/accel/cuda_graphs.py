@@ -184,11 +184,12 @@ class Replays:
 
     Such a sequence reads and writes tensors at fixed addresses (gradients, momentum buffers, parameters) and
     takes its changing numbers (learning rate, momentum) from a small device tensor, ``scalars``. It cannot be
-    warmed up by running it on a copy, so :meth:`run` runs it eagerly until it sees the same ``slot`` (what
-    the sequence computes) with the same ``addresses`` twice in a row; then it captures it (the eager run
-    before compiled and tuned every kernel) and from then on replays it while the addresses stay. Where the
-    addresses change from step to step (gradients reallocated elsewhere), every call runs eagerly; after
-    ``max_captures`` captures of one slot it stops capturing that slot.
+    warmed up by running it on a copy, so :meth:`run` runs it eagerly until it sees a ``slot`` (what the sequence
+    computes) with ``addresses`` it saw on one of the slot's recent calls; then it captures it (the eager run
+    before compiled and tuned every kernel) and from then on replays it for those addresses. Two optimizers of one
+    structure stepped in turns (each its own addresses, one slot) so get a graph each. Where the addresses never
+    come back (tensors reallocated elsewhere every step), every call runs eagerly; after ``max_captures``
+    captures of one slot it stops capturing that slot.
 
     The sequences captured for one device and stream share one memory pool (``_pools``): a sequence keeps nothing
     in it from one replay to the next (it writes only tensors allocated outside the capture), and the stream runs
@@ -198,12 +199,12 @@ class Replays:
 
     def __init__(self, max_captures: int = 8) -> None:
         self.max_captures = max_captures
-        self._last: dict[Hashable, Hashable] = {}
+        self._recent: dict[Hashable, list[Hashable]] = {}  # per slot, the addresses of its last calls, newest last
         self._captures: dict[Hashable, int] = {}
         self._pools: dict[tuple[torch.device, tuple[int, int]], Any] = {}
 
     def clear(self) -> None:
-        self._last.clear()
+        self._recent.clear()
         self._captures.clear()
         self._pools.clear()
 
@@ -215,13 +216,17 @@ class Replays:
         key = ("replay", slot, addresses)
         entry = cache.peek(key)
         if entry is None:
-            repeated = self._last.get(slot) == addresses and not cache.failed(key)
+            recent = self._recent.setdefault(slot, [])
+            repeated = addresses in recent and not cache.failed(key)
             if repeated and self._captures.get(slot, 0) < self.max_captures:
                 self._captures[slot] = self._captures.get(slot, 0) + 1
                 if replaces is not None:
                     cache.discard(replaces)
                 entry = cache.get(key, estimate, lambda: _capture_effect(fn, len(values), device, self._pools))
-        self._last[slot] = addresses
+            if addresses in recent:
+                recent.remove(addresses)
+            recent.append(addresses)
+            del recent[: -2 * self.max_captures]
         if entry is None:
             scalars = torch.empty(len(values), dtype=torch.float32, device=device)
             scalars.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)  # pageable: staged, no sync
