@@ -9,18 +9,22 @@ from torch import nn
 import muonkit
 
 
-def _train(logger, steps=6):
+def _train(logger, steps=6, diagnostics=True):
+    """Train a small MLP, logging every step; ``{logged step: that step's stats}``, the stats read from a twin
+    optimizer with diagnostics on (the same model and batches) when ``diagnostics`` is off."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    opt = muonkit.Muon(muonkit.param_groups(model), diagnostics=True)
+    models = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [muonkit.Muon(muonkit.param_groups(m), diagnostics=d) for m, d in zip(models, (diagnostics, True))]
     seen = {}
     for step in range(steps):
         x = torch.randn(32, 8)
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        if logger.log(step, opt):
-            seen[step] = opt.stats()
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        if logger.log(step, opts[0]):
+            seen[step] = opts[1].stats()
     return seen
 
 
@@ -39,6 +43,19 @@ def test_csv_holds_exactly_the_stats_of_the_logged_steps(tmp_path):
         log.log(10, {"custom": 1.5})
     text = path.read_text().splitlines()
     assert text.count("step,key,value") == 1 and text[-1] == "10,custom,1.5"
+
+
+def test_a_muon_without_diagnostics_logs_the_same_statistics(tmp_path):
+    """Logged from an optimizer without diagnostics (its steps stay on the fast path), the statistics are those a
+    twin with diagnostics on measured in the same steps."""
+    path = tmp_path / "stats.csv"
+    with muonkit.StatsLogger(path, every=2) as log:
+        seen = _train(log, diagnostics=False)
+    got = {(int(r["step"]), r["key"]): float(r["value"]) for r in csv.DictReader(path.open())}
+    want = {(s, k): v for s, stats in seen.items() for k, v in stats.items()}
+    assert set(got) == set(want) and any(k.endswith("orth_error") for _, k in got)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_tensorboard_scalars_round_trip(tmp_path):

@@ -1,10 +1,11 @@
-"""Write Muon's per-step statistics (``Muon(diagnostics=True).stats()``) to CSV or TensorBoard.
+"""Write Muon's per-step statistics (``Muon.stats()``) to CSV or TensorBoard.
 
-    opt = muonkit.Muon(groups, diagnostics=True)
+    opt = muonkit.Muon(groups)
     with muonkit.StatsLogger("runs/stats.csv", every=10) as log:     # or format="tensorboard"
         for step in range(steps):
             ...; opt.step()
-            log.log(step, opt)        # reads opt.stats() (one device sync) only on logged steps
+            log.log(step, opt)        # only on logged steps: the statistics of the step just taken
+                                      # (opt.recompute_stats(), one device sync; with diagnostics=True, opt.stats())
 
 The CSV is in long form, one ``step,key,value`` row per statistic, so groups added later (or any dict
 of floats you pass instead of an optimizer) just add rows. TensorBoard needs the ``tensorboard`` package
@@ -56,13 +57,18 @@ class StatsLogger:
     def log(self, step: int, values: Mapping[str, float] | Any) -> bool:
         """Record ``values`` (a dict, or an object with ``stats()`` such as ``Muon``) for ``step``.
 
-        Returns whether anything was written (only every ``every``-th step is).
+        A ``Muon`` without ``diagnostics=True`` gives ``recompute_stats()`` (call this after ``step()``, before
+        the gradients are cleared), so that only the logged steps pay for the statistics. Returns whether
+        anything was written (only every ``every``-th step is).
         """
         if step % self.every:
             return False
         if self._writer is None:
             raise ValueError(f"this StatsLogger for {self.path} is closed")
-        stats = values.stats() if hasattr(values, "stats") else values
+        if hasattr(values, "recompute_stats") and not getattr(values, "diagnostics", False):
+            stats = values.recompute_stats()
+        else:
+            stats = values.stats() if hasattr(values, "stats") else values
         for key, value in sorted(stats.items()):
             value = float(value)
             if self.format == "tensorboard":
