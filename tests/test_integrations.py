@@ -142,19 +142,28 @@ def test_diagnostics_without_sync_until_read():
     assert stats[f"group{gi}/epsilon"] < 1e-3 and stats[f"group{gi}/chi"] == pytest.approx(1.0, abs=1e-3)
 
 
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+
 @pytest.mark.parametrize(
     "options",
-    [{}, {"nesterov": False, "coefficients": "polar_express", "split": 2}, {"postscale": "normuon"}],
-    ids=["defaults", "no-nesterov-split", "normuon"],
-)
+    [{}, {"nesterov": False, "coefficients": "polar_express", "split": 2}, {"postscale": "normuon"},
+     {"conv": True, "method": "svd"}],
+    ids=["defaults", "no-nesterov-split", "normuon", "conv-svd"],
+)  # fmt: skip
 def test_recomputed_stats_are_those_the_diagnostics_step_measured(options):
     """recompute_stats after a step without diagnostics gives what Muon(diagnostics=True).stats() measured in the
     same step (same gradients, buffers and NS options), on steps that already carry momentum; only the row state
     of a normuon postscale moves one step further."""
-    twins = [_model(), _model()]
+    options = dict(options)
+    conv = options.pop("conv", False)
+    twins = [_conv_model(), _conv_model()] if conv else [_model(), _model()]
     opts = [muonkit.Muon(muonkit.param_groups(m), diagnostics=d, **options) for m, d in zip(twins, (True, False))]
     for t in range(3):
-        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(t))
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(16, 2, 6, 6, generator=gen) if conv else torch.randn(64, 8, generator=gen)
         for m, o in zip(twins, opts):
             o.zero_grad()
             m(x).square().mean().backward()
