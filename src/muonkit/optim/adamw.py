@@ -11,7 +11,7 @@ from torch import Tensor
 from ..accel import fused
 from .loading import _static
 from .options import as_numbers
-from .shards import local
+from .shards import locals_of
 from .stages import adamw_step, fused_adamw_applies
 
 __all__ = ["adamw_group"]
@@ -37,10 +37,10 @@ def adamw_group(
         steps.append(st["step"])
     beta1, beta2 = group["betas"]
     adamw_step(  # elementwise: sharded tensors take the step on their local shards
-        [local(p) for p in params],
-        [local(g) for g in grads],
-        [local(m) for m in exp_avgs],
-        [local(v) for v in exp_avg_sqs],
+        locals_of(params),
+        locals_of(grads),
+        locals_of(exp_avgs),
+        locals_of(exp_avg_sqs),
         steps,
         **as_numbers({"lr": group["lr"], "weight_decay": group["weight_decay"]}),
         beta1=beta1,

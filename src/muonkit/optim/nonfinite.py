@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..accel import fused
-from .shards import any_rank, local
+from .shards import any_rank, locals_of
 from .stages import all_finite, finite_on_device
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def nonfinite_names(opt: Muon, gathered: Gathered, flag: Tensor | None = None) -
     if not grads:
         return []
     # one host sync either way
-    finite = all_finite([local(g) for g in grads]) if flag is None else device_check(grads, flag).cpu()
+    finite = all_finite(locals_of(grads)) if flag is None else device_check(grads, flag).cpu()
     if bool(finite.all()):
         return []
     names = []

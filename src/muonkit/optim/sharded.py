@@ -37,7 +37,7 @@ from .shards import (
     Block,
     RankGroup,
     assign_jobs,
-    local,
+    locals_of,
     row_blocks,
     shard_layout,
     shard_rows,
@@ -101,10 +101,8 @@ def sharded_muon_step(
     if not params:
         return
     lr, adjust_lr = opts["lr"], opts["adjust_lr"]
-    local_params = [local(p) for p in params]
-    updates = momentum_update(
-        [local(g) for g in grads], [local(b) for b in momentum_buffers], opts["momentum"], opts["nesterov"]
-    )
+    local_params = locals_of(params)
+    updates = momentum_update(locals_of(grads), locals_of(momentum_buffers), opts["momentum"], opts["nesterov"])
     by_group: dict[tuple[Any, int], list[int]] = defaultdict(list)  # (group, its size): None is the world or none
     layouts = [shard_layout(p) for p in params]
     for i, layout in enumerate(layouts):
