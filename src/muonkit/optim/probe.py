@@ -22,7 +22,24 @@ from .stages import ns_jobs, run_all, summarise_stats
 if TYPE_CHECKING:
     from .muon import Muon
 
-__all__ = ["recompute_stats"]
+__all__ = ["recompute_stats", "step_updates"]
+
+
+@torch.no_grad()
+def step_updates(opt: Muon, group: dict[str, Any], dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, the matrix the last step orthogonalized for it)`` for each parameter of Muon group ``group``
+    that has a gradient and a momentum buffer: the Nesterov blend ``g.lerp(buf, momentum)`` of the step's gradient
+    and its (advanced) buffer, or the buffer, in ``dtype`` (``None``: the buffer's). Whole, as the parameter is
+    shaped (``parts.matrix_parts`` views it as the step does)."""
+    found = []
+    for p in group["params"]:
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is None or p.grad is None:
+            continue
+        buf = buf if dtype is None else buf.to(dtype)
+        u = p.grad.to(buf.dtype).lerp(buf, float(group["momentum"])) if group["nesterov"] else buf
+        found.append((p, u))
+    return found
 
 
 @torch.no_grad()
@@ -43,16 +60,13 @@ def recompute_stats(opt: Muon) -> dict[str, float]:
     for gi, group in enumerate(opt.param_groups):
         if group["algorithm"] != "muon":
             continue
-        kept = [(p, opt.state[p]) for p in group["params"] if p.grad is not None and "momentum_buffer" in opt.state[p]]
+        kept = step_updates(opt, group)
         if not kept:
             continue
-        bufs = [state["momentum_buffer"] for _, state in kept]
-        grads = [p.grad.to(b.dtype) for (p, _), b in zip(kept, bufs)]
-        momentum = float(group["momentum"])
-        updates = [g.lerp(b, momentum) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
+        updates = [u for _, u in kept]
         states: Any = None
         if get_stage("postscale", group["postscale"]).rows_state:
-            states = [state["postscale_state"].clone() for _, state in kept]
+            states = [opt.state[p]["postscale_state"].clone() for p, _ in kept]
         outputs = [torch.empty_like(u) for u in updates]
         ns = {k: group[k] for k in NS_OPTIONS}
         found = stats.setdefault(gi, {})

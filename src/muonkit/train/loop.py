@@ -261,17 +261,12 @@ def orthogonalized_matrices(opt: Muon, dtype: torch.dtype) -> Iterator[torch.Ten
     and momentum buffer (the Nesterov blend ``g.lerp(buf, momentum)``, or the buffer) and viewed as the step views
     them (conv kernels flattened, split into parts). Parameters without a gradient or a buffer are left out."""
     from ..optim.parts import matrix_parts
+    from ..optim.probe import step_updates
 
     for group in opt.param_groups:
-        if group.get("algorithm") != "muon":
-            continue
-        for p in group["params"]:
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is None or p.grad is None:
-                continue
-            buf = buf.to(dtype)
-            u = p.grad.to(dtype).lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            yield from matrix_parts(u, group["matrix_view"], group["split"])
+        if group.get("algorithm") == "muon":
+            for _, u in step_updates(opt, group, dtype):
+                yield from matrix_parts(u, group["matrix_view"], group["split"])
 
 
 def effective_l(opt: Muon, energy: float = 0.99) -> float:
