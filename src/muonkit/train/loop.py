@@ -326,11 +326,15 @@ def run_comparison(
 
     results: dict[str, RunResult] = dict(previous or {})
     runs = [(name, s) for name in optimizers for s in range(seed, seed + seeds)]
-    if any(run_key(name, s, seeds) not in results or not results[run_key(name, s, seeds)].done for name, s in runs):
+
+    def finished(key: str) -> bool:
+        return key in results and results[key].done
+
+    if not all(finished(run_key(name, s, seeds)) for name, s in runs):
         warm_up(task, seed)
     for name, run_seed in runs:
         key = run_key(name, run_seed, seeds)
-        if key in results and results[key].done:
+        if finished(key):
             continue
         ckpt = out_dir / f"checkpoint-{key.replace('/', '-')}.pt" if out_dir is not None else None
         resume = _load_checkpoint(ckpt) if ckpt is not None and ckpt.exists() else None
