@@ -127,16 +127,19 @@ def _train_variants(
     task_name: str, variants: dict[str, Callable], steps: int, seeds: tuple[int, ...]
 ) -> dict[str, Any]:
     from ..train import SIZES, DigitsTask, LMTask, builtin_corpus, train_one
+    from ..train.loop import warm_up
 
+    def make_task(seed: int) -> Any:
+        if task_name == "digits":
+            return DigitsTask(seed=seed)
+        return LMTask(builtin_corpus(), SIZES["tiny"], seed=seed, size="tiny")
+
+    warm_up(make_task(seeds[0]), seeds[0])  # one-off process costs on no variant's clock (train_one counts builds)
     out: dict[str, Any] = {}
     for name, factory in variants.items():
         runs = []
         for seed in seeds:
-            task = (
-                DigitsTask(seed=seed)
-                if task_name == "digits"
-                else LMTask(builtin_corpus(), SIZES["tiny"], seed=seed, size="tiny")
-            )
+            task = make_task(seed)
             r = train_one(
                 task, "muon", steps=steps, eval_every=max(1, steps // 20), seed=seed, optimizer_factory=factory
             )
