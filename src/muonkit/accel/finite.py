@@ -72,8 +72,8 @@ class FiniteScan:
         held = [self.flag, self.ok, self._table.table, self._numel]
         held += [t for launch in self._launches for t in (launch.owner, launch.start)]
         self._targets = tuple(t.data_ptr() for t in held)
-        # this scan's own slot (its result's address in it): two optimizers of one structure, stepped in turns,
-        # each replay their own graph (``cuda_graphs.Replays`` captures a slot seen twice in a row at one address)
+        # this scan's own slot (its result's address in it), so its own count of captures in ``cuda_graphs.Replays``:
+        # optimizers that come and go in one process do not use up one slot's ``max_captures``
         self._slot = ("finite_scan", self.device, chunk, self.ok.data_ptr(),
                       tuple((tuple(g.shape), g.dtype) for g in grads))  # fmt: skip
 
