@@ -147,6 +147,37 @@ def test_gradient_addresses_from_a_device_table_give_the_same_step(launchers, ns
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "g_dtype,ns_dtype,transposed,shape",
+    [
+        (torch.float32, torch.bfloat16, False, (3, 40, 24)),
+        (torch.float32, torch.bfloat16, True, (3, 40, 24)),  # a tall batch, read through its transpose
+        (torch.float32, torch.float32, True, (2, 72, 20)),
+        (torch.bfloat16, torch.bfloat16, False, (1, 33, 70)),
+        (torch.float16, torch.float16, True, (2, 17, 9)),
+        (torch.float32, torch.float16, False, (2, 96, 130)),  # several partial sums per matrix
+    ],
+)
+def test_normalise_matches_torch(launchers, g_dtype, ns_dtype, transposed, shape):
+    """``fused.frobenius_normalise``'s kernels (squares, denominators, one dividing pass) write what the torch
+    path of ``_frobenius_normalise`` writes, bit for bit, strided input included; a zero matrix stays zero."""
+    gen = torch.Generator().manual_seed(3)
+    G = (torch.randn(*shape, generator=gen) * 3).to(g_dtype).to(DEVICE)
+    if transposed:
+        G = G.mT.contiguous().mT  # (b, m, n) whose transpose is dense
+    G[0, :, :] = 0  # with eps = 0 below: a zero denominator becomes 1, the matrix stays 0
+    for norm_scale, eps in ((1.0, 1e-7), (1.1, 0.0)):
+        want = _frobenius_normalise(G.cpu(), norm_scale, eps, ns_dtype)  # torch's path (on the CPU)
+        got = torch.empty(G.shape, dtype=ns_dtype, device=DEVICE)
+        launchers.normalise(G, norm_scale, eps, got)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+        assert not got[0].any()
+    if CUDA:  # the public entry point on the GPU, the one NS calls
+        want = _frobenius_normalise(G.cpu(), 1.1, 1e-7, ns_dtype)
+        assert torch.equal(fused.frobenius_normalise(G, 1.1, 1e-7, ns_dtype).cpu(), want)
+
+
 def test_zero_gradient_with_zero_eps_stays_zero(launchers):
     grads = [torch.zeros(8, 16, device=DEVICE)]
     bufs = [torch.zeros(8, 16, device=DEVICE)]

@@ -1,5 +1,7 @@
 """The symmetric-product kernel switch: CPU always takes torch; on a GPU the Triton kernel matches torch."""
 
+import math
+
 import pytest
 import torch
 
@@ -381,19 +383,47 @@ def test_pretune_does_nothing_without_the_kernel():
     assert kernels.pretune([(2, 768, 768)], torch.float32, torch.device("cpu")) == 0
 
 
+def _filling(m: int) -> int:
+    """The fewest ``m``-row matrices per call that auto mode gives the kernel (``kernels.AUTO_MIN_FILL``)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return math.ceil(kernels.AUTO_MIN_FILL * sms / kernels.upper_tiles(1, m))
+
+
+def test_auto_mode_asks_for_enough_tiles_to_fill_the_gpu(monkeypatch):
+    """The decision alone (CPU: the kernel's availability and the SM count stood in): a call takes the kernel in
+    auto mode only where its upper tiles reach ``AUTO_MIN_FILL`` of the SMs; modes ``triton`` and ``torch``
+    ignore the count."""
+    monkeypatch.setattr(kernels, "triton_applies", lambda X: True)
+    monkeypatch.setattr(kernels, "_sms", lambda device: 132)
+    assert kernels.upper_tiles(1, 768) == 21 and kernels.upper_tiles(2, 769) == 56 and kernels.upper_tiles(3, 1) == 3
+    need = math.ceil(kernels.AUTO_MIN_FILL * 132)
+    kernels.set_mode("auto")
+    with kernels.capture_warmup():
+        for b in (1, 2, 3, 6):
+            X = torch.empty(b, 768, 1024)
+            assert kernels.use_kernel(X, has_y=True) == (21 * b >= need), b
+            assert kernels.use_kernel(X) == (21 * b >= need), b
+        kernels.set_mode("triton")
+        assert kernels.use_kernel(torch.empty(1, 768, 1024))
+    kernels.set_mode("torch")
+    assert not kernels.use_kernel(torch.empty(64, 768, 1024))
+
+
 @cuda
 def test_optimizer_tunes_its_batches_before_the_first_step():
     kernels.set_mode("auto")
     kernels._best.clear()
-    shapes = [(1536, 512), (512, 512), (256, 256), (2048, 2048)]
+    b = _filling(512)
+    shapes = [(1536, 512)] * b + [(512, 512)] * b + [(256, 256)] * 64 + [(2048, 2048)] * _filling(2048)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
-    muonkit.Muon(params, split=None)
+    muonkit.Muon(params, split=None, max_batch=1 << 30)
     tuned = {(k[0], k[1], k[2], k[3]) for k in kernels._best}
     # (b, m, k, has Y): the step polynomial of each batch of >= AUTO_MIN_ROWS rows, X X^T alone from
-    # AUTO_XXT_MIN_ROWS rows, nothing for the 256-row matrix
+    # AUTO_XXT_MIN_ROWS rows, nothing for the 256-row matrices
     assert kernels.AUTO_MIN_ROWS == kernels.AUTO_XXT_MIN_ROWS == 512
-    want = {(1, 512, 512, True), (1, 512, 1536, False), (1, 512, 512, False), (1, 2048, 2048, True),
-            (1, 2048, 2048, False)}  # fmt: skip
+    c = _filling(2048)
+    want = {(b, 512, 512, True), (b, 512, 1536, False), (b, 512, 512, False), (c, 2048, 2048, True),
+            (c, 2048, 2048, False)}  # fmt: skip
     assert tuned == want
     # and each on upper-tile storage as a CUDA-graph-captured step runs them: (upper_in, mirror)
     assert {k[5:7] for k in kernels._best} == {(False, True), (False, False), (True, False), (True, True)}
@@ -402,13 +432,30 @@ def test_optimizer_tunes_its_batches_before_the_first_step():
 
 @pytest.mark.gpu
 @cuda
+def test_auto_mode_leaves_calls_too_small_to_fill_the_gpu_to_cublas():
+    kernels.set_mode("auto")
+    b = _filling(768)
+    with kernels.capture_warmup():  # decide as under capture
+        assert kernels.use_kernel(torch.empty(b, 768, 768, device="cuda", dtype=torch.bfloat16), has_y=True)
+        assert not kernels.use_kernel(torch.empty(b - 1, 768, 768, device="cuda", dtype=torch.bfloat16), has_y=True)
+        assert not kernels.use_kernel(torch.empty(1, 768, 3072, device="cuda", dtype=torch.bfloat16))
+    G = torch.randn(3072, 768, device="cuda")  # a single matrix: NS on cuBLAS, the same polar factor
+    kernels.set_mode("triton")
+    forced = muonkit.orthogonalize(G).float()
+    kernels.set_mode("auto")
+    assert (muonkit.orthogonalize(G).float() - forced).abs().max() < 0.05
+
+
+@pytest.mark.gpu
+@cuda
 def test_auto_mode_row_thresholds():
     kernels.set_mode("auto")
-    at = torch.empty(8, kernels.AUTO_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
-    below = torch.empty(8, kernels.AUTO_XXT_MIN_ROWS - 1, 1024, device="cuda", dtype=torch.bfloat16)
+    b = 4 * _filling(kernels.AUTO_MIN_ROWS)  # enough matrices to fill the GPU below the thresholds too
+    at = torch.empty(b, kernels.AUTO_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
+    below = torch.empty(b, kernels.AUTO_XXT_MIN_ROWS - 1, 1024, device="cuda", dtype=torch.bfloat16)
     with kernels.capture_warmup():  # decide as under capture
         assert kernels.use_kernel(at, has_y=True)
-        assert kernels.use_kernel(torch.empty(1, kernels.AUTO_XXT_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16))
+        assert kernels.use_kernel(torch.empty(b, kernels.AUTO_XXT_MIN_ROWS, 64, device="cuda", dtype=torch.bfloat16))
         assert not kernels.use_kernel(below)
         assert not kernels.use_kernel(below[:, : kernels.AUTO_MIN_ROWS - 1], has_y=True)
 

@@ -2,6 +2,8 @@
 
 # ruff: noqa: SIM108
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -124,14 +126,25 @@ def momentum_kernel(
     tl.store(P + i * T + tl.program_id(0), tl.sum(tl.sum(u64 * u64, axis=1), axis=0))
 
 
-@triton.jit
-def norms_kernel(P, D, T, norm_scale, eps, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def float64_bits(x: float) -> int:
+    """``x``'s float64 bit pattern as an integer: Triton passes a Python float as float32, which would round
+    ``norm_scale`` and ``eps`` before the float64 arithmetic of ``norms_kernel`` (``1.1`` moved the float32
+    denominator by one unit in the last place for a third of the matrices, measured on an H200)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit(do_not_specialize=["SCALE_BITS", "EPS_BITS"])  # one compiled variant whatever the values
+def norms_kernel(P, D, T, SCALE_BITS, EPS_BITS, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # per matrix i: norm_scale sqrt(sum of its T partial sums) + eps, in float64 (norm_scale and eps travel as
+    # their float64 bits, ``float64_bits``), rounded once to float32
     i = tl.program_id(0).to(tl.int64)
+    norm_scale = SCALE_BITS.to(tl.int64).to(tl.float64, bitcast=True)
+    eps = EPS_BITS.to(tl.int64).to(tl.float64, bitcast=True)
     acc = tl.zeros((BLOCK,), dtype=tl.float64)
     for it in range(ITERS):
         offs = it * BLOCK + tl.arange(0, BLOCK)
         acc += tl.load(P + i * T + offs, mask=offs < T, other=0.0)
-    d = tl.sqrt(tl.sum(acc, axis=0)) * norm_scale + eps  # float64 (the sum is)
+    d = tl.sqrt(tl.sum(acc, axis=0)) * norm_scale + eps
     d = tl.where(d > 0, d, 1.0)  # eps = 0 and u = 0: stay 0
     tl.store(D + i, d.to(tl.float32))
 
@@ -188,6 +201,43 @@ def scale_kernel(X, D, N, BLOCK: tl.constexpr):
     ptr = X + i * N + offs
     x = tl.load(ptr, mask=offs < N).to(tl.float32) / tl.load(D + i)
     tl.store(ptr, x.to(X.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def sq_norm_kernel(X, P, N, sxb, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # partial sums of squares, accumulated in float64, of BLOCK * ITERS consecutive entries of matrix b
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    start = pid.to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + b * sxb + offs, mask=offs < N, other=0.0).to(tl.float64)
+        acc += x * x
+    tl.store(P + b * tl.num_programs(0) + pid, tl.sum(acc, axis=0))
+
+
+def sq_norm_partials(G: torch.Tensor) -> torch.Tensor:
+    """Float64 partial sums of squares of each matrix of ``G`` (``(b, m, n)``, dense or the transpose of a dense
+    batch: its entries are read in memory order), ``(b, parts)``."""
+    bsz, m, n = G.shape
+    block, iters = 1024, 8
+    parts = max(1, triton.cdiv(m * n, block * iters))
+    partial = torch.empty((bsz, parts), dtype=torch.float64, device=G.device)
+    if bsz:
+        sq_norm_kernel[(parts, bsz)](G, partial, m * n, G.stride(0), BLOCK=block, ITERS=iters, num_warps=4)
+    return partial
+
+
+@triton.jit
+def divide_kernel(G, sgb, sgr, sgc, D, X, R, C, tiles_c, BR: tl.constexpr, BC: tl.constexpr):
+    # X[b] = G[b] / D[b] into the dense (b, R, C) X from G with any strides (a transposed view reads column-wise
+    # and is written row-wise): float32, correctly rounded as torch divides, then rounded once to X's dtype
+    b = tl.program_id(1).to(tl.int64)
+    rows, cols, mask, offs = tile(R, C, tiles_c, BR, BC)
+    g = tl.load(stacked(G, b, sgb, sgr, sgc, rows, cols), mask=mask, other=0.0).to(tl.float32)
+    x = tl.div_rn(g, tl.load(D + b))
+    tl.store(X + b * R * C + offs, x.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit

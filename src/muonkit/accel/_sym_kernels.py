@@ -1,7 +1,8 @@
 """The Triton source of ``kernels``: the symmetric-product kernel (``alpha X W^T + beta Y + diag I`` on the tiles on
-and above the diagonal, mirrored, optionally from and to upper-tile storage, divided per matrix) and the float64
-Frobenius-norm kernel, with their launchers. Built on first use (``kernels._triton``); ``kernels`` holds the
-switches (``EVEN``), the tile tuner and when the kernels run."""
+and above the diagonal, mirrored, optionally from and to upper-tile storage, divided per matrix) and its launcher,
+and the float64 Frobenius-norm launcher (its kernel, ``sq_norm_kernel``, lives with the fused passes in
+``_fused_kernels``). Built on first use (``kernels._triton``); ``kernels`` holds the switches (``EVEN``), the tile
+tuner and when the kernels run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import _fused_kernels, kernels
 from .kernels import Config
 
 # a module global, not a local of build: torch.compile (Inductor) copies a user kernel together with the Triton
@@ -109,27 +110,8 @@ def build() -> tuple[Any, Any, bool]:
             mirror = (rn[:, None] < M) & (rm[None, :] < M)
             tl.store(cb + rn[:, None] * scm + rm[None, :] * scn, tl.trans(out), mask=mirror)
 
-    @triton.jit
-    def sq_norm_kernel(X, P, N, sxb, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-        # partial sums of squares, accumulated in float64, of BLOCK * ITERS consecutive entries of matrix b
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        start = pid.to(tl.int64) * BLOCK * ITERS
-        acc = tl.zeros((BLOCK,), dtype=tl.float64)
-        for i in range(ITERS):
-            offs = start + i * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(X + b * sxb + offs, mask=offs < N, other=0.0).to(tl.float64)
-            acc += x * x
-        tl.store(P + b * tl.num_programs(0) + pid, tl.sum(acc, axis=0))
-
     def norms(G: Tensor) -> Tensor:
-        bsz, m, n = G.shape
-        block, iters = 1024, 8
-        parts = max(1, triton.cdiv(m * n, block * iters))
-        partial = torch.empty((bsz, parts), dtype=torch.float64, device=G.device)
-        if bsz:
-            sq_norm_kernel[(parts, bsz)](G, partial, m * n, G.stride(0), BLOCK=block, ITERS=iters, num_warps=4)
-        return partial.sum(dim=1).sqrt_().view(bsz, 1, 1)
+        return _fused_kernels.sq_norm_partials(G).sum(dim=1).sqrt_().view(G.shape[0], 1, 1)
 
     @functools.cache
     def _fixed(cfg: Config) -> Any:

@@ -57,6 +57,7 @@ __all__ = [
     "AddressTable",
     "Matrices",
     "applies",
+    "frobenius_normalise",
     "fused_enabled",
     "momentum_normalise",
     "prepare",
@@ -216,6 +217,27 @@ def scaled_update(
     _build().scaled_update(params, O, scale, decay, update_dtype, scalars, found_inf)
 
 
+def frobenius_normalise(G: Tensor, norm_scale: float, eps: float, dtype: torch.dtype) -> Tensor | None:
+    """``G / (norm_scale ||G||_F + eps)`` per matrix of ``G`` (``(b, m, n)``), written into a new dense ``dtype``
+    tensor, as ``newton_schulz.iteration._frobenius_normalise`` computes it (float64 sums of squares; a zero
+    denominator becomes 1; float32 denominators and division, one rounding into ``dtype``) in three kernels where
+    torch launches about ten (most of them on ``b`` numbers: a single matrix's normalisation is launch-bound).
+    ``None`` where the kernels cannot take it (off, not CUDA with compute capability >= 8 and Triton, inside
+    ``torch.compile``, needing autograd; ``G`` must be dense or the transpose of a dense batch, float32 / bfloat16 /
+    float16, and ``dtype`` one of those): the caller computes it with torch."""
+    if not (_enabled and kernels.get_mode() != "torch") or dtype not in DTYPES or G.dtype not in DTYPES:
+        return None
+    if G.ndim != 3 or not G.is_cuda or G.layout != torch.strided or torch.compiler.is_compiling():
+        return None
+    if (G.requires_grad and torch.is_grad_enabled()) or not (G.is_contiguous() or G.mT.is_contiguous()):
+        return None
+    if _build() is None or kernels._capability(G.device) < 8:
+        return None
+    out = torch.empty(G.shape, dtype=dtype, device=G.device)
+    _build().normalise(G, float(norm_scale), float(eps), out)
+    return out
+
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
@@ -284,7 +306,8 @@ def _build() -> Any:
                 *args, partial, row0, out, *strides, R, C, tiles_c, T, 1.0 - momentum, momentum, s, f, gt,
                 WRITE_U=in_place, CHECK=found_inf is not None, **types,
             )  # fmt: skip
-        K.norms_kernel[(b,)](partial, denom, T, norm_scale, eps, BLOCK=256, ITERS=triton.cdiv(T, 256), num_warps=2)
+        K.norms_kernel[(b,)](partial, denom, T, K.float64_bits(norm_scale), K.float64_bits(eps), BLOCK=256,
+                             ITERS=triton.cdiv(T, 256), num_warps=2)  # fmt: skip
         if divisors is not None:  # the NS products divide
             return
         if in_place:  # bf16 (float32's range): u was written unnormalised; divide it where it lies
@@ -317,14 +340,29 @@ def _build() -> Any:
             table, owner, start, numel, ok, flag, X_T=tl_dtype[dtype], CMP_T=cmp, CHUNK=chunk, BLOCK=block
         )
 
+    def normalise(G: Tensor, norm_scale: float, eps: float, out: Tensor) -> None:
+        """``out[i] = G[i] / (norm_scale ||G[i]||_F + eps)`` (``frobenius_normalise``): float64 partial sums of
+        squares, one small kernel for the denominators, one pass that divides into ``out``."""
+        b, R, C = G.shape
+        if b == 0:
+            return
+        denom = torch.empty((b,), dtype=torch.float32, device=G.device)
+        partial = K.sq_norm_partials(G)
+        parts = partial.shape[1]
+        K.norms_kernel[(b,)](partial, denom, parts, K.float64_bits(norm_scale), K.float64_bits(eps), BLOCK=256,
+                             ITERS=triton.cdiv(parts, 256), num_warps=2)  # fmt: skip
+        br, bc, tiles_c, T = grid(R, C, G.stride(-1) != 1)
+        K.divide_kernel[(T, b)](G, G.stride(0), G.stride(1), G.stride(2), denom, out, R, C, tiles_c, BR=br, BC=bc)
+
     _register()
-    return _Launchers(momentum_normalise, scaled_update, finite)
+    return _Launchers(momentum_normalise, scaled_update, finite, normalise)
 
 
 class _Launchers(NamedTuple):
     momentum_normalise: Any
     scaled_update: Any
     finite: Any
+    normalise: Any
 
 
 def _register() -> None:

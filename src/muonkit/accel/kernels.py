@@ -14,7 +14,8 @@ capture it; on older torch the torch path is taken inside ``torch.compile``.
 
 Modes: ``"auto"`` (default) uses the kernel inside ``torch.compile`` or CUDA-graph capture for the step
 polynomial of matrices of at least ``AUTO_MIN_ROWS`` rows and for ``X X^T`` alone from ``AUTO_XXT_MIN_ROWS``
-rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/dev/sym_persistent.py``),
+rows (both 512: measured inside CUDA graphs on an H100, ``benchmarks/dev/sym_persistent.py``), where the call
+has enough tiles to keep the GPU busy (``AUTO_MIN_FILL``; not checked inside ``torch.compile``),
 and in eager mode only for calls of at least ``AUTO_EAGER_MIN_WORK`` multiply-adds (``b m^2 k``), where its
 launch cost is hidden (measured on an H100, ``benchmarks/dev/kernels.py``); ``"triton"`` uses it wherever it can
 run and raises where it cannot (tests, benchmarks); ``"torch"`` never uses it. ``muonkit.accel.disabled()`` (or
@@ -40,6 +41,7 @@ from . import tile_cache
 
 __all__ = [
     "AUTO_EAGER_MIN_WORK",
+    "AUTO_MIN_FILL",
     "AUTO_MIN_ROWS",
     "AUTO_XXT_MIN_ROWS",
     "CONFIGS",
@@ -54,6 +56,7 @@ __all__ = [
     "sym_product",
     "triton_applies",
     "upper_chain",
+    "upper_tiles",
     "use_kernel",
 ]
 
@@ -65,6 +68,12 @@ AUTO_MIN_ROWS = 512  # auto mode: the step polynomial in compiled or CUDA-graph-
 # (kernel_configs.py) cuBLAS had looked faster below 2048 rows.
 AUTO_XXT_MIN_ROWS = 512
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
+# auto mode: a call's programs (``upper_tiles``) at least this many times the GPU's SM count. Below, cuBLAS's
+# smaller tiles on the whole product keep more SMs busy: orthogonalize on a single 768-row matrix (21 programs on an
+# H200's 132 SMs) took 1.12-1.21x torch's GPU time with the kernel, on two such matrices 0.85-0.87x; the crossing
+# lay between 0.23 and 0.32 of the SM count in every shape timed (benchmarks/dev/sym_occupancy.py,
+# benchmarks/dev/results/sym_occupancy_h200.json)
+AUTO_MIN_FILL = 0.25
 HALF = (torch.bfloat16, torch.float16)
 
 _mode = "auto"
@@ -210,6 +219,17 @@ def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def upper_tiles(b: int, m: int) -> int:
+    """The kernel's programs for ``b`` products of ``m x m`` (its ``UPPER_TILE`` tiles on and above the diagonal)."""
+    t = -(-m // UPPER_TILE)
+    return b * t * (t + 1) // 2
+
+
 def use_kernel(X: Tensor, has_y: bool = False) -> bool:
     """Whether :func:`sym_product` takes the Triton path for ``X`` under the current mode (``has_y``: the step
     polynomial, else ``X X^T`` alone).
@@ -223,6 +243,8 @@ def use_kernel(X: Tensor, has_y: bool = False) -> bool:
     if _mode == "auto":
         if not ok or X.shape[-2] < (AUTO_MIN_ROWS if has_y else AUTO_XXT_MIN_ROWS):
             return False
+        if not compiling and upper_tiles(X.shape[0], X.shape[-2]) < AUTO_MIN_FILL * _sms(X.device):
+            return False  # too few programs to fill the GPU: cuBLAS's smaller tiles finish first
         if compiling or _capture_warmup or torch.cuda.is_current_stream_capturing():
             return True
         return X.shape[0] * X.shape[-2] ** 2 * X.shape[-1] >= AUTO_EAGER_MIN_WORK

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..accel import kernels
+from ..accel import fused, kernels
 
 __all__ = ["GRAM_MIN_ASPECT", "GRAM_MIN_WORK", "METHODS", "NS_DTYPES", "Restarts", "default_ns_dtype", "gram_restarts",
            "newton_schulz_plain", "restart_positions", "uses_gram"]  # fmt: skip
@@ -101,6 +101,9 @@ def _frobenius_normalise(G: Tensor, norm_scale: float, eps: float, ns_dtype: tor
     overflow or underflow for entries between 1e-30 and 1e38; ``kernels.frobenius_norms``) and the
     division rounds once into the NS precision.
     """
+    X = fused.frobenius_normalise(G, norm_scale, eps, ns_dtype)  # three kernels on CUDA, where they apply
+    if X is not None:
+        return X
     norm = kernels.frobenius_norms(G)
     denom = norm_scale * norm + eps
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # eps = 0 and G = 0: stay 0
