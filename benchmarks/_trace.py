@@ -9,10 +9,14 @@ range on the range's own thread; Kineto links the two by a correlation id. Per s
 * ``gpu_ms``: the summed duration of the step's GPU work; ``span_ms``: its first start to its last end;
   ``idle_ms``: the span less the union of the work: time the GPU sat waiting for the host inside the step;
 * ``launches`` and ``graph_launches``: runtime calls that started GPU work;
+* ``first_launch_ms``: host time from the range's start to its first such call;
+* ``lead_idle_ms``: how long the GPU sat idle inside the step before its first work began: from the range's start
+  (or the end of earlier GPU work still running then) to that work's start;
 * ``by_kind_ms``: GPU time per kernel class (``kernel_kind``).
 
 A step the GPU runs back to back has ``idle_ms`` near 0 and ``span_ms`` near ``gpu_ms``; a step bound by its host
-shows the difference as idle time. Used by ``train_loop.py --profile`` and ``dev/profile_step.py``.
+shows the difference as idle time. In a loop whose host falls behind its GPU, the host work before the first
+launch shows as ``lead_idle_ms``: time the step takes that no GPU work fills. Used by ``train_loop.py --profile`` and ``dev/profile_step.py``.
 """
 
 from __future__ import annotations
@@ -57,9 +61,11 @@ def step_windows(trace: dict[str, Any], annotation: str) -> list[dict[str, Any]]
     ranges = [e for e in events if e.get("name") == annotation and e.get("cat") in ("user_annotation", "cpu_op")]
     runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     gpu_by_corr: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    gpu_all = []
     for e in events:
         if e.get("cat") in GPU_CATEGORIES:
             gpu_by_corr[e.get("args", {}).get("correlation")].append(e)
+            gpu_all.append(e)
     windows = []
     for r in sorted(ranges, key=lambda e: e["ts"]):
         start, end = r["ts"], r["ts"] + r["dur"]
@@ -73,14 +79,24 @@ def step_windows(trace: dict[str, Any], annotation: str) -> list[dict[str, Any]]
         for k in work:
             by_kind[kernel_kind(k["name"])] += k["dur"] / 1e3
         span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+        launching = [e for e in calls if e.get("args", {}).get("correlation") in gpu_by_corr]
+        first_launch = (min(e["ts"] for e in launching) - start) if launching else 0.0
+        lead = 0.0
+        if spans:
+            first = min(a for a, _ in spans)
+            mine = {id(k) for k in work}
+            busy = [k["ts"] + k["dur"] for k in gpu_all if id(k) not in mine and k["ts"] < first]
+            lead = max(0.0, first - max([start, *busy]))
         windows.append({
             "host_ms": r["dur"] / 1e3,
             "wait_ms": sum(e["dur"] for e in calls if e["name"] in _WAITS) / 1e3,
             "gpu_ms": sum(k["dur"] for k in work) / 1e3,
             "span_ms": span / 1e3,
             "idle_ms": (span - _union_us(spans)) / 1e3,
-            "launches": sum(1 for e in calls if e.get("args", {}).get("correlation") in gpu_by_corr),
+            "launches": len(launching),
             "graph_launches": sum(1 for e in calls if "GraphLaunch" in e["name"]),
+            "first_launch_ms": first_launch / 1e3,
+            "lead_idle_ms": lead / 1e3,
             "by_kind_ms": dict(by_kind),
         })  # fmt: skip
     return windows

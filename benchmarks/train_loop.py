@@ -19,8 +19,9 @@ torch.optim.Muon (its defaults, "original" shape scale, the fused QKV as one mat
 runs alternating with the defaults, iteration by iteration, in one process (``paired``): the comparison that
 decides whether a piece earns its place (at least 3% of an iteration). With ``--profile`` each variant's
 ``--steps`` iterations run under torch.profiler instead, and the optimizer step of each is taken apart
-(``_trace``): host time, time the host waited for the GPU, the step's GPU work, and the GPU's idle time inside
-the step (a step bound by its host shows there).
+(``_trace``): host time, time the host waited for the GPU, the step's GPU work, the GPU's idle time inside
+the step (a step bound by its host shows there), the host time before the first launch and how long the GPU
+waited for it.
 
     python benchmarks/train_loop.py --out train_loop_h200.json            # needs CUDA
     python benchmarks/train_loop.py --paired --out train_loop_paired.json # what each piece buys, paired
@@ -329,7 +330,7 @@ def main() -> None:
     if args.profile:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [profiled(n, args, device, f"{tmp}/trace.json") for n in names]
-        cols = ("host_ms", "wait_ms", "gpu_ms", "span_ms", "idle_ms", "launches")
+        cols = ("host_ms", "wait_ms", "gpu_ms", "span_ms", "idle_ms", "first_launch_ms", "lead_idle_ms", "launches")
         print(f"{'variant':<38}" + "".join(f"{c.replace('_', ' '):>10}" for c in cols) + "  GPU ms by kind")
         for r in rows:
             kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind_ms"].items())

@@ -45,14 +45,30 @@ def test_a_step_is_taken_apart_into_host_wait_gpu_work_and_idle_time():
     assert first["gpu_ms"] == pytest.approx(0.019) and first["span_ms"] == pytest.approx(0.022)
     assert first["idle_ms"] == pytest.approx(0.005)  # 310-315 between the kernel and the graph
     assert (first["launches"], first["graph_launches"]) == (2, 1)
+    # the first launch 10 us in; the GPU idle from the range's start (100) to the step's first kernel (300)
+    assert first["first_launch_ms"] == pytest.approx(0.01) and first["lead_idle_ms"] == pytest.approx(0.2)
     assert first["by_kind_ms"] == pytest.approx({"gemm": 0.01, "fused elementwise": 0.005, "elementwise/other": 0.004})
     assert second == {"host_ms": 0.04, "wait_ms": 0.0, "gpu_ms": 0.0, "span_ms": 0.0, "idle_ms": 0.0,
-                      "launches": 0, "graph_launches": 0, "by_kind_ms": {}}  # fmt: skip
+                      "launches": 0, "graph_launches": 0, "first_launch_ms": 0.0, "lead_idle_ms": 0.0,
+                      "by_kind_ms": {}}  # fmt: skip
     summary = _trace.summarise([first, second])
     assert summary["steps"] == 2 and summary["host_ms"] == pytest.approx(0.07)
     assert summary["by_kind_ms"]["gemm"] == pytest.approx(0.005)  # median of 0.01 and (absent) 0
     with pytest.raises(ValueError, match="no steps"):
         _trace.summarise(_trace.step_windows({"traceEvents": events}, "Optimizer.step#AdamW.step"))
+
+
+def test_gpu_work_still_running_when_the_step_starts_is_not_idle_time():
+    """Backward's kernel runs until 250 on the GPU: the step (range from 100, its kernel launched at 120 and run at
+    260) finds the GPU busy, so only 250-260 counts as idle before its work."""
+    events = [
+        _x(STEP, "user_annotation", 100, 50),
+        _x("cudaLaunchKernel", "cuda_runtime", 120, 2, corr=1),
+        _x("backward_kernel", "kernel", 90, 160, tid=9, corr=9),
+        _x("fused_momentum_kernel", "kernel", 260, 5, tid=9, corr=1),
+    ]
+    (w,) = _trace.step_windows({"traceEvents": events}, STEP)
+    assert w["first_launch_ms"] == pytest.approx(0.02) and w["lead_idle_ms"] == pytest.approx(0.01)
 
 
 def test_a_real_profile_of_muon_steps_has_one_window_per_step(tmp_path):
