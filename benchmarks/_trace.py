@@ -16,7 +16,8 @@ range on the range's own thread; Kineto links the two by a correlation id. Per s
 
 A step the GPU runs back to back has ``idle_ms`` near 0 and ``span_ms`` near ``gpu_ms``; a step bound by its host
 shows the difference as idle time. In a loop whose host falls behind its GPU, the host work before the first
-launch shows as ``lead_idle_ms``: time the step takes that no GPU work fills. Used by ``train_loop.py --profile`` and ``dev/profile_step.py``.
+launch shows as ``lead_idle_ms``: time the step takes that no GPU work fills. Used by ``train_loop.py --profile``
+and ``dev/profile_step.py``.
 """
 
 from __future__ import annotations
