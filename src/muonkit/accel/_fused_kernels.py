@@ -1,4 +1,5 @@
-"""Triton kernels of ``muonkit.accel.fused`` (imported only where Triton is installed; see that module)."""
+"""Triton kernels of ``muonkit.accel.fused`` (imported only where Triton is installed; see that module), and the
+float64 sums of squares (``sq_norm_partials``) that its normalisation and ``kernels.frobenius_norms`` share."""
 
 # ruff: noqa: SIM108
 

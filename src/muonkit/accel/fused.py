@@ -225,13 +225,9 @@ def frobenius_normalise(G: Tensor, norm_scale: float, eps: float, dtype: torch.d
     ``None`` where the kernels cannot take it (off, not CUDA with compute capability >= 8 and Triton, inside
     ``torch.compile``, needing autograd; ``G`` must be dense or the transpose of a dense batch, float32 / bfloat16 /
     float16, and ``dtype`` one of those): the caller computes it with torch."""
-    if not (_enabled and kernels.get_mode() != "torch") or dtype not in DTYPES or G.dtype not in DTYPES:
+    if G.ndim != 3 or torch.compiler.is_compiling():
         return None
-    if G.ndim != 3 or not G.is_cuda or G.layout != torch.strided or torch.compiler.is_compiling():
-        return None
-    if (G.requires_grad and torch.is_grad_enabled()) or not (G.is_contiguous() or G.mT.is_contiguous()):
-        return None
-    if _build() is None or kernels._capability(G.device) < 8:
+    if not applies([G if G.is_contiguous() else G.mT], dtype):  # what the fused step asks of its tensors
         return None
     out = torch.empty(G.shape, dtype=dtype, device=G.device)
     _build().normalise(G, float(norm_scale), float(eps), out)
