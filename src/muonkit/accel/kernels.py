@@ -70,9 +70,9 @@ AUTO_XXT_MIN_ROWS = 512
 AUTO_EAGER_MIN_WORK = 2**35  # auto mode, eager: b m^2 k at least this (a launch must outweigh its CPU cost)
 # auto mode: a call's programs (``upper_tiles``) at least this many times the GPU's SM count. Below, cuBLAS's
 # smaller tiles on the whole product keep more SMs busy: orthogonalize on a single 768-row matrix (21 programs on an
-# H200's 132 SMs) took 1.12-1.21x torch's GPU time with the kernel, on two such matrices 0.85-0.87x; the crossing
-# lay between 0.23 and 0.32 of the SM count in every shape timed (benchmarks/dev/sym_occupancy.py,
-# benchmarks/dev/results/sym_occupancy_h200.json)
+# H200's 132 SMs) took 1.12-1.21x torch's GPU time with the kernel, on two such matrices 0.85-0.87x. Over 512-2048
+# rows and 1-8 matrices: 1.05-1.23x up to 0.16 of the SM count, 0.93-1.05x at 0.23-0.27, 0.58-0.94x from 0.30 up
+# (benchmarks/dev/sym_occupancy.py, benchmarks/dev/results/sym_occupancy_h200.json)
 AUTO_MIN_FILL = 0.25
 HALF = (torch.bfloat16, torch.float16)
 
