@@ -6,6 +6,7 @@ import torch
 import muonkit
 from muonkit.accel import cuda_graphs, kernels
 from muonkit.accel.cuda_graphs import GraphCache, Graphed
+from muonkit.optim import plans
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -337,6 +338,54 @@ def test_whole_batch_graphs_replay_on_gradients_reallocated_every_step():
 
 
 @cuda
+def test_gradient_tables_are_rewritten_only_where_gradients_moved(monkeypatch):
+    """A plan's gradient tables are written again only where the gradients' addresses differ from those they hold:
+    not on steps whose gradients stayed in place, but on every step of two optimizers of one structure (one plan,
+    one table per batch) stepped in turns, each over its own gradients; each optimizer's steps equal its steps
+    alone with graphs off, to the bit."""
+    kernels.set_mode("triton")
+    writes = []
+    real = plans._grad_table
+    monkeypatch.setattr(plans, "_grad_table", lambda batch, calls: writes.append(batch) or real(batch, calls))
+
+    def make(seed):
+        torch.manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(96, 32), (32, 96), (64, 64)]]
+        return params, muonkit.Muon(params, lr=0.02, weight_decay=0.01)
+
+    def grads(params, t, seed):
+        for i, p in enumerate(params):
+            new = torch.randn(
+                p.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(100 * seed + t * 10 + i)
+            )
+            p.grad = new if p.grad is None else p.grad.copy_(new)  # in place: the same addresses every step
+
+    def run(graphs, turns):
+        cuda_graphs.set_cuda_graphs(graphs)
+        cuda_graphs.cache.clear()
+        cuda_graphs.replays.clear()
+        both = [make(0), make(1)]
+        counts = []
+        for t in range(6):
+            for k, (params, opt) in enumerate(both if turns else both[:1]):
+                grads(params, t, k)
+                before = len(writes)
+                opt.step()
+                counts.append(len(writes) - before)
+        return [[p.detach().clone() for p in params] for params, _ in both], counts
+
+    (alone_eager, _), (alone, counts) = run(False, False), run(True, False)
+    assert sum(counts[:3]) > 0 and counts[3:] == [0, 0, 0]  # once captured, nothing rewritten: nothing moved
+    for a, b in zip(alone_eager[0], alone[0]):
+        assert torch.equal(a, b)
+    (turns_eager, _), (turns, counts) = run(False, True), run(True, True)
+    assert all(c > 0 for c in counts[4:])  # each step finds the other optimizer's gradients in the tables
+    for eager_params, graphed_params in zip(turns_eager, turns):
+        for a, b in zip(eager_params, graphed_params):
+            assert torch.equal(a, b)
+
+
+@cuda
 def test_whole_batch_graphs_share_one_memory_pool():
     """Two batches of the fused step captured one after the other: the second reuses the first's scratch memory
     (one pool per stream), so the graphs together hold about the larger batch's intermediates, not their sum;
@@ -376,4 +425,5 @@ def test_stream_key_follows_stream_switches():
     first = torch.cuda.current_stream(dev)
     with torch.cuda.stream(side):
         assert cuda_graphs.stream_key(dev) == (side.device_index, side.stream_id)
+        assert cuda_graphs.stream_key(torch.device("cuda")) == (side.device_index, side.stream_id)  # no index
     assert cuda_graphs.stream_key(dev) == (first.device_index, first.stream_id) != (side.device_index, side.stream_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,7 +133,8 @@ def _pretend_checked_on_device(opt, params, bad):
     steps = [opt.state[params[1]]["step"]]
     for t in steps:
         t += 1
-    opt._nonfinite_pending = nonfinite._Pending(torch.tensor([True, not bad]), None, [(0, 0), (1, 0)], steps)
+    flag = np.array([1.0 if bad else 0.0], dtype=np.float32)  # the found_inf value as the step left it
+    opt._nonfinite_pending = nonfinite._Pending(flag, torch.tensor([True, not bad]), None, [(0, 0), (1, 0)], steps)
 
 
 def test_a_bad_step_found_on_the_device_raises_at_the_next_step_and_nothing_changes():
@@ -155,7 +157,8 @@ def test_per_chunk_results_name_the_gradients_they_cover():
     steps = [opt.state[params[1]]["step"]]
     steps[0] += 1
     chunks = torch.tensor([1, 1, 0, 1], dtype=torch.int8)  # gradient 0's two chunks, then gradient 1's two
-    opt._nonfinite_pending = nonfinite._Pending(chunks, None, [(0, 0), (1, 0)], steps, owners=[0, 0, 1, 1])
+    flag = np.ones(1, dtype=np.float32)
+    opt._nonfinite_pending = nonfinite._Pending(flag, chunks, None, [(0, 0), (1, 0)], steps, owners=[0, 0, 1, 1])
     with pytest.raises(NonFiniteGradientError, match=r"1 parameter\(s\): 'b'"):
         opt.step()
     assert opt.state[params[1]]["step"].item() == 1.0  # put back

@@ -76,6 +76,7 @@ class FiniteScan:
         # optimizers that come and go in one process do not use up one slot's ``max_captures``
         self._slot = ("finite_scan", self.device, chunk, self.ok.data_ptr(),
                       tuple((tuple(g.shape), g.dtype) for g in grads))  # fmt: skip
+        self._keys: dict[tuple[int, int], cuda_graphs.Key] = {}  # per stream: its slot, hashed once
 
     @staticmethod
     def applies(grads: Sequence[Tensor]) -> bool:
@@ -86,16 +87,22 @@ class FiniteScan:
         device = grads[0].device
         return all(g.device == device and g.dtype in _DTYPES and g.layout == torch.strided and _dense(g) for g in grads)
 
-    def run(self, grads: Sequence[Tensor], stream: tuple[int, int] | None = None) -> Tensor:
+    def run(self, grads: Sequence[Tensor], stream: tuple[int, int] | None = None,
+            ptrs: list[int] | None = None) -> Tensor:  # fmt: skip
         """Check ``grads`` (the shapes and dtypes this scan was made for): the int8 per-chunk results (1: finite;
         ``owners`` says whose) and the flag are written on the device, in stream order, with no host sync.
         ``stream``: the device's current stream (``cuda_graphs.stream_key``) where graphs may replay, to replay
-        the kernels from one (captured on the second call); else they are launched."""
-        self._table.update([g.data_ptr() for g in grads])  # a loop that frees its gradients gets them elsewhere
+        the kernels from one (captured on the second call); else they are launched. ``ptrs``: the gradients'
+        ``data_ptr()``, where the caller has read them."""
+        if ptrs is None:
+            ptrs = [g.data_ptr() for g in grads]
+        self._table.update(ptrs)  # a loop that frees its gradients gets them elsewhere
         if stream is None:
             self._launch()
         else:
-            slot = cuda_graphs.Key((*self._slot, stream))
+            slot = self._keys.get(stream)
+            if slot is None:
+                slot = self._keys[stream] = cuda_graphs.Key((*self._slot, stream))
             cuda_graphs.replays.run(slot, self._targets, [], lambda _: self._launch(), self.device, 0)
         return self.ok
 

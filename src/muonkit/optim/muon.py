@@ -114,7 +114,7 @@ class Muon(Optimizer):
     _stats: dict[int, dict[str, list[Tensor]]]
     _repeat: Repeat | None
     _nonfinite_pending: Any
-    _finite_host: Tensor | None
+    _finite_host: tuple | None
     _nonfinite_error: NonFiniteGradientError | None
 
     def __init__(
@@ -257,7 +257,7 @@ class Muon(Optimizer):
         self._stats = {}
         self._repeat = None
         self._nonfinite_pending = None  # a step checked on the device, not yet read (``nonfinite.defer``)
-        self._finite_host = None  # pinned host memory that step's per-gradient results go to
+        self._finite_host = None  # where that step's flag goes: (device, pinned tensor, its numpy view, event)
         self._nonfinite_error = None  # found there, for the next step() to raise
 
     @property

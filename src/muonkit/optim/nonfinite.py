@@ -11,9 +11,10 @@ Two ways to find out, with the same outcome for the parameters and the state:
   graph (``accel.finite.FiniteScan``; the multi-tensor pass where it cannot read the gradients), writes a
   per-device flag (``found_inf_flag``), which the fused kernels and CUDA-graph replays read and, where it is set,
   store nothing (``accel.fused``); the AdamW groups take torch's fused AdamW with that flag as its ``found_inf``.
-  The per-chunk (or per-gradient) results travel to pinned host memory behind an event, and are read when the
-  next ``step()`` starts (or ``nonfinite_skips`` or ``state_dict()`` is read): a skipped step is then counted, or
-  ``NonFiniteGradientError`` raised from that next ``step()`` before it changes anything.
+  The flag's value travels to pinned host memory behind an event, and is read when the next ``step()`` starts (or
+  ``nonfinite_skips`` or ``state_dict()`` is read): a skipped step is then counted, or ``NonFiniteGradientError``
+  raised from that next ``step()`` before it changes anything (the per-chunk or per-gradient results that name the
+  parameters are copied from the device only then).
 
 Measured on an H200 (GPT 12 x 768, a real loop, paired against ``nonfinite="ignore"``): the host sync of the first
 form cost 5.4% of each iteration (``benchmarks/results/train_loop_paired_large_method_nonfinite_h200.json``), the
@@ -93,47 +94,53 @@ def device_check(grads: list[Tensor], flag: Tensor) -> Tensor:
 class _Pending(NamedTuple):
     """A step checked on the device, not yet read on the host."""
 
-    finite: Tensor  # per gradient (or per chunk of ``owners``), in (pinned) host memory once ``event`` has passed
+    flag: Any  # the step's ``found_inf`` value: a one-element numpy view of pinned host memory, written once
+    # ``event`` has passed
+    finite: Tensor  # per gradient (or per chunk of ``owners``): read only where the flag was set
     event: Any  # torch.cuda.Event recorded after the copy (None: the copy was synchronous)
     names: list[tuple[int, int]]  # per gradient: (group index, parameter index), for the error's names
     steps: list[Tensor]  # the AdamW step counters the step advanced on the host (put back if it changed nothing)
     owners: list[int] | None = None  # per entry of ``finite``, its gradient (``FiniteScan.owners``); None: itself
 
 
-def defer(opt: Muon, finite: Tensor, names: list[tuple[int, int]], steps: list[Tensor],
+def defer(opt: Muon, flag: Tensor, finite: Tensor, names: list[tuple[int, int]], steps: list[Tensor],
           owners: list[int] | None = None) -> None:  # fmt: skip
-    """Start reading ``finite`` (``device_check``'s result, or ``FiniteScan.run``'s with its ``owners``) to the
-    host without waiting; ``settle`` reads it."""
+    """Start reading the step's ``flag`` (``found_inf_flag``, as the step's check left it) to the host without
+    waiting; ``settle`` reads it, and ``finite`` (``device_check``'s result, or ``FiniteScan.run``'s with its
+    ``owners``) where it was set. One pinned float and one event per optimizer, reused every step: the next step
+    settles this one before it defers its own."""
     host = opt._finite_host
-    if host is None or host.shape != finite.shape or host.dtype != finite.dtype:
-        host = opt._finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=finite.is_cuda)
-    host.copy_(finite, non_blocking=True)
-    event = None
-    if finite.is_cuda:
-        event = torch.cuda.Event()
+    if host is None or host[0] != flag.device:
+        pinned = torch.empty(1, dtype=torch.float32, pin_memory=flag.is_cuda)
+        event = torch.cuda.Event() if flag.is_cuda else None
+        host = opt._finite_host = (flag.device, pinned, pinned.numpy(), event)
+    _, pinned, view, event = host
+    pinned.copy_(flag, non_blocking=True)
+    if event is not None:
         event.record()
-    opt._nonfinite_pending = _Pending(host, event, names, steps, owners)
+    opt._nonfinite_pending = _Pending(view, finite, event, names, steps, owners)
 
 
 def settle(opt: Muon) -> None:
     """Act on a step checked on the device (``defer``), if one is pending: nothing where its gradients were
-    finite; else the AdamW step counters it advanced are put back and the step is counted in
-    ``nonfinite_skips`` (policy ``"skip"``) or a ``NonFiniteGradientError`` is kept for the next ``step()`` to
-    raise (``"raise"``). Waits for that step's kernels (not for later work) where they have not finished."""
+    finite (the common case reads one float, with no torch call); else the AdamW step counters it advanced are
+    put back and the step is counted in ``nonfinite_skips`` (policy ``"skip"``) or a ``NonFiniteGradientError``
+    is kept for the next ``step()`` to raise (``"raise"``). Waits for that step's kernels (not for later work)
+    where they have not finished."""
     pending = opt._nonfinite_pending
     if pending is None:
         return
     opt._nonfinite_pending = None
     if pending.event is not None:
         pending.event.synchronize()
-    if bool(pending.finite.all()):
+    if not pending.flag[0]:
         return
     for t in pending.steps:
         t -= 1
     if opt.nonfinite == "skip":
         opt._nonfinite_skips += 1
         return
-    finite = pending.finite.tolist()
+    finite = pending.finite.tolist()  # a host sync, on this rare path only
     if pending.owners is not None:  # per chunk: a gradient is finite where all its chunks are
         chunks, finite = finite, [True] * len(pending.names)
         for owner, ok in zip(pending.owners, chunks):

@@ -74,6 +74,7 @@ class _Batch:
     ns_graph: tuple = ()  # the key of the NS-only graph a capture of the whole batch makes unnecessary
     restarts: tuple[int, ...] = ()  # Gram NS's restart positions (resolved; () for other methods)
     grad_table: fused.AddressTable | None = None  # the gradients' addresses on the device, read by its graph
+    table_ptrs: list[int] | None = None  # the plan's ``_grad_ptrs`` when ``grad_table`` was last written
 
 
 class _StepPlan:
@@ -111,6 +112,7 @@ class _StepPlan:
                 )
                 start += size
         self.devices = list(dict.fromkeys(batch.device for batch in self.batches))
+        self._grad_ptrs: list[int] | None = None  # the gradients' addresses the batches' tables were written for
         if streams is not None:  # graph replay allowed: ``streams`` has each device's current stream
             for batch in self.batches:
                 self._graph_keys(batch, calls, streams[batch.device])
@@ -150,14 +152,23 @@ class _StepPlan:
         batch.estimate = 4 * b * (m * n + m * m) * work.itemsize  # NS input, X, A, P and the next X
         batch.ns_graph = filled_graph_key((b, m, n), batch.schedule, work, device, batch.method, batch.restarts)
 
-    def run(self, calls: Sequence[StepCall], streams: Streams | None = None, found_inf: Tensor | None = None) -> None:
+    def run(self, calls: Sequence[StepCall], streams: Streams | None = None, found_inf: Tensor | None = None,
+            grad_ptrs: list[int] | None = None) -> None:  # fmt: skip
         """One step of ``calls`` (the structure this plan was made for) with their current tensors and numbers.
         ``streams``: ``_streams(calls)`` where the caller has read it. ``found_inf``: a float32 one-element tensor
         on a device of the plan (``nonfinite.found_inf_flag``); where it holds a nonzero value when the step's
-        kernels run, they change no buffer and no parameter of that device (its batches' replays read it too)."""
+        kernels run, they change no buffer and no parameter of that device (its batches' replays read it too).
+        ``grad_ptrs``: every call's gradients' ``data_ptr()``, call after call, where the caller has read them.
+        A batch's gradient table is rewritten only where they differ from those it was last written for (a loop's
+        gradients usually come back at the same addresses: no per-matrix work then)."""
         graphable = {d: cuda_graphs.graphable_on(d) for d in self.devices}
         if any(opts["stats"] is not None for _, _, _, opts in calls):  # diagnostics: every batch eagerly
             graphable = dict.fromkeys(self.devices, False)
+        if any(graphable.values()):
+            if grad_ptrs is None:
+                grad_ptrs = [ptr for call in calls for ptr in map(_data_ptr, call[1])]
+            if grad_ptrs != self._grad_ptrs:
+                self._grad_ptrs = grad_ptrs  # a new list: every batch's table is rewritten before its replay
         for batch in self.batches:
             numbers = []  # per run: (scale, decay, momentum)
             for run in batch.runs:
@@ -170,7 +181,11 @@ class _StepPlan:
             if not batch.slot or not graphable[batch.device]:
                 step(None, None)
                 continue
-            table = _grad_table(batch, calls)
+            if batch.table_ptrs is not self._grad_ptrs or batch.grad_table is None:
+                _grad_table(batch, calls)
+                batch.table_ptrs = self._grad_ptrs
+            assert batch.grad_table is not None
+            table = batch.grad_table.table
             addresses = [table.data_ptr()]  # the gradients' own addresses are read from the table, not captured
             for run in batch.runs:  # read per batch, so that the first batch replays before the rest are read
                 params, _, bufs, _ = calls[run.call]
@@ -294,6 +309,7 @@ def _run_batch(batch: _Batch, calls: Sequence[StepCall], numbers: list[tuple[flo
             _record_stats(r.stats, part, r.scale)
 
 
+_data_ptr = Tensor.data_ptr
 _FOLD_NORMALISATION = True  # bf16 fused steps: the NS products divide by the norms (benchmarks turn it off to compare)
 _PLANS: OrderedDict[Hashable, _StepPlan] = OrderedDict()  # the step plans of recently seen structures
 _MAX_PLANS = 32
@@ -329,9 +345,13 @@ Streams = dict[torch.device, tuple[int, int]]  # per device: its current stream 
 def _streams(calls: Sequence[StepCall]) -> Streams | None:
     """Each device's current stream, where graphs may be replayed now (a captured graph is bound to its stream);
     else ``None``. Read once per step, for the plan's key and its graphs' keys."""
-    if not cuda_graphs.graphable_on(calls[0][0][0].device):
+    return _streams_on(list(dict.fromkeys(call[0][0].device for call in calls)))  # in order, each once
+
+
+def _streams_on(devices: Sequence[torch.device]) -> Streams | None:
+    """``_streams`` of calls on ``devices`` (in the calls' order, each once)."""
+    if not devices or not cuda_graphs.graphable_on(devices[0]):
         return None
-    devices = dict.fromkeys(call[0][0].device for call in calls)  # in order, each once
     return {d: cuda_graphs.stream_key(d) for d in devices}
 
 

@@ -12,6 +12,7 @@ import operator
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..accel import guards as _guards
@@ -21,7 +22,7 @@ from .adamw import adamw_group
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
 from .options import REPEAT_KEY, SCHEDULED, as_numbers
-from .plans import _decays, _streams
+from .plans import _decays, _streams_on
 from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
 from .stages import pack_counts
@@ -34,6 +35,7 @@ __all__ = ["Repeat", "repeatable", "step_again"]
 # What a repeated step must find unchanged in a group (lr, momentum and weight decay are read every step)
 _READ = {"muon": operator.itemgetter(*REPEAT_KEY), "adamw": operator.itemgetter("algorithm")}
 _grad = operator.attrgetter("grad")
+_data_ptr = Tensor.data_ptr
 _momentum_buffer = operator.itemgetter("momentum_buffer")
 
 
@@ -52,6 +54,7 @@ class Repeat(NamedTuple):
     flat: list[Tensor]  # the Muon groups' parameters, then the AdamW groups'
     muon: int  # how many of ``flat`` are Muon parameters
     calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
+    devices: list[torch.device]  # the calls' devices, in their order, each once (``plans._streams``)
     adamw: list[tuple[int, int, int, Tensor | None]]  # per AdamW group: start, end in flat, group index, and its
     # step counts packed into one tensor (``stages.pack_counts``; None where they could not be)
     guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``plans._Remembered``'s own
@@ -119,9 +122,10 @@ def repeatable(
     steps = [opt.state[p]["step"] for p in flat[n_muon:]]
     flag = device_flag(opt, grads)
     scan = FiniteScan(grads, flag) if flag is not None and FiniteScan.applies(grads) else None
+    devices = list(dict.fromkeys(flat[start].device for start, _, _, _, _ in calls))
     return Repeat(
         opt.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
-        n_muon, calls, spans, guard, bufs, light, entry, flag, scan, names, steps,
+        n_muon, calls, devices, spans, guard, bufs, light, entry, flag, scan, names, steps,
     )  # fmt: skip
 
 
@@ -166,21 +170,22 @@ def step_again(opt: Muon, rec: Repeat) -> bool:
         if _decays(opts) != decays:
             return False
         calls.append((rec.flat[start:end], grads[start:end], bufs[start:end], opts))
-    streams = _streams(calls)
+    streams = _streams_on(rec.devices)
     if not _same_environment(rec.entry, streams):
         return False
     flag = rec.found_inf if opt.nonfinite != "ignore" else None
+    ptrs = list(map(_data_ptr, grads))  # read once, for the scan's table and the batches' (one call in C)
     if flag is not None:  # no host sync: the kernels read the flag
         if rec.scan is not None:  # one graph replay (the guard above checked the gradients' shapes and dtypes)
-            finite = rec.scan.run(grads, None if streams is None else streams.get(flag.device))
+            finite = rec.scan.run(grads, None if streams is None else streams.get(flag.device), ptrs)
         else:
             finite = device_check(grads, flag)
     elif opt.nonfinite != "ignore" and not bool(_all_finite(grads).all()):
         return False  # the full step raises or skips, and says which parameter
-    rec.entry.plan.run(calls, streams, flag)
+    rec.entry.plan.run(calls, streams, flag, ptrs[: rec.muon])
     for start, end, gi, counts in rec.adamw:
         adamw_group(opt.state, groups[gi], rec.flat[start:end], grads[start:end], flag, counts)
     if flag is not None:
         owners = None if rec.scan is None else rec.scan.owners
-        defer(opt, finite, rec.names, rec.steps, owners)  # read when the next step starts (``nonfinite.settle``)
+        defer(opt, flag, finite, rec.names, rec.steps, owners)  # read when the next step starts (``nonfinite.settle``)
     return True
