@@ -10,6 +10,7 @@ measured in the same run. Quality on inputs with singular values spread over [0.
 the relative distance to the SVD polar factor.
 
     python benchmarks/orthogonalize.py --out benchmarks/results/orthogonalize_h100.json
+    python benchmarks/orthogonalize.py --impls "muonkit,gram-newton-schulz" --reps 10  # the two the goal compares
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="e.g. 768x768,1024x4096")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="also time muonkit under torch.compile")
+    ap.add_argument("--impls", default=None, help="comma-separated implementation names to run (default: all found)")
     ap.add_argument(
         "--quality-max-dim", type=int, default=4096, help="skip the SVD quality columns above this many rows or columns"
     )
@@ -101,6 +103,12 @@ def main() -> None:
     peak = matmul_peak_tflops(device)
     print(f"{environment(device).get('gpu', 'CPU')}: measured matmul peak {peak:.0f} TFLOP/s")
     impls = implementations(device, args.compile)
+    if args.impls:
+        wanted = [name.strip() for name in args.impls.split(",")]
+        unknown = [name for name in wanted if name not in impls]
+        if unknown:
+            ap.error(f"--impls: {', '.join(unknown)} not available here; available: {', '.join(impls)}")
+        impls = {name: impls[name] for name in wanted}
     rows = []
     for m, n in shapes:
         small, big = min(m, n), max(m, n)
