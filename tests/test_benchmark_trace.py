@@ -1,5 +1,6 @@
 """``benchmarks/_trace.py``: the step breakdown that ``train_loop.py --profile`` reports, on a trace whose answer is
-known, and on a real profiler trace of a Muon step (the range name and trace format it relies on)."""
+known, and on a real profiler trace of a Muon step (the range name and trace format it relies on); the host marks of
+``benchmarks/dev/step_timeline.py``."""
 
 from __future__ import annotations
 
@@ -129,3 +130,34 @@ def test_train_loop_with_separate_qkv_keeps_the_model_and_gives_muon_square_matr
     d = cfg.d_model
     assert shapes.count((d, d)) == 4 * cfg.n_layer  # q, k, v and the output projection
     assert (3 * d, d) not in shapes
+
+
+def test_step_timeline_orders_marks_by_median_and_counts_repeats_apart():
+    """``benchmarks/dev/step_timeline.py``: each mark's median offset from the step's entry, a name seen twice in a
+    step counted as two marks, in the order of their medians; the wrapped calls put back afterwards."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks" / "dev"))
+    import step_timeline
+
+    runs = [
+        [("entry", 1.0), ("scan>", 1.0 + 10e-6), ("graph_replay>", 1.0 + 20e-6), ("graph_replay>", 1.0 + 50e-6)],
+        [("entry", 5.0), ("scan>", 5.0 + 30e-6), ("graph_replay>", 5.0 + 40e-6), ("graph_replay>", 5.0 + 90e-6)],
+        [("entry", 9.0), ("scan>", 9.0 + 20e-6), ("graph_replay>", 9.0 + 25e-6)],
+    ]
+    got = step_timeline.medians(runs)
+    assert [name for name, _ in got] == ["scan>", "graph_replay>", "graph_replay>#1"]
+    assert [round(us, 6) for _, us in got] == [20.0, 25.0, 70.0]
+
+    class Owner:
+        @staticmethod
+        def call(x):
+            return 2 * x
+
+    original = Owner.call
+    timeline = step_timeline.Timeline()
+    timeline.wrap(Owner, "call", "call")
+    recorded = []
+    step = timeline.timed(lambda: Owner.call(3), recorded)
+    assert step() == 6 and Owner.call(1) == 2  # outside a timed step: no marks
+    assert [name for name, _ in recorded[0]] == ["entry", "call>", "call<", "exit"]
+    timeline.restore()
+    assert Owner.call is original
