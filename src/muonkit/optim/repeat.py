@@ -22,7 +22,7 @@ from .adamw import adamw_group
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
 from .options import REPEAT_KEY, SCHEDULED, as_numbers
-from .plans import _decays, _streams_on
+from .plans import _data_ptr, _decays, _streams_on
 from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
 from .stages import pack_counts
@@ -35,7 +35,6 @@ __all__ = ["Repeat", "repeatable", "step_again"]
 # What a repeated step must find unchanged in a group (lr, momentum and weight decay are read every step)
 _READ = {"muon": operator.itemgetter(*REPEAT_KEY), "adamw": operator.itemgetter("algorithm")}
 _grad = operator.attrgetter("grad")
-_data_ptr = Tensor.data_ptr
 _momentum_buffer = operator.itemgetter("momentum_buffer")
 
 
