@@ -345,7 +345,12 @@ Streams = dict[torch.device, tuple[int, int]]  # per device: its current stream 
 def _streams(calls: Sequence[StepCall]) -> Streams | None:
     """Each device's current stream, where graphs may be replayed now (a captured graph is bound to its stream);
     else ``None``. Read once per step, for the plan's key and its graphs' keys."""
-    return _streams_on(list(dict.fromkeys(call[0][0].device for call in calls)))  # in order, each once
+    return _streams_on(_devices(calls))
+
+
+def _devices(calls: Sequence[StepCall]) -> list[torch.device]:
+    """The devices of ``calls``' parameters, in the calls' order, each once."""
+    return list(dict.fromkeys(call[0][0].device for call in calls))
 
 
 def _streams_on(devices: Sequence[torch.device]) -> Streams | None:

@@ -22,7 +22,7 @@ from .adamw import adamw_group
 from .functional import _STEP_DEFAULTS
 from .nonfinite import defer, device_check, device_flag
 from .options import REPEAT_KEY, SCHEDULED, as_numbers
-from .plans import _data_ptr, _decays, _streams_on
+from .plans import _data_ptr, _decays, _devices, _streams_on
 from .remembered import _Remembered, _same_environment
 from .stages import all_finite as _all_finite
 from .stages import pack_counts
@@ -53,7 +53,7 @@ class Repeat(NamedTuple):
     flat: list[Tensor]  # the Muon groups' parameters, then the AdamW groups'
     muon: int  # how many of ``flat`` are Muon parameters
     calls: list[tuple[int, int, int, dict[str, Any], bool]]  # per Muon call: start, end in flat, group, options, decays
-    devices: list[torch.device]  # the calls' devices, in their order, each once (``plans._streams``)
+    devices: list[torch.device]  # the calls' devices, in their order, each once (``plans._devices``)
     adamw: list[tuple[int, int, int, Tensor | None]]  # per AdamW group: start, end in flat, group index, and its
     # step counts packed into one tensor (``stages.pack_counts``; None where they could not be)
     guard: Any  # over the Muon parameters, all gradients, the momentum buffers (``plans._Remembered``'s own
@@ -121,7 +121,7 @@ def repeatable(
     steps = [opt.state[p]["step"] for p in flat[n_muon:]]
     flag = device_flag(opt, grads)
     scan = FiniteScan(grads, flag) if flag is not None and FiniteScan.applies(grads) else None
-    devices = list(dict.fromkeys(flat[start].device for start, _, _, _, _ in calls))
+    devices = _devices([call for call in pending if call[0]])  # the calls step_again runs (empty ones dropped)
     return Repeat(
         opt.state, [g for g, _, _ in gathered], [list(g["params"]) for g, _, _ in gathered], structure, flat,
         n_muon, calls, devices, spans, guard, bufs, light, entry, flag, scan, names, steps,
